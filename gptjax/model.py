@@ -1,0 +1,354 @@
+"""The GPT decoder as pure functions over a nested dict of parameters.
+
+Parameter names follow the GPT-2 checkpoint (`wte`, `wpe`, `h/attn/c_attn`,
+`h/mlp/c_fc`, `ln_f`, ...), so weight import is a key map. The layer stack `h`
+is stored stacked, with a leading `layers` axis, so `lax.scan` can run it.
+Attention kernels keep heads as their own axes (`c_attn` is D x 3 x N x H)
+so tensor parallelism can split heads without splitting q/k/v apart.
+
+Shape letters: B batch, T sequence, S key/value slots, D model, F feed-forward,
+N heads, H head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from gptjax import attention as attn_lib
+from gptjax.config import ModelConfig, is_local_layer
+
+Params = dict[str, Any]
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer, recompute everything
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _normal(key, shape, std, dtype):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """GPT-2 initialisation: N(0, 0.02) weights, N(0, 0.01) positions, zero
+    biases, unit LayerNorm scales, and residual output projections scaled by
+    1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+    d, f, n, h, layers = cfg.d_model, cfg.ff_dim, cfg.n_heads, cfg.head_dim, cfg.n_layers
+    dt = cfg.weight_dtype
+    std, resid_std = 0.02, 0.02 / math.sqrt(2 * layers)
+    keys = iter(jax.random.split(key, 8))
+    zeros, ones = (lambda *s: jnp.zeros(s, dt)), (lambda *s: jnp.ones(s, dt))
+    params: Params = {
+        "wte": _normal(next(keys), (cfg.vocab_size, d), std, dt),
+        "h": {
+            "ln_1": {"scale": ones(layers, d), "bias": zeros(layers, d)},
+            "attn": {
+                "c_attn": {"kernel": _normal(next(keys), (layers, d, 3, n, h), std, dt),
+                           "bias": zeros(layers, 3, n, h)},
+                "c_proj": {"kernel": _normal(next(keys), (layers, n, h, d), resid_std, dt),
+                           "bias": zeros(layers, d)},
+            },
+            "ln_2": {"scale": ones(layers, d), "bias": zeros(layers, d)},
+            "mlp": {
+                "c_fc": {"kernel": _normal(next(keys), (layers, d, f), std, dt),
+                         "bias": zeros(layers, f)},
+                "c_proj": {"kernel": _normal(next(keys), (layers, f, d), resid_std, dt),
+                           "bias": zeros(layers, d)},
+            },
+        },
+    }
+    if cfg.pos_embedding == "learned":
+        params["wpe"] = _normal(next(keys), (cfg.max_len, d), 0.01, dt)
+    if cfg.ln_placement == "pre":
+        params["ln_f"] = {"scale": ones(d), "bias": zeros(d)}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = _normal(next(keys), (d, cfg.vocab_size), std, dt)
+    return params
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter, in the same tree as `init_params`."""
+    ln = {"scale": ("layers", "embed"), "bias": ("layers", "embed")}
+    axes: Params = {
+        "wte": ("vocab", "embed"),
+        "h": {
+            "ln_1": ln,
+            "attn": {
+                "c_attn": {"kernel": ("layers", "embed", None, "heads", "head_dim"),
+                           "bias": ("layers", None, "heads", "head_dim")},
+                "c_proj": {"kernel": ("layers", "heads", "head_dim", "embed"),
+                           "bias": ("layers", "embed")},
+            },
+            "ln_2": ln,
+            "mlp": {
+                "c_fc": {"kernel": ("layers", "embed", "mlp"), "bias": ("layers", "mlp")},
+                "c_proj": {"kernel": ("layers", "mlp", "embed"), "bias": ("layers", "embed")},
+            },
+        },
+    }
+    if cfg.pos_embedding == "learned":
+        axes["wpe"] = (None, "embed")
+    if cfg.ln_placement == "pre":
+        axes["ln_f"] = {"scale": ("embed",), "bias": ("embed",)}
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+# ----------------------------------------------------------------------- pieces
+
+
+def layer_norm(p: Params, x_BTD: Float[Array, "B T D"], eps: float) -> Float[Array, "B T D"]:
+    """LayerNorm with float32 statistics, returned in the input's dtype."""
+    x = x_BTD.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x_BTD.dtype)
+
+
+def dropout(x, rate: float, key: jax.Array | None):
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def sinusoidal(positions_BT: Int[Array, "B T"], d: int) -> Float[Array, "B T D"]:
+    """Fixed sinusoidal positions (Vaswani et al.), sines in the first half of
+    the features and cosines in the second (the tensor2tensor/Marian layout)."""
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
+    angle_BTK = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    out = jnp.concatenate([jnp.sin(angle_BTK), jnp.cos(angle_BTK)], axis=-1)
+    return jnp.pad(out, ((0, 0), (0, 0), (0, d - out.shape[-1])))
+
+
+def embed(cfg: ModelConfig, params: Params, tokens_BT, positions_BT) -> Float[Array, "B T D"]:
+    """Token embedding plus absolute positions (none for rotary: it acts in attention)."""
+    x_BTD = jnp.take(params["wte"], tokens_BT, axis=0).astype(cfg.compute_dtype)
+    if cfg.pos_embedding == "learned":
+        x_BTD += jnp.take(params["wpe"], positions_BT, axis=0).astype(cfg.compute_dtype)
+    elif cfg.pos_embedding == "sinusoidal":
+        x_BTD += sinusoidal(positions_BT, cfg.d_model).astype(cfg.compute_dtype)
+    return x_BTD
+
+
+def unembed(cfg: ModelConfig, params: Params, x_BTD) -> Float[Array, "B T V"]:
+    """Logits in float32 (bf16 inputs, f32 accumulation) for a stable softmax."""
+    dt = cfg.compute_dtype
+    if cfg.tie_embeddings:
+        return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), params["wte"].astype(dt),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x_BTD.astype(dt), params["lm_head"].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+def mlp(cfg: ModelConfig, p: Params, x_BTD, key=None) -> Float[Array, "B T D"]:
+    dt = cfg.compute_dtype
+    h_BTF = x_BTD @ p["c_fc"]["kernel"].astype(dt) + p["c_fc"]["bias"].astype(dt)
+    h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # GPT's tanh approximation
+    out_BTD = h_BTF @ p["c_proj"]["kernel"].astype(dt) + p["c_proj"]["bias"].astype(dt)
+    return dropout(out_BTD, cfg.resid_dropout, key)
+
+
+def self_attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, mask_B1TS, *,
+                   window=None, kv_cache=None, cache_index=None, keys=(None, None)):
+    """Multi-head self-attention; with `kv_cache=(k_BSNH, v_BSNH)` the new keys
+    and values are written at `cache_index` and the queries attend over the cache.
+
+    Returns (out_BTD, (k, v)) where (k, v) is the updated cache (or this
+    call's keys/values when there is no cache).
+    """
+    dt = cfg.compute_dtype
+    qkv_BT3NH = (jnp.einsum("btd,dcnh->btcnh", x_BTD, p["c_attn"]["kernel"].astype(dt))
+                 + p["c_attn"]["bias"].astype(dt))
+    q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
+    if cfg.pos_embedding == "rope":
+        q_BTNH, k_BTNH = attn_lib.rope(q_BTNH, positions_BT), attn_lib.rope(k_BTNH, positions_BT)
+    if kv_cache is not None:
+        start = (0, cache_index, 0, 0)
+        k_BSNH = jax.lax.dynamic_update_slice(kv_cache[0], k_BTNH.astype(kv_cache[0].dtype), start)
+        v_BSNH = jax.lax.dynamic_update_slice(kv_cache[1], v_BTNH.astype(kv_cache[1].dtype), start)
+    else:
+        k_BSNH, v_BSNH = k_BTNH, v_BTNH
+    out_BTNH = attn_lib.attention(q_BTNH, k_BSNH.astype(dt), v_BSNH.astype(dt), mask_B1TS,
+                                  impl=cfg.attention_impl, window=window,
+                                  dropout_rate=cfg.attn_dropout, key=keys[0])
+    out_BTD = (jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt))
+               + p["c_proj"]["bias"].astype(dt))
+    return dropout(out_BTD, cfg.resid_dropout, keys[1]), (k_BSNH, v_BSNH)
+
+
+def block(cfg: ModelConfig, p: Params, x_BTD, positions_BT, masks, *, is_local: bool,
+          kv_cache=None, cache_index=None, key=None):
+    """One transformer layer, pre-LN (GPT-2/3) or post-LN (GPT-1)."""
+    mask_B1TS = None if masks is None else masks[is_local]
+    window = cfg.local_window if is_local else None
+    keys = (None, None, None) if key is None else tuple(jax.random.split(key, 3))
+    eps = cfg.layer_norm_eps
+    attend = functools.partial(self_attention, cfg, p["attn"], positions_BT=positions_BT,
+                               mask_B1TS=mask_B1TS, window=window, kv_cache=kv_cache,
+                               cache_index=cache_index, keys=keys[:2])
+    if cfg.ln_placement == "pre":
+        a_BTD, kv = attend(layer_norm(p["ln_1"], x_BTD, eps))
+        x_BTD = x_BTD + a_BTD
+        x_BTD = x_BTD + mlp(cfg, p["mlp"], layer_norm(p["ln_2"], x_BTD, eps), keys[2])
+    else:
+        a_BTD, kv = attend(x_BTD)
+        x_BTD = layer_norm(p["ln_1"], x_BTD + a_BTD, eps)
+        x_BTD = layer_norm(p["ln_2"], x_BTD + mlp(cfg, p["mlp"], x_BTD, keys[2]), eps)
+    return x_BTD, kv
+
+
+# ------------------------------------------------------------------- the stack
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def run_layers(cfg: ModelConfig, h: Params, x_BTD, per_layer: dict,
+               layer_fn: Callable) -> tuple[Any, Any]:
+    """Apply `layer_fn(p, x, per_layer_slice, is_local) -> (x, y)` to every layer.
+
+    `per_layer` holds arrays with a leading L axis (dropout keys, KV caches);
+    the `y`s are stacked back along L. With `scan_layers` the stack runs under
+    `lax.scan`; GPT-3's alternating layers are scanned in pairs so whether a
+    layer is banded stays a Python constant (the fused kernels need it static).
+    """
+    fns = {}
+    for local in (False, True):
+        fn = functools.partial(layer_fn, is_local=local)
+        if cfg.remat != "none":
+            fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
+        fns[local] = fn
+    if not cfg.scan_layers:
+        ys = []
+        for i in range(cfg.n_layers):
+            x_BTD, y = fns[is_local_layer(cfg, i)](_index(h, i), x_BTD, _index(per_layer, i))
+            ys.append(y)
+        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+    group = 2 if cfg.attention == "gpt3_sparse" else 1
+    regroup = lambda a: a.reshape(a.shape[0] // group, group, *a.shape[1:])
+
+    def body(x_BTD, xs):
+        p_G, extra_G = xs
+        ys = []
+        for j in range(group):
+            x_BTD, y = fns[is_local_layer(cfg, j)](_index(p_G, j), x_BTD, _index(extra_G, j))
+            ys.append(y)
+        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+    x_BTD, ys = jax.lax.scan(body, x_BTD, jax.tree.map(regroup, (h, per_layer)))
+    return x_BTD, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys)
+
+
+def _masks(cfg: ModelConfig, q_slot_T, kv_valid_BS):
+    """The (dense, banded) pair of masks indexed by `is_local`."""
+    dense = attn_lib.make_mask(q_slot_T, kv_valid_BS)
+    if cfg.attention != "gpt3_sparse":
+        return (dense, dense)
+    return (dense, attn_lib.make_mask(q_slot_T, kv_valid_BS, cfg.local_window))
+
+
+def positions_from_mask(mask_BT) -> Int[Array, "B T"]:
+    """Position ids that count only real tokens, so left padding shifts nothing."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def check_tokens(cfg: ModelConfig, tokens_BT, n_slots: int | None = None) -> None:
+    """Clear errors for inputs the model cannot score (values checked when concrete)."""
+    if tokens_BT.ndim != 2:
+        raise ValueError(f"tokens must be a (batch, time) array, got shape {tokens_BT.shape}.")
+    length = tokens_BT.shape[1] if n_slots is None else n_slots
+    if cfg.pos_embedding == "learned" and length > cfg.max_len:
+        raise ValueError(f"sequence of {length} tokens exceeds the model's max_len="
+                         f"{cfg.max_len}; truncate the input or use a longer-context config.")
+    if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
+        lo, hi = int(np.min(tokens_BT)), int(np.max(tokens_BT))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab_size)"
+                             f"; got min {lo}, max {hi}. Is the tokenizer the model's?")
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BT, *, positions=None, mask=None,
+                  key=None) -> Float[Array, "B T D"]:
+    """The trunk: embeddings through every layer (and the final LN for pre-LN)."""
+    check_tokens(cfg, tokens_BT)
+    b, t = tokens_BT.shape
+    if positions is None:
+        positions = (jnp.broadcast_to(jnp.arange(t), (b, t)) if mask is None
+                     else positions_from_mask(mask))
+    masks = None if mask is None else _masks(cfg, jnp.arange(t), mask.astype(bool))
+    embd_key = layer_keys = None
+    if key is not None:
+        embd_key, layers_key = jax.random.split(key)
+        layer_keys = jax.random.split(layers_key, cfg.n_layers)
+    x_BTD = dropout(embed(cfg, params, tokens_BT, positions), cfg.embd_dropout, embd_key)
+
+    def layer_fn(p, x_BTD, extra, is_local):
+        x_BTD, _ = block(cfg, p, x_BTD, positions, masks, is_local=is_local, key=extra.get("key"))
+        return x_BTD, None
+
+    per_layer = {} if layer_keys is None else {"key": layer_keys}
+    x_BTD, _ = run_layers(cfg, params["h"], x_BTD, per_layer, layer_fn)
+    if cfg.ln_placement == "pre":
+        x_BTD = layer_norm(params["ln_f"], x_BTD, cfg.layer_norm_eps)
+    return x_BTD
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
+            positions: Int[Array, "B T"] | None = None, mask: Int[Array, "B T"] | None = None,
+            key: jax.Array | None = None) -> Float[Array, "B T V"]:
+    """Next-token logits (float32) for every position.
+
+    Args:
+      mask: 1 for real tokens, 0 for padding (left padding for generation);
+        positions then count real tokens only, unless given explicitly.
+      key: dropout randomness; no dropout when None (evaluation).
+    """
+    return unembed(cfg, params, hidden_states(cfg, params, tokens_BT, positions=positions,
+                                              mask=mask, key=key))
+
+
+# ---------------------------------------------------------------- cached decoding
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_slots: int) -> dict:
+    """A preallocated KV cache, `(L, B, S, N, H)` per key/value, in the compute dtype."""
+    shape = (cfg.n_layers, batch, max_slots, cfg.n_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, cache: dict, *, positions_BT,
+                   kv_valid_BS, cache_index) -> tuple[Float[Array, "B T V"], dict]:
+    """Logits for `tokens_BT` placed at slots [cache_index, cache_index + T) of the cache.
+
+    Used for both prefill (the whole prompt at index 0) and decode (one token).
+    `kv_valid_BS` marks slots that hold real tokens, including the new ones.
+    """
+    t = tokens_BT.shape[1]
+    masks = _masks(cfg, cache_index + jnp.arange(t), kv_valid_BS)
+    x_BTD = embed(cfg, params, tokens_BT, positions_BT)
+
+    def layer_fn(p, x_BTD, extra, is_local):
+        return block(cfg, p, x_BTD, positions_BT, masks, is_local=is_local,
+                     kv_cache=(extra["k"], extra["v"]), cache_index=cache_index)
+
+    x_BTD, (k, v) = run_layers(cfg, params["h"], x_BTD, cache, layer_fn)
+    if cfg.ln_placement == "pre":
+        x_BTD = layer_norm(params["ln_f"], x_BTD, cfg.layer_norm_eps)
+    return unembed(cfg, params, x_BTD), {"k": k, "v": v}

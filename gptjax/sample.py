@@ -1,0 +1,294 @@
+"""Generation with a preallocated KV cache: sampling and beam search.
+
+Prompts of different lengths are left-padded into one `(B, T)` array with a
+`prompt_mask` (1 = real token). Slot t of the cache holds token t of the
+padded row; positions count real tokens only, so a padded row generates
+exactly what it would alone. Prefill and the whole decode loop run inside
+one jitted function (a `lax.while_loop` that stops when every row is done),
+compiled once per shape and static setting.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from gptjax import model
+from gptjax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """What `generate` and `beam_search` return.
+
+    tokens: (B, T + max_new_tokens), the (padded) prompt then the continuation;
+      after a stop token the row holds `pad_id`.
+    logprobs: (B, max_new_tokens), log p(token | context) of each generated token
+      under the model itself (raw logits: no temperature or filtering), which is
+      what a forward pass scores; 0 after the row stopped.
+    mask: (B, T + max_new_tokens), 1 for real tokens (prompt and generated,
+      the stop token included).
+    done: (B,), whether the row produced a stop token.
+    scores: (B,), the summed logprobs (beam search: the length-normalised beam score).
+    """
+
+    tokens: Int[Array, "B L"]
+    logprobs: Float[Array, "B N"]
+    mask: Int[Array, "B L"]
+    done: jax.Array
+    scores: jax.Array
+
+
+# --------------------------------------------------------------- logit filters
+
+
+def apply_repetition_penalty(logits_BV, presence_BV, penalty):
+    """CTRL's penalty, sign-aware: seen tokens' positive logits are divided by
+    `penalty` and negative ones multiplied, so both become less likely."""
+    penalised = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return jnp.where(presence_BV, penalised, logits_BV)
+
+
+def top_k_filter(logits_BV: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:
+    """Keep the k largest logits per row (ties with the k-th are kept too)."""
+    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_filter(logits_BV: Float[Array, "B V"], p) -> Float[Array, "B V"]:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose
+    probability reaches p (the most likely token is always kept)."""
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept_BV = mass_before_BV < p
+    cutoff_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+
+def process_logits(logits_BV, presence_BV, *, temperature, top_k, top_p, repetition_penalty,
+                   banned_ids):
+    """Repetition penalty → banned ids → temperature → top-k → top-p (HF's order)."""
+    logits_BV = apply_repetition_penalty(logits_BV, presence_BV, repetition_penalty)
+    if banned_ids:
+        logits_BV = logits_BV.at[:, jnp.asarray(banned_ids)].set(-jnp.inf)
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        logits_BV = top_k_filter(logits_BV, top_k)
+    if top_p is not None:
+        logits_BV = top_p_filter(logits_BV, top_p)
+    return logits_BV
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _prepare(cfg: ModelConfig, prompt_BT, prompt_mask, max_new_tokens: int):
+    prompt_BT = np.asarray(prompt_BT)
+    if prompt_BT.ndim != 2:
+        raise ValueError(f"prompt must be (batch, time), got shape {prompt_BT.shape}; "
+                         "use left_pad() for a list of prompts.")
+    mask = np.ones_like(prompt_BT) if prompt_mask is None else np.asarray(prompt_mask)
+    if mask.shape != prompt_BT.shape:
+        raise ValueError(f"prompt_mask shape {mask.shape} != prompt shape {prompt_BT.shape}.")
+    if np.any(np.diff(mask.astype(np.int32), axis=1) < 0) or np.any(mask[:, -1] == 0):
+        raise ValueError("prompts must be left-padded: each prompt_mask row is 0s then 1s "
+                         "and ends with a real token (see left_pad()).")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    total = prompt_BT.shape[1] + max_new_tokens
+    if cfg.pos_embedding == "learned" and total > cfg.max_len:
+        raise ValueError(f"prompt length {prompt_BT.shape[1]} + max_new_tokens {max_new_tokens}"
+                         f" = {total} exceeds the model's max_len={cfg.max_len}; shorten the "
+                         "prompt (keep its last tokens) or generate fewer tokens.")
+    model.check_tokens(cfg, prompt_BT, n_slots=total)
+    return jnp.asarray(prompt_BT, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """A list of token lists → (tokens_BT, mask_BT), left-padded to the longest."""
+    t = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), t), pad_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    return tokens, mask
+
+
+def _prefill(cfg, params, prompt_BT, mask_BT, n_slots):
+    """Run the prompt through the model, filling cache slots [0, T)."""
+    b, t = prompt_BT.shape
+    cache = model.init_cache(cfg, b, n_slots)
+    kv_valid_BS = jnp.zeros((b, n_slots), bool).at[:, :t].set(mask_BT.astype(bool))
+    logits_BTV, cache = model.forward_cached(
+        cfg, params, prompt_BT, cache, positions_BT=model.positions_from_mask(mask_BT),
+        kv_valid_BS=kv_valid_BS, cache_index=0)
+    return logits_BTV[:, -1], cache, kv_valid_BS
+
+
+def _is_stop(tok_B, stop_tokens):
+    if not stop_tokens:
+        return jnp.zeros(tok_B.shape, bool)
+    return jnp.isin(tok_B, jnp.asarray(stop_tokens))
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "use_top_p",
+                                             "greedy", "stop_tokens", "banned_ids", "pad_id"))
+def _sample(cfg, params, prompt_BT, mask_BT, key, temperature, top_p, repetition_penalty, *,
+            max_new_tokens, top_k, use_top_p, greedy, stop_tokens, banned_ids, pad_id):
+    b, t = prompt_BT.shape
+    last_BV, cache, kv_valid_BS = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
+    next_pos_B = mask_BT.sum(axis=1)
+    rows_B = jnp.arange(b)
+    presence_BV = jnp.zeros((b, cfg.vocab_size), bool).at[rows_B[:, None], prompt_BT].max(
+        mask_BT.astype(bool))
+    state = dict(i=jnp.int32(0), out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                 logp=jnp.zeros((b, max_new_tokens)), done=jnp.zeros(b, bool), cache=cache,
+                 kv_valid=kv_valid_BS, last=last_BV, presence=presence_BV, key=key)
+
+    def cond(s):
+        return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def step(s):
+        i, key, sub = s["i"], *jax.random.split(s["key"])
+        logp_BV = jax.nn.log_softmax(s["last"], axis=-1)
+        logits_BV = process_logits(s["last"], s["presence"], temperature=temperature,
+                                   top_k=top_k, top_p=top_p if use_top_p else None,
+                                   repetition_penalty=repetition_penalty, banned_ids=banned_ids)
+        tok_B = (jnp.argmax(logits_BV, -1) if greedy
+                 else jax.random.categorical(sub, logits_BV, axis=-1)).astype(jnp.int32)
+        tok_B = jnp.where(s["done"], pad_id, tok_B)
+        lp_B = jnp.where(s["done"], 0.0, logp_BV[rows_B, tok_B])
+        kv_valid = s["kv_valid"].at[:, t + i].set(~s["done"])
+        logits_B1V, cache = model.forward_cached(
+            cfg, params, tok_B[:, None], s["cache"], positions_BT=(next_pos_B + i)[:, None],
+            kv_valid_BS=kv_valid, cache_index=t + i)
+        return dict(i=i + 1, out=s["out"].at[:, i].set(tok_B), logp=s["logp"].at[:, i].set(lp_B),
+                    done=s["done"] | _is_stop(tok_B, stop_tokens), cache=cache,
+                    kv_valid=kv_valid, last=logits_B1V[:, 0],
+                    presence=s["presence"].at[rows_B, tok_B].set(True), key=key)
+
+    s = jax.lax.while_loop(cond, step, state)
+    gen_mask = s["kv_valid"][:, t:]
+    return SampleOutput(tokens=jnp.concatenate([prompt_BT, s["out"]], axis=1),
+                        logprobs=s["logp"],
+                        mask=jnp.concatenate([mask_BT, gen_mask.astype(jnp.int32)], axis=1),
+                        done=s["done"], scores=s["logp"].sum(-1))
+
+
+def generate(cfg: ModelConfig, params, prompt_BT, *, key: jax.Array, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
+             greedy: bool = False, prompt_mask=None, banned_ids: Sequence[int] = (),
+             pad_id: int = 0) -> SampleOutput:
+    """Sample `max_new_tokens` after each (left-padded) prompt.
+
+    Rows that emit one of `stop_tokens` stop there (the stop token is kept);
+    the loop ends early once every row has stopped.
+    """
+    prompt_BT, mask_BT = _prepare(cfg, prompt_BT, prompt_mask, max_new_tokens)
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True instead.")
+    if top_k is not None and not 0 < top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}], got {top_k}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}.")
+    return _sample(cfg, params, prompt_BT, mask_BT, key, jnp.float32(temperature if not greedy
+                                                                     else 1.0),
+                   jnp.float32(1.0 if top_p is None else top_p), jnp.float32(repetition_penalty),
+                   max_new_tokens=max_new_tokens, top_k=top_k, use_top_p=top_p is not None,
+                   greedy=greedy, stop_tokens=tuple(int(x) for x in stop_tokens),
+                   banned_ids=tuple(int(x) for x in banned_ids), pad_id=pad_id)
+
+
+# ------------------------------------------------------------------ beam search
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "max_new_tokens",
+                                             "stop_tokens", "pad_id"))
+def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
+                 max_new_tokens, stop_tokens, pad_id):
+    b, t = prompt_BT.shape
+    k, v = num_beams, cfg.vocab_size
+    last_BV, cache, kv_valid_BS = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
+    repeat = lambda a, axis=0: jnp.repeat(a, k, axis=axis)
+    cache = jax.tree.map(lambda a: repeat(a, axis=1), cache)  # (L, B*K, S, N, H)
+    # Only beam 0 is live at the start, so the first step does not pick K copies.
+    score_BK = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, 1))
+    pad_only_V = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)
+    next_pos_BK = repeat(mask_BT.sum(axis=1)).reshape(b, k)
+    state = dict(i=jnp.int32(0), score=score_BK, length=jnp.zeros((b, k), jnp.int32),
+                 done=jnp.zeros((b, k), bool), out=jnp.full((b * k, max_new_tokens), pad_id),
+                 logp=jnp.zeros((b * k, max_new_tokens)), cache=cache,
+                 kv_valid=repeat(kv_valid_BS), last=repeat(last_BV))
+
+    def step(s):
+        i = s["i"]
+        logp_BKV = jax.nn.log_softmax(s["last"], axis=-1).reshape(b, k, v)
+        # A finished beam may only continue with pad at no cost: it keeps its score.
+        logp_BKV = jnp.where(s["done"][..., None], pad_only_V, logp_BKV)
+        cand_BKV = s["score"][..., None] + logp_BKV
+        length_BK = jnp.where(s["done"], s["length"], i + 1)
+        # Rank by the length-normalised score (GNMT-style len**alpha); alive
+        # candidates share one length, so among them this is the raw order.
+        rank_BKV = cand_BKV / (length_BK[..., None].astype(jnp.float32) ** length_penalty)
+        _, idx_BK = jax.lax.top_k(rank_BKV.reshape(b, k * v), k)
+        beam_BK, tok_BK = idx_BK // v, (idx_BK % v).astype(jnp.int32)
+        take = lambda a: jnp.take_along_axis(a, beam_BK, axis=1)
+        parent_done_BK = take(s["done"])
+        flat = lambda a: a.reshape(b * k, *a.shape[2:])
+        parent_B = (jnp.arange(b)[:, None] * k + beam_BK).reshape(-1)  # into the B*K rows
+        out, logp, kv_valid = (a[parent_B] for a in (s["out"], s["logp"], s["kv_valid"]))
+        cache = jax.tree.map(lambda a: jnp.take(a, parent_B, axis=1), s["cache"])
+        tok_lp_BK = jnp.take_along_axis(logp_BKV.reshape(b, k * v), idx_BK, axis=1)
+        kv_valid = kv_valid.at[:, t + i].set(~flat(parent_done_BK))
+        tok = flat(tok_BK)
+        logits_B1V, cache = model.forward_cached(
+            cfg, params, tok[:, None], cache, positions_BT=flat(next_pos_BK + i)[:, None],
+            kv_valid_BS=kv_valid, cache_index=t + i)
+        return dict(i=i + 1, score=jnp.take_along_axis(cand_BKV.reshape(b, k * v), idx_BK, 1),
+                    length=take(length_BK),
+                    done=parent_done_BK | _is_stop(tok_BK, stop_tokens),
+                    out=out.at[:, i].set(tok), logp=logp.at[:, i].set(flat(tok_lp_BK)),
+                    cache=cache, kv_valid=kv_valid, last=logits_B1V[:, 0])
+
+    s = jax.lax.while_loop(lambda s: (s["i"] < max_new_tokens) & ~jnp.all(s["done"]), step,
+                           state)
+    final_BK = s["score"] / (jnp.maximum(s["length"], 1).astype(jnp.float32) ** length_penalty)
+    best_B = jnp.argmax(final_BK, axis=1)
+    pick = lambda a: a.reshape(b, k, *a.shape[1:])[jnp.arange(b), best_B]
+    gen_mask = pick(s["kv_valid"])[:, t:].astype(jnp.int32)
+    return SampleOutput(tokens=jnp.concatenate([prompt_BT, pick(s["out"])], axis=1),
+                        logprobs=pick(s["logp"]),
+                        mask=jnp.concatenate([mask_BT, gen_mask], axis=1),
+                        done=s["done"][jnp.arange(b), best_B],
+                        scores=final_BK[jnp.arange(b), best_B])
+
+
+def beam_search(cfg: ModelConfig, params, prompt_BT, *, num_beams: int, max_new_tokens: int,
+                length_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
+                prompt_mask=None, pad_id: int = 0) -> SampleOutput:
+    """The most likely continuation found by a beam of `num_beams` hypotheses.
+
+    A hypothesis ends at a stop token and then keeps its score; the winner
+    maximises sum(logprobs) / length**length_penalty (0 = raw likelihood,
+    which favours short outputs; 1 = per-token average).
+    """
+    prompt_BT, mask_BT = _prepare(cfg, prompt_BT, prompt_mask, max_new_tokens)
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
+    return _beam_search(cfg, params, prompt_BT, mask_BT, jnp.float32(length_penalty),
+                        num_beams=num_beams, max_new_tokens=max_new_tokens,
+                        stop_tokens=tuple(int(x) for x in stop_tokens), pad_id=pad_id)

@@ -1,0 +1,52 @@
+"""gptjax: the GPT family and the InstructGPT pipeline in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Bounds admit both CI (Python 3.11: jax 0.10.2, flax 0.12.8) and the GPU image
+# (Python 3.12: jax 0.11.2, flax 0.12.10).
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.4",
+    "chex>=0.1.90",
+    "jaxtyping>=0.2.30",
+    "numpy>=1.26",
+    "sentencepiece>=0.2.0",
+    "tensorflow-datasets>=4.9.10",  # used without TensorFlow: array_record + data_source
+    "array-record>=0.8.1",
+    "importlib_resources",  # TFDS needs it for builders defined inside a package
+    "gin-config>=0.5.0",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "safetensors>=0.4",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    # Everything the test suite needs, including the reference implementations.
+    "dev": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "torch==2.13.0",  # the CPU wheel; any other version pulls a multi-GB CUDA build
+        "transformers>=4.40",
+        "nbclient>=0.10",
+        "nbformat>=5.9",
+        "ipykernel>=6.29",
+    ],
+    # TFDS catalog datasets that need TensorFlow (not needed for gptjax's own builders).
+    "tf": ["tensorflow>=2.16"],
+}
+
+setup(
+    name="gptjax",
+    version="0.1.0",
+    description="GPT-1/2/3 and the InstructGPT pipeline as pure JAX functions.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gptjax", "gptjax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["gptjax=gptjax.main:main"]},
+)

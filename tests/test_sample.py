@@ -1,0 +1,197 @@
+"""gptjax.sample: filters on hand-made distributions, the cached loop against a
+naive no-cache loop, sampling frequencies, stop tokens and exhaustive beam search."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import model, sample
+from gptjax.config import ModelConfig
+
+CFG = ModelConfig(n_layers=2, d_model=24, n_heads=3, d_ff=40, vocab_size=31, max_len=40)
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = model.init_params(CFG, jax.random.key(0))
+    # Sharper distributions than init gives, so greedy choices are far from ties.
+    return {**p, "wte": p["wte"] * 40}
+
+
+def test_top_k_filter():
+    logits = jnp.array([[1.0, 3.0, 2.0, 5.0], [4.0, 4.0, 1.0, 0.0]])
+    out = sample.top_k_filter(logits, 2)
+    np.testing.assert_array_equal(out, [[-np.inf, 3, -np.inf, 5], [4, 4, -np.inf, -np.inf]])
+
+
+def test_top_p_filter():
+    probs = jnp.array([[0.05, 0.5, 0.15, 0.3]])
+    logits = jnp.log(probs)
+    keep = lambda p: np.isfinite(np.asarray(sample.top_p_filter(logits, p)))[0].tolist()
+    assert keep(0.7) == [False, True, False, True]  # 0.5 + 0.3 reaches 0.7
+    assert keep(0.5) == [False, True, False, False]  # the top token alone has 0.5
+    assert keep(0.1) == [False, True, False, False]  # the top token is always kept
+    assert keep(0.96) == [True, True, True, True]
+    assert keep(0.9) == [False, True, True, True]
+
+
+def test_repetition_penalty_is_sign_aware():
+    logits = jnp.array([[2.0, -2.0, 1.0, -1.0]])
+    seen = jnp.array([[True, True, False, False]])
+    np.testing.assert_allclose(sample.apply_repetition_penalty(logits, seen, 2.0),
+                               [[1.0, -4.0, 1.0, -1.0]])
+
+
+def _naive_greedy(params, tokens, mask, steps):
+    """No cache: rescore the whole (left-padded) sequence at every step."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    for _ in range(steps):
+        logits = model.forward(CFG, params, tokens, mask=mask)
+        nxt = np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]
+        tokens, mask = np.concatenate([tokens, nxt], 1), np.concatenate([mask, mask[:, -1:] * 0 + 1], 1)
+    return tokens
+
+
+def test_cached_greedy_equals_naive_loop_with_ragged_prompts(params):
+    tokens, mask = sample.left_pad([[3, 7, 1, 9, 4], [8, 2], [5, 5, 6]])
+    out = sample.generate(CFG, params, tokens, prompt_mask=mask, key=jax.random.key(0),
+                          max_new_tokens=8, greedy=True)
+    np.testing.assert_array_equal(out.tokens, _naive_greedy(params, tokens, mask, 8))
+    # Each row generates what it generates alone (no padding).
+    for i, prompt in enumerate([[3, 7, 1, 9, 4], [8, 2], [5, 5, 6]]):
+        alone = sample.generate(CFG, params, np.array([prompt]), key=jax.random.key(0),
+                                max_new_tokens=8, greedy=True)
+        np.testing.assert_array_equal(out.tokens[i, 5:], alone.tokens[0, len(prompt):])
+
+
+def test_logprobs_equal_forward_scoring(params):
+    tokens, mask = sample.left_pad([[3, 7, 1, 9], [8, 2]])
+    out = sample.generate(CFG, params, tokens, prompt_mask=mask, key=jax.random.key(1),
+                          max_new_tokens=6, temperature=0.7, top_k=10)
+    logp = jax.nn.log_softmax(model.forward(CFG, params, out.tokens, mask=out.mask), -1)
+    expected = jnp.take_along_axis(logp[:, 3:-1], out.tokens[:, 4:, None], -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_seed_reproduces_and_seeds_differ(params):
+    prompt = np.array([[1, 2, 3]] * 4)
+    a = sample.generate(CFG, params, prompt, key=jax.random.key(7), max_new_tokens=12,
+                        temperature=20.0)
+    b = sample.generate(CFG, params, prompt, key=jax.random.key(7), max_new_tokens=12,
+                        temperature=20.0)
+    c = sample.generate(CFG, params, prompt, key=jax.random.key(8), max_new_tokens=12,
+                        temperature=20.0)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    cfg = CFG.replace(vocab_size=7)
+    p = model.init_params(cfg, jax.random.key(3))
+    p = {**p, "wte": p["wte"] * 60}
+    prompt = np.full((4000, 2), 3)
+    logits = model.forward(cfg, p, prompt[:1])[0, -1]
+    for kw in (dict(temperature=0.8), dict(temperature=1.3, top_k=3), dict(top_p=0.8)):
+        out = sample.generate(cfg, p, prompt, key=jax.random.key(0), max_new_tokens=1, **kw)
+        filtered = sample.process_logits(logits[None], jnp.zeros((1, 7), bool),
+                                         temperature=kw.get("temperature", 1.0),
+                                         top_k=kw.get("top_k"), top_p=kw.get("top_p"),
+                                         repetition_penalty=1.0, banned_ids=())
+        expected = np.asarray(jax.nn.softmax(filtered[0]))
+        freq = np.bincount(np.asarray(out.tokens[:, -1]), minlength=7) / len(prompt)
+        np.testing.assert_allclose(freq, expected, atol=0.03, err_msg=str(kw))
+        assert np.all(freq[expected == 0] == 0)
+
+
+def test_stop_tokens_end_rows(params):
+    prompt = np.array([[4, 9, 1], [2, 2, 8]])
+    free = sample.generate(CFG, params, prompt, key=jax.random.key(0), max_new_tokens=10,
+                           greedy=True)
+    stop = int(free.tokens[0, 5])  # the third generated token of row 0
+    out = sample.generate(CFG, params, prompt, key=jax.random.key(0), max_new_tokens=10,
+                          greedy=True, stop_tokens=(stop,), pad_id=0)
+    first = int(np.argmax(np.asarray(free.tokens[0, 3:]) == stop))
+    np.testing.assert_array_equal(out.tokens[0, : 3 + first + 1], free.tokens[0, : 3 + first + 1])
+    assert np.all(np.asarray(out.tokens[0, 3 + first + 1:]) == 0)
+    assert np.all(np.asarray(out.mask[0, 3 + first + 1:]) == 0) and bool(out.done[0])
+    assert np.all(np.asarray(out.logprobs[0, first + 1:]) == 0)
+
+
+def test_banned_ids_never_appear(params):
+    prompt = np.array([[1, 2, 3]] * 8)
+    banned = tuple(range(0, 31, 2))
+    out = sample.generate(CFG, params, prompt, key=jax.random.key(0), max_new_tokens=10,
+                          banned_ids=banned)
+    assert not np.isin(np.asarray(out.tokens[:, 3:]), banned).any()
+
+
+def test_repetition_penalty_changes_greedy_choices(params):
+    prompt = np.array([[1, 2, 3]])
+    plain = sample.generate(CFG, params, prompt, key=jax.random.key(0), max_new_tokens=20,
+                            greedy=True)
+    penal = sample.generate(CFG, params, prompt, key=jax.random.key(0), max_new_tokens=20,
+                            greedy=True, repetition_penalty=50.0)
+    n_unique = lambda t: len(set(np.asarray(t)[0, 3:].tolist()))
+    assert n_unique(penal.tokens) > n_unique(plain.tokens)
+
+
+def test_beam_of_one_is_greedy(params):
+    tokens, mask = sample.left_pad([[3, 7, 1, 9], [8, 2]])
+    greedy = sample.generate(CFG, params, tokens, prompt_mask=mask, key=jax.random.key(0),
+                             max_new_tokens=7, greedy=True)
+    beam = sample.beam_search(CFG, params, tokens, prompt_mask=mask, num_beams=1,
+                              max_new_tokens=7, length_penalty=0.0)
+    np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+
+
+def test_wide_beam_finds_the_exhaustive_optimum():
+    cfg = CFG.replace(vocab_size=5)
+    p = model.init_params(cfg, jax.random.key(5))
+    p = {**p, "wte": p["wte"] * 30}
+    prompt = np.array([[1, 3], [4, 0]])
+    out = sample.beam_search(cfg, p, prompt, num_beams=25, max_new_tokens=3, length_penalty=0.0)
+    for b in range(2):
+        seqs = np.array([list(prompt[b]) + list(c) for c in itertools.product(range(5), repeat=3)])
+        logp = jax.nn.log_softmax(model.forward(cfg, p, seqs), -1)
+        total = jnp.take_along_axis(logp[:, 1:-1], seqs[:, 2:, None], -1)[..., 0].sum(-1)
+        best = int(jnp.argmax(total))
+        np.testing.assert_array_equal(out.tokens[b], seqs[best])
+        np.testing.assert_allclose(out.scores[b], total[best], rtol=1e-5)
+        assert float(out.scores[b]) >= float(sample.generate(
+            cfg, p, prompt[b:b + 1], key=jax.random.key(0), max_new_tokens=3,
+            greedy=True).scores[0]) - 1e-6
+
+
+def test_beam_search_stops_and_pads():
+    cfg = CFG.replace(vocab_size=5)
+    p = model.init_params(cfg, jax.random.key(5))
+    p = {**p, "wte": p["wte"] * 30}
+    out = sample.beam_search(cfg, p, np.array([[1, 3]]), num_beams=3, max_new_tokens=6,
+                             stop_tokens=(2,), length_penalty=1.0)
+    gen = np.asarray(out.tokens[0, 2:])
+    if 2 in gen.tolist():
+        end = gen.tolist().index(2)
+        assert np.all(gen[end + 1:] == 0) and bool(out.done[0])
+        assert np.asarray(out.mask[0, 2:]).sum() == end + 1
+    np.testing.assert_allclose(out.scores[0], float(out.logprobs[0].sum()) /
+                               float(np.asarray(out.mask[0, 2:]).sum()), rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors(params):
+    with pytest.raises(ValueError, match="exceeds the model's max_len"):
+        sample.generate(CFG, params, np.zeros((1, 35), np.int32), key=jax.random.key(0),
+                        max_new_tokens=10)
+    with pytest.raises(ValueError, match="left-padded"):
+        sample.generate(CFG, params, np.array([[1, 2, 0]]), prompt_mask=np.array([[1, 1, 0]]),
+                        key=jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        sample.generate(CFG, params, np.array([[1, 99]]), key=jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        sample.generate(CFG, params, np.array([[1]]), key=jax.random.key(0), max_new_tokens=2,
+                        top_p=1.5)
+    with pytest.raises(ValueError, match="greedy=True"):
+        sample.generate(CFG, params, np.array([[1]]), key=jax.random.key(0), max_new_tokens=2,
+                        temperature=0.0)
