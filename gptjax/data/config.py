@@ -1,0 +1,91 @@
+"""What a run reads: `DataConfig` (gin) and the tokenizer that goes with a workdir.
+
+The tokenizer of a run is saved in its workdir the first time and loaded from
+there afterwards, so a resumed run, `gptjax sample` and `gptjax eval` always
+use exactly the ids the model was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import gin
+
+from gptjax.data.pipeline import corpus_texts
+from gptjax.data.tokenizer import (ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer,
+                                   train_sentencepiece)
+
+TOKENIZER_KINDS = ("bpe", "byte", "char")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("GPTJAX_DATA_DIR", os.path.expanduser("~/.cache/gptjax/data"))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The corpus and its tokenizer.
+
+    Attributes:
+      dataset: 'stdlib' (the running Python's standard library source, offline
+        default), 'shakespeare' (tiny Shakespeare; give `path` to a local copy),
+        or a glob of your own text files.
+      path: a local file for 'shakespeare'.
+      tokenizer: 'bpe' (sentencepiece, trained on the corpus), 'byte' or 'char'.
+      tokenizer_vocab_size: the BPE vocabulary to train.
+      tokenizer_path: use this saved tokenizer instead of building one.
+      data_dir: TFDS shards and token caches (default $GPTJAX_DATA_DIR or
+        ~/.cache/gptjax/data).
+    """
+
+    dataset: str = "stdlib"
+    path: str | None = None
+    tokenizer: str = "bpe"
+    tokenizer_vocab_size: int = 4096
+    tokenizer_path: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"DataConfig.tokenizer={self.tokenizer!r} is not one of "
+                             f"{TOKENIZER_KINDS}.")
+
+    @property
+    def resolved_data_dir(self) -> str:
+        return self.data_dir or default_data_dir()
+
+
+def _workdir_tokenizer(workdir: str) -> str | None:
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.exists(os.path.join(workdir, name)):
+            return os.path.join(workdir, name)
+    return None
+
+
+def build_tokenizer(data_cfg: DataConfig) -> Tokenizer:
+    """A new tokenizer for the configured corpus (a BPE trains in seconds)."""
+    if data_cfg.tokenizer_path:
+        return load_tokenizer(data_cfg.tokenizer_path)
+    if data_cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    texts = corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, "train", path=data_cfg.path)
+    if data_cfg.tokenizer == "char":
+        return CharTokenizer.from_texts(texts)
+    return train_sentencepiece(texts, data_cfg.tokenizer_vocab_size)
+
+
+def workdir_tokenizer(workdir: str, data_cfg: DataConfig | None = None,
+                      save: bool = True) -> Tokenizer:
+    """The workdir's tokenizer; built from `data_cfg` and saved there if it has none."""
+    path = _workdir_tokenizer(workdir)
+    if path is not None:
+        return load_tokenizer(path)
+    if data_cfg is None:
+        raise FileNotFoundError(f"no tokenizer in {workdir!r}: is it a gptjax workdir "
+                                "(written by `gptjax train`)?")
+    tokenizer = build_tokenizer(data_cfg)
+    if save:
+        tokenizer.save(workdir)
+    return tokenizer

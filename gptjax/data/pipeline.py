@@ -1,0 +1,222 @@
+"""From a prepared TFDS split to host-local batches of token windows, resumably.
+
+Stages, each a small function:
+  1. ``token_stream``: encode every document once, append EOS after each, cache the flat ids as
+     ``.npy`` (uint16 when the vocabulary fits) keyed by split and tokenizer fingerprint.
+  2. ``pack_windows``: view the stream as windows of ``seq_len + 1`` tokens. Consecutive windows
+     overlap by one token (window i is ``stream[i*T : i*T + T + 1]``), so every token after the
+     first is a prediction target exactly once per epoch; a tail shorter than ``T`` tokens is
+     dropped. Documents are not aligned to windows; EOS separates them.
+  3. ``TokenBatchIterator``: shuffles window order per (seed, epoch), cuts global batches,
+     hands each process its own rows, and saves/restores its position as a small JSON dict.
+``make_datasets`` wires them together for the train loop.
+"""
+
+from __future__ import annotations
+
+import glob as glob_lib
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gptjax.data import builders
+from gptjax.data.tokenizer import Tokenizer
+
+ENCODE_CHUNK_DOCS = 64  # documents per batched encode call: fewer Python round trips
+
+
+def _stream_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def encode_documents(texts: Sequence[str] | Iterator[str], tokenizer: Tokenizer,
+                     total: int | None = None, desc: str = "tokenizing") -> np.ndarray:
+    """One flat id stream: each document's ids followed by EOS, with a progress bar."""
+    dtype = _stream_dtype(tokenizer.vocab_size)
+    pieces, chunk = [], []
+
+    def flush():
+        for ids in tokenizer.encode_batch(chunk):
+            pieces.append(np.asarray(ids + [tokenizer.eos_id], dtype=dtype))
+        chunk.clear()
+
+    for text in tqdm(texts, total=total, desc=desc, unit="doc", leave=False):
+        chunk.append(text.decode("utf-8") if isinstance(text, bytes) else text)
+        if len(chunk) >= ENCODE_CHUNK_DOCS:
+            flush()
+    flush()
+    return np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
+
+
+def cache_path(cache_dir: str | os.PathLike, split: str, tokenizer: Tokenizer) -> str:
+    """Cache file name: a different tokenizer (or split) can never reuse stale ids."""
+    return os.path.join(os.fspath(cache_dir), f"{split}-{tokenizer.fingerprint[:16]}.npy")
+
+
+def save_atomic(path: str, array: np.ndarray) -> None:
+    """Write to a temporary name then rename, so a crash never leaves a truncated cache."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    with open(tmp_path, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp_path, path)
+
+
+def token_stream(builder, split: str, tokenizer: Tokenizer,
+                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """The split's ids, from cache (memory-mapped) or encoded now and cached.
+
+    The cache lives beside the prepared split (``<builder.data_dir>/tokens``) unless
+    ``cache_dir`` says otherwise, so rebuilding the dataset also drops its stale caches.
+    """
+    path = cache_path(cache_dir or os.path.join(builder.data_dir, "tokens"), split, tokenizer)
+    if not os.path.exists(path):
+        source = builder.as_data_source(split=split)
+        texts = (source[i]["text"] for i in range(len(source)))
+        save_atomic(path, encode_documents(texts, tokenizer, len(source), f"tokenizing {split}"))
+    return np.load(path, mmap_mode="r")
+
+
+def pack_windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """A (num_windows, seq_len + 1) view of ``stream``; windows overlap by one token.
+
+    No copy: a strided view of a memory-mapped stream stays on disk until batches index it.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    num_windows = (len(stream) - 1) // seq_len
+    if num_windows < 1:
+        raise ValueError(f"the corpus has {len(stream)} tokens, too few for one window of "
+                         f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or a larger corpus")
+    view = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)
+    return view[: num_windows * seq_len : seq_len]
+
+
+class TokenBatchIterator:
+    """Deterministic, resumable, per-process batches ``{'tokens': int32 (B_local, T + 1)}``.
+
+    ``windows`` is ``pack_windows``' (num_windows, T + 1) array (a memory-mapped view is fine).
+
+    Epoch ``e`` visits the windows in ``default_rng([seed, e]).permutation`` order (or in order
+    when ``shuffle=False``), cut into global batches of ``global_batch_size``; the last partial
+    batch is dropped so shapes stay static for jit. Process ``p`` of ``P`` yields rows
+    ``[p * B/P, (p+1) * B/P)`` of each global batch, so processes never overlap and together
+    form the one-process batch. ``repeat=True`` runs over epochs forever (train); ``False``
+    stops after one pass (eval).
+    """
+
+    def __init__(self, windows: np.ndarray, global_batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True, repeat: bool = True, process_index: int = 0,
+                 process_count: int = 1, state: dict | None = None):
+        if global_batch_size <= 0 or global_batch_size % process_count:
+            raise ValueError(f"global_batch_size={global_batch_size} must be positive and "
+                             f"divisible by process_count={process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        self.windows = windows
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.batches_per_epoch = len(windows) // global_batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"only {len(windows)} windows of {windows.shape[1]} tokens, "
+                             f"fewer than one global batch of {global_batch_size}; lower the "
+                             "batch size or seq_len, or use a larger corpus")
+        self.shuffle, self.repeat = shuffle, repeat
+        self.process_index = process_index
+        self.seed, self.epoch, self.position = seed, 0, 0
+        self._order_epoch, self._order = -1, None
+        if state is not None:
+            self.set_state(state)
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position: save it with the checkpoint."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        """Continue exactly where ``get_state`` was taken (the seed comes from the state)."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
+            raise ValueError(f"bad iterator state {state}: {self.batches_per_epoch} batches/epoch")
+        self.seed, self.epoch, self.position = int(state["seed"]), epoch, position
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Window indices for ``epoch``; cached, since every batch of an epoch needs them."""
+        if self._order_epoch != epoch:
+            n = len(self.windows)
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(n)
+                           if self.shuffle else np.arange(n))
+            self._order_epoch = epoch
+        return self._order
+
+    def __iter__(self) -> TokenBatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.position >= self.batches_per_epoch:
+            if not self.repeat:
+                raise StopIteration
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.global_batch_size + self.process_index * self.local_batch_size
+        rows = self.epoch_order(self.epoch)[start : start + self.local_batch_size]
+        self.position += 1
+        return {"tokens": np.asarray(self.windows[rows], dtype=np.int32)}
+
+
+def resolve_config(name_or_glob: str) -> builders.TextConfig | str:
+    """'stdlib' and 'shakespeare' name the ready configs; anything else is a file glob."""
+    if name_or_glob in ("stdlib", "shakespeare"):
+        return name_or_glob
+    if not glob_lib.has_magic(name_or_glob) and not os.path.exists(name_or_glob):
+        raise FileNotFoundError(f"dataset {name_or_glob!r} is neither 'stdlib', 'shakespeare' nor "
+                                "an existing file or glob of text files")
+    return builders.glob_config(name_or_glob)
+
+
+def corpus_texts(name_or_glob: str, data_dir: str | os.PathLike, split: str = "train",
+                 path: str | None = None) -> Iterator[str]:
+    """The documents of a prepared corpus split as str, e.g. to train a tokenizer on."""
+    builder = builders.prepare(resolve_config(name_or_glob), data_dir, path=path)
+    source = builder.as_data_source(split=split)
+    return (source[i]["text"].decode("utf-8") for i in range(len(source)))
+
+
+def make_datasets(name_or_glob: str, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
+                  data_dir: str | os.PathLike, seed: int = 0, process_index: int = 0,
+                  process_count: int = 1, *, path: str | None = None,
+                  eval_batch_size: int | None = None, state: dict | None = None,
+                  ) -> tuple[TokenBatchIterator, Callable[[], TokenBatchIterator]]:
+    """Prepare, tokenize (cached) and pack a corpus; return the train iterator and an eval factory.
+
+    Args:
+      name_or_glob: 'stdlib' (offline default), 'shakespeare', or a glob of text files.
+      tokenizer: any ``Tokenizer``; its fingerprint keys the token cache.
+      seq_len: model context T; batches hold T + 1 tokens (inputs and shifted targets).
+      global_batch_size: rows per step over all processes; each process gets B / process_count.
+      data_dir: where TFDS shards and token caches live (always explicit).
+      seed: shuffling seed of the train iterator.
+      path: a local file for 'shakespeare' (else it is downloaded).
+      eval_batch_size: global eval batch, default ``global_batch_size``.
+      state: a train iterator state from ``get_state()`` to resume from (its seed wins).
+
+    Returns:
+      ``(train_iter, eval_iter_factory)``: an infinite shuffled iterator over the train split, and
+      a function returning a fresh single in-order pass over the validation split.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    builder = builders.prepare(resolve_config(name_or_glob), data_dir, path=path)
+    shard = dict(process_index=process_index, process_count=process_count)
+    train_windows = pack_windows(token_stream(builder, "train", tokenizer), seq_len)
+    train_iter = TokenBatchIterator(train_windows, global_batch_size, seed=seed, state=state,
+                                    **shard)
+    eval_windows = pack_windows(token_stream(builder, "validation", tokenizer), seq_len)
+    eval_batch_size = eval_batch_size or global_batch_size
+
+    def eval_iter_factory() -> TokenBatchIterator:
+        return TokenBatchIterator(eval_windows, eval_batch_size, shuffle=False, repeat=False,
+                                  **shard)
+
+    eval_iter_factory()  # fail now, not at the first eval, if validation is too small
+    return train_iter, eval_iter_factory
