@@ -1,0 +1,237 @@
+"""The `gptjax` command line: train | sample | eval | tokenizer | prepare | convert.
+
+Every run is configured by gin files (`--gin_file`, repeatable) and
+bindings (`--gin_bindings`, repeatable); see experiments/. Errors a user can
+fix print one line that says what to do, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util  # noqa: F401  (gin needs it imported to report missing files properly)
+import logging
+import math
+import os
+import sys
+
+import gin
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "experiments")
+
+
+def parse_gin(files: list[str], bindings: list[str]) -> None:
+    """Parse experiment files; `include`s resolve against experiments/ and the cwd."""
+    from gptjax import config, optimizer, sharding, train  # noqa: F401  (register configurables)
+    from gptjax.data import config as data_config  # noqa: F401
+
+    for path in (EXPERIMENTS_DIR, os.getcwd()):
+        if path not in gin.config._LOCATION_PREFIXES:
+            gin.add_config_file_search_path(path)
+    for f in files:
+        if not os.path.exists(f) and not os.path.exists(os.path.join(EXPERIMENTS_DIR, f)):
+            raise FileNotFoundError(f"gin file {f!r} not found (looked in the cwd and "
+                                    f"{EXPERIMENTS_DIR}); see experiments/ for examples.")
+    files = [f if os.path.exists(f) else os.path.join(EXPERIMENTS_DIR, f) for f in files]
+    gin.parse_config_files_and_bindings(files, bindings)
+
+
+def init_distributed(args) -> None:
+    """Join a multi-process run: explicit flags, or JAX's cluster auto-detection."""
+    import jax
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.multihost:  # TPU pods, SLURM, ...: JAX reads the cluster environment
+        jax.distributed.initialize()
+
+
+def cmd_train(args) -> None:
+    from gptjax.loop import train
+    summary = train(args.workdir, stop_after=args.stop_after, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"done: step {summary['end_step']}, train loss {summary.get('train/loss', 'n/a')}, "
+              f"eval loss {summary.get('eval/loss', 'n/a')}; workdir {args.workdir}")
+    if args.sample_after and not args.dry_run:
+        args.prompt, args.num_samples = args.prompt or "", 1
+        cmd_sample(args)
+
+
+def cmd_sample(args) -> None:
+    import jax
+    import numpy as np
+
+    from gptjax import sample
+    from gptjax.workdir import load_run
+
+    cfg, params, tokenizer, _, step = load_run(args.workdir)
+    ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+    ids = ids[-max(1, cfg.max_len - args.max_new_tokens):]
+    new = min(args.max_new_tokens, cfg.max_len - len(ids))
+    prompt = np.array([ids] * args.num_samples)
+    stops = () if args.no_stop else (tokenizer.eos_id,)
+    if args.num_beams > 1:
+        out = sample.beam_search(cfg, params, prompt, num_beams=args.num_beams,
+                                 max_new_tokens=new, stop_tokens=stops)
+    else:
+        out = sample.generate(cfg, params, prompt, key=jax.random.key(args.seed),
+                              max_new_tokens=new, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, stop_tokens=stops,
+                              greedy=args.greedy)
+    for i in range(args.num_samples):
+        text = tokenizer.decode(np.asarray(out.tokens[i, len(ids):]).tolist())
+        print(f"--- sample {i} (step {step}) ---\n{args.prompt}{text}")
+
+
+def cmd_eval(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gptjax.data.pipeline import make_datasets
+    from gptjax.train import loss_fn
+    from gptjax.workdir import load_run
+
+    cfg, params, tokenizer, configs, step = load_run(args.workdir)
+    train_cfg, data_cfg = configs["train"], configs["data"]
+    _, eval_factory = make_datasets(data_cfg.dataset, tokenizer, train_cfg.seq_len,
+                                    args.batch_size, data_cfg.resolved_data_dir,
+                                    path=data_cfg.path)
+    score = jax.jit(lambda p, b: loss_fn(cfg, p, b))
+    losses = [float(score(params, {"tokens": jnp.asarray(b["tokens"])}))
+              for i, b in zip(range(args.max_batches), eval_factory())]
+    loss = float(np.mean(losses))
+    print(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+          f"over {len(losses)} batches of {args.batch_size}x{train_cfg.seq_len} tokens")
+
+
+def cmd_tokenizer(args) -> None:
+    from gptjax.data.config import DataConfig, build_tokenizer
+    data_cfg = DataConfig(dataset=args.dataset, path=args.path, tokenizer=args.kind,
+                          tokenizer_vocab_size=args.vocab_size, data_dir=args.data_dir)
+    tokenizer = build_tokenizer(data_cfg)
+    path = tokenizer.save(args.out)
+    print(f"{args.kind} tokenizer with {tokenizer.vocab_size} ids written to {path}")
+
+
+def cmd_prepare(args) -> None:
+    from gptjax.data import builders
+    from gptjax.data.config import default_data_dir
+    from gptjax.data.pipeline import resolve_config
+    builder = builders.prepare(resolve_config(args.dataset), args.data_dir or default_data_dir(),
+                               path=args.path)
+    for split, info in builder.info.splits.items():
+        print(f"{args.dataset} {split}: {info.num_examples} documents")
+
+
+def cmd_convert(args) -> None:
+    """Import a Hugging Face GPT-2 directory as a gptjax workdir checkpoint, or export one."""
+    from gptjax import convert
+    if args.export_to:
+        from gptjax.workdir import load_run
+        cfg, params, _, _, _ = load_run(args.workdir)
+        convert.save_hf_gpt2(args.export_to, cfg, jax_to_numpy(params))
+        print(f"wrote {args.export_to}/config.json and model.safetensors")
+    else:
+        raise SystemExit("gptjax convert: pass --export_to=DIR (import is convert.load_hf_gpt2 "
+                         "in Python).")
+
+
+def jax_to_numpy(tree):
+    import jax
+    import numpy as np
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptjax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, workdir=True):
+        if workdir:
+            sp.add_argument("--workdir", required=True, help="run directory")
+        sp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+        sp.add_argument("--gin_bindings", action="append", default=[],
+                        help="a gin binding such as \"TrainConfig.steps = 100\" (repeatable)")
+        sp.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
+        sp.add_argument("--num_processes", type=int)
+        sp.add_argument("--process_id", type=int)
+        sp.add_argument("--multihost", action="store_true",
+                        help="jax.distributed.initialize() with cluster auto-detection (TPU pod)")
+
+    def sampling(sp):
+        sp.add_argument("--prompt", default="")
+        sp.add_argument("--max_new_tokens", type=int, default=200)
+        sp.add_argument("--temperature", type=float, default=0.8)
+        sp.add_argument("--top_k", type=int, default=None)
+        sp.add_argument("--top_p", type=float, default=None)
+        sp.add_argument("--repetition_penalty", type=float, default=1.0)
+        sp.add_argument("--greedy", action="store_true")
+        sp.add_argument("--num_beams", type=int, default=1)
+        sp.add_argument("--num_samples", type=int, default=1)
+        sp.add_argument("--no_stop", action="store_true", help="do not stop at end-of-text")
+        sp.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train or resume a model in --workdir")
+    common(t)
+    t.add_argument("--stop_after", type=int, default=None,
+                   help="stop this invocation after N steps (checkpointed; rerun resumes)")
+    t.add_argument("--dry_run", action="store_true",
+                   help="compile for the configured mesh, report memory/FLOPs, do not train")
+    t.add_argument("--sample_after", action="store_true", help="print a sample when done")
+    sampling(t)
+    s = sub.add_parser("sample", help="generate text from a trained workdir")
+    common(s)
+    sampling(s)
+    e = sub.add_parser("eval", help="validation loss and perplexity of a workdir")
+    common(e)
+    e.add_argument("--batch_size", type=int, default=16)
+    e.add_argument("--max_batches", type=int, default=50)
+    k = sub.add_parser("tokenizer", help="train a tokenizer on a corpus")
+    common(k, workdir=False)
+    k.add_argument("--dataset", default="stdlib")
+    k.add_argument("--path", default=None)
+    k.add_argument("--kind", default="bpe", choices=("bpe", "byte", "char"))
+    k.add_argument("--vocab_size", type=int, default=4096)
+    k.add_argument("--data_dir", default=None)
+    k.add_argument("--out", required=True, help="directory to write the tokenizer into")
+    r = sub.add_parser("prepare", help="build a dataset's array_record shards")
+    common(r, workdir=False)
+    r.add_argument("--dataset", default="stdlib")
+    r.add_argument("--path", default=None)
+    r.add_argument("--data_dir", default=None)
+    c = sub.add_parser("convert", help="export a workdir to Hugging Face GPT-2 format")
+    common(c)
+    c.add_argument("--export_to", default=None)
+    return p
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+            "tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("gptjax").setLevel(logging.INFO)
+    # gin logs every search-path miss of an `include` at warning level; they are expected.
+    logging.getLogger().addFilter(
+        lambda r: not str(r.msg).startswith(("Path not found", "system_path_file_exists")))
+    from gptjax.checkpoint import CheckpointError
+    from gptjax.loop import TrainingDivergedError
+    try:
+        parse_gin(args.gin_file, args.gin_bindings)
+        init_distributed(args)
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError, SyntaxError, OSError, CheckpointError,
+            TrainingDivergedError) as e:
+        msg = str(e).strip().splitlines()
+        print(f"gptjax {args.command}: error: {msg[0] if msg else type(e).__name__}"
+              + ("".join(f"\n  {m}" for m in msg[1:4])), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The train step and the loop: end to end, exact resume, NaN stop, accumulation."""
+
+import glob
+import json
+import os
+import sysconfig
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import sharding
+from gptjax.config import ModelConfig
+from gptjax.data.config import DataConfig
+from gptjax.loop import TrainingDivergedError, train
+from gptjax.metrics import read_metrics
+from gptjax.optimizer import OptimizerConfig
+from gptjax.train import TrainConfig, make_trainer
+
+MODEL = ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=300, max_len=32)
+ONE_DEVICE = sharding.MeshConfig(shape={"data": 1, "fsdp": 1, "tensor": 1})
+ALL_DEVICES = sharding.MeshConfig(shape={"data": -1, "fsdp": 1, "tensor": 1})  # 8 fake CPUs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real corpus: 30 standard-library modules copied as text files."""
+    root = tmp_path_factory.mktemp("corpus")
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:30]
+    for f in files:
+        (root / (os.path.basename(f) + ".txt")).write_text(open(f, encoding="utf-8").read())
+    return str(root / "*.txt")
+
+
+def _configs(corpus, tmp_path, **train_kw):
+    train_cfg = TrainConfig(**{**dict(steps=8, batch_size=8, seq_len=16, log_every=1,
+                                      eval_every=4, eval_batches=2, checkpoint_every=2,
+                                      sample_tokens=8, compilation_cache_dir=str(
+                                          tmp_path.parent / "jax_cache")), **train_kw})
+    return dict(model_cfg=MODEL, train_cfg=train_cfg,
+                opt_cfg=OptimizerConfig(peak_lr=3e-3, warmup_steps=2),
+                data_cfg=DataConfig(dataset=corpus, tokenizer="byte",
+                                    data_dir=str(tmp_path / "data")),
+                mesh_cfg=ALL_DEVICES)
+
+
+def _losses(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+def test_end_to_end_run_writes_metrics_checkpoints_and_samples(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = train(workdir, **_configs(corpus, tmp_path))
+    rows = read_metrics(workdir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [4, 8]
+    assert summary["end_step"] == 8 and np.isfinite(summary["eval/loss"])
+    assert isinstance(summary["sample"], str)
+    for name in ("config.gin", "config.json", "tokenizer.json", "summary.json"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "8"
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+
+
+def test_resume_after_stop_equals_uninterrupted(corpus, tmp_path):
+    full = str(tmp_path / "full")
+    train(full, **_configs(corpus, tmp_path))
+    parts = str(tmp_path / "parts")
+    first = train(parts, stop_after=3, **_configs(corpus, tmp_path))
+    assert first["end_step"] == 3
+    second = train(parts, **_configs(corpus, tmp_path))
+    assert second["start_step"] == 3 and second["end_step"] == 8
+    a, b = _losses(full), _losses(parts)
+    assert sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)],
+                               rtol=1e-6)
+
+
+def test_resume_from_an_older_checkpoint_after_a_crash(corpus, tmp_path):
+    """A crash loses the steps after the last checkpoint; the rerun redoes them identically."""
+    full = str(tmp_path / "full")
+    train(full, **_configs(corpus, tmp_path))
+    crashed = str(tmp_path / "crashed")
+    train(crashed, stop_after=5, **_configs(corpus, tmp_path))
+    # Simulate the crash: step 5's checkpoint was never written.
+    import shutil
+    shutil.rmtree(os.path.join(crashed, "checkpoints", "5"))
+    again = train(crashed, **_configs(corpus, tmp_path))
+    assert again["start_step"] == 4
+    rows = read_metrics(crashed)
+    redo = {r["step"]: r["train/loss"] for r in rows[-12:] if "train/loss" in r}
+    np.testing.assert_allclose([redo[s] for s in range(5, 9)],
+                               [_losses(full)[s] for s in range(5, 9)], rtol=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(corpus, tmp_path):
+    workdir = str(tmp_path / "nan")
+    cfgs = _configs(corpus, tmp_path, checkpoint_every=1, eval_every=100)
+    cfgs["opt_cfg"] = OptimizerConfig(peak_lr=1e25, warmup_steps=3, clip_norm=None)
+    with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
+        train(workdir, **cfgs)
+    manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
+    steps = manager.all_steps()
+    manager.close()
+    assert steps, "the checkpoints written before the divergence are kept"
+    from gptjax.workdir import load_run
+    _, params, _, _, step = load_run(workdir)
+    assert step == max(steps)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    mesh = sharding.make_mesh(ONE_DEVICE, devices=jax.devices()[:1])
+    rules = sharding.logical_axis_rules("dp")
+    batch = {"tokens": jax.random.randint(jax.random.key(0), (8, 17), 0, MODEL.vocab_size)}
+    results = []
+    for accum in (1, 4):
+        opt = OptimizerConfig(peak_lr=1e-2, warmup_steps=1, grad_accum_steps=accum)
+        trainer = make_trainer(MODEL, opt, 10, mesh, rules, 8)
+        state = trainer.init_train_state(0)
+        state, _ = trainer.train_step(state, batch)
+        state, metrics = trainer.train_step(state, batch)
+        results.append((jax.device_get(state.params), float(metrics["train/loss"]),
+                        float(metrics["grad_norm"])))
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)  # the summed gradient
+    # The key bias has an exactly zero true gradient (softmax ignores a shift shared by
+    # all scores), so Adam turns float noise there into +-lr steps: compare q and v only.
+    for p, *_ in results:
+        p["h"]["attn"]["c_attn"]["bias"] = p["h"]["attn"]["c_attn"]["bias"][:, ::2]
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+        # Adam divides by sqrt(v): elements with gradients near 0 amplify float noise, so
+        # allow 3% of one step (lr 1e-2); a wrong accumulation moves params by ~lr.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-4)
+
+
+def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
+    cfgs = _configs(corpus, tmp_path)
+    with pytest.raises(ValueError, match="seq_len=64 exceeds ModelConfig.max_len=32"):
+        train(str(tmp_path / "a"), **{**cfgs, "train_cfg": TrainConfig(seq_len=64)})
+    with pytest.raises(ValueError, match="vocab"):
+        train(str(tmp_path / "b"), **{**cfgs, "model_cfg": MODEL.replace(vocab_size=100)})
+    with pytest.raises(FileNotFoundError, match="neither 'stdlib'"):
+        train(str(tmp_path / "c"), **{**cfgs, "data_cfg": DataConfig(
+            dataset=str(tmp_path / "missing.txt"), tokenizer="byte")})
+    with pytest.raises(ValueError, match="not divisible"):
+        train(str(tmp_path / "d"), **{**cfgs, "opt_cfg": OptimizerConfig(grad_accum_steps=3)})
+    with pytest.raises(ValueError, match="batch"):  # 8 devices cannot split a batch of 4
+        train(str(tmp_path / "e"), **{**cfgs, "train_cfg": TrainConfig(batch_size=4, seq_len=16)})
