@@ -8,7 +8,8 @@ fix print one line that says what to do, not a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib.util  # noqa: F401  (gin needs it imported to report missing files properly)
+import importlib
+import importlib.util  # gin also needs it imported to report missing files properly
 import logging
 import math
 import os
@@ -183,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate text from a trained workdir")
     common(s)
     sampling(s)
-    e = sub.add_parser("eval", help="validation loss and perplexity of a workdir")
-    common(e)
-    e.add_argument("--batch_size", type=int, default=16)
-    e.add_argument("--max_batches", type=int, default=50)
+    if importlib.util.find_spec("gptjax.research_cli") is None:  # else it defines a fuller eval
+        e = sub.add_parser("eval", help="validation loss and perplexity of a workdir")
+        common(e)
+        e.add_argument("--batch_size", type=int, default=16)
+        e.add_argument("--max_batches", type=int, default=50)
     k = sub.add_parser("tokenizer", help="train a tokenizer on a corpus")
     common(k, workdir=False)
     k.add_argument("--dataset", default="stdlib")
@@ -203,8 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="export a workdir to Hugging Face GPT-2 format")
     common(c)
     c.add_argument("--export_to", default=None)
+    for module in PLUGINS:
+        if importlib.util.find_spec(module) is not None:
+            COMMANDS.update(importlib.import_module(module).register(sub, common, sampling))
     return p
 
+
+# Modules that add subcommands: each has `register(subparsers, common, sampling) -> {name: fn}`
+# where `common(parser, workdir=True)` adds the shared flags and `sampling(parser)` the
+# sampler's, and each fn takes the parsed args.
+PLUGINS = ("gptjax.research_cli", "gptjax.rlhf.cli")
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
             "tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "convert": cmd_convert}

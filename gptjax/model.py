@@ -23,6 +23,7 @@ from jaxtyping import Array, Float, Int
 
 from gptjax import attention as attn_lib
 from gptjax.config import ModelConfig, is_local_layer
+from gptjax.logical import constrain
 
 Params = dict[str, Any]
 
@@ -158,7 +159,7 @@ def unembed(cfg: ModelConfig, params: Params, x_BTD) -> Float[Array, "B T V"]:
 def mlp(cfg: ModelConfig, p: Params, x_BTD, key=None) -> Float[Array, "B T D"]:
     dt = cfg.compute_dtype
     h_BTF = x_BTD @ p["c_fc"]["kernel"].astype(dt) + p["c_fc"]["bias"].astype(dt)
-    h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # GPT's tanh approximation
+    h_BTF = constrain(jax.nn.gelu(h_BTF, approximate=True), ("batch", "seq", "mlp"))  # tanh GELU
     out_BTD = h_BTF @ p["c_proj"]["kernel"].astype(dt) + p["c_proj"]["bias"].astype(dt)
     return dropout(out_BTD, cfg.resid_dropout, key)
 
@@ -174,6 +175,7 @@ def self_attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, mask_B1TS, 
     dt = cfg.compute_dtype
     qkv_BT3NH = (jnp.einsum("btd,dcnh->btcnh", x_BTD, p["c_attn"]["kernel"].astype(dt))
                  + p["c_attn"]["bias"].astype(dt))
+    qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "seq", None, "heads", "head_dim"))
     q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
     if cfg.pos_embedding == "rope":
         q_BTNH, k_BTNH = attn_lib.rope(q_BTNH, positions_BT), attn_lib.rope(k_BTNH, positions_BT)
@@ -181,11 +183,14 @@ def self_attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, mask_B1TS, 
         start = (0, cache_index, 0, 0)
         k_BSNH = jax.lax.dynamic_update_slice(kv_cache[0], k_BTNH.astype(kv_cache[0].dtype), start)
         v_BSNH = jax.lax.dynamic_update_slice(kv_cache[1], v_BTNH.astype(kv_cache[1].dtype), start)
+        cache_axes = ("batch", "kv_seq", "heads", "head_dim")
+        k_BSNH, v_BSNH = constrain(k_BSNH, cache_axes), constrain(v_BSNH, cache_axes)
     else:
         k_BSNH, v_BSNH = k_BTNH, v_BTNH
     out_BTNH = attn_lib.attention(q_BTNH, k_BSNH.astype(dt), v_BSNH.astype(dt), mask_B1TS,
                                   impl=cfg.attention_impl, window=window,
                                   dropout_rate=cfg.attn_dropout, key=keys[0])
+    out_BTNH = constrain(out_BTNH, ("batch", "seq", "heads", "head_dim"))
     out_BTD = (jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt))
                + p["c_proj"]["bias"].astype(dt))
     return dropout(out_BTD, cfg.resid_dropout, keys[1]), (k_BSNH, v_BSNH)
@@ -209,7 +214,7 @@ def block(cfg: ModelConfig, p: Params, x_BTD, positions_BT, masks, *, is_local: 
         a_BTD, kv = attend(x_BTD)
         x_BTD = layer_norm(p["ln_1"], x_BTD + a_BTD, eps)
         x_BTD = layer_norm(p["ln_2"], x_BTD + mlp(cfg, p["mlp"], x_BTD, keys[2]), eps)
-    return x_BTD, kv
+    return constrain(x_BTD, ("batch", "seq", "embed")), kv
 
 
 # ------------------------------------------------------------------- the stack
@@ -298,6 +303,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT, *, positions=None
         embd_key, layers_key = jax.random.split(key)
         layer_keys = jax.random.split(layers_key, cfg.n_layers)
     x_BTD = dropout(embed(cfg, params, tokens_BT, positions), cfg.embd_dropout, embd_key)
+    x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
 
     def layer_fn(p, x_BTD, extra, is_local):
         x_BTD, _ = block(cfg, p, x_BTD, positions, masks, is_local=is_local, key=extra.get("key"))
@@ -320,8 +326,8 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
         positions then count real tokens only, unless given explicitly.
       key: dropout randomness; no dropout when None (evaluation).
     """
-    return unembed(cfg, params, hidden_states(cfg, params, tokens_BT, positions=positions,
-                                              mask=mask, key=key))
+    x_BTD = hidden_states(cfg, params, tokens_BT, positions=positions, mask=mask, key=key)
+    return constrain(unembed(cfg, params, x_BTD), ("batch", "seq", "vocab"))
 
 
 # ---------------------------------------------------------------- cached decoding

@@ -86,7 +86,8 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     if cfg.decay != "constant" and end_step <= cfg.warmup_steps:
         raise ValueError(
             f"decay must end after warmup: decay end step {end_step} <= warmup_steps "
-            f"{cfg.warmup_steps} (total_steps={total_steps})")
+            f"{cfg.warmup_steps} (total_steps={total_steps}); lower OptimizerConfig.warmup_steps "
+            "or raise TrainConfig.steps")
     peak, end_value = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
     decay_len = end_step - cfg.warmup_steps
     if cfg.decay == "cosine":

@@ -84,7 +84,6 @@ def test_causality_by_gradient(variant):
 
 def test_causality_of_full_forward_via_position_table():
     cfg, params, tokens = _setup()
-    t = tokens.shape[1]
     for pos in (2, 9):
         g = jax.grad(lambda wpe: model.forward(cfg, {**params, "wpe": wpe}, tokens)[:, pos].sum())(
             params["wpe"])

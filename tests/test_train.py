@@ -1,7 +1,6 @@
 """The train step and the loop: end to end, exact resume, NaN stop, accumulation."""
 
 import glob
-import json
 import os
 import sysconfig
 
@@ -150,6 +149,6 @@ def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
         train(str(tmp_path / "c"), **{**cfgs, "data_cfg": DataConfig(
             dataset=str(tmp_path / "missing.txt"), tokenizer="byte")})
     with pytest.raises(ValueError, match="not divisible"):
-        train(str(tmp_path / "d"), **{**cfgs, "opt_cfg": OptimizerConfig(grad_accum_steps=3)})
+        train(str(tmp_path / "d"), **{**cfgs, "opt_cfg": OptimizerConfig(grad_accum_steps=3, warmup_steps=1)})
     with pytest.raises(ValueError, match="batch"):  # 8 devices cannot split a batch of 4
         train(str(tmp_path / "e"), **{**cfgs, "train_cfg": TrainConfig(batch_size=4, seq_len=16)})
