@@ -9,6 +9,7 @@ all in the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +29,7 @@ from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig, workdir_tokenizer
 from gptjax.data.pipeline import make_datasets
 from gptjax.data.tokenizer import check_vocab
-from gptjax.optimizer import OptimizerConfig
+from gptjax.optimizer import OptimizerConfig, batch_size_at
 from gptjax.train import TrainConfig, Trainer, abstract_state, make_trainer
 
 log = logging.getLogger("gptjax")
@@ -36,6 +37,31 @@ log = logging.getLogger("gptjax")
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class BatchRamp:
+    """GPT-3's batch-size ramp with static shapes: the full batch is always fed
+    and rows past `batch_size_at(tokens_seen)` get a zero loss mask."""
+
+    def __init__(self, opt_cfg: OptimizerConfig, train_cfg: TrainConfig, start_step: int):
+        self.opt_cfg, self.train_cfg = opt_cfg, train_cfg
+        self.enabled = opt_cfg.batch_ramp_tokens > 0
+        self._rows: list[int] = []  # rows used at each step, from step 0 (cheap to replay)
+
+    def rows(self, step: int) -> int:
+        full_tokens = self.train_cfg.batch_size * self.train_cfg.seq_len
+        while len(self._rows) <= step:
+            seen = sum(self._rows) * self.train_cfg.seq_len
+            self._rows.append(batch_size_at(seen, self.opt_cfg, full_tokens,
+                                            self.train_cfg.seq_len))
+        return self._rows[step]
+
+    def local_mask(self, step: int, local_shape: tuple) -> np.ndarray:
+        """This process's rows of the (B, T) loss mask for `step` (0-based)."""
+        b_local, t_plus_1 = local_shape
+        first = jax.process_index() * b_local
+        rows = np.arange(first, first + b_local) < self.rows(step)
+        return np.repeat(rows[:, None], t_plus_1 - 1, axis=1).astype(np.float32)
 
 
 def setup_compilation_cache(path: str | None) -> None:
@@ -132,40 +158,59 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     summary = {"start_step": start, "steps": train_cfg.steps, "preempted": False}
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
-    handler = ckpt_lib.install_preemption_handler()
-    bar = tqdm(total=end, initial=start, disable=not primary, desc="train", dynamic_ncols=True)
-    pending, last_good = None, manager.latest_step()
-    window = {"t": time.perf_counter(), "step": start}
+    ramp = BatchRamp(opt_cfg, train_cfg, start)
+    say = (lambda msg: tqdm.write(msg)) if primary else (lambda msg: None)
+    last_good, window = manager.latest_step(), {"t": time.perf_counter(), "step": start}
 
-    def global_batch():
-        return sharding.make_global_batch(next(train_iter), mesh, rules)
+    def global_batch(step: int) -> dict:
+        """The next batch; under GPT-3's batch ramp, rows past the ramp size are masked out."""
+        local = next(train_iter)
+        if ramp.enabled:
+            local["loss_mask"] = ramp.local_mask(step, local["tokens"].shape)
+        return sharding.make_global_batch(local, mesh, rules)
 
-    def settle(pending) -> dict[str, float]:
-        """Fetch a finished step's metrics, stop on NaN, log on schedule."""
-        step, metrics = pending
+    def settle(step: int, metrics) -> dict[str, float]:
+        """Fetch a finished step's metrics (this waits for it) and stop on NaN."""
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["train/loss"]):
             raise TrainingDivergedError(
                 f"loss became {metrics['train/loss']} at step {step}; the last good checkpoint "
                 f"(step {last_good}) is kept in {workdir}. Lower OptimizerConfig.peak_lr, keep "
                 "clip_norm on, or train in float32 (ModelConfig.dtype='float32'), then rerun.")
-        if step % train_cfg.log_every == 0 or step == end:
-            now = time.perf_counter()
-            rate = tokens_per_step * (step - window["step"]) / max(now - window["t"], 1e-9)
-            window.update(t=now, step=step)
-            metrics |= {"tokens_per_s": rate, "mfu": metrics_lib.mfu(
-                rate, model_cfg, train_cfg.seq_len, jax.device_count(), peak)}
-            writer.write(step, metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{rate:,.0f}",
-                            mfu=f"{metrics['mfu']:.1%}")
         summary["train/loss"] = metrics["train/loss"]
         return metrics
 
-    try:
-        mesh_context = sharding.use_mesh(mesh, rules)
-        mesh_context.__enter__()
+    def log_row(step: int, metrics: dict) -> None:
+        now = time.perf_counter()
+        rate = tokens_per_step * (step - window["step"]) / max(now - window["t"], 1e-9)
+        window.update(t=now, step=step)
+        metrics |= {"tokens_per_s": rate, "mfu": metrics_lib.mfu(
+            rate, model_cfg, train_cfg.seq_len, jax.device_count(), peak)}
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{rate:,.0f}",
+                        mfu=f"{metrics['mfu']:.1%}")
+
+    def eval_and_preview(step: int) -> dict:
+        ev = evaluate(trainer, state.params, eval_factory, train_cfg.eval_batches)
+        text = preview(model_cfg, state.params, tokenizer, train_cfg.sample_prompt,
+                       train_cfg.sample_tokens, step)
+        writer.write_text(step, "sample", text)
+        say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f})"
+            f"\n--- sample ---\n{text}\n---")
+        summary.update(ev, sample=text)
+        return ev
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sharding.use_mesh(mesh, rules))
+        handler = stack.enter_context(ckpt_lib.install_preemption_handler())
+        stack.callback(writer.close)
+        stack.callback(manager.close)
+        stack.callback(manager.wait)
+        bar = stack.enter_context(tqdm(total=end, initial=start, disable=not primary,
+                                       desc="train", dynamic_ncols=True))
+        pending = None
         if start < end:
-            batch = global_batch()
+            batch = global_batch(start)
             t0 = time.perf_counter()
             compiled = trainer.train_step.lower(state, batch).compile()
             summary["compile_s"] = time.perf_counter() - t0
@@ -173,43 +218,30 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
             window["t"] = time.perf_counter()
         for step in range(start + 1, end + 1):
             state, metrics = compiled(state, batch)
-            if pending is not None:
-                settle(pending)
-            pending = (step, metrics)
             bar.update(1)
-            boundary = (step % train_cfg.checkpoint_every == 0 or step == end
-                        or handler.requested)
-            if boundary or step % train_cfg.eval_every == 0:
-                settle(pending)  # never save (or evaluate) a step whose loss is unchecked
+            if pending is not None:  # the previous step: finished by now, so no stall
+                prev_step, prev = pending[0], settle(*pending)
+                if prev_step % train_cfg.log_every == 0:
+                    log_row(prev_step, prev)
+            pending = (step, metrics)
+            save = step % train_cfg.checkpoint_every == 0 or step == end or handler.requested
+            evaluate_now = step % train_cfg.eval_every == 0 or step == train_cfg.steps
+            if save or evaluate_now:  # never save or evaluate a step whose loss is unchecked
+                current = settle(*pending)
                 pending = None
-            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-                ev = evaluate(trainer, state.params, eval_factory, train_cfg.eval_batches)
-                writer.write(step, ev)
-                summary |= ev
-                text = preview(model_cfg, state.params, tokenizer, train_cfg.sample_prompt,
-                               train_cfg.sample_tokens, step)
-                writer.write_text(step, "sample", text)
-                bar.write(f"step {step}: eval loss {ev['eval/loss']:.3f} "
-                          f"(ppl {ev['eval/perplexity']:.1f})\n--- sample ---\n{text}\n---")
-                summary["sample"] = text
-            if boundary:
+                if evaluate_now:
+                    current |= eval_and_preview(step)
+                if evaluate_now or step % train_cfg.log_every == 0 or step == end:
+                    log_row(step, current)
+            if save:
                 manager.save(step, state, {"data": train_iter.get_state()}, force=True)
                 last_good = step
             if handler.requested:
                 summary["preempted"] = True
-                bar.write(f"preemption signal: saved step {step}, exiting")
+                say(f"preemption signal: saved step {step}, exiting")
                 break
             if step < end:
-                batch = global_batch()
-        if pending is not None:
-            settle(pending)
-    finally:
-        mesh_context.__exit__(None, None, None)
-        bar.close()
-        handler.close()
-        manager.wait()
-        manager.close()
-        writer.close()
+                batch = global_batch(step)
     summary["end_step"] = int(jax.device_get(state.step))
     tokens = summary["end_step"] - start
     summary["tokens_trained"] = tokens * tokens_per_step

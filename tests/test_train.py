@@ -59,6 +59,7 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_samples(corpus, tmp_path)
         assert all(np.isfinite(r[key]) for r in train_rows), key
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
     assert [r["step"] for r in rows if "eval/loss" in r] == [4, 8]
+    assert len(rows) == 8  # one object per logged step: train and eval metrics merged
     assert summary["end_step"] == 8 and np.isfinite(summary["eval/loss"])
     assert isinstance(summary["sample"], str)
     for name in ("config.gin", "config.json", "tokenizer.json", "summary.json"):
@@ -152,3 +153,14 @@ def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
         train(str(tmp_path / "d"), **{**cfgs, "opt_cfg": OptimizerConfig(grad_accum_steps=3, warmup_steps=1)})
     with pytest.raises(ValueError, match="batch"):  # 8 devices cannot split a batch of 4
         train(str(tmp_path / "e"), **{**cfgs, "train_cfg": TrainConfig(batch_size=4, seq_len=16)})
+
+
+def test_batch_ramp_masks_rows_and_grows_to_full():
+    from gptjax.loop import BatchRamp
+    train_cfg = TrainConfig(batch_size=8, seq_len=4)
+    ramp = BatchRamp(OptimizerConfig(batch_ramp_tokens=64, batch_ramp_start=8), train_cfg, 0)
+    rows = [ramp.rows(s) for s in range(8)]
+    assert rows[0] == 2 and rows == sorted(rows) and rows[-1] == 8
+    mask = ramp.local_mask(0, (8, 5))
+    assert mask.shape == (8, 4) and mask[:2].all() and not mask[2:].any()
+    assert not BatchRamp(OptimizerConfig(), train_cfg, 0).enabled
