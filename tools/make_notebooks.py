@@ -1,0 +1,161 @@
+"""Regenerate notebooks/0{1,2,5}_*.ipynb (cells without outputs): python tools/make_notebooks.py"""
+import nbformat as nbf
+
+COLAB = '''# Colab: install gptjax (skipped when it is already importable, e.g. in a local checkout).
+import importlib.util, subprocess, sys
+if importlib.util.find_spec("gptjax") is None:
+    REPO = "https://github.com/your-org/gptjax"  # where this repository lives
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}"], check=True)'''
+
+def nb(cells, path):
+    n = nbf.v4.new_notebook()
+    n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    out = []
+    for kind, src in cells:
+        out.append(nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src))
+    n.cells = out
+    nbf.write(n, path)
+
+nb([
+("md", """# 01 · Quickstart: train a small GPT, watch the loss, sample
+
+A nano GPT trained on the Python standard library source (offline, on any machine), using the
+same `gptjax.loop.train` that `gptjax train` runs. Default size: a couple of minutes on a laptop
+CPU. On a Colab GPU/TPU runtime raise `STEPS` and the model size."""),
+("code", COLAB),
+("code", """import os, tempfile
+import matplotlib.pyplot as plt
+from gptjax import main as cli
+from gptjax.loop import train
+from gptjax.metrics import read_metrics
+
+STEPS = int(os.environ.get("GPTJAX_NOTEBOOK_STEPS", 200))  # the test suite sets a small value
+WORKDIR = tempfile.mkdtemp(prefix="gptjax_quickstart_")
+cli.parse_gin(["quickstart.gin"], [f"STEPS = {STEPS}", f"WARMUP_STEPS = {max(1, min(10, STEPS // 2))}",
+                                   f"TrainConfig.eval_every = {STEPS}",
+                                   f"TrainConfig.checkpoint_every = {STEPS}",
+                                   "TrainConfig.log_every = 5"])
+summary = train(WORKDIR)
+print({k: summary[k] for k in ("end_step", "train/loss", "eval/loss")})"""),
+("md", "The loss curve, read back from `metrics.jsonl` (also in TensorBoard under `WORKDIR/tensorboard`)."),
+("code", """rows = [r for r in read_metrics(WORKDIR) if "train/loss" in r]
+plt.plot([r["step"] for r in rows], [r["train/loss"] for r in rows])
+plt.xlabel("step"); plt.ylabel("train loss (nats/token)"); plt.title("quickstart")
+plt.show()"""),
+("md", "Sample from the trained model: the same code path as `gptjax sample --workdir=...`."),
+("code", """import jax, numpy as np
+from gptjax import sample
+from gptjax.workdir import load_run
+
+cfg, params, tokenizer, configs, step = load_run(WORKDIR)
+prompt = tokenizer.encode("def ")
+out = sample.generate(cfg, params, np.array([prompt] * 2), key=jax.random.key(0),
+                      max_new_tokens=60, temperature=0.8, top_k=50)
+for row in np.asarray(out.tokens):
+    print("def " + tokenizer.decode(row[len(prompt):].tolist()))
+    print("-" * 40)"""),
+], "notebooks/01_quickstart.ipynb")
+
+nb([
+("md", """# 02 · Attention and the KV cache
+
+What causal attention looks like, why the cache gives the same answer as the full forward, and
+what the sampling knobs do to a distribution. Everything here runs on a tiny random model."""),
+("code", COLAB),
+("code", """import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+from gptjax import attention, model, sample
+from gptjax.config import ModelConfig
+
+cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=97, max_len=64)
+params = model.init_params(cfg, jax.random.key(0))
+tokens = jax.random.randint(jax.random.key(1), (1, 24), 0, cfg.vocab_size)"""),
+("md", "## Masks as pictures\nDense causal attention (GPT-2) and the locally banded layers GPT-3 alternates with it, plus a left-padded row."),
+("code", """dense = attention.causal_mask(24)[0, 0]
+banded = attention.causal_mask(24, window=6)[0, 0]
+valid = jnp.arange(24)[None] >= 5        # 5 pad tokens on the left
+padded = attention.make_mask(jnp.arange(24), valid)[0, 0]
+fig, axes = plt.subplots(1, 3, figsize=(10, 3.5))
+for ax, m, title in zip(axes, (dense, banded, padded), ("causal", "banded (window 6)", "left-padded")):
+    ax.imshow(np.asarray(m), cmap="Blues"); ax.set_title(title); ax.set_xlabel("key"); ax.set_ylabel("query")
+plt.tight_layout(); plt.show()"""),
+("md", "## Attention probabilities of one head\nComputed with the readable einsum path of `gptjax.attention`."),
+("code", """p = jax.tree.map(lambda a: a[0], params["h"])           # layer 0
+x = model.layer_norm(p["ln_1"], model.embed(cfg, params, tokens, jnp.arange(24)[None]), 1e-5)
+qkv = jnp.einsum("btd,dcnh->btcnh", x, p["attn"]["c_attn"]["kernel"]) + p["attn"]["c_attn"]["bias"]
+q, k = qkv[:, :, 0], qkv[:, :, 1]
+logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(cfg.head_dim)
+probs = jax.nn.softmax(jnp.where(dense, logits, -1e30), axis=-1)
+plt.imshow(np.asarray(probs[0, 0]), cmap="viridis"); plt.colorbar(); plt.title("layer 0, head 0")
+plt.show()"""),
+("md", "## The KV cache gives the full forward's logits\nPrefill 8 tokens, then decode one token at a time; compare every step with one full forward pass."),
+("code", """full = model.forward(cfg, params, tokens)
+cache = model.init_cache(cfg, 1, 24)
+valid = jnp.zeros((1, 24), bool).at[:, :8].set(True)
+logits, cache = model.forward_cached(cfg, params, tokens[:, :8], cache, positions_BT=jnp.arange(8)[None],
+                                     kv_valid_BS=valid, cache_index=0)
+errors = [float(jnp.abs(logits - full[:, :8]).max())]
+for i in range(8, 24):
+    valid = valid.at[:, i].set(True)
+    logits, cache = model.forward_cached(cfg, params, tokens[:, i:i + 1], cache,
+                                         positions_BT=jnp.array([[i]]), kv_valid_BS=valid, cache_index=i)
+    errors.append(float(jnp.abs(logits[:, 0] - full[:, i]).max()))
+print("max |cached - full| over all steps:", max(errors))
+assert max(errors) < 1e-4"""),
+("md", "## Sampling knobs\nTemperature flattens or sharpens; top-k and top-p cut the tail."),
+("code", """logits = jnp.array([[3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0]])
+variants = {
+    "T=1": jax.nn.softmax(logits),
+    "T=0.5": jax.nn.softmax(logits / 0.5),
+    "T=2": jax.nn.softmax(logits / 2.0),
+    "top-k 3": jax.nn.softmax(sample.top_k_filter(logits, 3)),
+    "top-p 0.8": jax.nn.softmax(sample.top_p_filter(logits, 0.8)),
+}
+fig, axes = plt.subplots(1, len(variants), figsize=(13, 2.5), sharey=True)
+for ax, (name, pr) in zip(axes, variants.items()):
+    ax.bar(range(8), np.asarray(pr[0])); ax.set_title(name)
+plt.tight_layout(); plt.show()"""),
+], "notebooks/02_attention_and_kv_cache.ipynb")
+
+nb([
+("md", """# 05 · Sharding: a mesh on 8 fake devices
+
+The same code runs on one CPU, eight fake CPU devices (here), a GPU, or a TPU pod: only the
+mesh changes. Every parameter has logical axis names; a rules preset maps them to the mesh axes
+`('data', 'fsdp', 'tensor')`. On a real TPU runtime, skip the `XLA_FLAGS` line."""),
+("code", COLAB),
+("code", """import os
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax starts
+import jax, numpy as np
+print(jax.devices())"""),
+("code", """from gptjax import model, sharding
+from gptjax.config import ModelConfig
+
+cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256, vocab_size=128, max_len=32)
+mesh = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1, "fsdp": 4, "tensor": 2}, rules="fsdp_tp"))
+rules = sharding.logical_axis_rules("fsdp_tp")
+print(mesh)
+for name, rule in rules: print(f"{name:>8} -> {rule}")"""),
+("md", "Each parameter's logical names and the PartitionSpec the rules give it:"),
+("code", """axes = model.param_axes(cfg)
+specs = sharding.param_shardings(cfg, mesh, rules)
+for (path, names), spec in zip(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)),
+                               jax.tree.leaves(specs)):
+    print(f"{jax.tree_util.keystr(path):45} {str(names):45} {spec.spec}")"""),
+("md", "Place the parameters and look at how one matrix is laid out over the 8 devices:"),
+("code", """params = jax.device_put(model.init_params(cfg, jax.random.key(0)), specs)
+jax.debug.visualize_array_sharding(params["h"]["mlp"]["c_fc"]["kernel"][0])"""),
+("md", "A mesh that does not divide the model fails before anything compiles, saying what to change:"),
+("code", """try:
+    bad = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1, "fsdp": 1, "tensor": 8}, rules="tp"))
+    sharding.check_divisible(cfg, bad, sharding.logical_axis_rules("tp"), 8)
+except ValueError as e:
+    print(e)"""),
+("md", "Sharded equals unsharded: the same forward pass on the mesh and on one device."),
+("code", """tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+with sharding.use_mesh(mesh, rules):
+    sharded = jax.jit(lambda p, t: model.forward(cfg, p, t))(params, tokens)
+single = model.forward(cfg, jax.device_get(params), tokens)
+print("max difference:", float(abs(sharded - single).max()))
+assert np.allclose(sharded, single, atol=1e-5)"""),
+], "notebooks/05_sharding.ipynb")
