@@ -29,12 +29,18 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     for path in (EXPERIMENTS_DIR, os.getcwd()):
         if path not in gin.config._LOCATION_PREFIXES:
             gin.add_config_file_search_path(path)
-    for f in files:
-        if not os.path.exists(f) and not os.path.exists(os.path.join(EXPERIMENTS_DIR, f)):
-            raise FileNotFoundError(f"gin file {f!r} not found (looked in the cwd and "
-                                    f"{EXPERIMENTS_DIR}); see experiments/ for examples.")
-    files = [f if os.path.exists(f) else os.path.join(EXPERIMENTS_DIR, f) for f in files]
+    files = [_find_gin_file(f) for f in files]
     gin.parse_config_files_and_bindings(files, bindings)
+
+
+def _find_gin_file(path: str) -> str:
+    """A gin file as given, or relative to experiments/ or to the repository root."""
+    for candidate in (path, os.path.join(EXPERIMENTS_DIR, path),
+                      os.path.join(os.path.dirname(EXPERIMENTS_DIR), path)):
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"gin file {path!r} not found (looked in the cwd and "
+                            f"{EXPERIMENTS_DIR}); see experiments/ for examples.")
 
 
 def init_distributed(args) -> None:
@@ -225,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("gptjax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices, etc.
     # gin logs every search-path miss of an `include` at warning level; they are expected.
     logging.getLogger().addFilter(
         lambda r: not str(r.msg).startswith(("Path not found", "system_path_file_exists")))
