@@ -1,0 +1,174 @@
+"""The PPO driver and the whole InstructGPT pipeline: SFT → reward model → PPO(-ptx).
+
+`run_rlhf(workdir)` writes `workdir/{sft,reward,ppo}` (each a stage workdir with its own
+metrics.jsonl and summary.json), then `workdir/summary.json` with the numbers that say whether
+RLHF worked (RM held-out accuracy; gold reward before/after PPO in units of its start std; KL at
+the end vs its target; pretraining LM loss before/after, the PPO-ptx question) and
+`workdir/ppo_curves.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import gin
+import jax
+import numpy as np
+
+from gptjax import metrics as metrics_lib
+from gptjax import sharding
+from gptjax.optimizer import OptimizerConfig, make_optimizer
+from gptjax.rlhf import chat, ppo, reward, sft, tasks
+from gptjax.train import TrainConfig, TrainState
+
+log = logging.getLogger("gptjax")
+
+
+def ptx_data(tokenizer, task, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) windows of the task's pretraining corpus."""
+    docs = task.pretrain_documents(2000, np.random.default_rng(seed + 1))  # SFT's corpus
+    held = task.pretrain_documents(200, np.random.default_rng(seed + 1000))
+    return (sft.corpus_windows(tokenizer, docs, seq_len),
+            sft.corpus_windows(tokenizer, held, seq_len))
+
+
+def lm_loss(cfg, params, windows: np.ndarray, batch_size: int = 32) -> float:
+    """Mean next-token loss of `params` on pretraining windows (the ptx regression metric)."""
+    mask = np.ones((len(windows), windows.shape[1] - 1), np.int32)
+    return sft.masked_eval_loss(cfg, params, {"tokens": windows, "loss_mask": mask}, batch_size)
+
+
+def run_ppo(workdir: str, sft_workdir: str, reward_workdir: str, *,
+            ppo_cfg: ppo.PPOConfig | None = None, opt_cfg: OptimizerConfig | None = None,
+            task=None, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+    """Stage 3 end to end; writes metrics.jsonl, summary.json and the final policy."""
+    ppo_cfg, task = ppo_cfg or ppo.PPOConfig(), task or tasks.make_task()
+    if opt_cfg is None:
+        with gin.config_scope("ppo"):
+            opt_cfg = OptimizerConfig()
+    cfg, sft_params, tokenizer = sft.load_policy(sft_workdir)
+    mesh, rules = sft.stage_mesh(mesh_cfg)
+    rm_cfg, rm_params, norm = reward.load_reward(reward_workdir, mesh, rules)
+    rng = np.random.default_rng(ppo_cfg.seed)
+    train_prompts = tasks.prompts(task, ppo_cfg.n_prompts, ppo_cfg.seed)
+    eval_prompts = tasks.prompts(task, ppo_cfg.eval_prompts, ppo_cfg.seed + 99)
+    width = max(len(chat.prompt_ids(tokenizer, p)) for p in train_prompts + eval_prompts)
+    seq_len = min(cfg.max_len - 1, 48)
+    ptx_train, ptx_held = ptx_data(tokenizer, task, seq_len, 0)
+    key = jax.random.key(ppo_cfg.seed)
+    writer = metrics_lib.MetricWriter(workdir)
+    summary: dict = {"ppo/kl_target": ppo_cfg.kl_target if ppo_cfg.adaptive_kl else None,
+                     "ppo/ptx_coef": ppo_cfg.ptx_coef}
+    t_start = time.perf_counter()
+    try:
+        with sharding.use_mesh(mesh, rules):
+            fns = ppo.make_ppo(cfg, rm_cfg, ppo_cfg, opt_cfg, width, mesh, rules)
+            put = lambda tree, shard: jax.device_put(jax.device_get(tree), shard)
+            models = {"ref": put(sft_params, fns.state_shardings.params["policy"]),
+                      "rm": rm_params, "norm": norm}
+            state = ppo.init_state(fns, sft_params, ppo.critic_from_reward(rm_params, norm),
+                                   ppo_cfg.seed)
+            start = ppo.evaluate(cfg, state.params["policy"], tokenizer, task, eval_prompts,
+                                 width, ppo_cfg, jax.random.fold_in(key, 1_000_001))
+            summary |= {"ppo/gold_reward_start": start["gold_reward"],
+                        "ppo/gold_reward_start_std": start["gold_reward_std"],
+                        "ppo/stop_rate_start": start["stop_rate"],
+                        "ppo/ptx_lm_loss_start": lm_loss(cfg, models["ref"], ptx_held)}
+            controller, kl_coef = ppo_cfg.controller(), ppo_cfg.controller().init()
+            history = []
+            for it in range(1, ppo_cfg.steps + 1):
+                lo = (it - 1) * ppo_cfg.batch_size % len(train_prompts)
+                prompts = (train_prompts * 2)[lo:lo + ppo_cfg.batch_size]
+                batch = ppo.rollout(cfg, state.params["policy"], tokenizer, prompts, width,
+                                    ppo_cfg, jax.random.fold_in(key, it))
+                ptx = None
+                if ppo_cfg.ptx_coef > 0:
+                    shape = (ppo_cfg.epochs, ppo_cfg.minibatches, ppo_cfg.ptx_batch_size)
+                    ptx = ptx_train[rng.integers(len(ptx_train), size=shape)]
+                t0 = time.perf_counter()
+                state, stats = ppo.iteration(fns, state, models, kl_coef, batch, ptx)
+                gold = ppo.gold_rewards(task, tokenizer, prompts, batch["tokens"], width)
+                stats |= {"ppo/gold_reward": float(gold.mean()),
+                          "ppo/gold_reward_std": float(gold.std()),
+                          "time/rollout_s": batch["time"], "time/update_s": time.perf_counter() - t0}
+                kl_coef = controller.update(kl_coef, stats["objective/kl"], ppo_cfg.batch_size)
+                writer.write(it, stats)
+                history.append(stats)
+                if it % 10 == 0 or it == ppo_cfg.steps:
+                    log.info("ppo %d: gold %.3f score %.3f kl %.2f beta %.4f approxkl %.4f", it,
+                             stats["ppo/gold_reward"], stats["objective/scores"],
+                             stats["objective/kl"], stats["objective/kl_coef"],
+                             stats["policy/approxkl"])
+            end = ppo.evaluate(cfg, state.params["policy"], tokenizer, task, eval_prompts,
+                               width, ppo_cfg, jax.random.fold_in(key, 1_000_002))
+            summary["ppo/ptx_lm_loss_end"] = lm_loss(cfg, state.params["policy"], ptx_held)
+    finally:
+        writer.close()
+    tail = history[-max(1, len(history) // 10):]
+    summary |= {"ppo/gold_reward_end": end["gold_reward"],
+                "ppo/gold_reward_end_std": end["gold_reward_std"],
+                "ppo/stop_rate_end": end["stop_rate"],
+                "ppo/gold_reward_gain_in_start_std": (end["gold_reward"] - start["gold_reward"])
+                / max(start["gold_reward_std"], 1e-9),
+                "ppo/kl_end": float(np.mean([h["objective/kl"] for h in tail])),
+                "ppo/kl_coef_end": float(kl_coef),
+                "ppo/score_end": float(np.mean([h["objective/scores"] for h in tail])),
+                "ppo/steps": ppo_cfg.steps, "ppo/wall_s": time.perf_counter() - t_start}
+    policy = jax.device_get(state.params["policy"])
+    final = TrainState(step=state.step, params=policy,
+                       opt_state=make_optimizer(opt_cfg, ppo_cfg.steps).init(policy),
+                       rng=jax.device_get(state.rng))
+    sft.save_policy(workdir, final, cfg, opt_cfg, tokenizer,
+                    TrainConfig(steps=ppo_cfg.steps, batch_size=ppo_cfg.batch_size,
+                                seq_len=seq_len), {"stage": "ppo", "task": task.name})
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def plot_ppo(ppo_workdir: str, path: str, kl_target: float | None = None) -> str:
+    """Gold reward, RM score and KL over PPO iterations, one panel each, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = metrics_lib.read_metrics(ppo_workdir)
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (("ppo/gold_reward", "gold reward (labeler program)"),
+              ("objective/scores", "RM score (normalised)"), ("objective/kl", "KL(policy‖SFT), nats"))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("PPO iteration")
+        ax.grid(alpha=0.3)
+    if kl_target is not None:
+        axes[2].axhline(kl_target, color="gray", ls="--", label="target")
+        axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def run_rlhf(workdir: str, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+    """All three stages with gin's configs; returns (and writes) the pipeline summary."""
+    t0 = time.perf_counter()
+    dirs = {s: os.path.join(workdir, s) for s in ("sft", "reward", "ppo")}
+    summary = {"stages": dirs}
+    summary |= sft.run_sft(dirs["sft"], mesh_cfg=mesh_cfg)
+    summary["sft/wall_s"] = time.perf_counter() - t0
+    summary |= reward.run_reward(dirs["reward"], dirs["sft"], mesh_cfg=mesh_cfg)
+    summary["reward/wall_s"] = time.perf_counter() - t0 - summary["sft/wall_s"]
+    summary |= run_ppo(dirs["ppo"], dirs["sft"], dirs["reward"], mesh_cfg=mesh_cfg)
+    summary["plot"] = plot_ppo(dirs["ppo"], os.path.join(workdir, "ppo_curves.png"),
+                               summary["ppo/kl_target"])
+    summary["wall_s"] = time.perf_counter() - t0
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary

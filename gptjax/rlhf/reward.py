@@ -1,0 +1,374 @@
+"""InstructGPT stage 2: a reward model trained on ranked comparisons.
+
+The RM is the SFT model's trunk (the unembedding is simply never applied; an untied `lm_head` is
+dropped) plus a scalar head, N(0, 1/sqrt(d + 1)) as in lm-human-preferences, read at each
+sequence's *last real token*: for a reply that is the end-of-turn token, so the score has seen the
+whole conversation. Training data are K samples per prompt from the SFT policy, ranked by the
+task's gold reward, with all C(K, 2) comparisons of a prompt in one batch element
+(`losses.reward_ranking_loss`); or HH jsonl `chosen`/`rejected` pairs (K = 2).
+
+After training, a gain and bias are fitted so the reference policy's samples score mean 0, std 1:
+PPO's KL coefficient and value scale then mean the same thing whatever the RM's raw scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import metrics as metrics_lib
+from gptjax import model, sharding
+from gptjax.config import ModelConfig
+from gptjax.data.tokenizer import Tokenizer
+from gptjax.optimizer import OptimizerConfig, make_optimizer
+from gptjax.rlhf import chat, losses, sft, tasks
+from gptjax.train import TrainState
+
+log = logging.getLogger("gptjax")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Stage 2 hyper-parameters (the optimizer is `reward/OptimizerConfig` in gin).
+
+    k: responses ranked per prompt (InstructGPT: 4-9); n_prompts / heldout_prompts: how many
+    prompts are labelled for training / for the held-out accuracy.
+    steps, batch_size: optimizer steps and prompts (each with its K responses) per step.
+    temperature, max_new_tokens: how the SFT policy samples the responses to rank.
+    norm_samples, norm_temperature: reference samples that fix the gain and bias (use PPO's
+    rollout temperature: that is the distribution PPO starts from).
+    hh_path: train on Anthropic HH jsonl(.gz) pairs instead; hh_seq_len tokens per conversation.
+    """
+
+    k: int = 4
+    n_prompts: int = 1024
+    heldout_prompts: int = 128
+    steps: int = 300
+    batch_size: int = 16
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    norm_samples: int = 512
+    norm_temperature: float = 0.7
+    hh_path: str | None = None
+    hh_seq_len: int = 256
+    log_every: int = 50
+    seed: int = 1
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"RewardConfig.k={self.k}: a ranking needs at least 2 responses")
+        for name in ("n_prompts", "heldout_prompts", "steps", "batch_size", "norm_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RewardConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def init_head(key: jax.Array, d_model: int) -> dict:
+    """The scalar head, N(0, 1/sqrt(d + 1)): unit-scale outputs from unit-scale features."""
+    std = 1.0 / np.sqrt(d_model + 1)
+    return {"kernel": std * jax.random.normal(key, (d_model,), jnp.float32),
+            "bias": jnp.zeros((), jnp.float32)}
+
+
+def from_policy(cfg: ModelConfig, policy_params, key: jax.Array) -> dict:
+    """RM params from a policy: its trunk (no unembedding) and a fresh scalar head."""
+    trunk = {k: v for k, v in policy_params.items() if k != "lm_head"}
+    return {"trunk": trunk, "head": init_head(key, cfg.d_model)}
+
+
+def identity_norm() -> dict:
+    return {"gain": jnp.ones((), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
+
+
+def last_index(mask_BT: Int[Array, "B T"]) -> Int[Array, " B"]:
+    """Index of each row's last real token (left or right padding alike)."""
+    t = mask_BT.shape[1]
+    return t - 1 - jnp.argmax(jnp.flip(mask_BT, axis=1) != 0, axis=1)
+
+
+def head_values(cfg: ModelConfig, params: dict, tokens_BT: Int[Array, "B T"],
+                mask_BT: Int[Array, "B T"]) -> Float[Array, "B T"]:
+    """The head at every position (a critic's values; the RM reads one of them)."""
+    x_BTD = model.hidden_states(cfg, params["trunk"], tokens_BT, mask=mask_BT)
+    return x_BTD.astype(jnp.float32) @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def raw_scores(cfg: ModelConfig, params: dict, tokens_BT: Int[Array, "B T"],
+               mask_BT: Int[Array, "B T"]) -> Float[Array, " B"]:
+    """Unnormalised RM score: the head at the last real token (not the padding after it)."""
+    v_BT = head_values(cfg, params, tokens_BT, mask_BT)
+    return jnp.take_along_axis(v_BT, last_index(mask_BT)[:, None], axis=1)[:, 0]
+
+
+def scores(cfg: ModelConfig, params: dict, norm: dict, tokens_BT: Int[Array, "B T"],
+           mask_BT: Int[Array, "B T"]) -> Float[Array, " B"]:
+    """The normalised reward PPO optimises: gain * raw + bias."""
+    return norm["gain"] * raw_scores(cfg, params, tokens_BT, mask_BT) + norm["bias"]
+
+
+def fit_norm(raw_N: Float[Array, " N"]) -> dict:
+    """Gain and bias that map these (reference-policy) scores to mean 0, std 1."""
+    raw_N = jnp.asarray(raw_N, jnp.float32)
+    std = jnp.maximum(jnp.std(raw_N), 1e-6)
+    return {"gain": 1.0 / std, "bias": -jnp.mean(raw_N) / std}
+
+
+# ----------------------------------------------------------------------------- comparison data
+
+
+def rank_by_reward(gold_BK: np.ndarray) -> np.ndarray:
+    """Dense ranks, 0 = best; equal rewards share a rank (no preference, no pair)."""
+    gold_BK = np.asarray(gold_BK)
+    ranks = np.zeros(gold_BK.shape, np.int32)
+    for b, row in enumerate(gold_BK):
+        levels = np.unique(row)[::-1]
+        ranks[b] = np.searchsorted(-levels, -row)
+    return ranks
+
+
+def load_hh_jsonl(path: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(chosen, rejected) conversations from an Anthropic HH jsonl (optionally .gz) file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"HH preference file {path!r} does not exist")
+    opener = gzip.open if path.endswith(".gz") else open
+    pairs = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not all(
+                    isinstance(row.get(k), str) for k in ("chosen", "rejected")):
+                raise ValueError(f"{path}:{n}: expected an object with string 'chosen' and "
+                                 f"'rejected' fields, got {str(row)[:80]!r}")
+            pairs.append((row["chosen"], row["rejected"]))
+            if limit is not None and len(pairs) >= limit:
+                break
+    if not pairs:
+        raise ValueError(f"{path}: no comparisons found")
+    return pairs
+
+
+def encode_conversation(tokenizer: Tokenizer, text: str, seq_len: int) -> list[int]:
+    """HH text in our chat ids (end-of-turn after each Assistant turn), oldest tokens cut."""
+    return chat.encode_turns(tokenizer, chat.parse_dialogue(text))[-seq_len:]
+
+
+def hh_arrays(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
+              seq_len: int) -> dict[str, np.ndarray]:
+    """K = 2 ranking arrays: tokens/mask (N, 2, T) right-padded, ranks [0, 1], all valid."""
+    n = len(pairs)
+    tokens = np.full((n, 2, seq_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((n, 2, seq_len), np.int32)
+    for i, pair in enumerate(pairs):
+        for j, text in enumerate(pair):
+            ids = encode_conversation(tokenizer, text, seq_len)
+            tokens[i, j, :len(ids)], mask[i, j, :len(ids)] = ids, 1
+    return {"tokens": tokens, "mask": mask, "ranks": np.tile([0, 1], (n, 1)).astype(np.int32),
+            "valid": np.ones((n, 2), np.int32)}
+
+
+def task_rankings(cfg: ModelConfig, params, tokenizer: Tokenizer, task, prompts: list,
+                  rm_cfg: RewardConfig, key: jax.Array, width: int) -> dict[str, np.ndarray]:
+    """K policy samples per prompt, ranked by the task's gold reward: (N, K, T) arrays."""
+    k = rm_cfg.k
+    ids = [chat.prompt_ids(tokenizer, p) for p in prompts for _ in range(k)]
+    out = chat.generate_replies(cfg, params, tokenizer, ids, width, key=key,
+                                max_new_tokens=rm_cfg.max_new_tokens,
+                                temperature=rm_cfg.temperature, chunk=256)
+    gold = np.array([task.gold_reward(prompts[i // k], chat.decode_reply(tokenizer, row[width:]))
+                     for i, row in enumerate(out["tokens"])]).reshape(-1, k)
+    n, t = len(prompts), out["tokens"].shape[1]
+    return {"tokens": out["tokens"].reshape(n, k, t), "mask": out["mask"].reshape(n, k, t),
+            "ranks": rank_by_reward(gold), "valid": np.ones((n, k), np.int32), "gold": gold}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def ranking_loss(cfg: ModelConfig, params: dict, batch: dict):
+    """reward_ranking_loss over a batch of prompts, each with its K responses."""
+    b, k, t = batch["tokens"].shape
+    s_BK = raw_scores(cfg, params, batch["tokens"].reshape(b * k, t),
+                      batch["mask"].reshape(b * k, t)).reshape(b, k)
+    return losses.reward_ranking_loss(s_BK, batch["ranks"], batch["valid"])
+
+
+def _train_step(cfg, optimizer, state: TrainState, batch: dict):
+    (loss, stats), grads = jax.value_and_grad(
+        lambda p: ranking_loss(cfg, p, batch), has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
+    """Trunk sharded like the policy (same logical axes); the tiny head replicated."""
+    trunk = sharding.param_shardings(cfg, mesh, rules)
+    trunk = {k: v for k, v in trunk.items() if k != "lm_head"}
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return {"trunk": trunk, "head": {"kernel": rep, "bias": rep}}
+
+
+def make_train_step(cfg: ModelConfig, optimizer, params, mesh, rules):
+    """The jitted RM step with explicit shardings and the state donated."""
+    p_shard = param_shardings(cfg, mesh, rules)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shard = TrainState(step=rep, params=p_shard, rng=rep,
+                             opt_state=sharding.opt_state_shardings(optimizer, params, p_shard,
+                                                                    mesh))
+    batch_shard = sharding.batch_sharding(mesh, rules, ndim=1)
+    step = jax.jit(functools.partial(_train_step, cfg, optimizer),
+                   in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, rep),
+                   donate_argnums=0)
+    return step, state_shard
+
+
+def accuracy(cfg: ModelConfig, params: dict, arrays: dict, batch_size: int = 64) -> float:
+    """Fraction of held-out comparisons (all strict pairs) the RM orders correctly."""
+    fn = jax.jit(lambda p, b: ranking_loss(cfg, p, b)[1])
+    correct = total = 0.0
+    for i in range(0, len(arrays["tokens"]), batch_size):
+        b = {k: jnp.asarray(arrays[k][i:i + batch_size]) for k in ("tokens", "mask", "ranks",
+                                                                   "valid")}
+        stats = fn(params, b)
+        pairs = float(np.sum(_n_pairs(np.asarray(b["ranks"]), np.asarray(b["valid"]))))
+        correct += float(stats["reward/accuracy"]) * pairs
+        total += pairs
+    return correct / max(total, 1.0)
+
+
+def _n_pairs(ranks_BK, valid_BK):
+    v = valid_BK != 0
+    return ((ranks_BK[:, :, None] < ranks_BK[:, None, :]) & v[:, :, None] & v[:, None, :]).sum()
+
+
+def save_reward(workdir: str, cfg: ModelConfig, params: dict, norm: dict, extra: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(cfg), "rlhf": extra}, f, indent=2)
+    with ckpt_lib.CheckpointManager(workdir, max_to_keep=1) as manager:
+        manager.save(int(extra.get("steps", 0)), {"params": params, "norm": norm}, {}, force=True)
+
+
+def load_reward(workdir: str, mesh=None, rules=None) -> tuple[ModelConfig, dict, dict]:
+    """(model_cfg, params, norm) of a reward workdir, sharded on `mesh` (default: 1 device)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no reward model in {workdir!r}; run `gptjax reward` first")
+    with open(path) as f:
+        cfg = ModelConfig(**json.load(f)["model"])
+    if mesh is None:
+        mesh, rules = sft.stage_mesh(sharding.MeshConfig(shape={"data": 1}))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shapes = jax.eval_shape(lambda: {"params": from_policy(cfg, model.init_params(
+        cfg, jax.random.key(0)), jax.random.key(0)), "norm": identity_norm()})
+    shards = {"params": param_shardings(cfg, mesh, rules), "norm": {"gain": rep, "bias": rep}}
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shards)
+    with ckpt_lib.CheckpointManager(workdir, read_only=True) as manager:
+        restored = manager.restore(abstract)
+    if restored is None:
+        raise FileNotFoundError(f"no reward checkpoint in {workdir!r}/checkpoints")
+    _, state, _ = restored
+    return cfg, state["params"], state["norm"]
+
+
+def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = None,
+               opt_cfg: OptimizerConfig | None = None, task=None,
+               mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+    """Stage 2 end to end: label comparisons, train, held-out accuracy, normalise, save."""
+    rm_cfg, task = rm_cfg or RewardConfig(), task or tasks.make_task()
+    if opt_cfg is None:
+        with gin.config_scope("reward"):
+            opt_cfg = OptimizerConfig()
+    cfg, policy_params, tokenizer = sft.load_policy(sft_workdir)
+    mesh, rules = sft.stage_mesh(mesh_cfg)
+    key = jax.random.key(rm_cfg.seed)
+    all_prompts = tasks.prompts(task, rm_cfg.n_prompts + rm_cfg.heldout_prompts, rm_cfg.seed)
+    width = max(len(chat.prompt_ids(tokenizer, p)) for p in all_prompts)
+    if rm_cfg.hh_path:
+        data = hh_arrays(tokenizer, load_hh_jsonl(rm_cfg.hh_path), rm_cfg.hh_seq_len)
+        n_held = max(1, len(data["tokens"]) // 10)
+    else:
+        data = task_rankings(cfg, policy_params, tokenizer, task, all_prompts, rm_cfg,
+                             jax.random.fold_in(key, 1), width)
+        n_held = rm_cfg.heldout_prompts
+    train = {k: v[n_held:] for k, v in data.items()}
+    held = {k: v[:n_held] for k, v in data.items()}
+    optimizer = make_optimizer(opt_cfg, rm_cfg.steps)
+    writer = metrics_lib.MetricWriter(workdir)
+    summary: dict = {}
+    try:
+        with sharding.use_mesh(mesh, rules):
+            # From host memory: the step donates its state, the sampler still needs the policy.
+            params = from_policy(cfg, jax.device_get(policy_params), jax.random.fold_in(key, 2))
+            step_fn, state_shard = make_train_step(cfg, optimizer, params, mesh, rules)
+            state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                              opt_state=optimizer.init(params),
+                                              rng=jax.random.key_data(jax.random.fold_in(key, 4))), state_shard)
+            summary["reward/heldout_accuracy_start"] = accuracy(cfg, state.params, held)
+            it = sft.batches({k: train[k] for k in ("tokens", "mask", "ranks", "valid")},
+                             rm_cfg.batch_size, rm_cfg.seed)
+            for i in range(1, rm_cfg.steps + 1):
+                state, stats = step_fn(state, sharding.make_global_batch(next(it), mesh, rules))
+                if i % rm_cfg.log_every == 0 or i == rm_cfg.steps:
+                    stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+                    writer.write(i, stats)
+                    log.info("reward step %d: loss %.4f, accuracy %.3f", i,
+                             stats["reward/loss"], stats["reward/accuracy"])
+            summary["reward/heldout_accuracy"] = accuracy(cfg, state.params, held)
+            # Normalise on the reference policy's own samples at PPO's temperature.
+            norm_prompts = tasks.prompts(task, rm_cfg.norm_samples, rm_cfg.seed + 7)
+            ref = chat.generate_replies(
+                cfg, policy_params, tokenizer, [chat.prompt_ids(tokenizer, p) for p in norm_prompts],
+                width, key=jax.random.fold_in(key, 3), max_new_tokens=rm_cfg.max_new_tokens,
+                temperature=rm_cfg.norm_temperature, chunk=256)
+            raw = batched_raw_scores(cfg, state.params, ref["tokens"], ref["mask"])
+            norm = fit_norm(raw)
+    finally:
+        writer.close()
+    summary |= {"reward/raw_mean": float(np.mean(raw)), "reward/raw_std": float(np.std(raw)),
+                "reward/n_train_prompts": int(len(train["tokens"]))}
+    writer = metrics_lib.MetricWriter(workdir)
+    writer.write(rm_cfg.steps, summary)
+    writer.close()
+    save_reward(workdir, cfg, jax.device_get(state.params), jax.device_get(norm),
+                {"stage": "reward", "steps": rm_cfg.steps, "task": task.name})
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def batched_raw_scores(cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray,
+                       batch_size: int = 256) -> np.ndarray:
+    """raw_scores over many rows, in fixed-size (padded) chunks so it compiles once."""
+    fn = jax.jit(functools.partial(raw_scores, cfg))
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
+        n = len(t)
+        pad = batch_size - n
+        t, m = np.concatenate([t, np.repeat(t[-1:], pad, 0)]), np.concatenate(
+            [m, np.repeat(m[-1:], pad, 0)])
+        out.append(np.asarray(fn(params, t, m))[:n])
+    return np.concatenate(out)

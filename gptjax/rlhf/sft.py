@@ -1,0 +1,226 @@
+"""InstructGPT stage 1: supervised fine-tuning on prompt/response pairs, loss on responses only.
+
+The model should learn to *answer*, not to predict prompts (which the labelers did not write and
+which PPO never samples), so each example carries a `loss_mask` that is 1 exactly where the target
+is a response token (its end-of-turn included). That is all SFT adds: the jitted `train_step` of
+`train.py` already averages the cross-entropy over `loss_mask`, so SFT reuses it unchanged, with
+its shardings and donation.
+
+Without a pretrained workdir (`SFTConfig.init_from`), a short unmasked "pretraining" phase on the
+task's plain-text corpus runs first, so the SFT model also has an LM loss worth protecting; PPO-ptx
+mixes that corpus back in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import metrics as metrics_lib
+from gptjax import sharding
+from gptjax.config import ModelConfig
+from gptjax.data.config import DataConfig
+from gptjax.data.pipeline import encode_documents, pack_windows
+from gptjax.data.tokenizer import Tokenizer, check_vocab
+from gptjax.optimizer import OptimizerConfig
+from gptjax.rlhf import chat, tasks
+from gptjax.train import TrainConfig, TrainState, make_trainer
+from gptjax.workdir import load_run
+
+log = logging.getLogger("gptjax")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Stage 1 hyper-parameters (the optimizer is `sft/OptimizerConfig` in gin).
+
+    pretrain_steps: unmasked LM steps on the task corpus first (skipped with init_from).
+    steps: SFT steps on demonstrations; batch_size in sequences of seq_len + 1 tokens.
+    n_demonstrations: distinct prompt/response pairs (InstructGPT: ~13k prompts).
+    init_from: a `gptjax train` workdir to start from (its tokenizer is kept).
+    tokenizer_vocab_size: the task BPE's size when starting from scratch.
+    """
+
+    steps: int = 300
+    pretrain_steps: int = 200
+    batch_size: int = 32
+    seq_len: int = 48
+    n_demonstrations: int = 4000
+    init_from: str | None = None
+    tokenizer_vocab_size: int = 512
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "n_demonstrations", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SFTConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+def stage_mesh(mesh_cfg: sharding.MeshConfig | None = None):
+    """(mesh, rules) of a stage; a mesh with fixed sizes takes only that many devices."""
+    mesh_cfg = mesh_cfg or sharding.MeshConfig()
+    sizes = list(mesh_cfg.shape.values())
+    devices = None if -1 in sizes else jax.devices()[:math.prod(sizes)]
+    return sharding.make_mesh(mesh_cfg, devices), sharding.logical_axis_rules(mesh_cfg.rules)
+
+
+def make_example(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int,
+                 pad_id: int) -> tuple[Int[Array, "T1"], Int[Array, "T"]]:
+    """(tokens of T + 1, loss_mask of T): right-padded, loss only where the target is a response.
+
+    A prompt that does not fit loses its oldest tokens (chat history is truncated the same way);
+    a response that does not fit is an error, since training on a cut answer teaches cutting.
+    """
+    if len(response_ids) > seq_len:
+        raise ValueError(f"a response of {len(response_ids)} tokens does not fit SFTConfig."
+                         f"seq_len={seq_len}; raise seq_len or shorten the demonstrations")
+    prompt_ids = list(prompt_ids)[-(seq_len + 1 - len(response_ids)):]
+    ids = prompt_ids + list(response_ids)
+    tokens = np.full(seq_len + 1, pad_id, np.int32)
+    tokens[:len(ids)] = ids
+    loss_mask = np.zeros(seq_len, np.int32)  # loss_mask[t] scores the prediction of tokens[t+1]
+    loss_mask[len(prompt_ids) - 1:len(ids) - 1] = 1
+    return tokens, loss_mask
+
+
+def demonstration_arrays(tokenizer: Tokenizer, pairs: Sequence[tuple[list, str]],
+                         seq_len: int) -> dict[str, np.ndarray]:
+    """All demonstrations as {'tokens': (N, T + 1), 'loss_mask': (N, T)} in the chat format."""
+    rows = [make_example(chat.prompt_ids(tokenizer, p), chat.response_ids(tokenizer, r), seq_len,
+                         tokenizer.pad_id) for p, r in pairs]
+    return {"tokens": np.stack([t for t, _ in rows]), "loss_mask": np.stack([m for _, m in rows])}
+
+
+def corpus_windows(tokenizer: Tokenizer, documents: Sequence[str], seq_len: int) -> np.ndarray:
+    """Plain-text documents packed into (N, T + 1) windows (the pretraining / ptx data)."""
+    stream = encode_documents(documents, tokenizer, total=len(documents), desc="corpus")
+    return np.ascontiguousarray(pack_windows(stream.astype(np.int32), seq_len))
+
+
+def batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches of the rows of `arrays` (reshuffled every epoch)."""
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(arrays.values())))
+    if n < batch_size:
+        raise ValueError(f"{n} examples are fewer than one batch of {batch_size}")
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield {k: v[order[i:i + batch_size]] for k, v in arrays.items()}
+
+
+def lm_batches(windows: np.ndarray, batch_size: int, seed: int) -> Iterator[dict]:
+    """Unmasked LM batches in the SFT batch layout (so one jitted step serves both)."""
+    mask = np.ones((len(windows), windows.shape[1] - 1), np.int32)
+    return batches({"tokens": windows, "loss_mask": mask}, batch_size, seed)
+
+
+def save_policy(workdir: str, state: TrainState, cfg: ModelConfig, opt_cfg: OptimizerConfig,
+                tokenizer: Tokenizer, train_cfg: TrainConfig, extra: dict | None = None) -> None:
+    """A workdir that `gptjax sample`, `gptjax chat` and `load_run` read like a trained one."""
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer.save(workdir)
+    configs = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
+               "optimizer": dataclasses.asdict(opt_cfg),
+               "data": dataclasses.asdict(DataConfig(tokenizer_path=None)),
+               "rlhf": extra or {}}
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(configs, f, indent=2)
+    with ckpt_lib.CheckpointManager(workdir, max_to_keep=1) as manager:
+        manager.save(int(jax.device_get(state.step)), state, {}, force=True)
+
+
+def load_policy(workdir: str):
+    """(model_cfg, params, tokenizer) of a policy workdir (SFT, PPO or `gptjax train`)."""
+    cfg, params, tokenizer, _, _ = load_run(workdir)
+    return cfg, params, tokenizer
+
+
+def _train(trainer, state, batch_iter, n_steps: int, writer, prefix: str, log_every: int,
+           start: int) -> tuple[TrainState, float]:
+    loss = float("nan")
+    for i in range(1, n_steps + 1):
+        batch = sharding.make_global_batch(next(batch_iter), trainer.mesh, trainer.rules)
+        state, metrics = trainer.train_step(state, batch)
+        if i % log_every == 0 or i == n_steps:
+            loss = float(metrics["train/loss"])
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{prefix} loss became {loss}; lower the learning rate")
+            writer.write(start + i, {f"{prefix}/loss": loss, f"{prefix}/lr": float(metrics["lr"])})
+            log.info("%s step %d: loss %.4f", prefix, i, loss)
+    return state, loss
+
+
+def masked_eval_loss(cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int) -> float:
+    """Mean masked loss over whole batches of `arrays` (token-weighted, like the train loss)."""
+    from gptjax.train import loss_fn
+    fn = jax.jit(lambda p, b: loss_fn(cfg, p, b) * b["loss_mask"].sum())
+    total = count = 0.0
+    for i in range(0, len(arrays["tokens"]) - batch_size + 1, batch_size):
+        b = {k: jnp.asarray(v[i:i + batch_size]) for k, v in arrays.items()}
+        total += float(fn(params, b))
+        count += float(b["loss_mask"].sum())
+    return total / max(count, 1.0)
+
+
+def run_sft(workdir: str, *, model_cfg: ModelConfig | None = None,
+            sft_cfg: SFTConfig | None = None, opt_cfg: OptimizerConfig | None = None,
+            task=None, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+    """Stage 1 end to end: tokenizer, (pretraining,) SFT, save; returns a summary dict."""
+    sft_cfg, task = sft_cfg or SFTConfig(), task or tasks.make_task()
+    if opt_cfg is None:
+        with gin.config_scope("sft"):
+            opt_cfg = OptimizerConfig()
+    params = tokenizer = None
+    if sft_cfg.init_from:
+        model_cfg, params, tokenizer = load_policy(sft_cfg.init_from)
+    model_cfg = model_cfg or ModelConfig()
+    tokenizer = tokenizer or tasks.build_tokenizer(task, sft_cfg.tokenizer_vocab_size,
+                                                   sft_cfg.seed)
+    check_vocab(tokenizer, model_cfg.vocab_size)
+    pretrain = 0 if sft_cfg.init_from else sft_cfg.pretrain_steps
+    total = pretrain + sft_cfg.steps
+    mesh, rules = stage_mesh(mesh_cfg)
+    trainer = make_trainer(model_cfg, opt_cfg, total, mesh, rules, sft_cfg.batch_size)
+    pairs = tasks.demonstrations(task, sft_cfg.n_demonstrations + 256, sft_cfg.seed)
+    demos = demonstration_arrays(tokenizer, pairs, sft_cfg.seq_len)
+    train_demos = {k: v[256:] for k, v in demos.items()}
+    heldout = {k: v[:256] for k, v in demos.items()}
+    summary: dict = {"sft/steps": sft_cfg.steps, "sft/pretrain_steps": pretrain}
+    writer = metrics_lib.MetricWriter(workdir)
+    try:
+        with sharding.use_mesh(mesh, rules):
+            state = trainer.init_train_state(sft_cfg.seed)
+            if params is not None:
+                state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
+            if pretrain:
+                docs = task.pretrain_documents(2000, np.random.default_rng(sft_cfg.seed + 1))
+                windows = corpus_windows(tokenizer, docs, sft_cfg.seq_len)
+                state, summary["pretrain/loss"] = _train(
+                    trainer, state, lm_batches(windows, sft_cfg.batch_size, sft_cfg.seed), pretrain,
+                    writer, "pretrain", sft_cfg.log_every, 0)
+            state, summary["sft/loss"] = _train(
+                trainer, state, batches(train_demos, sft_cfg.batch_size, sft_cfg.seed),
+                sft_cfg.steps, writer, "sft", sft_cfg.log_every, pretrain)
+            summary["sft/heldout_loss"] = masked_eval_loss(model_cfg, state.params, heldout, 32)
+    finally:
+        writer.close()
+    train_cfg = TrainConfig(steps=total, batch_size=sft_cfg.batch_size, seq_len=sft_cfg.seq_len)
+    save_policy(workdir, state, model_cfg, opt_cfg, tokenizer, train_cfg,
+                {"stage": "sft", "task": task.name})
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
