@@ -11,6 +11,8 @@ the same pattern as the unpadded row.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -81,6 +83,10 @@ def attention(q_BTNH: Float[Array, "B T N H"], k_BSNH: Float[Array, "B S N H"],
         back to it while dropout is active.
     """
     use_dropout = dropout_rate > 0.0 and key is not None
+    if use_dropout and impl != "xla":
+        warnings.warn(f"attention_impl={impl!r} has no attention dropout; using the 'xla' "
+                      "reference while attn_dropout > 0 (set ModelConfig.attn_dropout = 0.0 "
+                      "to use the fused kernel in training).", stacklevel=2)
     if impl == "xla" or use_dropout:
         if mask_B1TS is None:
             mask_B1TS = causal_mask(q_BTNH.shape[1], window)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from gptjax import metrics as metrics_lib
+from gptjax import sharding
 from gptjax.train import TrainConfig, Trainer, abstract_state
 
 _GIB = 1024 ** 3
@@ -23,7 +24,10 @@ def report(trainer: Trainer, train_cfg: TrainConfig) -> dict:
     batch = {"tokens": jax.ShapeDtypeStruct((train_cfg.batch_size, train_cfg.seq_len + 1),
                                             np.int32, sharding=trainer.batch_sharding)}
     t0 = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch).compile()
+    # Trace under the mesh and rules, as the loop does: the model's activation constraints
+    # read them at trace time, and without them XLA compiles (and sizes) another program.
+    with sharding.use_mesh(trainer.mesh, trainer.rules):
+        compiled = trainer.train_step.lower(state, batch).compile()
     out = {"compile_s": time.perf_counter() - t0, "devices": jax.device_count(),
            "mesh": dict(trainer.mesh.shape)}
     mem = compiled.memory_analysis()
@@ -37,10 +41,11 @@ def report(trainer: Trainer, train_cfg: TrainConfig) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    if cost:
-        out["xla_flops_per_device"] = float(cost.get("flops", 0.0))
     out["model_flops_per_step"] = (metrics_lib.flops_per_token(trainer.cfg, train_cfg.seq_len)
                                    * train_cfg.batch_size * train_cfg.seq_len)
+    out["model_flops_per_device"] = out["model_flops_per_step"] / jax.device_count()
+    if cost:  # XLA counts a scanned layer stack's body once: compare with scan_layers=False
+        out["xla_flops_per_device"] = float(cost.get("flops", 0.0))
     width = max(len(k) for k in out)
     print("dry run: train_step compiled, nothing allocated")
     for k, v in out.items():

@@ -20,6 +20,7 @@ import time
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from gptjax import checkpoint as ckpt_lib
@@ -131,8 +132,19 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
         from gptjax.dry_run import report
         return report(trainer, train_cfg)
 
+    # Process 0 builds the dataset, tokenizer and token cache first; the others wait at the
+    # barrier and then read what it wrote (a shared data_dir and workdir), so they never race.
+    multi = jax.process_count() > 1
+    if multi and not primary:
+        multihost_utils.sync_global_devices("gptjax_prepare_data")
     tokenizer = workdir_tokenizer(workdir, data_cfg, save=primary)
     check_vocab(tokenizer, model_cfg.vocab_size)
+    train_iter, eval_factory = make_datasets(
+        data_cfg.dataset, tokenizer, train_cfg.seq_len, train_cfg.batch_size,
+        data_cfg.resolved_data_dir, seed=train_cfg.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), path=data_cfg.path)
+    if multi and primary:
+        multihost_utils.sync_global_devices("gptjax_prepare_data")
     if primary:
         _save_run_files(workdir, {"model": model_cfg, "train": train_cfg, "optimizer": opt_cfg,
                                   "data": data_cfg})
@@ -140,18 +152,13 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     manager = ckpt_lib.CheckpointManager(workdir, checkpoint_every=train_cfg.checkpoint_every,
                                          max_to_keep=train_cfg.keep_checkpoints)
     restored = manager.restore(abstract_state(trainer))
-    data_state = None
     if restored is None:
         state = trainer.init_train_state(train_cfg.seed)
         start = 0
     else:
         start, state, meta = restored
-        data_state = meta.get("data")
+        train_iter.set_state(meta["data"])
         log.info("resumed from step %d in %s", start, workdir)
-    train_iter, eval_factory = make_datasets(
-        data_cfg.dataset, tokenizer, train_cfg.seq_len, train_cfg.batch_size,
-        data_cfg.resolved_data_dir, seed=train_cfg.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), path=data_cfg.path, state=data_state)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=primary)
     peak = train_cfg.peak_flops or metrics_lib.peak_flops()
