@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import tokenize
 
 import gin
 
@@ -30,7 +31,12 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
         if path not in gin.config._LOCATION_PREFIXES:
             gin.add_config_file_search_path(path)
     files = [_find_gin_file(f) for f in files]
-    gin.parse_config_files_and_bindings(files, bindings)
+    gin.clear_config()  # a fresh parse per invocation (tests and sweeps call main repeatedly)
+    try:
+        gin.parse_config_files_and_bindings(files, bindings)
+    except tokenize.TokenError as e:  # an unclosed bracket: gin does not say where
+        raise SyntaxError(f"{e.args[0]} in {', '.join(files) or 'the --gin_bindings'}: "
+                          "check for an unclosed bracket or quote") from e
 
 
 def _find_gin_file(path: str) -> str:
@@ -241,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_gin(args.gin_file, args.gin_bindings)
         init_distributed(args)
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError, SyntaxError, OSError, CheckpointError,
-            TrainingDivergedError) as e:
+    except (ValueError, FileNotFoundError, KeyError, SyntaxError, tokenize.TokenError, OSError,
+            CheckpointError, TrainingDivergedError) as e:
         msg = str(e).strip().splitlines()
         print(f"gptjax {args.command}: error: {msg[0] if msg else type(e).__name__}"
               + ("".join(f"\n  {m}" for m in msg[1:4])), file=sys.stderr)

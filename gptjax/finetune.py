@@ -1,0 +1,340 @@
+"""GPT-1 fine-tuning: input transforms, task heads at the extract token, L3 = L2 + λ·L1.
+
+Radford et al. 2018, section 3.3: every task becomes one or more token sequences framed by
+learned special tokens — `<start>`, `<delim>` between segments, `<extract>` at the end — and a
+linear head reads the transformer's final state at `<extract>`:
+
+    classification   <start> text <extract>                                   -> softmax(W h)
+    entailment       <start> premise <delim> hypothesis <extract>            -> softmax(W h)
+    similarity       <start> a <delim> b <extract>, <start> b <delim> a <extract>
+                     (no inherent order: both orderings, states summed)       -> softmax(W (h1 + h2))
+    multiple choice  <start> context <delim> answer_k <extract>, k = 1..K     -> softmax_k(w h_k)
+
+The tokenizers reserve the three special ids; their embedding rows are learned in fine-tuning.
+The loss adds the language-model loss on the same sequences, L3 = L2 + λ·L1 with λ = 0.5,
+which GPT-1 found improves generalisation and speeds convergence.
+
+Batches hold `tokens` (B, C, T), right-padded (the model is causal, so padding after
+`<extract>` changes nothing before it), `extract` (B, C) positions of `<extract>`, `lm_mask`
+(B, C, T-1) which next-token targets count for L1, and `label` (B,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from typing import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int
+
+from gptjax import model
+from gptjax.config import ModelConfig
+
+KINDS = ("classification", "entailment", "similarity", "multiple_choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class Specials:
+    """The ids of GPT-1's task tokens (a tokenizer's start_id, delimiter_id, extract_id)."""
+
+    start: int
+    delim: int
+    extract: int
+    pad: int = 0
+
+    @classmethod
+    def of(cls, tokenizer) -> "Specials":
+        return cls(tokenizer.start_id, tokenizer.delimiter_id, tokenizer.extract_id,
+                   tokenizer.pad_id)
+
+
+# ------------------------------------------------------------ input transforms
+
+
+def _fit(first: list[int], second: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Cut a pair to `budget` tokens: the first segment loses its start (a context's oldest
+    tokens matter least), then the second its end."""
+    first = first[max(0, len(first) + len(second) - budget):]
+    return first, second[:budget - len(first)]
+
+
+def transform(kind: str, segments: Sequence[Sequence[int]], sp: Specials,
+              max_len: int) -> list[list[int]]:
+    """GPT-1's input transform: the token sequences one example becomes (C of them).
+
+    `segments` is (text,) for classification, (premise, hypothesis) for entailment, (a, b) for
+    similarity and (context, answer_1, ..., answer_K) for multiple choice.
+    """
+    segs = [list(s) for s in segments]
+    if kind == "classification":
+        if len(segs) != 1:
+            raise ValueError(f"classification takes one text, got {len(segs)}.")
+        return [[sp.start] + segs[0][:max_len - 2] + [sp.extract]]
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; choose one of {KINDS}.")
+    if len(segs) < 2 or (kind != "multiple_choice" and len(segs) != 2):
+        raise ValueError(f"{kind} takes {'a context and answers' if kind == 'multiple_choice' else 'two texts'}, "
+                         f"got {len(segs)} segments.")
+    pair = lambda a, b: [sp.start, *a, sp.delim, *b, sp.extract]  # noqa: E731
+    if kind == "similarity":
+        orders = [(segs[0], segs[1]), (segs[1], segs[0])]
+    else:  # entailment: one (premise, hypothesis); multiple choice: (context, answer_k) each
+        orders = [(segs[0], answer) for answer in segs[1:]]
+    return [pair(*_fit(a, b, max_len - 3)) for a, b in orders]
+
+
+def make_batch(kind: str, examples: Sequence[tuple[Sequence[Sequence[int]], int]],
+               sp: Specials, max_len: int) -> dict[str, np.ndarray]:
+    """Transform and right-pad a list of (segments, label) into the arrays the loss takes."""
+    seqs = [transform(kind, segments, sp, max_len) for segments, _ in examples]
+    b, c = len(seqs), len(seqs[0])
+    if any(len(s) != c for s in seqs):
+        raise ValueError("every example in a batch needs the same number of answers.")
+    tokens = np.full((b, c, max_len), sp.pad, np.int32)
+    extract = np.zeros((b, c), np.int32)
+    lm_mask = np.zeros((b, c, max_len - 1), np.float32)
+    for i, example_seqs in enumerate(seqs):
+        for j, ids in enumerate(example_seqs):
+            tokens[i, j, :len(ids)] = ids
+            extract[i, j] = len(ids) - 1
+            lm_mask[i, j, :len(ids) - 1] = 1.0  # every real next token, the specials included
+    label = np.array([lbl for _, lbl in examples], np.int32)
+    return {"tokens": tokens, "extract": extract, "lm_mask": lm_mask, "label": label}
+
+
+# ---------------------------------------------------------------------- heads
+
+
+def init_head(kind: str, d_model: int, n_classes: int, key: jax.Array) -> dict:
+    """W (D, n_out), b: n_out = n_classes, or 1 score per answer for multiple choice."""
+    n_out = 1 if kind == "multiple_choice" else n_classes
+    return {"kernel": 0.02 * jax.random.normal(key, (d_model, n_out), jnp.float32),
+            "bias": jnp.zeros((n_out,), jnp.float32)}
+
+
+def extract_states(x_BCTD: Float[Array, "B C T D"],
+                   extract_BC: Int[Array, "B C"]) -> Float[Array, "B C D"]:
+    """The final hidden state at each sequence's `<extract>` token."""
+    return jnp.take_along_axis(x_BCTD, extract_BC[:, :, None, None], axis=2)[:, :, 0]
+
+
+def head_logits(kind: str, head: dict, h_BCD: Float[Array, "B C D"]) -> Float[Array, "B K"]:
+    """Class logits (K = classes), or one logit per answer for multiple choice (K = C)."""
+    h_BCD = h_BCD.astype(jnp.float32)
+    if kind == "multiple_choice":
+        return (h_BCD @ head["kernel"])[..., 0] + head["bias"][0]
+    h_BD = h_BCD.sum(axis=1)  # similarity: the two orderings' states summed (C = 1 otherwise)
+    return h_BD @ head["kernel"] + head["bias"]
+
+
+def forward(cfg: ModelConfig, params: dict, batch: dict, kind: str, *, clf_dropout: float = 0.0,
+            key: jax.Array | None = None) -> tuple[Float[Array, "B K"], Float[Array, "B C T V"]]:
+    """Task logits and LM logits from one trunk pass; params = {'gpt': ..., 'head': ...}."""
+    b, c, t = batch["tokens"].shape
+    keys = (None, None) if key is None else tuple(jax.random.split(key))
+    x_NTD = model.hidden_states(cfg, params["gpt"], batch["tokens"].reshape(b * c, t),
+                                key=keys[0])
+    x_BCTD = x_NTD.reshape(b, c, t, -1)
+    h_BCD = model.dropout(extract_states(x_BCTD, batch["extract"]), clf_dropout, keys[1])
+    lm_logits_NTV = model.unembed(cfg, params["gpt"], x_NTD)
+    return head_logits(kind, params["head"], h_BCD), lm_logits_NTV.reshape(b, c, t, -1)
+
+
+def finetune_loss(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
+                  clf_dropout: float = 0.0, key: jax.Array | None = None
+                  ) -> tuple[Float[Array, ""], dict]:
+    """L3 = L2 + λ·L1: task cross-entropy plus λ times the LM loss on the task's sequences."""
+    logits_BK, lm_logits_BCTV = forward(cfg, params, batch, kind, clf_dropout=clf_dropout,
+                                        key=key)
+    l2 = optax.softmax_cross_entropy_with_integer_labels(logits_BK, batch["label"]).mean()
+    lm_BCT = optax.softmax_cross_entropy_with_integer_labels(lm_logits_BCTV[:, :, :-1],
+                                                             batch["tokens"][:, :, 1:])
+    mask = batch["lm_mask"]
+    l1 = (lm_BCT * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    acc = (jnp.argmax(logits_BK, -1) == batch["label"]).mean()
+    return l2 + lm_coef * l1, {"loss": l2 + lm_coef * l1, "clf_loss": l2, "lm_loss": l1,
+                               "accuracy": acc}
+
+
+# ------------------------------------------------------------------ demo tasks
+
+
+def _doc_lines(texts: Sequence[str]) -> list[list[str]]:
+    """Each document's code lines worth a question: 8-100 characters, not comments."""
+    docs = []
+    for text in texts:
+        lines = [x.rstrip() for x in text.split("\n")]
+        docs.append([x for x in lines if 8 <= len(x.strip()) <= 100
+                     and not x.strip().startswith("#")])
+    return [d for d in docs if len(d) >= 4]
+
+
+def _shuffle_words(line: str, rng: random.Random) -> str:
+    words = line.split()
+    shuffled = words[:]
+    while shuffled == words and len(set(words)) > 1:
+        rng.shuffle(shuffled)
+    return line[:len(line) - len(line.lstrip())] + " ".join(shuffled)
+
+
+def demo_examples(task: str, texts: Sequence[str], n: int, seed: int) -> list[tuple[tuple[str, ...], int]]:
+    """Offline labelled examples made from a corpus: (segments, label) pairs.
+
+    real_or_shuffled (classification): is this line real, or its words shuffled?
+    line_follows (entailment): does the hypothesis line come right after the premise line?
+    same_file (similarity): are the two lines from the same file?
+    next_line (multiple choice): which of 4 lines follows the 2-line context?
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}.")
+    rng = random.Random(seed)
+    docs = _doc_lines(texts)
+    if len(docs) < 2:
+        raise ValueError("the corpus has too few documents with usable lines for a demo task.")
+    out = []
+    for _ in range(n):
+        d = rng.randrange(len(docs))
+        lines, other = docs[d], docs[(d + rng.randrange(1, len(docs))) % len(docs)]
+        i = rng.randrange(2, len(lines) - 1)
+        label = rng.randrange(2)
+        if task == "real_or_shuffled":
+            line = lines[i] if len(set(lines[i].split())) > 1 else lines[i] + " = 0"
+            out.append(((_shuffle_words(line, rng) if label else line,), label))
+        elif task == "line_follows":
+            out.append(((lines[i], lines[i + 1] if label else rng.choice(other)), label))
+        elif task == "same_file":
+            out.append(((lines[i], rng.choice(lines if label else other)), label))
+        else:
+            options = [lines[i]] + [rng.choice(docs[rng.randrange(len(docs))]) for _ in range(3)]
+            order = rng.sample(range(4), 4)
+            out.append((("\n".join(lines[i - 2:i]), *[options[k] for k in order]),
+                        order.index(0)))
+    return out
+
+
+TASKS = {"real_or_shuffled": ("classification", 2), "line_follows": ("entailment", 2),
+         "same_file": ("similarity", 2), "next_line": ("multiple_choice", 4)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tuning run. GPT-1 used lr 6.25e-5, batch 32, 3 epochs, linear decay after a
+    0.2% warmup, λ = 0.5, classifier dropout 0.1 (experiments/finetune/gpt1.gin); the CPU
+    demo defaults suit a nano model pretrained for a few hundred steps.
+
+    seq_len: tokens per sequence, specials included (the model's max_len at most).
+    """
+
+    task: str = "real_or_shuffled"
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    lm_coef: float = 0.5
+    clf_dropout: float = 0.1
+    n_train: int = 4000
+    n_eval: int = 400
+    log_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"FinetuneConfig.task={self.task!r} is not one of {', '.join(TASKS)}.")
+        for name in ("steps", "batch_size", "seq_len", "n_train", "n_eval", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"FinetuneConfig.{name} must be positive.")
+
+
+def encode_examples(tokenizer, examples) -> list[tuple[list[list[int]], int]]:
+    return [([tokenizer.encode(s) for s in segments], label) for segments, label in examples]
+
+
+def _make_step(cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer):
+    """The jitted fine-tuning step (state donated) and the jitted eval logits."""
+    def step(params, opt_state, batch, key):
+        grad_fn = jax.value_and_grad(
+            lambda p: finetune_loss(cfg, p, batch, kind, ft.lm_coef, ft.clf_dropout, key),
+            has_aux=True)
+        (_, metrics), grads = grad_fn(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    logits = lambda params, batch: forward(cfg, params, batch, kind)[0]  # noqa: E731
+    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(logits)
+
+
+def accuracy(logits_fn, params, batches: Sequence[dict]) -> tuple[float, float]:
+    """Accuracy and its binomial standard error over `batches`."""
+    hits = np.concatenate([np.asarray(jnp.argmax(logits_fn(params, b), -1)) == b["label"]
+                           for b in batches])
+    p = float(hits.mean())
+    return p, float(np.sqrt(p * (1 - p) / len(hits)))
+
+
+def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = None) -> dict:
+    """Fine-tune a pretrained run on a demo task; metrics.jsonl, summary.json and the
+    fine-tuned params (orbax) go to `out_dir`."""
+    import orbax.checkpoint as ocp
+
+    from gptjax.data.pipeline import corpus_texts
+    from gptjax.metrics import MetricWriter
+    from gptjax.optimizer import OptimizerConfig, make_optimizer
+    from gptjax.workdir import load_run
+
+    ft = ft or FinetuneConfig()
+    cfg, gpt_params, tokenizer, configs, step = load_run(pretrained_workdir)
+    if ft.seq_len > cfg.max_len:
+        raise ValueError(f"FinetuneConfig.seq_len={ft.seq_len} exceeds the model's max_len "
+                         f"{cfg.max_len}.")
+    kind, n_classes = TASKS[ft.task]
+    data = configs["data"]
+    sp, examples = Specials.of(tokenizer), {}
+    for split, n in (("train", ft.n_train), ("validation", ft.n_eval)):
+        texts = list(corpus_texts(data.dataset, data.resolved_data_dir, split, path=data.path))
+        examples[split] = encode_examples(tokenizer, demo_examples(ft.task, texts, n, ft.seed))
+    eval_batches = [make_batch(kind, examples["validation"][i:i + ft.batch_size], sp, ft.seq_len)
+                    for i in range(0, ft.n_eval, ft.batch_size)]
+    key = jax.random.key(ft.seed)
+    params = {"gpt": gpt_params, "head": init_head(kind, cfg.d_model, n_classes, key)}
+    optimizer = make_optimizer(OptimizerConfig(
+        peak_lr=ft.lr, warmup_steps=ft.warmup_steps, decay="linear", min_lr_ratio=0.0,
+        weight_decay=ft.weight_decay, clip_norm=1.0), ft.steps)
+    step_fn, logits_fn = _make_step(cfg, kind, ft, optimizer)
+    before = accuracy(logits_fn, params, eval_batches)
+    opt_state, rng = optimizer.init(params), np.random.default_rng(ft.seed)
+    writer = MetricWriter(out_dir)
+    try:
+        for s in range(1, ft.steps + 1):
+            rows = rng.choice(len(examples["train"]), ft.batch_size, replace=False)
+            batch = make_batch(kind, [examples["train"][r] for r in rows], sp, ft.seq_len)
+            params, opt_state, metrics = step_fn(params, opt_state, batch,
+                                                 jax.random.fold_in(key, s))
+            if s % ft.log_every == 0 or s == ft.steps:
+                writer.write(s, {f"finetune/{k}": float(v) for k, v in metrics.items()})
+        after = accuracy(logits_fn, params, eval_batches)
+        writer.write(ft.steps, {"eval/accuracy": after[0]})
+    finally:
+        writer.close()
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.abspath(os.path.join(out_dir, "params")), params, force=True)
+    ckpt.wait_until_finished()
+    summary = {"task": ft.task, "kind": kind, "pretrained": pretrained_workdir,
+               "pretrained_step": step, "steps": ft.steps, "accuracy_before": before[0],
+               "accuracy": after[0], "accuracy_stderr": after[1], "chance": 1 / n_classes,
+               "config": dataclasses.asdict(ft)}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

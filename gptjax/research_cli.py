@@ -1,0 +1,109 @@
+"""`gptjax eval | finetune | sweep`: the research workflow's subcommands (a main.py plugin).
+
+main.py calls `register(subparsers, common, sampling)` while building its parser and parses
+the gin files before calling a command; importing this module registers the configurables
+those files bind (`Sweep`, `FinetuneConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+from gptjax import finetune as finetune_lib  # noqa: F401  (registers FinetuneConfig with gin)
+from gptjax import sweep as sweep_lib
+
+
+def cmd_eval(args) -> None:
+    """Perplexity on the run's validation split, or few-shot accuracy on --task."""
+    from gptjax import evaluate
+    from gptjax.workdir import load_run
+
+    cfg, params, tokenizer, configs, step = load_run(args.workdir)
+    if not args.task:
+        out = evaluate.split_perplexity(cfg, params, tokenizer, configs, split=args.split,
+                                        batch_size=args.batch_size, max_batches=args.max_batches)
+        print(f"step {step}: {args.split} loss {out['loss']:.4f}, perplexity "
+              f"{out['perplexity']:.2f} over {out['tokens']:,} tokens")
+        return
+    task = evaluate.get_task(args.task, data_dir=configs["data"].resolved_data_dir,
+                             n_examples=args.max_examples, seed=args.seed)
+    results = []
+    for shots in _int_list(args.shots):
+        out = evaluate.evaluate_task(cfg, params, tokenizer, task, shots=shots, seed=args.seed,
+                                     batch_size=args.batch_size)
+        results.append(out)
+        print(evaluate.format_result(out))
+    path = os.path.join(args.workdir, f"eval_{task.name}.json")
+    with open(path, "w") as f:
+        json.dump({"step": step, "results": results}, f, indent=2)
+    print(f"written to {path}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--shots takes integers such as 0 or 0,1,5; got {text!r}.") from None
+    if not values or min(values) < 0:
+        raise ValueError(f"--shots must be non-negative integers, got {text!r}.")
+    return values
+
+
+def cmd_finetune(args) -> None:
+    """GPT-1 fine-tuning of a pretrained workdir on a demo task (FinetuneConfig from gin)."""
+    overrides = {k: getattr(args, k) for k in ("task", "steps") if getattr(args, k) is not None}
+    ft_cfg = finetune_lib.FinetuneConfig(**overrides)
+    summary = finetune_lib.finetune(args.workdir, args.out, ft_cfg)
+    print(f"{ft_cfg.task} ({summary['kind']}): accuracy {summary['accuracy_before']:.3f} before, "
+          f"{summary['accuracy']:.3f} ± {summary['accuracy_stderr']:.3f} after "
+          f"{summary['steps']} steps (chance {summary['chance']:.3f}); written to {args.out}")
+
+
+def cmd_sweep(args) -> None:
+    """Run (or print, or only re-tabulate) the sweep that the gin file defines."""
+    sweep = sweep_lib.Sweep()
+    if args.print_commands:
+        print("\n".join(sweep_lib.print_commands(sweep, args.workdir, args.gin_bindings)))
+        print(f"# then tabulate: gptjax sweep --collect_only --gin_file={args.gin_file[0]} "
+              f"--workdir={args.workdir}", file=sys.stderr)
+        return
+    if args.collect_only:
+        rows = sweep_lib.write_report(sweep, args.workdir)
+    else:
+        rows = sweep_lib.run_sweep(sweep, args.workdir, args.gin_bindings,
+                                   subprocess_mode=args.subprocess)
+    print(sweep_lib.markdown_table(rows))
+    print(f"results: {os.path.join(args.workdir, 'results.csv')} and plots in {args.workdir}")
+
+
+def register(subparsers, common, sampling) -> dict[str, Callable]:
+    """Add eval, finetune and sweep to the `gptjax` parser; return their handlers."""
+    del sampling  # none of these commands samples
+    e = subparsers.add_parser("eval", help="perplexity, or zero/one/few-shot accuracy on a task")
+    common(e)
+    e.add_argument("--task", default=None,
+                   help="a built-in task (stdlib_next_line, stdlib_real_or_shuffled) or a "
+                        ".jsonl file of {context, candidates, label}; default: perplexity")
+    e.add_argument("--shots", default="0", help="demonstrations K, or a list such as 0,1,5")
+    e.add_argument("--max_examples", type=int, default=200)
+    e.add_argument("--split", default="validation", help="split for perplexity")
+    e.add_argument("--batch_size", type=int, default=16)
+    e.add_argument("--max_batches", type=int, default=50)
+    e.add_argument("--seed", type=int, default=0)
+    f = subparsers.add_parser("finetune", help="GPT-1 fine-tuning of a pretrained workdir")
+    common(f)
+    f.add_argument("--out", required=True, help="directory for the fine-tuned run")
+    f.add_argument("--task", default=None, help=f"one of {', '.join(finetune_lib.TASKS)}")
+    f.add_argument("--steps", type=int, default=None)
+    s = subparsers.add_parser("sweep", help="run an ablation sweep defined by a gin file")
+    common(s)
+    s.add_argument("--print_commands", action="store_true",
+                   help="print one `gptjax train` command per run instead of running")
+    s.add_argument("--subprocess", action="store_true",
+                   help="run each variant as a child process (else in-process, sequentially)")
+    s.add_argument("--collect_only", action="store_true",
+                   help="only rebuild results.csv and the plots from finished runs")
+    return {"eval": cmd_eval, "finetune": cmd_finetune, "sweep": cmd_sweep}
