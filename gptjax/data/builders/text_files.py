@@ -34,8 +34,10 @@ SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/d
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # Directories of the stdlib that are not library source: tests are ~60% of the bytes and
 # site-packages holds whatever happens to be installed (not reproducible across machines).
+# Besides tests and third-party packages, leave out two directories that are data, not code:
+# encodings/ (1.4 MB of codec tables) and pydoc_data/ (one 0.75 MB string of documentation).
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
-                                  "idle_test", "__pycache__"})
+                                  "idle_test", "__pycache__", "encodings", "pydoc_data"})
 
 # (key, loader) pairs: loading is deferred so each split reads only its own files.
 Document = tuple[str, Callable[[], str]]
@@ -181,8 +183,9 @@ def glob_files(pattern: str) -> list[str]:
 class GptjaxText(tfds.core.GeneratorBasedBuilder):
     """Local text corpora as one-document-per-example array_record shards."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "stdlib: without the encodings/ codec tables and pydoc_data/."}
     BUILDER_CONFIGS = [stdlib_config(), shakespeare_config()]
     DEFAULT_CONFIG_NAME = "stdlib"
 
