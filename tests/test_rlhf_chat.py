@@ -2,14 +2,12 @@
 
 import io
 
-import jax
 import numpy as np
 import pytest
 
-from gptjax import model
-from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.rlhf import chat
+from tests.rlhf_fixtures import CFG, params
 
 HH = ("\n\nHuman: what are some pranks with a pen i can do?\n\nAssistant: Are you looking for "
       "practical joke ideas?\n\nHuman: yep\n\nAssistant: Ok, here are two:\n\n1. Draw.\n\n2. Hide.")
@@ -60,11 +58,12 @@ def test_truncation_drops_the_oldest_turns_first():
 
 def test_chat_loop_reads_piped_lines_and_keeps_the_transcript():
     tok = ByteTokenizer()
-    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, vocab_size=tok.vocab_size, max_len=48)
-    params = model.init_params(cfg, jax.random.key(0))
     out = io.StringIO()
-    lines = io.StringIO("hello there\n\nhow are you?\n")
-    transcript = chat.chat_loop(cfg, params, tok, lines, out, max_new_tokens=8, temperature=1.0)
+    # Both prompts are over 32 bytes, so both are padded to the 40-byte budget (one compile);
+    # the second history no longer fits and keeps only the newest turn.
+    lines = io.StringIO("hello there!\n\nhow are you?\n")
+    transcript = chat.chat_loop(CFG, params(0), tok, lines, out, max_new_tokens=8,
+                                temperature=1.0)
     printed = out.getvalue()  # a random model may well emit newline bytes
     assert printed.startswith("Assistant: ") and printed.count("Assistant: ") == 2
     assert [r for r, _ in transcript] == ["Human", "Assistant", "Human", "Assistant"]

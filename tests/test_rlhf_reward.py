@@ -10,12 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model
-from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.rlhf import losses, reward
+from tests.rlhf_fixtures import CFG, params
 
-CFG = ModelConfig(n_layers=1, d_model=32, n_heads=2, vocab_size=263, max_len=64)
 HH_LINES = [
     {"chosen": "\n\nHuman: hi\n\nAssistant: Hello! How can I help?",
      "rejected": "\n\nHuman: hi\n\nAssistant: Go away."},
@@ -29,7 +27,7 @@ raw_scores = jax.jit(functools.partial(reward.raw_scores, CFG))  # eager ops are
 
 @pytest.fixture(scope="module")
 def rm_params():
-    return reward.from_policy(CFG, model.init_params(CFG, jax.random.key(0)), jax.random.key(1))
+    return reward.from_policy(CFG, params(0), jax.random.key(1))
 
 
 def test_head_init_scale():

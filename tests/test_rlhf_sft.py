@@ -9,12 +9,10 @@ import optax
 import pytest
 
 from gptjax import model
-from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.rlhf import chat, sft
 from gptjax.train import loss_fn
-
-CFG = ModelConfig(n_layers=1, d_model=32, n_heads=2, vocab_size=263, max_len=64)
+from tests.rlhf_fixtures import CFG, params as init_params
 
 
 forward = jax.jit(functools.partial(model.forward, CFG))  # eager ops are slow on CPU
@@ -40,7 +38,7 @@ def test_loss_mask_marks_exactly_the_response_targets():
 
 
 def test_sft_loss_ignores_prompt_targets_and_sees_response_tokens():
-    params = model.init_params(CFG, jax.random.key(0))
+    params = init_params(0)
     tokens, mask = sft.make_example([10, 11, 12, 13, 14], [20, 21, 22, 3], seq_len=11, pad_id=0)
     batch = {"tokens": jnp.asarray(tokens)[None], "loss_mask": jnp.asarray(mask)[None]}
     loss = float(lm_loss(params, batch))
