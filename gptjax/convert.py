@@ -1,4 +1,4 @@
-"""Weights to and from the Hugging Face layout (GPT-2, and GPT-1 for import).
+"""Weights to and from the Hugging Face layout (GPT-2 and BERT; GPT-1 and Marian for import).
 
 A `state_dict` here maps Hugging Face parameter names (`GPT2LMHeadModel`
 keys such as `transformer.h.0.attn.c_attn.weight`) to numpy arrays, and an
@@ -140,6 +140,29 @@ def to_hf_gpt2(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
                  "resid_pdrop": cfg.resid_dropout, "embd_pdrop": cfg.embd_dropout,
                  "attn_pdrop": cfg.attn_dropout, "tie_word_embeddings": cfg.tie_embeddings}
     return sd, hf_config
+
+
+# ---------------------------------------------------- BERT and Marian (convert_family)
+# The maps live in `gptjax.convert_family`, which builds on this file's helpers;
+# these forwarders keep one import point without an import cycle.
+
+
+def from_hf_bert(state_dict: dict, hf_config: dict):
+    """(EncoderConfig, params) from a Hugging Face `BertForMaskedLM` state dict."""
+    from gptjax import convert_family
+    return convert_family.from_hf_bert(state_dict, hf_config)
+
+
+def to_hf_bert(cfg, params: dict) -> tuple[dict, dict]:
+    """(state_dict, hf_config) for `BertForMaskedLM`; exact inverse of `from_hf_bert`."""
+    from gptjax import convert_family
+    return convert_family.to_hf_bert(cfg, params)
+
+
+def from_hf_marian(state_dict: dict, hf_config: dict):
+    """(Seq2SeqConfig, params) from a Hugging Face `MarianMTModel` state dict."""
+    from gptjax import convert_family
+    return convert_family.from_hf_marian(state_dict, hf_config)
 
 
 # ------------------------------------------------------------------------ files
