@@ -30,6 +30,7 @@ EXTRAS = {
         "pytest-xdist>=3.5",
         "torch==2.13.0",  # the CPU wheel; any other version pulls a multi-GB CUDA build
         "transformers>=4.40",
+        "scipy>=1.11",  # an independent reference for the sweep statistics
         "nbclient>=0.10",
         "nbformat>=5.9",
         "ipykernel>=6.29",
