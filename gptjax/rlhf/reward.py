@@ -243,9 +243,14 @@ def make_train_step(cfg: ModelConfig, optimizer, params, mesh, rules):
     return step, state_shard
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _ranking_stats(cfg: ModelConfig, params: dict, batch: dict) -> dict:
+    return ranking_loss(cfg, params, batch)[1]
+
+
 def accuracy(cfg: ModelConfig, params: dict, arrays: dict, batch_size: int = 64) -> float:
     """Fraction of held-out comparisons (all strict pairs) the RM orders correctly."""
-    fn = jax.jit(lambda p, b: ranking_loss(cfg, p, b)[1])
+    fn = functools.partial(_ranking_stats, cfg)  # jitted once per config, not per call
     correct = total = 0.0
     for i in range(0, len(arrays["tokens"]), batch_size):
         b = {k: jnp.asarray(arrays[k][i:i + batch_size]) for k in ("tokens", "mask", "ranks",

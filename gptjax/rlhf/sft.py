@@ -14,6 +14,7 @@ mixes that corpus back in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -164,10 +165,15 @@ def _train(trainer, state, batch_iter, n_steps: int, writer, prefix: str, log_ev
     return state, loss
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_loss_sum(cfg: ModelConfig, params, batch: dict) -> jax.Array:
+    from gptjax.train import loss_fn
+    return loss_fn(cfg, params, batch) * batch["loss_mask"].sum()
+
+
 def masked_eval_loss(cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int) -> float:
     """Mean masked loss over whole batches of `arrays` (token-weighted, like the train loss)."""
-    from gptjax.train import loss_fn
-    fn = jax.jit(lambda p, b: loss_fn(cfg, p, b) * b["loss_mask"].sum())
+    fn = functools.partial(_masked_loss_sum, cfg)  # jitted once per config, not per call
     total = count = 0.0
     for i in range(0, len(arrays["tokens"]) - batch_size + 1, batch_size):
         b = {k: jnp.asarray(v[i:i + batch_size]) for k, v in arrays.items()}
