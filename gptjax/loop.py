@@ -44,17 +44,19 @@ class BatchRamp:
     """GPT-3's batch-size ramp with static shapes: the full batch is always fed
     and rows past `batch_size_at(tokens_seen)` get a zero loss mask."""
 
-    def __init__(self, opt_cfg: OptimizerConfig, train_cfg: TrainConfig, start_step: int):
+    def __init__(self, opt_cfg: OptimizerConfig, train_cfg: TrainConfig):
         self.opt_cfg, self.train_cfg = opt_cfg, train_cfg
         self.enabled = opt_cfg.batch_ramp_tokens > 0
         self._rows: list[int] = []  # rows used at each step, from step 0 (cheap to replay)
+        self._rows_seen = 0  # sum(self._rows), kept so each new step costs O(1)
 
     def rows(self, step: int) -> int:
         full_tokens = self.train_cfg.batch_size * self.train_cfg.seq_len
         while len(self._rows) <= step:
-            seen = sum(self._rows) * self.train_cfg.seq_len
+            seen = self._rows_seen * self.train_cfg.seq_len
             self._rows.append(batch_size_at(seen, self.opt_cfg, full_tokens,
                                             self.train_cfg.seq_len))
+            self._rows_seen += self._rows[-1]
         return self._rows[step]
 
     def local_mask(self, step: int, local_shape: tuple) -> np.ndarray:
@@ -165,7 +167,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     summary = {"start_step": start, "steps": train_cfg.steps, "preempted": False}
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
-    ramp = BatchRamp(opt_cfg, train_cfg, start)
+    ramp = BatchRamp(opt_cfg, train_cfg)
     say = (lambda msg: tqdm.write(msg)) if primary else (lambda msg: None)
     last_good, window = manager.latest_step(), {"t": time.perf_counter(), "step": start}
 

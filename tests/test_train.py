@@ -158,9 +158,9 @@ def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
 def test_batch_ramp_masks_rows_and_grows_to_full():
     from gptjax.loop import BatchRamp
     train_cfg = TrainConfig(batch_size=8, seq_len=4)
-    ramp = BatchRamp(OptimizerConfig(batch_ramp_tokens=64, batch_ramp_start=8), train_cfg, 0)
+    ramp = BatchRamp(OptimizerConfig(batch_ramp_tokens=64, batch_ramp_start=8), train_cfg)
     rows = [ramp.rows(s) for s in range(8)]
     assert rows[0] == 2 and rows == sorted(rows) and rows[-1] == 8
     mask = ramp.local_mask(0, (8, 5))
     assert mask.shape == (8, 4) and mask[:2].all() and not mask[2:].any()
-    assert not BatchRamp(OptimizerConfig(), train_cfg, 0).enabled
+    assert not BatchRamp(OptimizerConfig(), train_cfg).enabled
