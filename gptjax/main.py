@@ -9,44 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util  # gin also needs it imported to report missing files properly
+import importlib.util
 import logging
 import math
-import os
 import sys
 import tokenize
 
-import gin
-
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
-
-
-def parse_gin(files: list[str], bindings: list[str]) -> None:
-    """Parse experiment files; `include`s resolve against experiments/ and the cwd."""
-    from gptjax import config, optimizer, sharding, train  # noqa: F401  (register configurables)
-    from gptjax.data import config as data_config  # noqa: F401
-
-    for path in (EXPERIMENTS_DIR, os.getcwd()):
-        if path not in gin.config._LOCATION_PREFIXES:
-            gin.add_config_file_search_path(path)
-    files = [_find_gin_file(f) for f in files]
-    gin.clear_config()  # a fresh parse per invocation (tests and sweeps call main repeatedly)
-    try:
-        gin.parse_config_files_and_bindings(files, bindings)
-    except tokenize.TokenError as e:  # an unclosed bracket: gin does not say where
-        raise SyntaxError(f"{e.args[0]} in {', '.join(files) or 'the --gin_bindings'}: "
-                          "check for an unclosed bracket or quote") from e
-
-
-def _find_gin_file(path: str) -> str:
-    """A gin file as given, or relative to experiments/ or to the repository root."""
-    for candidate in (path, os.path.join(EXPERIMENTS_DIR, path),
-                      os.path.join(os.path.dirname(EXPERIMENTS_DIR), path)):
-        if os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(f"gin file {path!r} not found (looked in the cwd and "
-                            f"{EXPERIMENTS_DIR}); see experiments/ for examples.")
+# The gin loader lives in experiments.py (sweeps use it too); re-exported for callers of main.
+from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin  # noqa: F401
 
 
 def init_distributed(args) -> None:

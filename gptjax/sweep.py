@@ -38,8 +38,7 @@ import numpy as np
 from gptjax.sweep_stats import (betainc, fit_power_law, plot_curves, plot_final,  # noqa: F401
                                 plot_scaling, t_two_sided_p, welch_t_test)
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
+from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin  # noqa: E402
 _BINDING_KEY = re.compile(r"^[A-Za-z_][\w.]*(/[\w.]+)*$")
 
 
@@ -169,10 +168,11 @@ def run_bindings(sweep: Sweep, variant: Variant, seed: int, extra: Sequence[str]
 
 def resolve_base(base: str) -> str:
     """The base gin file as a path: as given if it exists, else under experiments/."""
-    for candidate in (base, os.path.join(EXPERIMENTS_DIR, base)):
-        if os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(f"Sweep.base {base!r} not found in the cwd or {EXPERIMENTS_DIR}.")
+    try:
+        return find_gin_file(base)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Sweep.base {base!r} not found in the cwd or "
+                                f"{EXPERIMENTS_DIR}.") from None
 
 
 def train_command(base: str, bindings: Sequence[str], workdir: str) -> list[str]:
@@ -183,14 +183,7 @@ def train_command(base: str, bindings: Sequence[str], workdir: str) -> list[str]
 
 def parse_experiment(base: str, bindings: Sequence[str]) -> None:
     """Reset gin's global config and parse one run's experiment (gin state is process-wide)."""
-    from gptjax import config, optimizer, sharding, train  # noqa: F401  (register configurables)
-    from gptjax.data import config as data_config  # noqa: F401
-
-    gin.clear_config()
-    for path in (EXPERIMENTS_DIR, os.getcwd()):
-        if path not in gin.config._LOCATION_PREFIXES:
-            gin.add_config_file_search_path(path)
-    gin.parse_config_files_and_bindings([resolve_base(base)], list(bindings))
+    parse_gin([resolve_base(base)], list(bindings))
 
 
 def is_finished(run_workdir: str) -> bool:
