@@ -16,7 +16,7 @@ from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
-# Prime-ish sizes so a wrong axis cannot pass; vocab covers the byte tokenizer's 262 ids.
+# Prime-ish sizes so a wrong axis cannot pass; vocab covers the byte tokenizer's 263 ids.
 CFG = ModelConfig(n_layers=2, d_model=20, n_heads=5, d_ff=28, vocab_size=263, max_len=40)
 PARAMS = model.init_params(CFG, jax.random.key(3))
 FORWARD = jax.jit(lambda tokens: model.forward(CFG, PARAMS, tokens))

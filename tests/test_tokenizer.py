@@ -86,12 +86,13 @@ def test_byte_tokenizer_handles_lone_surrogates_and_bad_bytes():
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte", "char"])
 def test_special_ids_distinct_in_range_and_skipped_by_decode(sp_tokenizer, kind):
     tok = all_tokenizers(sp_tokenizer)[kind]
-    specials = [tok.pad_id, tok.bos_id, tok.eos_id, tok.start_id, tok.delimiter_id, tok.extract_id]
+    specials = [tok.pad_id, tok.bos_id, tok.eos_id, tok.start_id, tok.delimiter_id, tok.extract_id,
+                tok.mask_id]
     assert len(set(specials)) == len(SPECIAL_TOKENS)
     assert all(0 <= i < tok.vocab_size for i in specials)
     ids = tok.encode("if")
     noisy = [tok.bos_id, tok.start_id] + ids[:1] + [tok.delimiter_id, tok.pad_id] + ids[1:]
-    noisy += [tok.extract_id, tok.eos_id, tok.vocab_size + 3]  # past the vocab: a padded model
+    noisy += [tok.extract_id, tok.mask_id, tok.eos_id, tok.vocab_size + 3]  # past the vocab: a padded model
     assert tok.decode(noisy) == "if"
 
 
@@ -155,5 +156,5 @@ def test_check_vocab():
     tok = ByteTokenizer()
     check_vocab(tok, tok.vocab_size)
     check_vocab(tok, 384)  # a padded model vocabulary is fine
-    with pytest.raises(ValueError, match=r"262 ids.*vocab_size is 256.*at least 262.*384"):
+    with pytest.raises(ValueError, match=r"263 ids.*vocab_size is 256.*at least 263.*384"):
         check_vocab(tok, 256)

@@ -3,7 +3,8 @@
 Every tokenizer here satisfies ``decode(encode(x)) == x`` for any ``str`` it can represent
 (code with tabs, CRLF and blank lines; Chinese; emoji; control characters), because code
 corpora and sampled programs are useless if whitespace is silently normalised. All three share
-one set of special ids (pad, bos, eos and the GPT-1 task tokens start / delimiter / extract),
+one set of special ids (pad, bos, eos, the GPT-1 task tokens start / delimiter / extract, and
+BERT's mask),
 which never come out of ``encode`` on ordinary text, so a literal ``"<s>"`` in a corpus stays text.
 
 Saved forms: sentencepiece as ``tokenizer.model`` (its serialised proto), byte and char as
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<start>", "<delim>", "<extract>")
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<start>", "<delim>", "<extract>", "<mask>")
 SP_FILENAME = "tokenizer.model"
 JSON_FILENAME = "tokenizer.json"
 # sentencepiece uses U+2581 as its internal space marker, so a literal one decodes as " ".
@@ -39,6 +40,7 @@ class Tokenizer(abc.ABC):
     start_id: int
     delimiter_id: int
     extract_id: int
+    mask_id: int
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -68,7 +70,7 @@ class Tokenizer(abc.ABC):
     @property
     def special_ids(self) -> frozenset[int]:
         return frozenset((self.pad_id, self.bos_id, self.eos_id, self.start_id,
-                          self.delimiter_id, self.extract_id))
+                          self.delimiter_id, self.extract_id, self.mask_id))
 
     @property
     def fingerprint(self) -> str:
@@ -88,7 +90,8 @@ class Tokenizer(abc.ABC):
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece BPE model trained by ``train_sentencepiece`` (or any byte-fallback model
-    with pad, bos, eos and the control symbols ``<start>``, ``<delim>``, ``<extract>``).
+    with pad, bos, eos and the control symbols ``<start>``, ``<delim>``, ``<extract>``,
+    ``<mask>``).
 
     Round trips are exact for every str except lone surrogates (U+D800..U+DFFF), which have no
     UTF-8 form to hand to sentencepiece; ByteTokenizer takes those too.
@@ -100,7 +103,7 @@ class SentencePieceTokenizer(Tokenizer):
         sp = self._sp
         self.vocab_size = sp.vocab_size()
         self.pad_id, self.bos_id, self.eos_id = sp.pad_id(), sp.bos_id(), sp.eos_id()
-        self.start_id, self.delimiter_id, self.extract_id = (
+        self.start_id, self.delimiter_id, self.extract_id, self.mask_id = (
             self._required_piece(p) for p in SPECIAL_TOKENS[3:])
         self._space_ids = [self._required_piece(f"<0x{b:02X}>") for b in SP_SPACE.encode()]
         self._skip_ids = self.special_ids | {sp.unk_id()}
@@ -110,7 +113,7 @@ class SentencePieceTokenizer(Tokenizer):
         if piece_id == self._sp.unk_id():
             raise ValueError(f"sentencepiece model lacks the piece {piece!r}; train it with "
                              "gptjax.data.tokenizer.train_sentencepiece (byte_fallback and the "
-                             "GPT-1 task tokens are required)")
+                             "GPT-1 task and mask tokens are required)")
         return piece_id
 
     @classmethod
@@ -215,7 +218,7 @@ class ByteTokenizer(Tokenizer):
 
     def __init__(self):
         self.pad_id, self.bos_id, self.eos_id, self.start_id, self.delimiter_id, \
-            self.extract_id = range(256, 256 + len(SPECIAL_TOKENS))
+            self.extract_id, self.mask_id = range(256, 256 + len(SPECIAL_TOKENS))
         self.vocab_size = 256 + len(SPECIAL_TOKENS)
 
     @property
@@ -252,7 +255,7 @@ class CharTokenizer(Tokenizer):
         if not self.chars or any(len(c) != 1 for c in self.chars):
             raise ValueError("CharTokenizer needs a non-empty set of single characters")
         self.pad_id, self.bos_id, self.eos_id, self.start_id, self.delimiter_id, \
-            self.extract_id, self.unk_id = range(len(SPECIAL_TOKENS) + 1)
+            self.extract_id, self.mask_id, self.unk_id = range(len(SPECIAL_TOKENS) + 1)
         offset = len(SPECIAL_TOKENS) + 1
         self._char_to_id = {c: i + offset for i, c in enumerate(self.chars)}
         self._id_to_char = {i: c for c, i in self._char_to_id.items()} | {self.unk_id: self.UNK}
