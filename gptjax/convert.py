@@ -165,6 +165,12 @@ def from_hf_marian(state_dict: dict, hf_config: dict):
     return convert_family.from_hf_marian(state_dict, hf_config)
 
 
+def to_hf_marian(cfg, params: dict, *, pad_id: int = 0, eos_id: int = 1) -> tuple[dict, dict]:
+    """(state_dict, hf_config) for `MarianMTModel`; exact inverse of `from_hf_marian`."""
+    from gptjax import convert_family
+    return convert_family.to_hf_marian(cfg, params, pad_id=pad_id, eos_id=eos_id)
+
+
 # ------------------------------------------------------------------------ files
 
 

@@ -263,3 +263,45 @@ def from_hf_marian(state_dict: dict, hf_config: dict):
     if not cfg.tie_embeddings:
         params["lm_head"] = _get(sd, "lm_head.weight").T
     return cfg, params
+
+
+def to_hf_marian(cfg, params: dict, *, pad_id: int = 0, eos_id: int = 1) -> tuple[dict, dict]:
+    """(state_dict, hf_config) for `MarianMTModel`; exact inverse of `from_hf_marian`.
+
+    Every alias of the shared embedding (`shared`, both stacks' `embed_tokens`,
+    and `lm_head` when tied) gets the table, and the fixed sinusoidal position
+    tables are written out. `pad_id` is also Marian's decoder start token.
+    Applied to a gradient tree, it gives each HF key its gradient: a tied HF
+    tensor's gradient is the sum over its uses, which is ours for `wte`.
+    """
+    from gptjax.model import sinusoidal
+
+    if ((cfg.ln_placement, cfg.pos_embedding, cfg.layer_norm_eps) != ("post", "sinusoidal", 1e-5)
+            or cfg.d_model % 2):
+        raise ValueError("only Marian-shaped models (post-LN, sinusoidal positions, even d_model, "
+                         "layer_norm_eps=1e-5) export to MarianMTModel; got "
+                         f"{cfg.ln_placement!r}, {cfg.pos_embedding!r}, d_model={cfg.d_model}, "
+                         f"layer_norm_eps={cfg.layer_norm_eps}.")
+    wte = _np(params["wte"])
+    positions = np.asarray(sinusoidal(np.arange(cfg.max_len)[None], cfg.d_model), np.float32)[0]
+    sd = {"final_logits_bias": _np(params["final_logits_bias"])[None],
+          "lm_head.weight": wte if cfg.tie_embeddings else _np(params["lm_head"]).T,
+          "model.shared.weight": wte}
+    for stack, layer_map, n_layers in (("encoder", _MARIAN_ENCODER_LAYER, cfg.n_layers),
+                                       ("decoder", _MARIAN_DECODER_LAYER, cfg.decoder_layers)):
+        sd[f"model.{stack}.embed_tokens.weight"] = wte
+        sd[f"model.{stack}.embed_positions.weight"] = positions
+        sd.update(_layers_out(params[stack]["h"], f"model.{stack}.layers.", layer_map, n_layers))
+    hf_config = {"model_type": "marian", "architectures": ["MarianMTModel"],
+                 "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
+                 "encoder_layers": cfg.n_layers, "decoder_layers": cfg.decoder_layers,
+                 "encoder_attention_heads": cfg.n_heads, "decoder_attention_heads": cfg.n_heads,
+                 "encoder_ffn_dim": cfg.ff_dim, "decoder_ffn_dim": cfg.ff_dim,
+                 "max_position_embeddings": cfg.max_len,
+                 "activation_function": _OUR_ACTIVATIONS[cfg.activation],
+                 "scale_embedding": cfg.scale_embedding, "dropout": cfg.resid_dropout,
+                 "attention_dropout": cfg.attn_dropout, "activation_dropout": 0.0,
+                 "tie_word_embeddings": cfg.tie_embeddings,
+                 "share_encoder_decoder_embeddings": True, "pad_token_id": pad_id,
+                 "decoder_start_token_id": pad_id, "eos_token_id": eos_id}
+    return sd, hf_config

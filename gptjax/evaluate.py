@@ -335,14 +335,24 @@ def perplexity(cfg: ModelConfig, params, batches: Iterable[dict], max_batches: i
 def split_perplexity(cfg: ModelConfig, params, tokenizer: Tokenizer, configs: dict,
                      split: str = "validation", batch_size: int = 16,
                      max_batches: int = 50) -> dict:
-    """Perplexity of a trained run on its own corpus's split (the run's seq_len windows)."""
-    from gptjax.data.pipeline import make_datasets
+    """Loss and perplexity of a trained run on its own data's split, in its family's
+    objective (next token, masked LM or target given source; the training loop's eval)."""
+    from gptjax import family
+    from gptjax.loop import run_datasets
 
     if split not in ("validation", "train"):
         raise ValueError(f"--split must be 'validation' or 'train', got {split!r}.")
     data_cfg, train_cfg = configs["data"], configs["train"]
-    train_iter, eval_factory = make_datasets(
-        data_cfg.dataset, tokenizer, train_cfg.seq_len, batch_size, data_cfg.resolved_data_dir,
-        path=data_cfg.path)
-    return perplexity(cfg, params, eval_factory() if split == "validation" else train_iter,
-                      max_batches)
+    train_iter, eval_factory = run_datasets(data_cfg, cfg, tokenizer,
+                                            dataclasses.replace(train_cfg, batch_size=batch_size))
+    sums_fn = jax.jit(functools.partial(family.eval_sums, cfg))
+    key, total, count = jax.random.key(train_cfg.seed), 0.0, 0.0
+    batches = eval_factory() if split == "validation" else train_iter
+    for i, batch in zip(range(max_batches), batches):
+        out = sums_fn(params, family.from_windows(cfg, batch, tokenizer, jax.random.fold_in(
+            key, 2**31 + i)))
+        total, count = total + float(out["loss_sum"]), count + float(out["tokens"])
+    if not count:
+        raise ValueError("no batches to evaluate: the split is smaller than one batch.")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}

@@ -1,4 +1,4 @@
-"""GPT-1 fine-tuning: input transforms, task heads at the extract token, L3 = L2 + λ·L1.
+"""GPT-1 fine-tuning: input transforms, linear task heads, L3 = L2 + λ·L1, for all 3 families.
 
 Radford et al. 2018, section 3.3: every task becomes one or more token sequences framed by
 learned special tokens — `<start>`, `<delim>` between segments, `<extract>` at the end — and a
@@ -14,9 +14,21 @@ The tokenizers reserve the three special ids; their embedding rows are learned i
 The loss adds the language-model loss on the same sequences, L3 = L2 + λ·L1 with λ = 0.5,
 which GPT-1 found improves generalisation and speeds convergence.
 
-Batches hold `tokens` (B, C, T), right-padded (the model is causal, so padding after
-`<extract>` changes nothing before it), `extract` (B, C) positions of `<extract>`, `lm_mask`
-(B, C, T-1) which next-token targets count for L1, and `label` (B,).
+The same transforms and heads serve every model family; the config's type picks the trunk:
+
+    ModelConfig (GPT)     causal trunk; head at `<extract>`; L1 = next-token LM loss.
+    EncoderConfig (BERT)  bidirectional, padding masked, token types 0 up to and including the
+                          first `<delim>`, 1 after; head at position 0 (`<start>` plays [CLS]).
+    Seq2SeqConfig (BART)  the sequence to the encoder (padding masked) and, teacher-forced, to
+                          the causal decoder; head at the decoder's `<extract>` state.
+
+L1 is 0 for the encoder and the encoder–decoder: both see the next token (bidirectionally, or
+through cross-attention), so next-token prediction teaches them nothing.
+
+Batches hold `tokens` (B, C, T), right-padded, `extract` (B, C) positions of `<extract>`,
+`segment` (B, C, T) token types, `lm_mask` (B, C, T-1) which next-token targets count for L1,
+and `label` (B,). Right padding is invisible to every family: causal trunks never look ahead,
+and the encoders mask every position after `<extract>`.
 """
 
 from __future__ import annotations
@@ -34,8 +46,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from gptjax import model
+from gptjax import encoder, model, seq2seq
 from gptjax.config import ModelConfig
+from gptjax.family import family_of
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 
@@ -99,14 +112,18 @@ def make_batch(kind: str, examples: Sequence[tuple[Sequence[Sequence[int]], int]
         raise ValueError("every example in a batch needs the same number of answers.")
     tokens = np.full((b, c, max_len), sp.pad, np.int32)
     extract = np.zeros((b, c), np.int32)
+    segment = np.zeros((b, c, max_len), np.int32)
     lm_mask = np.zeros((b, c, max_len - 1), np.float32)
     for i, example_seqs in enumerate(seqs):
         for j, ids in enumerate(example_seqs):
             tokens[i, j, :len(ids)] = ids
             extract[i, j] = len(ids) - 1
+            if sp.delim in ids:  # BERT's token types: 1 after the first <delim>, pads 0
+                segment[i, j, ids.index(sp.delim) + 1:len(ids)] = 1
             lm_mask[i, j, :len(ids) - 1] = 1.0  # every real next token, the specials included
     label = np.array([lbl for _, lbl in examples], np.int32)
-    return {"tokens": tokens, "extract": extract, "lm_mask": lm_mask, "label": label}
+    return {"tokens": tokens, "extract": extract, "segment": segment, "lm_mask": lm_mask,
+            "label": label}
 
 
 # ---------------------------------------------------------------------- heads
@@ -120,9 +137,50 @@ def init_head(kind: str, d_model: int, n_classes: int, key: jax.Array) -> dict:
 
 
 def extract_states(x_BCTD: Float[Array, "B C T D"],
-                   extract_BC: Int[Array, "B C"]) -> Float[Array, "B C D"]:
-    """The final hidden state at each sequence's `<extract>` token."""
-    return jnp.take_along_axis(x_BCTD, extract_BC[:, :, None, None], axis=2)[:, :, 0]
+                   read_BC: Int[Array, "B C"]) -> Float[Array, "B C D"]:
+    """The final hidden state each head reads (`<extract>`, or position 0 for BERT)."""
+    return jnp.take_along_axis(x_BCTD, read_BC[:, :, None, None], axis=2)[:, :, 0]
+
+
+# --------------------------------------------------------------------- trunks
+
+
+def seq2seq_decoder_states(cfg: seq2seq.Seq2SeqConfig, params: dict, tokens_BT: Int[Array, "B T"],
+                           valid_BT, key: jax.Array | None = None) -> Float[Array, "B T D"]:
+    """BART's classification pass: `tokens_BT` through the encoder (pads masked), then the
+    same tokens teacher-forced through the causal decoder; the decoder's final states.
+
+    `seq2seq.forward` stopping before the logits, its dropout keys split the same way.
+    """
+    k_enc, k_dec = (None, None) if key is None else tuple(jax.random.split(key))
+    cross = seq2seq.all_cross_kv(cfg, params, seq2seq.encode(cfg, params, tokens_BT, valid_BT,
+                                                             k_enc))
+    return seq2seq.decode_hidden(cfg, params, tokens_BT, cross, valid_BT, key=k_dec)[0]
+
+
+def trunk_states(cfg: ModelConfig, trunk: dict, tokens_NT: Int[Array, "N T"],
+                 extract_N: Int[Array, "N"], segment_NT: Int[Array, "N T"] | None = None,
+                 key: jax.Array | None = None) -> tuple[Float[Array, "N T D"], Int[Array, "N"]]:
+    """(final states, the position each head reads) for right-padded sequences; without
+    `segment_NT` (or with one token type) the encoder sees token type 0 throughout."""
+    fam = family_of(cfg)
+    if fam == "decoder":
+        return model.hidden_states(cfg, trunk, tokens_NT, key=key), extract_N
+    valid_NT = jnp.arange(tokens_NT.shape[1])[None, :] <= extract_N[:, None]
+    if fam == "seq2seq":
+        return seq2seq_decoder_states(cfg, trunk, tokens_NT, valid_NT, key), extract_N
+    if segment_NT is None or cfg.type_vocab_size < 2:  # one token type (RoBERTa-like)
+        segment_NT = jnp.zeros_like(tokens_NT)
+    x_NTD = encoder.hidden_states(cfg, trunk, tokens_NT, segment_ids=segment_NT, mask=valid_NT,
+                                  key=key)
+    return x_NTD, jnp.zeros_like(extract_N)
+
+
+def lm_logits(cfg: ModelConfig, trunk: dict, x_NTD) -> Float[Array, "N T V"]:
+    """The trunk's own LM head: next-token logits (GPT, the seq2seq decoder), or BERT's
+    masked-LM logits (each position's prediction of its own token)."""
+    heads = {"decoder": model.unembed, "encoder": encoder.mlm_head, "seq2seq": seq2seq.logits}
+    return heads[family_of(cfg)](cfg, trunk, x_NTD)
 
 
 def head_logits(kind: str, head: dict, h_BCD: Float[Array, "B C D"]) -> Float[Array, "B K"]:
@@ -136,28 +194,37 @@ def head_logits(kind: str, head: dict, h_BCD: Float[Array, "B C D"]) -> Float[Ar
 
 def forward(cfg: ModelConfig, params: dict, batch: dict, kind: str, *, clf_dropout: float = 0.0,
             key: jax.Array | None = None) -> tuple[Float[Array, "B K"], Float[Array, "B C T V"]]:
-    """Task logits and LM logits from one trunk pass; params = {'gpt': ..., 'head': ...}."""
+    """Task logits and the trunk's LM logits (`lm_logits`) from one trunk pass, for any of
+    the three families; params = {'gpt': trunk params (any family), 'head': ...}."""
     b, c, t = batch["tokens"].shape
     keys = (None, None) if key is None else tuple(jax.random.split(key))
-    x_NTD = model.hidden_states(cfg, params["gpt"], batch["tokens"].reshape(b * c, t),
-                                key=keys[0])
-    x_BCTD = x_NTD.reshape(b, c, t, -1)
-    h_BCD = model.dropout(extract_states(x_BCTD, batch["extract"]), clf_dropout, keys[1])
-    lm_logits_NTV = model.unembed(cfg, params["gpt"], x_NTD)
+    segment = batch.get("segment")
+    x_NTD, read_N = trunk_states(cfg, params["gpt"], batch["tokens"].reshape(b * c, t),
+                                 batch["extract"].reshape(b * c),
+                                 None if segment is None else segment.reshape(b * c, t), keys[0])
+    h_BCD = extract_states(x_NTD.reshape(b, c, t, -1), read_N.reshape(b, c))
+    h_BCD = model.dropout(h_BCD, clf_dropout, keys[1])
+    lm_logits_NTV = lm_logits(cfg, params["gpt"], x_NTD)
     return head_logits(kind, params["head"], h_BCD), lm_logits_NTV.reshape(b, c, t, -1)
 
 
 def finetune_loss(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
                   clf_dropout: float = 0.0, key: jax.Array | None = None
                   ) -> tuple[Float[Array, ""], dict]:
-    """L3 = L2 + λ·L1: task cross-entropy plus λ times the LM loss on the task's sequences."""
+    """L3 = L2 + λ·L1: task cross-entropy plus λ times the LM loss on the task's sequences.
+
+    L1 is GPT's next-token loss for the decoder-only family and 0 (reported as
+    `lm_loss` = 0) for the encoder and the encoder–decoder, whose trunks see the next token.
+    """
     logits_BK, lm_logits_BCTV = forward(cfg, params, batch, kind, clf_dropout=clf_dropout,
                                         key=key)
     l2 = optax.softmax_cross_entropy_with_integer_labels(logits_BK, batch["label"]).mean()
-    lm_BCT = optax.softmax_cross_entropy_with_integer_labels(lm_logits_BCTV[:, :, :-1],
-                                                             batch["tokens"][:, :, 1:])
-    mask = batch["lm_mask"]
-    l1 = (lm_BCT * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    l1 = jnp.zeros((), jnp.float32)
+    if family_of(cfg) == "decoder":  # unused LM logits of the other families are pruned by jit
+        lm_BCT = optax.softmax_cross_entropy_with_integer_labels(lm_logits_BCTV[:, :, :-1],
+                                                                 batch["tokens"][:, :, 1:])
+        mask = batch["lm_mask"]
+        l1 = (lm_BCT * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     acc = (jnp.argmax(logits_BK, -1) == batch["label"]).mean()
     return l2 + lm_coef * l1, {"loss": l2 + lm_coef * l1, "clf_loss": l2, "lm_loss": l1,
                                "accuracy": acc}
@@ -331,7 +398,8 @@ def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = 
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.abspath(os.path.join(out_dir, "params")), params, force=True)
     ckpt.wait_until_finished()
-    summary = {"task": ft.task, "kind": kind, "pretrained": pretrained_workdir,
+    summary = {"task": ft.task, "kind": kind, "family": family_of(cfg),
+               "pretrained": pretrained_workdir,
                "pretrained_step": step, "steps": ft.steps, "accuracy_before": before[0],
                "accuracy": after[0], "accuracy_stderr": after[1], "chance": 1 / n_classes,
                "config": dataclasses.asdict(ft)}

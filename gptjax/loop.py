@@ -24,10 +24,12 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import family
 from gptjax import metrics as metrics_lib
 from gptjax import sample, sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig, workdir_tokenizer
+from gptjax.data import numbers
 from gptjax.data.pipeline import make_datasets
 from gptjax.data.tokenizer import check_vocab
 from gptjax.optimizer import OptimizerConfig, batch_size_at
@@ -74,21 +76,23 @@ def setup_compilation_cache(path: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def evaluate(trainer: Trainer, params, eval_iter_factory, n_batches: int) -> dict[str, float]:
-    """Mean eval loss and perplexity over up to `n_batches` validation batches."""
+def evaluate(trainer: Trainer, params, eval_iter_factory, n_batches: int,
+             prepare=lambda i, batch: batch) -> dict[str, float]:
+    """Mean eval loss and perplexity over up to `n_batches` validation batches;
+    `prepare(i, batch)` turns a corpus batch into the model family's objective."""
     total, count = 0.0, 0.0
     for i, batch in enumerate(eval_iter_factory()):
         if i >= n_batches:
             break
         out = jax.device_get(trainer.eval_step(params, sharding.make_global_batch(
-            batch, trainer.mesh, trainer.rules)))
+            prepare(i, batch), trainer.mesh, trainer.rules)))
         total, count = total + float(out["loss_sum"]), count + float(out["tokens"])
     loss = total / max(count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
 def preview(cfg: ModelConfig, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
-    """A short sample from the current params (shown during training)."""
+    """A short sample from the current (decoder) params, shown during training."""
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
     ids = ids[-max(1, cfg.max_len - n_tokens):]
     out = sample.generate(cfg, params, np.array([ids]), key=jax.random.key(seed),
@@ -98,11 +102,38 @@ def preview(cfg: ModelConfig, params, tokenizer, prompt: str, n_tokens: int, see
 
 
 def _save_run_files(workdir: str, configs: dict) -> None:
-    """The resolved config (gin syntax and JSON) next to the checkpoints."""
+    """The resolved config (gin syntax and JSON, with the model family) next to the checkpoints."""
     with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.config_str())
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({k: dataclasses.asdict(v) for k, v in configs.items()}, f, indent=2)
+        json.dump({"family": family.family_of(configs["model"]),
+                   **{k: dataclasses.asdict(v) for k, v in configs.items()}}, f, indent=2)
+
+
+def run_datasets(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, train_cfg: TrainConfig):
+    """(train iterator, eval factory): a corpus's windows, or a task in the family's format."""
+    shard = dict(seed=train_cfg.seed, process_index=jax.process_index(),
+                 process_count=jax.process_count())
+    if data_cfg.dataset in numbers.TASKS:
+        return numbers.make_task_datasets(
+            data_cfg.dataset, family.family_of(model_cfg), tokenizer, train_cfg.seq_len,
+            train_cfg.batch_size, max_number=data_cfg.task_max_number, **shard)
+    return make_datasets(data_cfg.dataset, tokenizer, train_cfg.seq_len, train_cfg.batch_size,
+                         data_cfg.resolved_data_dir, path=data_cfg.path, **shard)
+
+
+def task_metrics(model_cfg: ModelConfig, params, tokenizer, data_cfg: DataConfig,
+                 train_cfg: TrainConfig, n_examples: int) -> tuple[dict, str]:
+    """Exact match of greedy decoding on validation examples of a seq2seq task, and a preview."""
+    from gptjax import task_eval
+    pairs = numbers.pairs(data_cfg.dataset, "validation", data_cfg.task_max_number)
+    pairs = pairs[::max(1, len(pairs) // n_examples)][:n_examples]  # spread over the range
+    kw = dict(task=data_cfg.dataset, seq_len=train_cfg.seq_len,
+              max_number=data_cfg.task_max_number)
+    fam = family.family_of(model_cfg)
+    em = task_eval.exact_match(fam, model_cfg, params, tokenizer, pairs, **kw)
+    return {"eval/exact_match": em}, task_eval.preview(fam, model_cfg, params, tokenizer, pairs,
+                                                        **kw)
 
 
 def train(workdir: str, *, model_cfg: ModelConfig | None = None,
@@ -116,7 +147,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     `dry_run` compiles the train step for the configured mesh and reports its
     memory and FLOPs without training.
     """
-    model_cfg, train_cfg = model_cfg or ModelConfig(), train_cfg or TrainConfig()
+    model_cfg, train_cfg = model_cfg or family.model_config(), train_cfg or TrainConfig()
     opt_cfg, data_cfg = opt_cfg or OptimizerConfig(), data_cfg or DataConfig()
     mesh_cfg = mesh_cfg or sharding.MeshConfig()
     primary = jax.process_index() == 0
@@ -141,10 +172,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
         multihost_utils.sync_global_devices("gptjax_prepare_data")
     tokenizer = workdir_tokenizer(workdir, data_cfg, save=primary)
     check_vocab(tokenizer, model_cfg.vocab_size)
-    train_iter, eval_factory = make_datasets(
-        data_cfg.dataset, tokenizer, train_cfg.seq_len, train_cfg.batch_size,
-        data_cfg.resolved_data_dir, seed=train_cfg.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), path=data_cfg.path)
+    train_iter, eval_factory = run_datasets(data_cfg, model_cfg, tokenizer, train_cfg)
     if multi and primary:
         multihost_utils.sync_global_devices("gptjax_prepare_data")
     if primary:
@@ -168,12 +196,22 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     summary = {"start_step": start, "steps": train_cfg.steps, "preempted": False}
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
     ramp = BatchRamp(opt_cfg, train_cfg)
+    if ramp.enabled and family.family_of(model_cfg) != "decoder":
+        raise ValueError("OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
+                         "models; set it to 0 for encoder and seq2seq runs.")
+    is_task = data_cfg.dataset in numbers.TASKS
+    base_key = jax.random.key(train_cfg.seed)
+
+    def prepare(step: int, local: dict) -> dict:
+        """The family's objective from a corpus batch (BERT masking is keyed by the step)."""
+        return family.from_windows(model_cfg, local, tokenizer, jax.random.fold_in(
+            jax.random.fold_in(base_key, jax.process_index()), step))
     say = (lambda msg: tqdm.write(msg)) if primary else (lambda msg: None)
     last_good, window = manager.latest_step(), {"t": time.perf_counter(), "step": start}
 
     def global_batch(step: int) -> dict:
         """The next batch; under GPT-3's batch ramp, rows past the ramp size are masked out."""
-        local = next(train_iter)
+        local = prepare(step, next(train_iter))
         if ramp.enabled:
             local["loss_mask"] = ramp.local_mask(step, local["tokens"].shape)
         return sharding.make_global_batch(local, mesh, rules)
@@ -200,11 +238,18 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
                         mfu=f"{metrics['mfu']:.1%}")
 
     def eval_and_preview(step: int) -> dict:
-        ev = evaluate(trainer, state.params, eval_factory, train_cfg.eval_batches)
-        text = preview(model_cfg, state.params, tokenizer, train_cfg.sample_prompt,
-                       train_cfg.sample_tokens, step)
+        ev = evaluate(trainer, state.params, eval_factory, train_cfg.eval_batches,
+                      lambda i, b: prepare(2**31 + i, b))  # the same masks at every eval
+        if is_task:
+            task_ev, text = task_metrics(model_cfg, state.params, tokenizer, data_cfg, train_cfg,
+                                         train_cfg.eval_batches * train_cfg.batch_size)
+            ev |= task_ev
+        else:
+            text = family.preview(model_cfg, state.params, tokenizer, train_cfg.sample_prompt,
+                                  train_cfg.sample_tokens, step, preview)
         writer.write_text(step, "sample", text)
-        say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f})"
+        em = f", exact match {ev['eval/exact_match']:.1%}" if "eval/exact_match" in ev else ""
+        say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f}){em}"
             f"\n--- sample ---\n{text}\n---")
         summary.update(ev, sample=text)
         return ev

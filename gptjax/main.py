@@ -44,9 +44,12 @@ def cmd_sample(args) -> None:
     import numpy as np
 
     from gptjax import sample
+    from gptjax.family import family_of
     from gptjax.workdir import load_run
 
     cfg, params, tokenizer, _, step = load_run(args.workdir)
+    if family_of(cfg) != "decoder":
+        return _sample_family(args, cfg, params, tokenizer, step)
     ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
     ids = ids[-max(1, cfg.max_len - args.max_new_tokens):]
     new = min(args.max_new_tokens, cfg.max_len - len(ids))
@@ -64,6 +67,29 @@ def cmd_sample(args) -> None:
     for i in range(args.num_samples):
         text = tokenizer.decode(np.asarray(out.tokens[i, len(ids):]).tolist())
         print(f"--- sample {i} (step {step}) ---\n{args.prompt}{text}")
+
+
+def _sample_family(args, cfg, params, tokenizer, step) -> None:
+    """`gptjax sample` for an encoder–decoder: the prompt is the source, decoded greedily
+    (or with --num_beams); an encoder-only model does not generate."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gptjax import seq2seq_decode
+    from gptjax.family import family_of
+    if family_of(cfg) == "encoder":
+        raise ValueError("an encoder-only model (BERT) does not generate text; fine-tune it with "
+                         "`gptjax finetune` or score it with `gptjax eval`.")
+    src = jnp.asarray([(tokenizer.encode(args.prompt) or [tokenizer.eos_id])[:cfg.max_len]])
+    kw = dict(start_id=tokenizer.start_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+              max_len=min(args.max_new_tokens, cfg.max_len))
+    if args.num_beams > 1:
+        out = seq2seq_decode.beam_search(cfg, params, src, num_beams=args.num_beams,
+                                         **kw).tokens
+    else:
+        out = seq2seq_decode.greedy(cfg, params, src, **kw)
+    print(f"--- {args.prompt!r} => (step {step}, {'beam' if args.num_beams > 1 else 'greedy'}) "
+          f"---\n{tokenizer.decode(np.asarray(out[0]).tolist())}")
 
 
 def cmd_eval(args) -> None:

@@ -10,16 +10,16 @@ the tied output projection, plus Marian's `final_logits_bias`.
 Params: `wte`, `encoder/h` (the encoder's layers), `decoder/h` (with
 `ln_cross` and `cross_attn/{q,kv,c_proj}`), `final_logits_bias`, and for
 pre-LN an `ln_f` per stack. Cross-attention K/V are a function of the source
-alone, so cached decoding computes them once per source (`prepare`).
+alone (`all_cross_kv`), so cached decoding (`gptjax.seq2seq_decode`: `greedy`,
+`beam_search`) computes them once per source and reuses them at every step.
 
 Shape letters: B batch, S source, T target, D model, N heads, H head dim,
-V vocab, L layers.
+V vocab, L layers, K beams, R = B*K beam rows, U = K*T queries per source.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import gin
@@ -44,6 +44,7 @@ class Seq2SeqConfig(ModelConfig):
       n_decoder_layers: decoder depth (None: same as the encoder).
       activation: MLP nonlinearity (`encoder.ACTIVATIONS`; the paper: relu).
       scale_embedding: multiply token embeddings by sqrt(d_model) (paper, Marian).
+      label_smoothing: the training loss's eps_ls in [0, 1) (the paper: 0.1).
     """
 
     ln_placement: str = "post"
@@ -51,10 +52,13 @@ class Seq2SeqConfig(ModelConfig):
     n_decoder_layers: int | None = None
     activation: str = "relu"
     scale_embedding: bool = True
+    label_smoothing: float = 0.1
 
     def __post_init__(self):
         super().__post_init__()
         encoder.check_activation(self.activation)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if self.pos_embedding not in ("sinusoidal", "learned"):
             raise ValueError("seq2seq positions are 'sinusoidal' or 'learned', got "
                              f"{self.pos_embedding!r} (rotary has no meaning across attention).")
@@ -176,13 +180,23 @@ def cross_kv(cfg: Seq2SeqConfig, p: Params, enc_BSD: Float[Array, "B S D"]
 def cross_attention(cfg: Seq2SeqConfig, p: Params, x_BTD: Float[Array, "B T D"],
                     k_BSNH, v_BSNH, mask_B1TS: Bool[Array, "B 1 T S"],
                     keys=(None, None)) -> Float[Array, "B T D"]:
-    """Queries from the decoder, keys/values from the encoder output."""
+    """Queries from the decoder, keys/values from the encoder output.
+
+    `x_BTD` may hold K consecutive rows per source (beams: B*K rows for B
+    sources); they are attended as one row of K*T queries, which is exact
+    because cross-attention has no mask between queries, so the source K/V
+    (and `mask_B1TS`, built for K*T queries) are never copied K times.
+    """
     dt = cfg.compute_dtype
+    rows, t = x_BTD.shape[:2]
+    b = k_BSNH.shape[0]
     q_BTNH = (jnp.einsum("btd,dnh->btnh", x_BTD, p["q"]["kernel"].astype(dt))
               + p["q"]["bias"].astype(dt))
-    out_BTNH = attn_lib.attention(q_BTNH, k_BSNH.astype(dt), v_BSNH.astype(dt), mask_B1TS,
+    q_BUNH = q_BTNH.reshape(b, rows // b * t, *q_BTNH.shape[2:])  # U = K*T queries per source
+    out_BUNH = attn_lib.attention(q_BUNH, k_BSNH.astype(dt), v_BSNH.astype(dt), mask_B1TS,
                                   impl=cfg.attention_impl, dropout_rate=cfg.attn_dropout,
                                   key=keys[0])
+    out_BTNH = out_BUNH.reshape(q_BTNH.shape)
     out_BTD = (jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt))
                + p["c_proj"]["bias"].astype(dt))
     return model.dropout(out_BTD, cfg.resid_dropout, keys[1])
@@ -241,24 +255,29 @@ def logits(cfg: Seq2SeqConfig, params: Params, x_BTD) -> Float[Array, "B T V"]:
     return constrain(out, ("batch", "seq", "vocab"))
 
 
-def decode(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"], cross: dict,
-           src_valid_BS, *, cache: dict | None = None, cache_index=0,
-           key=None) -> tuple[Float[Array, "B T V"], dict | None]:
-    """Decoder logits for `tgt_BT` at target slots [cache_index, cache_index + T).
+def decode_hidden(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"], cross: dict,
+                  src_valid_BS, *, cache: dict | None = None, cache_index=0,
+                  key=None) -> tuple[Float[Array, "B T D"], dict | None]:
+    """The decoder's final states (after its final LN) for `tgt_BT` at target
+    slots [cache_index, cache_index + T), and the updated cache.
 
-    Without a cache the whole target is scored at once (teacher forcing); with
-    one (`init_cache`), new self-attention K/V are written into it and the
-    queries attend over every slot filled so far.
+    Without a cache the whole target is read at once (teacher forcing); with
+    one (`seq2seq_decode.init_cache`), new self-attention K/V are written into
+    it and the queries attend over every slot filled so far. `cross` and
+    `src_valid_BS` may be those of B / K sources, each shared by K consecutive
+    target rows (beams; see `cross_attention`).
     """
     dcfg = _decoder_cfg(cfg)
     model.check_tokens(cfg, tgt_BT, None if cache is None else cache["k"].shape[2])
     b, t = tgt_BT.shape
+    if b % src_valid_BS.shape[0]:
+        raise ValueError(f"{b} target rows cannot share {src_valid_BS.shape[0]} sources evenly.")
     n_slots = t if cache is None else cache["k"].shape[2]
     positions_BT = _positions(b, t, cache_index)
     q_slot_T = cache_index + jnp.arange(t)
     self_mask = attn_lib.make_mask(q_slot_T, jnp.broadcast_to(
         jnp.arange(n_slots) < cache_index + t, (b, n_slots)))
-    cross_mask = encoder.padding_mask(src_valid_BS, t)
+    cross_mask = encoder.padding_mask(src_valid_BS, b // src_valid_BS.shape[0] * t)
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     x_BTD = embed(cfg, params, params["decoder"], tgt_BT, positions_BT, keys[0])
     per_layer = {"ck": cross["k"], "cv": cross["v"]}
@@ -276,7 +295,16 @@ def decode(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"], cross:
 
     x_BTD, (k, v) = model.run_layers(dcfg, params["decoder"]["h"], x_BTD, per_layer, layer_fn)
     x_BTD = _final_ln(cfg, params["decoder"], x_BTD)
-    return logits(cfg, params, x_BTD), (None if cache is None else {"k": k, "v": v})
+    return x_BTD, (None if cache is None else {"k": k, "v": v})
+
+
+def decode(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"], cross: dict,
+           src_valid_BS, *, cache: dict | None = None, cache_index=0,
+           key=None) -> tuple[Float[Array, "B T V"], dict | None]:
+    """`decode_hidden`, then the output projection: (logits, updated cache)."""
+    x_BTD, cache = decode_hidden(cfg, params, tgt_BT, cross, src_valid_BS, cache=cache,
+                                 cache_index=cache_index, key=key)
+    return logits(cfg, params, x_BTD), cache
 
 
 def forward(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
@@ -297,45 +325,6 @@ def forward(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
     enc_BSD = encode(cfg, params, src_BS, src_valid_BS, keys[0])
     cross = all_cross_kv(cfg, params, enc_BSD)
     return decode(cfg, params, tgt_BT, cross, src_valid_BS, key=keys[1])[0]
-
-
-# ------------------------------------------------------------- cached decoding
-
-
-def init_cache(cfg: Seq2SeqConfig, batch: int, max_len: int) -> dict:
-    """The decoder self-attention cache, `(L, B, T, N, H)` per key/value."""
-    shape = (cfg.decoder_layers, batch, max_len, cfg.n_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-
-
-def prepare(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
-            src_mask: Int[Array, "B S"] | None = None) -> dict:
-    """What decoding needs from the source, computed once: cross K/V and its mask."""
-    valid_BS = jnp.ones(src_BS.shape, bool) if src_mask is None else src_mask.astype(bool)
-    enc_BSD = encode(cfg, params, src_BS, valid_BS)
-    return {"cross": all_cross_kv(cfg, params, enc_BSD), "src_valid": valid_BS}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "start_id", "eos_id", "pad_id"))
-def greedy(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
-           src_mask: Int[Array, "B S"] | None = None, *, start_id: int, eos_id: int,
-           max_len: int, pad_id: int = 0) -> Int[Array, "B T"]:
-    """Greedy decoding with the K/V caches; `max_len` tokens per row, the first
-    `eos_id` included and `pad_id` after it. The start token is not returned."""
-    source = prepare(cfg, params, src_BS, src_mask)
-    b = src_BS.shape[0]
-
-    def step(carry, i):
-        tok_B, cache, done_B = carry
-        logits_B1V, cache = decode(cfg, params, tok_B[:, None], source["cross"],
-                                   source["src_valid"], cache=cache, cache_index=i)
-        next_B = jnp.where(done_B, pad_id, jnp.argmax(logits_B1V[:, 0], axis=-1))
-        return (next_B, cache, done_B | (next_B == eos_id)), next_B
-
-    init = (jnp.full((b,), start_id, src_BS.dtype), init_cache(cfg, b, max_len),
-            jnp.zeros((b,), bool))
-    _, tokens_TB = jax.lax.scan(step, init, jnp.arange(max_len))
-    return tokens_TB.T.astype(src_BS.dtype)
 
 
 # ------------------------------------------------------------------- objective
@@ -361,3 +350,4 @@ def label_smoothed_loss(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array
     w_BT = mask_BT.astype(jnp.float32)
     denom = jnp.maximum(w_BT.sum(), 1.0)
     return (loss_BT * w_BT).sum() / denom, (nll_BT * w_BT).sum() / denom
+

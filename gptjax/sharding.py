@@ -34,7 +34,7 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax import model
+from gptjax import family
 from gptjax.config import ModelConfig
 from gptjax.logical import (BATCH_AXES, LOGICAL_AXES, MESH_AXES, PRESETS, Rules,  # noqa: F401
                             _as_rules, active_rules, constrain, logical_axis_rules,
@@ -149,8 +149,8 @@ def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules | str) -> Any:
-    """Shardings of `model.init_params(cfg, key)`, leaf for leaf."""
-    return tree_shardings(model.param_axes(cfg), mesh, rules)
+    """Shardings of the model family's `init_params(cfg, key)`, leaf for leaf."""
+    return tree_shardings(family.param_axes(cfg), mesh, rules)
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any,
@@ -192,8 +192,8 @@ def _divisors(n: int) -> str:
 def _param_problems(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> list[str]:
     """One message per (logical axis, size, mesh axes) that does not divide, naming the
     parameters it affects."""
-    shapes = jax.eval_shape(lambda key: model.init_params(cfg, key), jax.random.key(0))
-    named = jax.tree.leaves_with_path(model.param_axes(cfg), is_leaf=_is_names)
+    shapes = jax.eval_shape(lambda key: family.init_params(cfg, key), jax.random.key(0))
+    named = jax.tree.leaves_with_path(family.param_axes(cfg), is_leaf=_is_names)
     bad: dict[tuple, list[str]] = {}
     for (path, names), leaf in zip(named, jax.tree.leaves(shapes)):
         for name, axes, size in zip(names, logical_to_spec(names, rules), leaf.shape):

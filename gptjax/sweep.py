@@ -9,19 +9,24 @@ A sweep file binds one configurable, `Sweep`:
                     'ModelConfig.n_heads': [2, 4]}
     Sweep.seeds = [0, 1, 2]                          # TrainConfig.seed of each repeat
     Sweep.baseline = 'ln_placement=pre'              # default: the first variant
+    Sweep.finetune = ['real_or_shuffled']            # GPT-1 tasks each run is fine-tuned on
+    Sweep.extra_metrics = ['eval/exact_match']       # more columns in results.csv
 
 Variants are grid x zipped; each runs once per seed as `gptjax train` with the base file plus
 its bindings, in `W/<variant>/seed_<k>/`: sequentially in-process (gin's global config is
 cleared and re-parsed per run) or one subprocess each; `--print_commands` prints the command
 lines for a cluster scheduler instead. Finished runs are kept, so a sweep resumes. Outputs:
 `W/results.csv` (a row per variant: seed mean, std, Welch p-value vs the baseline), `W/runs.csv`
-(a row per run) and `W/*.png`.
+(a row per run) and `W/*.png`. With `Sweep.finetune`, every trained run is then fine-tuned on
+each named task (`gptjax.finetune`, in `<run>/finetune_<task>/`) and the accuracy becomes the
+metric `finetune/<task>`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import itertools
 import json
 import math
@@ -57,6 +62,9 @@ class Sweep:
       baseline: the variant the others are compared with (default: the first).
       metric: the metrics.jsonl key compared across variants (its final value).
       fit_scaling_law: fit L(N) = a * N^-b + c over non-embedding parameters (size sweeps).
+      finetune: GPT-1 fine-tuning tasks (`finetune.TASKS`) run on every trained run.
+      finetune_bindings: gin bindings for those fine-tunes (e.g. 'FinetuneConfig.steps = 200').
+      extra_metrics: more metrics (metrics.jsonl keys or 'finetune/<task>') tabulated per variant.
     """
 
     base: str = ""
@@ -67,12 +75,15 @@ class Sweep:
     baseline: str | None = None
     metric: str = "eval/loss"
     fit_scaling_law: bool = False
+    finetune: Sequence[str] = ()
+    finetune_bindings: Sequence[str] = ()
+    extra_metrics: Sequence[str] = ()
 
     def __post_init__(self):
         if not all(isinstance(s, int) for s in self.seeds):
             raise ValueError(f"Sweep.seeds must be a list of integers, got {self.seeds!r}.")
-        object.__setattr__(self, "seeds", tuple(self.seeds))
-        object.__setattr__(self, "bindings", tuple(self.bindings))
+        for name in ("seeds", "bindings", "finetune", "finetune_bindings", "extra_metrics"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         validate(self)
 
     def __hash__(self):
@@ -102,6 +113,11 @@ def validate(sweep: Sweep) -> None:
     if set(sweep.grid) & set(sweep.zipped):
         raise ValueError(f"bindings {sorted(set(sweep.grid) & set(sweep.zipped))} are in both "
                          "Sweep.grid and Sweep.zipped; put each in one.")
+    from gptjax.finetune import TASKS
+    unknown = [t for t in sweep.finetune if t not in TASKS]
+    if unknown:
+        raise ValueError(f"Sweep.finetune names unknown tasks {unknown}; choose from "
+                         f"{', '.join(TASKS)}.")
     if not sweep.seeds or len(set(sweep.seeds)) != len(sweep.seeds):
         raise ValueError(f"Sweep.seeds must be distinct and non-empty, got {list(sweep.seeds)}.")
 
@@ -225,26 +241,57 @@ def run_sweep(sweep: Sweep, workdir: str, extra_bindings: Sequence[str] = (),
         out = run_dir(workdir, variant, seed)
         if is_finished(out):
             log(f"[{i + 1}/{total}] {variant.name} seed {seed}: finished earlier, kept")
-            continue
-        log(f"[{i + 1}/{total}] {variant.name} seed {seed} -> {out}")
-        run_one(sweep.base, run_bindings(sweep, variant, seed, extra_bindings), out,
-                subprocess_mode)
+        else:
+            log(f"[{i + 1}/{total}] {variant.name} seed {seed} -> {out}")
+            run_one(sweep.base, run_bindings(sweep, variant, seed, extra_bindings), out,
+                    subprocess_mode)
+        for task in sweep.finetune:
+            finetune_one(out, task, sweep.finetune_bindings, seed, log)
     return write_report(sweep, workdir)
 
 
+def finetune_dir(run_workdir: str, task: str) -> str:
+    return os.path.join(run_workdir, f"finetune_{task}")
+
+
+def finetune_one(run_workdir: str, task: str, bindings: Sequence[str], seed: int, log=print
+                 ) -> None:
+    """Fine-tune a finished run on a GPT-1 task (kept if done before)."""
+    from gptjax.finetune import FinetuneConfig, finetune
+
+    out = finetune_dir(run_workdir, task)
+    if os.path.exists(os.path.join(out, "summary.json")):
+        return
+    try:
+        parse_gin([], [*bindings, f"FinetuneConfig.task = {task!r}", f"FinetuneConfig.seed = {seed}"])
+        summary = finetune(run_workdir, out, FinetuneConfig())
+    finally:
+        gin.clear_config()
+    log(f"    fine-tuned on {task}: accuracy {summary['accuracy']:.3f}")
+
+
 def print_commands(sweep: Sweep, workdir: str, extra_bindings: Sequence[str] = ()) -> list[str]:
-    """One shell command line per (variant, seed), for a cluster scheduler."""
-    return [shlex.join(train_command(sweep.base, run_bindings(sweep, v, s, extra_bindings),
-                                     run_dir(workdir, v, s)))
-            for v in expand(sweep) for s in sweep.seeds]
+    """One shell command line per (variant, seed), for a cluster scheduler; with
+    `Sweep.finetune`, each run's fine-tunes follow it on the same line (`&&`)."""
+    lines = []
+    for v, s in itertools.product(expand(sweep), sweep.seeds):
+        out = run_dir(workdir, v, s)
+        commands = [train_command(sweep.base, run_bindings(sweep, v, s, extra_bindings), out)]
+        commands += [["gptjax", "finetune", f"--workdir={out}",
+                      f"--out={finetune_dir(out, task)}", f"--task={task}",
+                      *(f"--gin_bindings={b}" for b in (*sweep.finetune_bindings,
+                                                        f"FinetuneConfig.seed = {s}"))]
+                     for task in sweep.finetune]
+        lines.append(" && ".join(shlex.join(c) for c in commands))
+    return lines
 
 
 # ---------------------------------------------------------------- results
 
 
-def collect_run(run_workdir: str, metric: str) -> dict | None:
+def collect_run(run_workdir: str, metric: str, extra_metrics: Sequence[str] = ()) -> dict | None:
     """Final losses, throughput, size and curves of one run, from its metrics.jsonl."""
-    from gptjax.config import ModelConfig, param_count
+    from gptjax import family
     from gptjax.metrics import read_metrics
 
     rows = read_metrics(run_workdir)
@@ -252,8 +299,15 @@ def collect_run(run_workdir: str, metric: str) -> dict | None:
         return None
     last = lambda key: next((r[key] for r in reversed(rows) if key in r), math.nan)  # noqa: E731
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    finetuned = {}
+    for path in glob.glob(os.path.join(run_workdir, "finetune_*", "summary.json")):
+        with open(path) as f:
+            ft = json.load(f)
+        finetuned[f"finetune/{ft['task']}"] = ft["accuracy"]
+    value = lambda key: finetuned.get(key, last(key))  # noqa: E731
     out = {"train_loss": last("train/loss"), "eval_loss": last("eval/loss"),
-           "metric": last(metric), "step": rows[-1]["step"],
+           "metric": value(metric), "step": rows[-1]["step"], **finetuned,
+           **{key: value(key) for key in extra_metrics},
            # the first window's rate includes warm-up effects: the median of the rest
            "tokens_per_s": float(np.median(rates[1:] or rates)) if rates else math.nan,
            "curve": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
@@ -261,10 +315,13 @@ def collect_run(run_workdir: str, metric: str) -> dict | None:
     config_path = os.path.join(run_workdir, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
-            cfg = ModelConfig(**json.load(f)["model"])
+            raw = json.load(f)
+        cfg = family.config_class(raw.get("family", "decoder"))(**raw["model"])
         embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
         embedding += cfg.max_len * cfg.d_model if cfg.pos_embedding == "learned" else 0
-        out |= {"n_params": param_count(cfg), "non_embedding_params": param_count(cfg) - embedding}
+        n = family.param_count(cfg)
+        out |= {"family": family.family_of(cfg), "n_params": n,
+                "non_embedding_params": n - embedding}
     return out
 
 
@@ -288,12 +345,14 @@ def summarize(sweep: Sweep, runs: dict[str, list[dict]]) -> list[dict]:
         metric_values = [r["metric"] for r in rs]
         row = {"variant": v.name, "bindings": "; ".join(v.bindings())}
         row |= {k.split(".")[-1]: value for k, value in v.overrides}
-        row |= {"n_params": rs[0].get("n_params", ""),
+        row |= {"family": rs[0].get("family", ""), "n_params": rs[0].get("n_params", ""),
                 "non_embedding_params": rs[0].get("non_embedding_params", ""),
                 "seeds": len(rs), "steps": max(r["step"] for r in rs)}
         for name in ("train_loss", "eval_loss"):
             row[f"{name}_mean"], row[f"{name}_std"] = _stats([r[name] for r in rs])
         row["tokens_per_s"] = float(np.nanmean([r["tokens_per_s"] for r in rs]))
+        for key in (*sweep.extra_metrics, *(f"finetune/{t}" for t in sweep.finetune)):
+            row[f"{key}_mean"], row[f"{key}_std"] = _stats([r.get(key, math.nan) for r in rs])
         row["metric"] = sweep.metric
         mean, _ = _stats(metric_values)
         row["delta_vs_baseline"] = mean - _stats(base_values)[0] if base_values else math.nan
@@ -333,7 +392,7 @@ def write_report(sweep: Sweep, workdir: str) -> list[dict]:
     flat = []
     for v in expand(sweep):
         for seed in sweep.seeds:
-            r = collect_run(run_dir(workdir, v, seed), sweep.metric)
+            r = collect_run(run_dir(workdir, v, seed), sweep.metric, sweep.extra_metrics)
             if r is not None:
                 runs.setdefault(v.name, []).append(r)
                 flat.append({"variant": v.name, "seed": seed,

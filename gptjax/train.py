@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import model, sharding
+from gptjax import family, sharding
 from gptjax.config import ModelConfig
 from gptjax.optimizer import OptimizerConfig, accumulate_gradients, global_norm, make_optimizer, make_schedule
 
@@ -70,15 +70,10 @@ class TrainState:
 
 
 def loss_fn(cfg: ModelConfig, params, batch: dict, key: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy of `batch['tokens']` (B, T + 1), over
-    `batch['loss_mask']` (B, T) when present."""
-    tokens = batch["tokens"]
-    logits_BTV = model.forward(cfg, params, tokens[:, :-1], key=key)
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens[:, 1:])
-    mask_BT = batch.get("loss_mask")
-    if mask_BT is None:
-        return losses_BT.mean()
-    return (losses_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1)
+    """The model family's training loss (`family.loss`). For GPT: mean next-token
+    cross-entropy of `batch['tokens']` (B, T + 1), over `batch['loss_mask']` (B, T)
+    when present."""
+    return family.loss(cfg, params, batch, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +98,7 @@ class Trainer:
 
 def _init(cfg: ModelConfig, optimizer, seed: int) -> TrainState:
     init_key, rng = jax.random.split(jax.random.key(seed))
-    params = model.init_params(cfg, init_key)
+    params = family.init_params(cfg, init_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
 
@@ -112,7 +107,7 @@ def _train_step(cfg: ModelConfig, optimizer, schedule, num_micro: int, state: Tr
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     # Dropout keys ride along as a per-row batch leaf, so the microbatch
     # split hands each microbatch its own (it reads its first row's key).
-    b = batch["tokens"].shape[0]
+    b = family.batch_rows(batch)
     batch = {**batch, "dropout_key": jax.random.key_data(jax.random.split(key, b))}
 
     def loss_for(params, mb):
@@ -127,10 +122,7 @@ def _train_step(cfg: ModelConfig, optimizer, schedule, num_micro: int, state: Tr
 
 
 def _eval_step(cfg: ModelConfig, params, batch: dict) -> dict:
-    tokens = batch["tokens"]
-    logits_BTV = model.forward(cfg, params, tokens[:, :-1])
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens[:, 1:])
-    return {"loss_sum": losses_BT.sum(), "tokens": jnp.float32(losses_BT.size)}
+    return family.eval_sums(cfg, params, batch)
 
 
 def make_trainer(cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,

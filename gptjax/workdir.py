@@ -12,23 +12,23 @@ import os
 import jax
 
 from gptjax import checkpoint as ckpt_lib
-from gptjax import sharding
-from gptjax.config import ModelConfig
+from gptjax import family, sharding
 from gptjax.data.config import DataConfig, workdir_tokenizer
 from gptjax.optimizer import OptimizerConfig
 from gptjax.train import TrainConfig, abstract_state, make_trainer
 
 
 def load_configs(workdir: str) -> dict:
-    """The dataclass configs a run wrote to `workdir/config.json`."""
+    """The dataclass configs a run wrote to `workdir/config.json` (the model's in its
+    family's class: ModelConfig, EncoderConfig or Seq2SeqConfig)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json in {workdir!r}; train first with "
                                 f"`gptjax train --workdir={workdir} ...`.")
     with open(path) as f:
         raw = json.load(f)
-    kinds = {"model": ModelConfig, "train": TrainConfig, "optimizer": OptimizerConfig,
-             "data": DataConfig}
+    kinds = {"model": family.config_class(raw.get("family", "decoder")), "train": TrainConfig,
+             "optimizer": OptimizerConfig, "data": DataConfig}
     return {k: kinds[k](**v) for k, v in raw.items() if k in kinds}
 
 

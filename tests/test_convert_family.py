@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gptjax import convert, encoder, seq2seq  # noqa: E402
+from gptjax import convert, encoder, seq2seq, seq2seq_decode  # noqa: E402
 
 # (layers, width, heads, d_ff, vocab, positions, token types, activation, tied): odd sizes.
 BERT_SIZES = [(3, 35, 5, 51, 97, 23, 3, "gelu", True),
@@ -147,7 +147,7 @@ def test_cached_greedy_matches_hf_marian_generate():
                           do_sample=False, num_beams=1, max_new_tokens=12, min_new_tokens=12,
                           bad_words_ids=None, forced_eos_token_id=None).numpy()
     ref = ref[:, 1:]  # drop the start token
-    ours = np.asarray(seq2seq.greedy(cfg, params, jnp.asarray(src), jnp.asarray(src_mask),
+    ours = np.asarray(seq2seq_decode.greedy(cfg, params, jnp.asarray(src), jnp.asarray(src_mask),
                                      start_id=0, eos_id=1, max_len=12))
     assert len(np.unique(ref)) >= 3, "degenerate continuation: the test would prove little"
     np.testing.assert_array_equal(ours, ref)

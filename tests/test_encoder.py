@@ -158,3 +158,58 @@ def test_model_gin_file_equals_preset(name):
         assert encoder.EncoderConfig() == encoder.PRESETS[name]
     finally:
         gin.clear_config()
+
+
+# ------------------------------------------------------------- Hugging Face gradients
+
+
+def assert_grads_match_hf(ours: dict, ref: dict, rtol: float = 1e-4) -> None:
+    """Each HF gradient `ref[key]` equals ours mapped to that key by the exporter: to `rtol`,
+    with an absolute floor of `rtol` times the tensor's largest entry (float32 noise is
+    ~1e-6 of it).
+
+    Attention key biases are checked apart: softmax ignores a shift shared by every key,
+    so their gradient is exactly zero and both sides hold rounding noise."""
+    scale = max(np.abs(g).max() for g in ref.values())
+    for name, want in ref.items():
+        got = np.asarray(ours[name])
+        if name.endswith(("key.bias", "k_proj.bias")):
+            assert max(np.abs(got).max(), np.abs(want).max()) < 1e-6 * scale, name
+            continue
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(),
+                                   err_msg=name)
+
+
+def hf_grads(hf, loss) -> tuple[dict, set]:
+    """({name: gradient} of HF's parameters after `loss.backward()`, {names without one})."""
+    loss.backward()
+    named = dict(hf.named_parameters())  # a tied tensor appears once, with the summed gradient
+    return ({n: p.grad.numpy() for n, p in named.items() if p.grad is not None},
+            {n for n, p in named.items() if p.grad is None})
+
+
+def test_mlm_gradients_match_hf_bert():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from gptjax import convert_family
+    from tests.test_convert_family import BERT_SIZES, _hf_bert, _state_dict
+
+    size = BERT_SIZES[0]  # tied: the word embeddings get input + output gradients
+    hf, hf_cfg = _hf_bert(*size)
+    cfg, params = convert_family.from_hf_bert(_state_dict(hf), hf_cfg.to_dict())
+    rng = np.random.default_rng(1)
+    b, t, v = 3, 13, size[4]
+    tokens, weights = rng.integers(1, v, (b, t)), rng.normal(size=(b, t, v)).astype(np.float32)
+    segments = (np.arange(t)[None] >= rng.integers(3, t, (b, 1))).astype(np.int64)
+    mask = (np.arange(t)[None] < np.array([[t], [t - 4], [7]])).astype(np.int64)
+    logits = hf(input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(segments),
+                attention_mask=torch.tensor(mask)).logits
+    ref, unused = hf_grads(hf, (logits * torch.tensor(weights)).sum())
+    assert not unused
+
+    def loss(p):  # every logit gets its own cotangent
+        return (encoder.forward(cfg, p, jnp.asarray(tokens), segment_ids=jnp.asarray(segments),
+                                mask=jnp.asarray(mask)) * weights).sum()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert_grads_match_hf(convert_family.to_hf_bert(cfg, grads)[0], ref)

@@ -7,6 +7,7 @@ import os
 import gin
 import pytest
 
+from gptjax import family
 from gptjax import main as cli
 from gptjax.config import PRESETS, ModelConfig, get_preset
 from gptjax.data.config import DataConfig
@@ -45,7 +46,7 @@ def test_experiment_file_builds_every_config(path):
     macros = ["STEPS = 10", "BATCH_SIZE = 8", "SEQ_LEN = 16", "PEAK_LR = 1e-3",
               "WARMUP_STEPS = 1"] if path.startswith("runs/") else []
     cli.parse_gin([path], macros)
-    ModelConfig(), TrainConfig(), OptimizerConfig(), DataConfig(), MeshConfig()
+    family.model_config(), TrainConfig(), OptimizerConfig(), DataConfig(), MeshConfig()
 
 
 def test_quickstart_is_a_cpu_sized_run():

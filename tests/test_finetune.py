@@ -1,18 +1,24 @@
 """GPT-1 fine-tuning: input transforms, each head's loss against a direct computation on
-unpadded sequences, similarity symmetry, multiple-choice equivariance, L3 = L2 + λ·L1."""
+unpadded sequences, similarity symmetry, multiple-choice equivariance, L3 = L2 + λ·L1; the same
+heads on the encoder (BERT: [CLS] state, token types, padding mask) and the encoder–decoder
+(BART: decoder state at <extract>), checked against direct paths and trained on a toy task."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import encoder, model, seq2seq
 from gptjax import finetune as ft
-from gptjax import model
 from gptjax.config import ModelConfig
+from gptjax.encoder import EncoderConfig
 from gptjax.optimizer import OptimizerConfig, make_optimizer
+from gptjax.seq2seq import Seq2SeqConfig
 
 SP = ft.Specials(start=4, delim=5, extract=6, pad=0)
-CFG = ModelConfig(n_layers=2, d_model=20, n_heads=5, d_ff=28, vocab_size=31, max_len=16)
+# Unrolled layers: eager calls then reuse per-op compilations (a scan re-traces every call).
+CFG = ModelConfig(n_layers=2, d_model=20, n_heads=5, d_ff=28, vocab_size=31, max_len=16,
+                  scan_layers=False)
 GPT = model.init_params(CFG, jax.random.key(0))
 HIDDEN = jax.jit(lambda tokens: model.hidden_states(CFG, GPT, tokens))
 
@@ -43,6 +49,10 @@ def test_batch_pads_right_and_marks_extract_and_lm_targets():
     np.testing.assert_array_equal(batch["extract"], [[5], [4]])
     np.testing.assert_array_equal(batch["lm_mask"][:, 0], [[1, 1, 1, 1, 1, 0, 0],
                                                            [1, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["segment"][:, 0], [[0, 0, 0, 0, 1, 1, 0, 0],
+                                                           [0, 0, 0, 1, 1, 0, 0, 0]])
+    one = ft.make_batch("classification", [([[10, 11]], 0)], SP, 6)
+    np.testing.assert_array_equal(one["segment"], np.zeros((1, 1, 6)))
     np.testing.assert_array_equal(batch["label"], [1, 0])
 
 
@@ -138,3 +148,135 @@ def test_demo_tasks_have_their_kinds_and_valid_labels():
         ft.demo_examples("sentiment", texts, 5, 0)
     with pytest.raises(ValueError, match="FinetuneConfig.task"):
         ft.FinetuneConfig(task="sentiment")
+
+
+# ------------------------------------------------- encoder and encoder–decoder trunks
+
+
+def _jiggle(tree, seed, scale=0.1):
+    """Random weights far from init (non-unit LNs, non-zero biases, peaked attention), so a
+    wrong mask, segment or read position cannot pass. (NumPy noise: nothing to compile.)"""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(
+        a.shape).astype(a.dtype)), tree)
+
+
+ENC = EncoderConfig(n_layers=2, d_model=20, n_heads=5, d_ff=28, vocab_size=31, max_len=16,
+                    scan_layers=False)
+S2S = Seq2SeqConfig(n_layers=2, n_decoder_layers=3, d_model=20, n_heads=5, d_ff=28,
+                    vocab_size=37, max_len=16, ln_placement="pre", scan_layers=False)
+TRUNKS = {"decoder": (CFG, GPT),
+          "encoder": (ENC, _jiggle(encoder.init_params(ENC, jax.random.key(3)), 4)),
+          "seq2seq": (S2S, _jiggle(seq2seq.init_params(S2S, jax.random.key(5)), 6))}
+
+
+def _encoder_cls_state(ids):
+    """BERT by hand: the unpadded sequence, token types 1 after the first <delim>, [CLS]."""
+    seg = [0] * len(ids)
+    if SP.delim in ids:
+        seg[ids.index(SP.delim) + 1:] = [1] * (len(ids) - ids.index(SP.delim) - 1)
+    cfg, p = TRUNKS["encoder"]
+    return encoder.hidden_states(cfg, p, jnp.array([ids]), segment_ids=jnp.array([seg]))[0, 0]
+
+
+def _seq2seq_extract_state(ids):
+    """The decoder state at <extract>, recovered from `seq2seq.forward`'s logits on the
+    unpadded sequence (source = target = ids): logits = h @ wte^T + bias, and wte (V > D) has
+    full column rank, so least squares gives h back exactly."""
+    cfg, p = TRUNKS["seq2seq"]
+    logits_V = np.asarray(seq2seq.forward(cfg, p, jnp.array([ids]), jnp.array([ids]))[0, -1],
+                          np.float64)
+    wte_VD = np.asarray(p["wte"], np.float64)
+    return np.linalg.lstsq(wte_VD, logits_V - np.asarray(p["final_logits_bias"]), rcond=None)[0]
+
+
+# Four sequences per batch for every kind (B·C = 4) and lengths 6-7 only, so the eager calls
+# below share a handful of shapes and their compilations.
+FOUR = {
+    "classification": [([[10, 11, 12, 13]], 1), ([[13, 14, 15, 16, 17]], 0),
+                       ([[18, 19, 20, 21]], 2), ([[22, 23, 24, 25, 26]], 0)],
+    "entailment": [([[10], [20, 21]], 1), ([[10, 11], [20, 21]], 0), ([[12, 13], [21]], 2),
+                   ([[13, 14], [22, 23]], 1)],
+    "similarity": [([[10, 11], [20]], 1), ([[12], [21, 22, 23]], 0)],
+    "multiple_choice": [([[10, 11], [20], [21, 22], [23], [24, 25]], 3)],
+}
+
+
+def _direct_logits(kind, head, examples, state_fn):
+    w, b = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+    out = []
+    for segments, _ in examples:
+        states = [np.asarray(state_fn(ids), np.float64)
+                  for ids in ft.transform(kind, segments, SP, 16)]
+        out.append(np.array([h @ w[:, 0] + b[0] for h in states]) if kind == "multiple_choice"
+                   else sum(states) @ w + b)
+    return np.stack(out)
+
+
+def _head(kind):
+    return _jiggle(ft.init_head(kind, 20, 3, jax.random.key(1)), 2, scale=0.3)
+
+
+@pytest.mark.parametrize("fam", ["decoder", "encoder", "seq2seq"])
+def test_right_padding_changes_no_task_logit(fam):
+    cfg, trunk = TRUNKS[fam]
+    for kind in ft.KINDS:  # the longest sequence in FOUR has 7 tokens
+        params = {"gpt": trunk, "head": _head(kind)}
+        tight, padded = (ft.forward(cfg, params, ft.make_batch(kind, FOUR[kind], SP, t),
+                                    kind)[0] for t in (7, 16))
+        np.testing.assert_allclose(padded, tight, rtol=1e-5, atol=1e-6, err_msg=kind)
+
+
+@pytest.mark.parametrize("fam,state_fn", [("encoder", _encoder_cls_state),
+                                          ("seq2seq", _seq2seq_extract_state)])
+def test_task_logits_equal_direct_path_without_padding(fam, state_fn):
+    cfg, trunk = TRUNKS[fam]
+    for kind in ft.KINDS:
+        params = {"gpt": trunk, "head": _head(kind)}
+        batch = ft.make_batch(kind, FOUR[kind], SP, 16)
+        logits, lm_logits = ft.forward(cfg, params, batch, kind)
+        np.testing.assert_allclose(logits, _direct_logits(kind, params["head"], FOUR[kind],
+                                                          state_fn), rtol=1e-4, atol=1e-5)
+        loss, metrics = ft.finetune_loss(cfg, params, batch, kind, lm_coef=0.5)
+        assert float(metrics["lm_loss"]) == 0.0  # no auxiliary LM loss for these families
+        assert float(loss) == pytest.approx(float(metrics["clf_loss"]), rel=1e-6)
+        if fam == "seq2seq" and kind == "entailment":  # every real position's LM logits
+            ids = ft.transform(kind, FOUR[kind][1][0], SP, 16)[0]
+            direct = seq2seq.forward(cfg, trunk, jnp.array([ids]), jnp.array([ids]))[0]
+            np.testing.assert_allclose(lm_logits[1, 0, :len(ids)], direct, rtol=1e-4, atol=1e-5)
+
+
+def _contains_task(n, seed):
+    """Classification: does a random text of 1-6 tokens contain token 10? Balanced."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        text = list(rng.integers(11, 31, rng.integers(1, 7)))
+        if i % 2:
+            text[rng.integers(len(text))] = 10
+        out.append(([text], i % 2))
+    return out
+
+
+@pytest.mark.parametrize("fam", ["encoder", "seq2seq"])
+def test_short_finetune_learns_a_toy_task(fam):
+    """One layer per stack keeps the compile short. Every batch is new, so the accuracy the
+    step reports (before updating on that batch, classifier dropout on) is held-out."""
+    cfg = TRUNKS[fam][0].replace(n_layers=1)
+    init = encoder.init_params if fam == "encoder" else seq2seq.init_params
+    if fam == "seq2seq":
+        cfg = cfg.replace(n_decoder_layers=1)
+    kind, steps, bs = "classification", 80, 32
+    optimizer = make_optimizer(OptimizerConfig(peak_lr=3e-3, warmup_steps=10, decay="linear"),
+                               steps)
+    step, _ = ft._make_step(cfg, kind, ft.FinetuneConfig(steps=steps, clf_dropout=0.1), optimizer)
+    params = {"gpt": init(cfg, jax.random.key(7)), "head": ft.init_head(kind, 20, 2,
+                                                                        jax.random.key(8))}
+    data, opt_state, accs = _contains_task(steps * bs, seed=0), optimizer.init(params), []
+    for s in range(steps):
+        batch = ft.make_batch(kind, data[s * bs:(s + 1) * bs], SP, 8)
+        params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(s))
+        accs.append(float(metrics["accuracy"]))
+    print(f"{fam}: held-out accuracy, first 10 batches {np.mean(accs[:10]):.3f}, "
+          f"last 20 batches {np.mean(accs[-20:]):.3f} (chance 0.5)")
+    assert np.mean(accs[-20:]) > 0.85

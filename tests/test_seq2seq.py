@@ -1,6 +1,7 @@
 """The encoder–decoder: causal decoder, exact cross-attention, padding, cached decoding, loss."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import encoder, seq2seq
+from gptjax import encoder, seq2seq, seq2seq_decode
+from tests.test_encoder import assert_grads_match_hf, hf_grads
 
 # Odd sizes; head_dim 7; 2 encoder and 3 decoder layers so the two depths cannot be swapped.
 CFG = seq2seq.Seq2SeqConfig(n_layers=2, n_decoder_layers=3, d_model=42, n_heads=6, d_ff=37,
@@ -31,6 +33,24 @@ def _params(cfg=CFG, seed=0):
         return jnp.asarray(x * 4.0)
 
     return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+@functools.lru_cache(maxsize=None)
+def _varied_params(vocab_size=CFG.vocab_size):
+    """`_params` with plain LayerNorms, zero biases and 5x the weights, for decoding
+    tests: random post-LN models repeat one token (the LN biases dominate), these vary
+    more. The start/pad id is never predicted (Marian's bad_words_ids), so pad after
+    EOS is unambiguous. A smaller vocabulary keeps the first rows of the tables."""
+
+    def reset(path, x):
+        where = jax.tree_util.keystr(path)
+        return (jnp.ones_like(x) if "scale" in where else jnp.zeros_like(x) if "bias" in where
+                else x * 5.0)
+
+    params = jax.tree_util.tree_map_with_path(reset, _params())
+    params["wte"] = params["wte"][:vocab_size]
+    params["final_logits_bias"] = params["final_logits_bias"][:vocab_size].at[PAD].set(-1e4)
+    return params
 
 
 def _ints(shape, seed, lo=2):
@@ -81,8 +101,8 @@ def test_cached_decoding_equals_full_forward_at_every_step():
     params, src, tgt = _params(), _ints((3, 9), 4), _ints((3, 8), 5)
     src_mask = (jnp.arange(9)[None] < jnp.array([[9], [6], [3]])).astype(jnp.int32)
     full = forward(CFG, params, src, tgt, src_mask=src_mask)
-    source = seq2seq.prepare(CFG, params, src, src_mask)
-    cache = seq2seq.init_cache(CFG, 3, 8)
+    source = seq2seq_decode.prepare(CFG, params, src, src_mask)
+    cache = seq2seq_decode.init_cache(CFG, 3, 8)
     for i in range(8):
         step, cache = decode(CFG, params, tgt[:, i:i + 1], source["cross"],
                                      source["src_valid"], cache=cache, cache_index=i)
@@ -91,7 +111,7 @@ def test_cached_decoding_equals_full_forward_at_every_step():
 
 def test_greedy_equals_uncached_argmax_loop():
     params, src = _params(), _ints((3, 9), 6)
-    out = np.asarray(seq2seq.greedy(CFG, params, src, start_id=START, eos_id=EOS, max_len=10))
+    out = np.asarray(seq2seq_decode.greedy(CFG, params, src, start_id=START, eos_id=EOS, max_len=10))
     tgt = jnp.full((3, 11), START)  # causal: the zeros after position i do not matter
     for i in range(10):
         tgt = tgt.at[:, i + 1].set(jnp.argmax(forward(CFG, params, src, tgt)[:, i], -1))
@@ -100,6 +120,76 @@ def test_greedy_equals_uncached_argmax_loop():
         stop = list(exp).index(EOS) + 1 if EOS in exp else len(exp)
         np.testing.assert_array_equal(row[:stop], exp[:stop])
         assert (row[stop:] == PAD).all()
+
+
+# ----------------------------------------------------------------- beam search
+
+
+def _teacher_forced(cfg, params, src, src_mask, tokens, eos, length_penalty):
+    """Per-token log-probs of `tokens` (B, T) under `forward`, up to the first `eos` (0
+    after), and the beam score sum / length**length_penalty, `eos` counted in the length."""
+    tokens = np.asarray(tokens)
+    logits = forward(cfg, params, src, seq2seq.shift_right(jnp.asarray(tokens), START),
+                     src_mask=src_mask)
+    logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), tokens[..., None],
+                              -1)[..., 0]
+    is_eos = tokens == eos
+    length = np.where(is_eos.any(1), is_eos.argmax(1) + 1, tokens.shape[1])
+    logp = np.where(np.arange(tokens.shape[1])[None] < length[:, None], logp, 0.0)
+    return logp, logp.sum(1) / length ** length_penalty, length
+
+
+SRC_MASK = (jnp.arange(9)[None] < jnp.array([[9], [6], [3]])).astype(jnp.int32)
+
+
+def _greedy(params, src, eos, max_len=8):
+    return np.asarray(seq2seq_decode.greedy(CFG, params, src, SRC_MASK, start_id=START, eos_id=eos,
+                                     max_len=max_len))
+
+
+def test_beam_of_one_is_greedy_with_padded_sources():
+    params, src = _varied_params(), _ints((3, 9), 11)
+    eos = int(_greedy(params, src, EOS)[0, 1])  # ends row 0 by its second token
+    greedy = _greedy(params, src, eos)
+    beam = seq2seq_decode.beam_search(CFG, params, src, SRC_MASK, num_beams=1, start_id=START,
+                               eos_id=eos, max_len=8)
+    np.testing.assert_array_equal(beam.tokens, greedy)
+    ended = (greedy == eos).any(1)
+    assert ended.any() and not ended.all(), "cover finished and unfinished rows"
+    assert (greedy[0, 2:] == PAD).all()
+
+
+def test_wide_beam_equals_exhaustive_search():
+    cfg = CFG.replace(vocab_size=5)  # 0 = start and pad (never predicted), 1 = EOS
+    params, t, n_seq = _varied_params(5), 3, 5 ** 3
+    src = jnp.asarray(np.random.default_rng(12).integers(2, 5, (3, 9)))
+    seqs = np.array(list(itertools.product(range(5), repeat=t)))  # every target of length 3
+    all_src, all_mask = (jnp.repeat(a, n_seq, axis=0) for a in (src, SRC_MASK))
+    ended_early = 0
+    for alpha in (0.0, 1.0):
+        # K = V**(t-1): no prefix is ever pruned, so the beam must find the optimum.
+        out = seq2seq_decode.beam_search(cfg, params, src, SRC_MASK, num_beams=25, start_id=START,
+                                  eos_id=EOS, max_len=t, length_penalty=alpha)
+        _, score, length = _teacher_forced(cfg, params, all_src, all_mask,
+                                           np.tile(seqs, (3, 1)), EOS, alpha)
+        for b in range(3):
+            i = b * n_seq + int(np.argmax(score[b * n_seq:(b + 1) * n_seq]))
+            best = np.where(np.arange(t) < length[i], seqs[i % n_seq], PAD)
+            np.testing.assert_array_equal(out.tokens[b], best, err_msg=f"{alpha} {b}")
+            np.testing.assert_allclose(out.scores[b], score[i], rtol=1e-5)
+            ended_early += int(length[i] < t)
+    assert 0 < ended_early < 6, "optima should include EOS-ended and full-length targets"
+
+
+def test_beam_logprobs_and_scores_equal_teacher_forced_forward():
+    params, src = _varied_params(), _ints((3, 9), 11)
+    out = seq2seq_decode.beam_search(CFG, params, src, SRC_MASK, num_beams=4, start_id=START,
+                              eos_id=EOS, max_len=8, length_penalty=0.6)
+    logp, score, _ = _teacher_forced(CFG, params, src, SRC_MASK, out.tokens, EOS, 0.6)
+    np.testing.assert_allclose(out.logprobs, logp, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.scores, score, rtol=1e-5)
+    assert not np.array_equal(out.tokens, _greedy(params, src, EOS)), (
+        "4 beams should change some translation")
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat="full"),
@@ -144,11 +234,81 @@ def test_bad_configs_and_inputs_get_clear_errors():
         seq2seq.Seq2SeqConfig(pos_embedding="rope")
     with pytest.raises(ValueError, match="n_decoder_layers"):
         seq2seq.Seq2SeqConfig(n_decoder_layers=0)
+    for eps in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+            seq2seq.Seq2SeqConfig(label_smoothing=eps)
+    assert seq2seq.Seq2SeqConfig(label_smoothing=0.0).label_smoothing == 0.0
     with pytest.raises(ValueError, match="src_mask"):
         forward(CFG, _params(), _ints((2, 9), 0), _ints((2, 4), 1),
                         src_mask=jnp.ones((2, 8)))
     with pytest.raises(ValueError, match="Unknown seq2seq preset"):
         seq2seq.get_seq2seq_preset("transformer_huge")
+    with pytest.raises(ValueError, match="3 target rows cannot share 2 sources"):
+        seq2seq.decode(CFG, _params(), _ints((3, 1), 0), {}, jnp.ones((2, 9), bool))
+    with pytest.raises(ValueError, match="num_beams"):
+        seq2seq_decode.beam_search(CFG, _params(), _ints((1, 3), 0), num_beams=0, start_id=START,
+                            eos_id=EOS, max_len=2)
+
+
+# --------------------------------------------------------------- Hugging Face Marian
+
+
+def _marian_fixtures():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests import test_convert_family as fixtures
+    return fixtures
+
+
+@pytest.mark.parametrize("which", [0, 1])  # tied + scaled embeddings; untied
+def test_marian_export_is_the_exact_inverse_of_import(which):
+    import torch
+
+    from gptjax import convert_family
+
+    fx = _marian_fixtures()
+    hf, hf_cfg = fx._hf_marian(*fx.MARIAN_SIZES[which])
+    sd = fx._state_dict(hf)
+    cfg, params = convert_family.from_hf_marian(sd, hf_cfg.to_dict())
+    out, out_cfg = convert_family.to_hf_marian(cfg, params)
+    assert set(out) == set(sd)
+    for key, value in sd.items():  # positions: our float32 table, as the import check
+        np.testing.assert_allclose(out[key], value, rtol=0, atol=1e-5 if "positions" in key
+                                   else 0, err_msg=key)
+    # The exported config builds the same model, and re-import gives the same config.
+    fresh = type(hf)(type(hf_cfg)(**out_cfg)).eval()
+    fresh.load_state_dict({k: torch.tensor(v) for k, v in out.items()}, strict=True)
+    assert convert_family.from_hf_marian(fx._state_dict(fresh), fresh.config.to_dict())[0] == cfg
+    with pytest.raises(ValueError, match="Marian-shaped"):
+        convert_family.to_hf_marian(cfg.replace(ln_placement="pre"), params)
+
+
+def test_translation_gradients_match_hf_marian():
+    import torch
+
+    from gptjax import convert_family
+
+    fx = _marian_fixtures()
+    size = fx.MARIAN_SIZES[0]  # tied: one table for source, target and output
+    hf, hf_cfg = fx._hf_marian(*size)
+    cfg, params = convert_family.from_hf_marian(fx._state_dict(hf), hf_cfg.to_dict())
+    rng = np.random.default_rng(1)
+    src, tgt = rng.integers(2, size[5], (3, 11)), rng.integers(2, size[5], (3, 7))
+    src_mask = (np.arange(11)[None] < np.array([[11], [8], [5]])).astype(np.int64)
+    weights = rng.normal(size=(3, 7, size[5])).astype(np.float32)
+    logits = hf(input_ids=torch.tensor(src), attention_mask=torch.tensor(src_mask),
+                decoder_input_ids=torch.tensor(tgt)).logits
+    ref, unused = hf_grads(hf, (logits * torch.tensor(weights)).sum())
+    assert unused == {f"model.{s}.embed_positions.weight" for s in ("encoder", "decoder")}
+
+    def loss(p):  # every logit gets its own cotangent
+        return (seq2seq.forward(cfg, p, jnp.asarray(src), jnp.asarray(tgt),
+                                src_mask=jnp.asarray(src_mask)) * weights).sum()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert_grads_match_hf(convert_family.to_hf_marian(cfg, grads)[0], ref)
+    # HF keeps final_logits_bias as a buffer; its gradient is the weights summed over B, T.
+    np.testing.assert_allclose(grads["final_logits_bias"], weights.sum((0, 1)), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(seq2seq.PRESETS))

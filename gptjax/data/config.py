@@ -12,6 +12,7 @@ import os
 
 import gin
 
+from gptjax.data import numbers
 from gptjax.data.pipeline import corpus_texts
 from gptjax.data.tokenizer import (ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer,
                                    train_sentencepiece)
@@ -31,13 +32,15 @@ class DataConfig:
     Attributes:
       dataset: 'stdlib' (the running Python's standard library source, offline
         default), 'shakespeare' (tiny Shakespeare; give `path` to a local copy),
-        or a glob of your own text files.
+        a glob of your own text files, or a generated seq2seq task ('numbers':
+        number words -> digits, 'numbers_reverse'; see gptjax.data.numbers).
       path: a local file for 'shakespeare'.
       tokenizer: 'bpe' (sentencepiece, trained on the corpus), 'byte' or 'char'.
       tokenizer_vocab_size: the BPE vocabulary to train.
       tokenizer_path: use this saved tokenizer instead of building one.
       data_dir: TFDS shards and token caches (default $GPTJAX_DATA_DIR or
         ~/.cache/gptjax/data).
+      task_max_number: the numbers tasks use 0 .. task_max_number - 1.
     """
 
     dataset: str = "stdlib"
@@ -46,6 +49,7 @@ class DataConfig:
     tokenizer_vocab_size: int = 4096
     tokenizer_path: str | None = None
     data_dir: str | None = None
+    task_max_number: int = 10_000
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZER_KINDS:
@@ -70,7 +74,11 @@ def build_tokenizer(data_cfg: DataConfig) -> Tokenizer:
         return load_tokenizer(data_cfg.tokenizer_path)
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
-    texts = corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, "train", path=data_cfg.path)
+    if data_cfg.dataset in numbers.TASKS:
+        texts = numbers.texts(data_cfg.dataset, "train", data_cfg.task_max_number)
+    else:
+        texts = corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, "train",
+                             path=data_cfg.path)
     if data_cfg.tokenizer == "char":
         return CharTokenizer.from_texts(texts)
     return train_sentencepiece(texts, data_cfg.tokenizer_vocab_size)

@@ -1,0 +1,132 @@
+"""Greedy decoding and exact match on the number-words task, for the three model families.
+
+Each family reads its source the way it was trained (`gptjax.data.numbers` formats):
+
+  decoder   prompt ``[start] s [delim]`` left-padded to the task's longest prompt, then
+            ``sample.generate(greedy=True)`` for ``tgt_len`` tokens, stopping at eos.
+  encoder   ``[start] s [delim]`` + ``tgt_len`` mask slots, one ``encoder.forward``, argmax at
+            the slots (all target tokens in parallel).
+  seq2seq   source ``s [eos]``, ``seq2seq_decode.greedy`` (cached decoder) for ``tgt_len`` tokens.
+
+Predictions are cut at the first eos and decoded with ``tokenizer.decode``. Sources go through in
+batches of a fixed ``batch_size`` (the last one padded with copies of a real row), so each
+(config, shape) compiles once: ``seq2seq_decode.greedy`` and ``sample.generate`` are jitted with the
+config static, and so is the encoder's argmax here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import encoder, sample, seq2seq_decode
+from gptjax.data import numbers
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encoder_argmax(cfg, params, tokens_BT, mask_BT) -> jax.Array:
+    """The most likely token at every position of a (masked) encoder input."""
+    return jnp.argmax(encoder.forward(cfg, params, tokens_BT, mask=mask_BT), axis=-1)
+
+
+def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+    """The ids before the first eos (all of them when there is none)."""
+    ids = [int(i) for i in ids]
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def _decoder_ids(cfg, params, sources, sp: numbers.Specials, prompt_len: int, tgt_len: int):
+    """Generated ids (B, tgt_len) after left-padded ``[start] s [delim]`` prompts."""
+    prompts = [[sp.start_id, *s, sp.delimiter_id] for s in sources]
+    tokens_BP = np.full((len(prompts), prompt_len), sp.pad_id, np.int32)
+    mask_BP = np.zeros((len(prompts), prompt_len), np.int32)
+    for i, p in enumerate(prompts):
+        tokens_BP[i, prompt_len - len(p):], mask_BP[i, prompt_len - len(p):] = p, 1
+    out = sample.generate(cfg, params, tokens_BP, key=jax.random.key(0), max_new_tokens=tgt_len,
+                          greedy=True, stop_tokens=(sp.eos_id,), prompt_mask=mask_BP,
+                          pad_id=sp.pad_id)
+    return np.asarray(out.tokens)[:, prompt_len:]
+
+
+def _encoder_ids(cfg, params, sources, sp: numbers.Specials, seq_len: int, tgt_len: int):
+    """Argmax ids (B, tgt_len) at the mask slots after ``[start] s [delim]``."""
+    batch = numbers.format_encoder([(s, []) for s in sources], sp, seq_len, tgt_len)
+    argmax_BT = np.asarray(_encoder_argmax(cfg, params, batch["tokens"], batch["mask"]))
+    return np.stack([argmax_BT[i, len(s) + 2:len(s) + 2 + tgt_len]
+                     for i, s in enumerate(sources)])
+
+
+def _seq2seq_ids(cfg, params, sources, sp: numbers.Specials, seq_len: int, tgt_len: int):
+    """Greedy target ids (B, tgt_len) for sources ``s [eos]``."""
+    batch = numbers.format_seq2seq([(s, []) for s in sources], sp, seq_len)
+    return np.asarray(seq2seq_decode.greedy(cfg, params, batch["src"], batch["src_mask"],
+                                            start_id=sp.start_id, eos_id=sp.eos_id,
+                                            max_len=tgt_len, pad_id=sp.pad_id))
+
+
+def predict_ids(family: str, cfg, params, tokenizer, srcs: Sequence[str], *, task: str,
+                seq_len: int, max_number: int = 10_000, batch_size: int = 64
+                ) -> list[list[int]]:
+    """Greedy target ids per source, cut before the first eos (see `predict`)."""
+    if family not in numbers.FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {numbers.FAMILIES}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    sp = numbers.Specials.of(tokenizer)
+    max_src, max_tgt = numbers.task_lengths(task, tokenizer, max_number)
+    tgt_len = max_tgt + 1
+    sources = tokenizer.encode_batch(list(srcs))
+    longest = max(map(len, sources), default=0)
+    if family == "decoder":
+        prompt_len = max(max_src, longest) + 2  # fixed per task: one compiled shape
+        run = functools.partial(_decoder_ids, prompt_len=prompt_len, tgt_len=tgt_len)
+    else:
+        numbers.check_fits(family, [(s, [0] * max_tgt) for s in sources], seq_len, tgt_len)
+        run = functools.partial(_encoder_ids if family == "encoder" else _seq2seq_ids,
+                                seq_len=seq_len, tgt_len=tgt_len)
+    out = []
+    for start in range(0, len(sources), batch_size):
+        chunk = sources[start:start + batch_size]
+        padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+        ids_BL = run(cfg, params, padded, sp)
+        out += [cut_at_eos(row, sp.eos_id) for row in ids_BL[:len(chunk)]]
+    return out
+
+
+def predict(family: str, cfg, params, tokenizer, srcs: Sequence[str], *, task: str,
+            seq_len: int, max_number: int = 10_000, batch_size: int = 64) -> list[str]:
+    """Greedy predictions (text) of a trained ``family`` model for the task's sources.
+
+    Args:
+      family: 'decoder' (``gptjax.model``), 'encoder' (``gptjax.encoder``) or 'seq2seq'.
+      cfg, params: the model; ``cfg.vocab_size`` must hold the tokenizer's ids.
+      srcs: source texts (e.g. ``[src for src, _ in numbers.pairs(task, 'validation')]``).
+      task, max_number: fix ``tgt_len`` (and the decoder's prompt width) as in training.
+      seq_len: the training ``seq_len``; the encoder and seq2seq rows have this width.
+      batch_size: rows per compiled call; the last batch is padded to it.
+    """
+    ids = predict_ids(family, cfg, params, tokenizer, srcs, task=task, seq_len=seq_len,
+                      max_number=max_number, batch_size=batch_size)
+    return [tokenizer.decode(row) for row in ids]
+
+
+def exact_match(family: str, cfg, params, tokenizer, pairs: Sequence[tuple[str, str]],
+                **kw) -> float:
+    """The fraction of ``(src, tgt)`` pairs whose greedy prediction equals ``tgt`` exactly."""
+    if not pairs:
+        raise ValueError("exact_match needs at least one (src, tgt) pair")
+    preds = predict(family, cfg, params, tokenizer, [src for src, _ in pairs], **kw)
+    return float(np.mean([p == tgt for p, (_, tgt) in zip(preds, pairs)]))
+
+
+def preview(family: str, cfg, params, tokenizer, pairs: Sequence[tuple[str, str]], n: int = 4,
+            **kw) -> str:
+    """Lines ``src -> prediction (target) ✓/✗`` for the first ``n`` pairs."""
+    pairs = list(pairs)[:n]
+    preds = predict(family, cfg, params, tokenizer, [src for src, _ in pairs], **kw)
+    return "\n".join(f"{src} -> {pred} ({tgt}) {'✓' if pred == tgt else '✗'}"
+                     for pred, (src, tgt) in zip(preds, pairs))
