@@ -137,3 +137,32 @@ def test_the_study_families_are_matched_in_size(vocab):
     finally:
         gin.clear_config()
     assert max(counts.values()) / min(counts.values()) < 1.03, counts
+
+
+def test_cli_trains_the_numbers_task_and_decodes_it(tmp_path, capsys):
+    """`gptjax train` on experiments/seq2seq_numbers.gin (shortened), then `gptjax sample`
+    with beams; an encoder-only model refuses to sample, with a clear error."""
+    import gin
+
+    from gptjax.main import main
+    work = tmp_path / "numbers"
+    short = ["STEPS = 40", "WARMUP_STEPS = 5", "BATCH_SIZE = 32", "TrainConfig.eval_every = 40",
+             "TrainConfig.checkpoint_every = 40", "TrainConfig.eval_batches = 2",
+             f"TrainConfig.compilation_cache_dir = '{tmp_path / 'cache'}'",
+             f"DataConfig.data_dir = '{tmp_path / 'data'}'"]
+    try:
+        assert main(["train", "--gin_file=experiments/seq2seq_numbers.gin", f"--workdir={work}",
+                     *(f"--gin_bindings={b}" for b in short)]) in (0, None)
+    finally:
+        gin.clear_config()
+    rows = read_metrics(str(work))
+    assert 0.0 <= rows[-1]["eval/exact_match"] <= 1.0 and rows[-1]["eval/loss"] < 3.0
+    capsys.readouterr()
+    assert main(["sample", f"--workdir={work}", "--prompt=forty-two", "--num_beams=2",
+                 "--max_new_tokens=6"]) in (0, None)
+    assert "forty-two" in capsys.readouterr().out
+    loaded_cfg, *_ = load_run(str(work))
+    assert family.family_of(loaded_cfg) == "seq2seq"
+    from gptjax.main import _sample_family
+    with pytest.raises(ValueError, match="does not generate"):
+        _sample_family(None, ENC, None, None, 0)
