@@ -57,7 +57,9 @@ def t_two_sided_p(t: float, df: float) -> float:
 def welch_t_test(a: Float[np.ndarray, "n"], b: Float[np.ndarray, "m"]) -> tuple[float, float]:
     """(t, two-sided p) of Welch's unequal-variance t-test; NaN when a side has < 2 values.
 
-    Welch, not Student: seeds of two architectures need not have equal variance.
+    Welch, not Student: seeds of two architectures need not have equal variance. With no
+    variance on either side (e.g. a quantised metric such as exact match that every seed
+    hits exactly) p is 1 for equal means and NaN otherwise: undefined, not "significant".
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 2 or len(b) < 2:
@@ -65,7 +67,7 @@ def welch_t_test(a: Float[np.ndarray, "n"], b: Float[np.ndarray, "m"]) -> tuple[
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     diff = float(a.mean() - b.mean())
     if va + vb == 0.0:
-        return (0.0, 1.0) if diff == 0.0 else (math.copysign(math.inf, diff), 0.0)
+        return (0.0, 1.0) if diff == 0.0 else (math.copysign(math.inf, diff), math.nan)
     t = diff / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return t, t_two_sided_p(t, df)

@@ -76,6 +76,7 @@ def test_welch_t_test_matches_hand_computation_and_scipy():
     assert (t, p) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-9)
     assert math.isnan(sw.welch_t_test([1.0], [2.0, 3.0])[1])
     assert sw.welch_t_test([1.0, 1.0], [1.0, 1.0])[1] == 1.0
+    assert math.isnan(sw.welch_t_test([1.0, 1.0], [2.0, 2.0])[1])  # no variance: undefined
 
 
 def test_power_law_fit_recovers_its_parameters():
