@@ -44,6 +44,7 @@ from gptjax.sweep_stats import (betainc, fit_power_law, plot_curves, plot_final,
                                 plot_scaling, t_two_sided_p, welch_t_test)
 
 from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin  # noqa: E402
+from gptjax.finetune import TASKS as FINETUNE_TASKS  # noqa: E402  (registers FinetuneConfig early)
 _BINDING_KEY = re.compile(r"^[A-Za-z_][\w.]*(/[\w.]+)*$")
 
 
@@ -113,11 +114,10 @@ def validate(sweep: Sweep) -> None:
     if set(sweep.grid) & set(sweep.zipped):
         raise ValueError(f"bindings {sorted(set(sweep.grid) & set(sweep.zipped))} are in both "
                          "Sweep.grid and Sweep.zipped; put each in one.")
-    from gptjax.finetune import TASKS
-    unknown = [t for t in sweep.finetune if t not in TASKS]
+    unknown = [t for t in sweep.finetune if t not in FINETUNE_TASKS]
     if unknown:
         raise ValueError(f"Sweep.finetune names unknown tasks {unknown}; choose from "
-                         f"{', '.join(TASKS)}.")
+                         f"{', '.join(FINETUNE_TASKS)}.")
     if not sweep.seeds or len(set(sweep.seeds)) != len(sweep.seeds):
         raise ValueError(f"Sweep.seeds must be distinct and non-empty, got {list(sweep.seeds)}.")
 
