@@ -161,6 +161,8 @@ def batch_rows(batch: dict) -> int:
 
 # ------------------------------------------------------------------ preview
 
+_encoder_forward = jax.jit(encoder.forward, static_argnums=0)  # traced once per config
+
 
 def preview(cfg: ModelConfig, params, tokenizer, prompt: str, n_tokens: int, seed: int,
             generate: Callable) -> str:
@@ -183,7 +185,7 @@ def preview(cfg: ModelConfig, params, tokenizer, prompt: str, n_tokens: int, see
     tokens = np.asarray([ids], np.int32)
     masked = tokens.copy()
     masked[:, 1::4] = tokenizer.mask_id
-    logits = jax.jit(encoder.forward, static_argnums=0)(cfg, params, jnp.asarray(masked))
+    logits = _encoder_forward(cfg, params, jnp.asarray(masked))
     filled = np.asarray(jnp.argmax(logits, -1))
     filled = np.where(masked == tokenizer.mask_id, filled, tokens)
     show = lambda row: "".join("[MASK]" if i == tokenizer.mask_id else tokenizer.decode([i])  # noqa: E731

@@ -1,9 +1,6 @@
 """BERT and the encoder–decoder through the decoder's train step, loop, checkpoints and CLI."""
 
-import glob
 import json
-import os
-import sysconfig
 
 import jax
 import jax.numpy as jnp
@@ -20,20 +17,12 @@ from gptjax.metrics import read_metrics
 from gptjax.optimizer import OptimizerConfig
 from gptjax.train import TrainConfig, loss_fn
 from gptjax.workdir import load_run
+from tests.test_train import corpus  # noqa: F401  (the stdlib-files fixture)
 
 ENC = encoder.EncoderConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=300, max_len=32)
 S2S = seq2seq.Seq2SeqConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=300,
                             max_len=32, n_decoder_layers=1)
 ALL_DEVICES = sharding.MeshConfig(shape={"data": 2, "fsdp": 2, "tensor": 2}, rules="fsdp_tp")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:30]
-    for f in files:
-        (root / (os.path.basename(f) + ".txt")).write_text(open(f, encoding="utf-8").read())
-    return str(root / "*.txt")
 
 
 def test_family_of_and_model_config():
