@@ -3,15 +3,18 @@
 A step directory `workdir/checkpoints/<step>/` holds three orbax items:
   state      any pytree of arrays (params, opt_state, rng key data, step), StandardSave
   meta       a JSON dict (data iterator position, config text, ...), JsonSave
-  checksums  a fingerprint of every state leaf, JsonSave (see `fingerprints`)
+  checksums  a fingerprint of every state leaf and a sha256 of meta, JsonSave
 Orbax detects truncated files and missing metadata, but flipped bytes in a data file restore
-silently wrong values (DESIGN.md, Stack facts). So `restore` recomputes the fingerprints, and on
-any failure falls back to the newest step that restores and verifies. Broken steps are never
-deleted: they are moved to `workdir/checkpoints_corrupt/` (see `_quarantine` for why).
+silently wrong values (DESIGN.md, Stack facts), and nothing checks the meta JSON. So `restore`
+verifies everything it returns, and on any failure falls back to the newest step that restores
+and verifies. Broken steps are never deleted: they are moved to `workdir/checkpoints_corrupt/`
+(see `_quarantine` for why). A preemption signal becomes one stop step that every process
+agrees on (`PreemptionHandler.should_stop`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints_corrupt"
 _ITEMS = ("state", "meta", "checksums")
+CHECKSUMS_VERSION = 2  # 1: leaves only; 2: also "meta", the sha256 of meta's canonical JSON
+PREEMPTION_CHECK_EVERY = 10  # steps between the processes' preemption all-gathers
 
 
 class CheckpointError(RuntimeError):
@@ -38,7 +43,7 @@ class CheckpointError(RuntimeError):
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A step restored, but its arrays do not match the fingerprints written at save time."""
+    """A step restored, but its arrays or meta do not match the checksums written at save time."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,18 +102,58 @@ def fingerprints(state: PyTree) -> dict[str, dict]:
 def verify(state: PyTree, expected: dict[str, dict]) -> None:
     """Raise CorruptCheckpointError when a leaf's fingerprint differs from `expected`.
 
-    A leaf restored into a different dtype than it was saved with (orbax casts to the target's
-    dtype) cannot be compared bit for bit and is skipped.
+    Leaves must be in the dtype and shape they were saved in: bits can only be compared there,
+    so a leaf in another dtype is an error, never skipped (`CheckpointManager.restore` restores
+    in the saved dtype, verifies, then casts).
     """
     got = fingerprints(state)
     missing = sorted(set(got) - set(expected))
     if missing:
         raise CorruptCheckpointError(f"no checksum recorded for leaves {missing[:5]}")
-    bad = [path for path, rec in got.items()
-           if rec["dtype"] == expected[path]["dtype"] and rec["fp"] != expected[path]["fp"]]
+    def kind(rec):
+        return f"{rec['dtype']}{list(rec['shape'])}"
+
+    retyped = [f"{path} saved as {kind(expected[path])}, given {kind(rec)}"
+               for path, rec in got.items() if kind(rec) != kind(expected[path])]
+    if retyped:
+        raise CorruptCheckpointError(
+            f"cannot verify leaves not in their saved dtype and shape: {'; '.join(retyped[:3])}")
+    bad = [path for path, rec in got.items() if rec["fp"] != expected[path]["fp"]]
     if bad:
         raise CorruptCheckpointError(
             f"checksum mismatch in {len(bad)} of {len(got)} arrays, e.g. {bad[:5]}")
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of meta's canonical JSON: sorted keys, and normalised as a JSON round trip would
+    (tuples become lists, int keys strings), so the digest of the dict JsonRestore reads back
+    equals the digest of the dict that was saved."""
+    canonical = json.dumps(json.loads(json.dumps(meta)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _in_saved_dtypes(abstract_state: PyTree, leaves: dict[str, dict]) -> PyTree:
+    """`abstract_state` with every leaf's dtype set to the one it was saved in.
+
+    Orbax casts to the target dtype while reading, after which the saved bits are gone; reading
+    in the saved dtype lets `verify` check every leaf (`_cast_like` casts afterwards).
+    """
+    def saved(path, x):
+        rec = leaves.get(jax.tree_util.keystr(path))
+        if rec is None or rec["dtype"] == str(x.dtype):
+            return x  # nothing recorded: verify reports it
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(rec["dtype"]),
+                                    sharding=getattr(x, "sharding", None))
+    return jax.tree_util.tree_map_with_path(saved, abstract_state)
+
+
+def _cast_like(state: PyTree, abstract_state: PyTree) -> PyTree:
+    """Cast each verified leaf to the dtype `abstract_state` asks for, keeping its sharding."""
+    def cast(x, want):
+        if x.dtype == want.dtype:
+            return x
+        return jax.device_put(x.astype(want.dtype), x.sharding)
+    return jax.tree.map(cast, state, abstract_state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,28 +204,33 @@ class CheckpointManager:
     def should_save(self, step: int) -> bool:
         """True at multiples of checkpoint_every newer than the latest saved step.
 
-        Also true at jax's multi-host preemption sync point (orbax asks jax's preemption service).
-        Not orbax's `should_save`, which also says yes to the first step of every run.
+        Preemption is not decided here: the loop asks `PreemptionHandler.should_stop(step)`,
+        which agrees across processes, and then saves with force=True. (orbax's
+        `reached_preemption` would never fire: see PreemptionHandler.) Not orbax's
+        `should_save`, which also says yes to the first step of every run.
         """
         if self.read_only:
             return False
         latest = self._manager.latest_step()
         if latest is not None and step <= latest:
             return False
-        return step % self.checkpoint_every == 0 or self._manager.reached_preemption(step)
+        return step % self.checkpoint_every == 0
 
     def save(self, step: int, state: PyTree, meta: dict | None = None, force: bool = False) -> bool:
         """Start an async save of `state` and `meta` at `step`; returns whether it saves.
 
         Returns once the arrays are copied off the device, so `state` may be donated after.
-        Fingerprints are computed first (a small jitted reduction) and saved in the same step.
+        Fingerprints (a small jitted reduction) and meta's sha256 are computed first and saved
+        in the same step. Every process must call it at the same steps (orbax saves together).
         """
         if not (force or self.should_save(step)):
             return False
-        json.dumps(meta)  # a clear error now, not from the background writer later
+        meta = dict(meta or {})
+        checksums = {"version": CHECKSUMS_VERSION, "leaves": fingerprints(state),
+                     "meta": meta_digest(meta)}  # also a clear error now for non-JSON meta
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {})),
-            checksums=ocp.args.JsonSave({"version": 1, "leaves": fingerprints(state)}))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+            checksums=ocp.args.JsonSave(checksums))
         return self._manager.save(step, args=args, force=True)
 
     def latest_step(self) -> int | None:
@@ -196,7 +246,8 @@ class CheckpointManager:
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings (e.g. from
         `jax.eval_shape` plus the state shardings): arrays land sharded on the current mesh, which
-        may differ from the mesh that saved them. A step that fails to restore or verify is
+        may differ from the mesh that saved them, in the dtypes asked for (leaves saved in another
+        dtype are verified in that one, then cast). A step that fails to restore or verify is
         logged with its reason and the next older one is tried; once a good one restores, the
         newer broken steps are quarantined. If none restores, raise CheckpointError.
         """
@@ -228,16 +279,38 @@ class CheckpointManager:
             f"single bad step directories out of it to resume from the others.")
 
     def _restore_step(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
-        has_checksums = (self.directory / str(step) / "checksums").exists()
-        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        if has_checksums:
-            items["checksums"] = ocp.args.JsonRestore()
-        out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        if has_checksums:
-            verify(out["state"], out["checksums"]["leaves"])
-        else:
+        """Restore and verify one step: every leaf in its saved dtype, then meta, then cast."""
+        checksums = self._read_checksums(step)
+        if checksums is None:
             log.warning("Checkpoint step %d has no checksums; its values are not verified.", step)
-        return out["state"], dict(out["meta"] or {})
+            target = abstract_state
+        else:
+            target = _in_saved_dtypes(abstract_state, checksums["leaves"])
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        state, meta = out["state"], dict(out["meta"] or {})
+        if checksums is not None:
+            verify(state, checksums["leaves"])
+            self._verify_meta(step, meta, checksums.get("meta"))
+        return _cast_like(state, abstract_state), meta
+
+    def _read_checksums(self, step: int) -> dict | None:
+        """The step's checksums record, or None for steps saved before checksums existed."""
+        if not (self.directory / str(step) / "checksums").exists():
+            return None
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            checksums=ocp.args.JsonRestore()))
+        return out["checksums"]
+
+    @staticmethod
+    def _verify_meta(step: int, meta: dict, expected: str | None) -> None:
+        """The data iterator's position is restored state too: an edit must not pass silently."""
+        if expected is None:
+            log.warning("Checkpoint step %d has no meta checksum (saved by an older gptjax); its "
+                        "meta is not verified.", step)
+        elif meta_digest(meta) != expected:
+            raise CorruptCheckpointError(
+                "meta checksum mismatch: the saved JSON (data iterator position, ...) was changed")
 
     def _quarantine(self, steps: list[int]) -> None:
         """Move broken step directories to `workdir/checkpoints_corrupt/<step>[.n]`.
@@ -282,19 +355,39 @@ class CheckpointManager:
 
 
 class PreemptionHandler:
-    """Sets `.requested` when a signal (SIGTERM by default) arrives; the train loop polls it.
+    """Turns a signal (SIGTERM by default) into one stop step that every process agrees on.
 
-    The loop then saves (force=True) and exits cleanly instead of dying mid-step. The flag is
-    per process: on multi-host pods every host must agree on the step to stop at, which jax's
-    preemption service does (`multihost_utils.reached_preemption_sync_point(step)`, consulted by
-    orbax inside `should_save` once `jax.distributed` is initialised); or all-gather the flag.
+    The signal handler only sets `.requested` and `.signum`, per process. The loop calls
+    `should_stop(step)` once per step on every process and, when it is True, saves that step
+    (force=True) and exits. On a pod one host is often signalled first, but orbax's
+    multi-process save needs every process to take part at the same step, so the answer must
+    be the same everywhere:
+      one process     the local flag, at every step;
+      several         every `check_every` steps, all processes all-gather their flags
+                      (`multihost_utils.process_allgather`) and all stop if any is set. The stop
+                      step is the first multiple of check_every at or after the signal, so pick
+                      check_every * step time (plus a save) well inside the grace period.
+    The gather is not run at every step because it goes through the devices: it waits for the
+    step in flight, a host sync that stalls the loop's one-step-late metrics pipeline.
+
+    Not jax's preemption sync manager (`multihost_utils.reached_preemption_sync_point`, which
+    orbax's `reached_preemption` wraps): its SIGTERM notifier is a C++ handler that
+    `jax.distributed.initialize` installs, and any Python `signal.signal` handler replaces it.
+    Checked with jax 0.10.2 on two CPU processes: with this handler installed the sync point is
+    never reached. Leaving SIGTERM to jax instead would lose `.requested` (the one-process case)
+    and every signal but SIGTERM, and its notifier polls once a second. The all-gather is a
+    public API, needs no extra thread, and the stop step is known in advance (testable).
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM,), check_every: int = PREEMPTION_CHECK_EVERY):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("install_preemption_handler must be called from the main thread")
+        if check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {check_every}")
+        self.check_every = check_every
         self.requested = False
         self.signum: int | None = None
+        self.stop_step: int | None = None  # the agreed step, once should_stop said True
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame) -> None:
@@ -302,8 +395,32 @@ class PreemptionHandler:
         self.requested, self.signum = True, signum
         log.warning("Received %s: will save a checkpoint and stop.", signal.Signals(signum).name)
 
+    def should_stop(self, step: int) -> bool:
+        """Whether to save `step` and stop; the same answer on every process at every step.
+
+        Call it once per step on every process, with the same steps (a collective in
+        multi-process runs: a process that skips a check leaves the others waiting).
+        """
+        if self.stop_step is not None:
+            return True
+        if jax.process_count() == 1:
+            stop = self.requested
+        elif step % self.check_every:
+            return False
+        else:
+            flags = multihost_utils.process_allgather(np.int32(self.requested))
+            stop = bool(np.any(flags))
+        if stop:
+            self.stop_step = step
+            log.warning("Preemption: all %d processes stop at step %d.", jax.process_count(), step)
+        return stop
+
     def close(self) -> None:
-        """Put back the handlers that were installed before."""
+        """Put back the handlers that were installed before.
+
+        A handler installed outside Python (jax's C++ notifier) reads back as SIG_DFL, the
+        default action, which is what it becomes.
+        """
         for s, previous in self._previous.items():
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
@@ -315,6 +432,8 @@ class PreemptionHandler:
         self.close()
 
 
-def install_preemption_handler(signals=(signal.SIGTERM,)) -> PreemptionHandler:
-    """Install a flag-setting handler for `signals`; poll `.requested`, `.close()` at the end."""
-    return PreemptionHandler(signals)
+def install_preemption_handler(signals=(signal.SIGTERM,),
+                               check_every: int = PREEMPTION_CHECK_EVERY) -> PreemptionHandler:
+    """Install a flag-setting handler for `signals`; ask `.should_stop(step)` once per step on
+    every process, `.close()` at the end."""
+    return PreemptionHandler(signals, check_every)

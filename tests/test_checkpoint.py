@@ -1,5 +1,9 @@
-"""Checkpoints: round trips, keep-N, corruption fallback without deletion, shardings, SIGTERM."""
+"""Checkpoints: round trips, keep-N, corruption fallback without deletion, shardings, SIGTERM.
 
+The multi-process preemption agreement is tested in test_preemption.py.
+"""
+
+import json
 import logging
 import os
 import signal
@@ -111,22 +115,24 @@ def _flip_bytes_silently(step_dir, abstract, reference):
     """Flip one byte of a data file where orbax restores wrong values without an error.
 
     Most positions are inside compressed array data (silently wrong values, the case orbax
-    misses); a few hit chunk headers (orbax raises). Return after the first silent one.
+    misses); a few hit chunk headers (orbax raises). Return after the first silent one. Files
+    are tried largest first; a file that orbax never reads (ocdbt may keep a copy) is put back.
     """
-    path = _data_files(step_dir)[0]
-    original = open(path, "rb").read()
-    for frac in np.linspace(0.5, 0.9, 9):
-        data = bytearray(original)
-        data[int(frac * len(data))] ^= 0x5A
-        open(path, "wb").write(bytes(data))
-        try:
-            got = ocp.StandardCheckpointer().restore(step_dir / "state", abstract)
-        except Exception:  # noqa: BLE001 - a loud failure: try another position
-            continue
-        if any(not np.array_equal(x, y) for x, y in
-               zip(jax.tree.leaves(got), jax.tree.leaves(reference))):
-            return
-    pytest.fail(f"no byte of {path} flipped into a silent corruption")
+    for path in _data_files(step_dir):
+        original = open(path, "rb").read()
+        for frac in np.linspace(0.5, 0.9, 9):
+            data = bytearray(original)
+            data[int(frac * len(data))] ^= 0x5A
+            open(path, "wb").write(bytes(data))
+            try:
+                got = ocp.StandardCheckpointer().restore(step_dir / "state", abstract)
+            except Exception:  # noqa: BLE001 - a loud failure: try another position
+                continue
+            if any(not np.array_equal(x, y) for x, y in
+                   zip(jax.tree.leaves(got), jax.tree.leaves(reference))):
+                return
+        open(path, "wb").write(original)
+    pytest.fail(f"no byte of the data files in {step_dir} flipped into a silent corruption")
 
 
 def test_flipped_bytes_fall_back_to_previous_step(tmp_path, caplog):
@@ -135,6 +141,69 @@ def test_flipped_bytes_fall_back_to_previous_step(tmp_path, caplog):
     warning = _restore_expecting_fallback(tmp_path, caplog, broken=2, good=1)
     # Orbax restored these bytes without complaint; only the checksums notice.
     assert "checksum mismatch" in warning
+
+
+def test_edited_meta_falls_back_to_previous_step(tmp_path, caplog):
+    """The data iterator's position is restored state too: an edit must not resume silently."""
+    _save_steps(tmp_path, [1, 2])
+    path = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "data_position": meta["data_position"] + 1}))
+    warning = _restore_expecting_fallback(tmp_path, caplog, broken=2, good=1)
+    assert "meta checksum mismatch" in warning
+
+
+def test_checkpoint_without_meta_checksum_still_restores(tmp_path, caplog):
+    """Steps written before meta was checksummed restore, with a warning."""
+    _save_steps(tmp_path, [1])
+    path = tmp_path / "checkpoints" / "1" / "checksums" / "metadata"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({"version": 1, "leaves": record["leaves"]}))
+    with caplog.at_level(logging.WARNING, logger="gptjax.checkpoint"):
+        with ck.CheckpointManager(tmp_path) as mgr:
+            step, state, meta = mgr.restore(_abstract(_state(0)))
+    assert step == 1 and meta["data_position"] == 10
+    _assert_tree_equal(state, _state(1))
+    assert any("meta is not verified" in r.getMessage() for r in caplog.records)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+@pytest.mark.parametrize("saved, restored", [(jnp.float32, jnp.bfloat16),
+                                             (jnp.bfloat16, jnp.float32)])
+def test_cross_dtype_restore_is_verified_then_cast(tmp_path, caplog, saved, restored):
+    """Orbax casts to the target dtype; the bits are checked in the saved dtype first."""
+    # A leaf over 1 kB in either dtype: smaller values are inlined in ocdbt's b-tree nodes,
+    # whose CRCs make any flipped byte loud, so only larger ones can be silently corrupted.
+    states = {s: _cast_floats({**_state(s), "big": jnp.asarray(
+        np.random.default_rng(s).normal(size=(40, 32)), jnp.float32)}, saved) for s in (1, 2)}
+    with ck.CheckpointManager(tmp_path, checkpoint_every=1) as mgr:
+        for s, state in states.items():
+            assert mgr.save(s, state, {"data_position": 10 * s})
+    target = _abstract(_cast_floats(states[1], restored))
+    with ck.CheckpointManager(tmp_path) as mgr:  # uncorrupted: the cast values
+        step, got, _ = mgr.restore(target)
+    assert step == 2
+    _assert_tree_equal(got, _cast_floats(states[2], restored))
+
+    _flip_bytes_silently(tmp_path / "checkpoints" / "2", _abstract(states[2]), states[2])
+    with caplog.at_level(logging.WARNING, logger="gptjax.checkpoint"):
+        with ck.CheckpointManager(tmp_path) as mgr:
+            step, got, meta = mgr.restore(target)
+    assert step == 1 and meta["data_position"] == 10
+    _assert_tree_equal(got, _cast_floats(states[1], restored))
+    assert any("step 2 " in r.getMessage() and "checksum mismatch" in r.getMessage()
+               for r in caplog.records)
+    assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
+
+
+def test_verify_refuses_a_leaf_in_another_dtype():
+    x = {"x": jnp.arange(6, dtype=jnp.float32)}
+    with pytest.raises(ck.CorruptCheckpointError, match="saved as float32"):
+        ck.verify(_cast_floats(x, jnp.bfloat16), ck.fingerprints(x))
 
 
 def test_loudly_broken_data_falls_back(tmp_path, caplog):
@@ -242,7 +311,11 @@ def test_fingerprint_sees_any_single_change(dtype):
 def test_sigterm_sets_flag_and_restores_previous_handler():
     previous = signal.getsignal(signal.SIGTERM)
     with ck.install_preemption_handler() as handler:
-        assert not handler.requested
+        assert not handler.requested and not handler.should_stop(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert handler.requested and handler.signum == signal.SIGTERM
+        # One process has nothing to agree with: stop at once, not at a multiple of check_every.
+        assert handler.should_stop(2) and handler.stop_step == 2
     assert signal.getsignal(signal.SIGTERM) == previous
+    with pytest.raises(ValueError, match="check_every must be at least 1"):
+        ck.install_preemption_handler(check_every=0)
