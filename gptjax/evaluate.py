@@ -3,9 +3,18 @@
 In-context evaluation follows GPT-3 (Brown et al. 2020, section 2.4): the prompt is K
 demonstrations `context + answer`, joined by a separator, then the example's context; each
 candidate completion is scored by its log-likelihood given that prompt, with no gradient
-updates. The prediction is the candidate with the highest summed log-likelihood ('acc') or the
-highest per-token average ('acc_norm', which does not favour short candidates). Accuracy comes
-with its binomial standard error, sqrt(p (1 - p) / n).
+updates. The prediction is the candidate with the highest score under each rule (`RULES`):
+
+    acc            summed log-likelihood, log P(candidate | prompt); favours short candidates
+    acc_per_token  divided by the candidate's token count (GPT-3's normalisation, section 2.4)
+    acc_per_char   divided by its length in characters: what lm-evaluation-harness reports as
+                   `acc_norm`; unlike per-token it does not depend on the tokenizer
+    acc_uncond     log P(candidate | prompt) - log P(candidate | "Answer:"), GPT-3's
+                   unconditional normalisation (used on ARC, OpenBookQA and RACE), which
+                   discounts answers that are likely whatever the question; only when
+                   `evaluate_task(..., unconditional=True)`, the prompt set by `uncond_prompt`
+
+Each accuracy comes with its binomial standard error, sqrt(p (1 - p) / n).
 
 Tasks: built-in offline ones made from the standard-library corpus (`TASKS`), or a JSONL file,
 one example per line:
@@ -275,9 +284,43 @@ def fit_demos(tokenizer: Tokenizer, task: Task, example: Example, demos: list[Ex
     return demos
 
 
+UNCOND_PROMPT = "Answer:"  # GPT-3's unconditional context (section 2.4)
+RULES = ("acc", "acc_per_token", "acc_per_char", "acc_uncond")
+
+
+def candidate_scores(loglik_C: Sequence[float], n_tokens_C: Sequence[int],
+                     candidates: Sequence[str],
+                     uncond_C: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """Each rule's score of an example's C candidates (the module docstring says why each
+    exists); the prediction under a rule is the argmax of its scores."""
+    loglik_C = np.asarray(loglik_C, np.float64)
+    scores = {"acc": loglik_C,
+              "acc_per_token": loglik_C / np.asarray(n_tokens_C),
+              "acc_per_char": loglik_C / np.array([len(c) for c in candidates])}
+    if uncond_C is not None:
+        scores["acc_uncond"] = loglik_C - np.asarray(uncond_C, np.float64)
+    return scores
+
+
+def unconditional_logliks(cfg: ModelConfig, params, tokenizer: Tokenizer,
+                          candidates: Iterable[str], uncond_prompt: str,
+                          batch_size: int = 16) -> dict[str, float]:
+    """log P(candidate | uncond_prompt) of each distinct candidate. It does not depend on
+    the example, so a candidate shared by many examples is scored once."""
+    unique = list(dict.fromkeys(candidates))
+    requests = [encode_request(tokenizer, uncond_prompt, c, cfg.max_len) for c in unique]
+    loglik_R, _ = score_requests(cfg, params, requests, batch_size)
+    return dict(zip(unique, loglik_R.tolist()))
+
+
 def evaluate_task(cfg: ModelConfig, params, tokenizer: Tokenizer, task: Task, shots: int = 0,
-                  seed: int = 0, batch_size: int = 16) -> dict:
-    """Accuracy (summed and per-token-normalised scores) with standard errors, K shots."""
+                  seed: int = 0, batch_size: int = 16, unconditional: bool = False,
+                  uncond_prompt: str = UNCOND_PROMPT) -> dict:
+    """Accuracy under each rule of `RULES` with standard errors, K shots; `acc_uncond` (one
+    extra request per distinct candidate) only when `unconditional`."""
+    if unconditional and not isinstance(uncond_prompt, str):
+        raise ValueError(f"uncond_prompt must be a string such as {UNCOND_PROMPT!r}, "
+                         f"got {uncond_prompt!r}.")
     rng = random.Random(seed)
     requests, used = [], []
     for i, example in enumerate(task.examples):
@@ -287,28 +330,36 @@ def evaluate_task(cfg: ModelConfig, params, tokenizer: Tokenizer, task: Task, sh
         prompt = build_prompt(task, example, demos)
         requests += [encode_request(tokenizer, prompt, c, cfg.max_len)
                      for c in example.candidates]
-    sums, lengths = score_requests(cfg, params, requests, batch_size)
-    correct, correct_norm, start = [], [], 0
+    loglik_R, n_tokens_R = score_requests(cfg, params, requests, batch_size)
+    uncond = (unconditional_logliks(cfg, params, tokenizer,
+                                    (c for e in task.examples for c in e.candidates),
+                                    uncond_prompt, batch_size) if unconditional else None)
+    hits, start = {}, 0
     for example in task.examples:
-        k = len(example.candidates)
-        s, n = sums[start:start + k], lengths[start:start + k]
-        correct.append(int(np.argmax(s)) == example.label)
-        correct_norm.append(int(np.argmax(s / n)) == example.label)
-        start += k
+        part = slice(start, start + len(example.candidates))
+        scores = candidate_scores(loglik_R[part], n_tokens_R[part], example.candidates,
+                                  None if uncond is None else
+                                  [uncond[c] for c in example.candidates])
+        for rule, scores_C in scores.items():
+            hits.setdefault(rule, []).append(int(np.argmax(scores_C)) == example.label)
+        start = part.stop
     n = len(task.examples)
     out = {"task": task.name, "shots": shots, "examples": n,
            "chance": float(np.mean([1 / len(e.candidates) for e in task.examples])),
            "shots_used_mean": float(np.mean(used))}
-    for key, hits in (("acc", correct), ("acc_norm", correct_norm)):
-        p = float(np.mean(hits))
-        out[key], out[f"{key}_stderr"] = p, math.sqrt(p * (1 - p) / n)
+    for rule, rule_hits in hits.items():
+        p = float(np.mean(rule_hits))
+        out[rule], out[f"{rule}_stderr"] = p, math.sqrt(p * (1 - p) / n)
+    if unconditional:
+        out["uncond_prompt"] = uncond_prompt
     return out
 
 
 def format_result(out: dict) -> str:
-    return (f"{out['task']} {out['shots']}-shot: acc {out['acc']:.3f} ± {out['acc_stderr']:.3f}, "
-            f"acc_norm {out['acc_norm']:.3f} ± {out['acc_norm_stderr']:.3f} "
-            f"(n={out['examples']}, chance {out['chance']:.3f})")
+    """One line: every reported rule's accuracy ± its standard error."""
+    rules = ", ".join(f"{r} {out[r]:.3f} ± {out[r + '_stderr']:.3f}" for r in RULES if r in out)
+    return f"{out['task']} {out['shots']}-shot: {rules} (n={out['examples']}, " \
+        f"chance {out['chance']:.3f})"
 
 
 # ----------------------------------------------------------------- perplexity

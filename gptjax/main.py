@@ -57,7 +57,9 @@ def cmd_sample(args) -> None:
     stops = () if args.no_stop else (tokenizer.eos_id,)
     if args.num_beams > 1:
         out = sample.beam_search(cfg, params, prompt, num_beams=args.num_beams,
-                                 max_new_tokens=new, stop_tokens=stops)
+                                 max_new_tokens=new, stop_tokens=stops,
+                                 length_penalty=args.length_penalty,
+                                 length_penalty_kind=args.length_penalty_kind)
     else:
         out = sample.generate(cfg, params, prompt, key=jax.random.key(args.seed),
                               max_new_tokens=new, temperature=args.temperature,
@@ -85,6 +87,8 @@ def _sample_family(args, cfg, params, tokenizer, step) -> None:
               max_len=min(args.max_new_tokens, cfg.max_len))
     if args.num_beams > 1:
         out = seq2seq_decode.beam_search(cfg, params, src, num_beams=args.num_beams,
+                                         length_penalty=args.length_penalty,
+                                         length_penalty_kind=args.length_penalty_kind,
                                          **kw).tokens
     else:
         out = seq2seq_decode.greedy(cfg, params, src, **kw)
@@ -177,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--repetition_penalty", type=float, default=1.0)
         sp.add_argument("--greedy", action="store_true")
         sp.add_argument("--num_beams", type=int, default=1)
+        sp.add_argument("--length_penalty", type=float, default=1.0,
+                        help="beam ranking: sum(logprobs) / penalty(length) ** this")
+        sp.add_argument("--length_penalty_kind", default="hf", choices=("hf", "gnmt"),
+                        help="hf: length ** alpha; gnmt: ((5 + length) / 6) ** alpha")
         sp.add_argument("--num_samples", type=int, default=1)
         sp.add_argument("--no_stop", action="store_true", help="do not stop at end-of-text")
         sp.add_argument("--seed", type=int, default=0)

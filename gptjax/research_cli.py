@@ -33,7 +33,8 @@ def cmd_eval(args) -> None:
     results = []
     for shots in _int_list(args.shots):
         out = evaluate.evaluate_task(cfg, params, tokenizer, task, shots=shots, seed=args.seed,
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size, unconditional=args.uncond,
+                                     uncond_prompt=args.uncond_prompt)
         results.append(out)
         print(evaluate.format_result(out))
     path = os.path.join(args.workdir, f"eval_{task.name}.json")
@@ -93,6 +94,11 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
     e.add_argument("--batch_size", type=int, default=16)
     e.add_argument("--max_batches", type=int, default=50)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--uncond", action="store_true",
+                   help="also report acc_uncond: log P(answer | prompt) - log P(answer | "
+                        "--uncond_prompt), GPT-3's normalisation for ARC/OpenBookQA/RACE")
+    e.add_argument("--uncond_prompt", default="Answer:",
+                   help="the unconditional context for --uncond")
     f = subparsers.add_parser("finetune", help="GPT-1 fine-tuning of a pretrained workdir")
     common(f)
     f.add_argument("--out", required=True, help="directory for the fine-tuned run")

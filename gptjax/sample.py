@@ -216,10 +216,37 @@ def generate(cfg: ModelConfig, params, prompt_BT, *, key: jax.Array, max_new_tok
 # ------------------------------------------------------------------ beam search
 
 
+LENGTH_PENALTY_KINDS = ("hf", "gnmt")
+
+
+def check_length_penalty_kind(kind: str) -> None:
+    if kind not in LENGTH_PENALTY_KINDS:
+        raise ValueError(f"length_penalty_kind must be 'hf' (length**alpha) or 'gnmt' "
+                         f"(((5 + length) / 6)**alpha), got {kind!r}.")
+
+
+def length_normalised(score, length, alpha, kind: str = "hf"):
+    """A hypothesis' summed log-prob divided by its length penalty, the beam ranking score.
+
+    Raw likelihood favours short hypotheses (every token costs log-probability), so beams
+    rank by score / lp(length). `kind` names the penalty:
+      "hf":   lp = length**alpha, Hugging Face's `length_penalty` (0: raw likelihood,
+              1: per-token average);
+      "gnmt": lp = ((5 + length) / 6)**alpha, Wu et al. 2016 (GNMT) eq. 14: 1 at length
+              1, so it tempers short outputs less than "hf" at the same alpha.
+    Both are 1 at alpha = 0 and depend on the length only, so hypotheses of one length keep
+    their raw order. Used by this module's and `seq2seq_decode`'s beam searches.
+    """
+    check_length_penalty_kind(kind)
+    length = jnp.asarray(length, jnp.float32)
+    lp = length ** alpha if kind == "hf" else ((5.0 + length) / 6.0) ** alpha
+    return score / lp
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "max_new_tokens",
-                                             "stop_tokens", "pad_id"))
+                                             "stop_tokens", "pad_id", "length_penalty_kind"))
 def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
-                 max_new_tokens, stop_tokens, pad_id):
+                 max_new_tokens, stop_tokens, pad_id, length_penalty_kind):
     b, t = prompt_BT.shape
     k, v = num_beams, cfg.vocab_size
     last_BV, cache, kv_valid_BS = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
@@ -241,9 +268,10 @@ def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
         logp_BKV = jnp.where(s["done"][..., None], pad_only_V, logp_BKV)
         cand_BKV = s["score"][..., None] + logp_BKV
         length_BK = jnp.where(s["done"], s["length"], i + 1)
-        # Rank by the length-normalised score (GNMT-style len**alpha); alive
-        # candidates share one length, so among them this is the raw order.
-        rank_BKV = cand_BKV / (length_BK[..., None].astype(jnp.float32) ** length_penalty)
+        # Rank by the length-normalised score; alive candidates share one length, so
+        # among them this is the raw order; it decides between finished and alive ones.
+        rank_BKV = length_normalised(cand_BKV, length_BK[..., None], length_penalty,
+                                     length_penalty_kind)
         _, idx_BK = jax.lax.top_k(rank_BKV.reshape(b, k * v), k)
         beam_BK, tok_BK = idx_BK // v, (idx_BK % v).astype(jnp.int32)
         take = lambda a: jnp.take_along_axis(a, beam_BK, axis=1)
@@ -266,7 +294,8 @@ def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
 
     s = jax.lax.while_loop(lambda s: (s["i"] < max_new_tokens) & ~jnp.all(s["done"]), step,
                            state)
-    final_BK = s["score"] / (jnp.maximum(s["length"], 1).astype(jnp.float32) ** length_penalty)
+    final_BK = length_normalised(s["score"], jnp.maximum(s["length"], 1), length_penalty,
+                                 length_penalty_kind)
     best_B = jnp.argmax(final_BK, axis=1)
     pick = lambda a: a.reshape(b, k, *a.shape[1:])[jnp.arange(b), best_B]
     gen_mask = pick(s["kv_valid"])[:, t:].astype(jnp.int32)
@@ -278,17 +307,22 @@ def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
 
 
 def beam_search(cfg: ModelConfig, params, prompt_BT, *, num_beams: int, max_new_tokens: int,
-                length_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
-                prompt_mask=None, pad_id: int = 0) -> SampleOutput:
+                length_penalty: float = 1.0, length_penalty_kind: str = "hf",
+                stop_tokens: Sequence[int] = (), prompt_mask=None,
+                pad_id: int = 0) -> SampleOutput:
     """The most likely continuation found by a beam of `num_beams` hypotheses.
 
     A hypothesis ends at a stop token and then keeps its score; the winner
-    maximises sum(logprobs) / length**length_penalty (0 = raw likelihood,
-    which favours short outputs; 1 = per-token average).
+    maximises `length_normalised(sum(logprobs), length, length_penalty,
+    length_penalty_kind)`, the length counting the stop token: "hf" divides by
+    length**length_penalty (0 = raw likelihood, which favours short outputs;
+    1 = per-token average), "gnmt" by ((5 + length) / 6)**length_penalty.
     """
     prompt_BT, mask_BT = _prepare(cfg, prompt_BT, prompt_mask, max_new_tokens)
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
+    check_length_penalty_kind(length_penalty_kind)
     return _beam_search(cfg, params, prompt_BT, mask_BT, jnp.float32(length_penalty),
                         num_beams=num_beams, max_new_tokens=max_new_tokens,
-                        stop_tokens=tuple(int(x) for x in stop_tokens), pad_id=pad_id)
+                        stop_tokens=tuple(int(x) for x in stop_tokens), pad_id=pad_id,
+                        length_penalty_kind=length_penalty_kind)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gptjax import seq2seq
+from gptjax.sample import check_length_penalty_kind, length_normalised
 from gptjax.seq2seq import Params, Seq2SeqConfig
 
 
@@ -63,7 +64,8 @@ class BeamOutput(NamedTuple):
 
     tokens: (B, max_len), the first `eos_id` included and `pad_id` after it.
     logprobs: (B, max_len), log p(token | source, prefix) under the model; 0 after eos.
-    scores: (B,), sum(logprobs) / length**length_penalty, the length counting eos.
+    scores: (B,), `sample.length_normalised(sum(logprobs), length, length_penalty,
+      length_penalty_kind)`, the length counting eos.
     """
 
     tokens: Int[Array, "B T"]
@@ -72,21 +74,23 @@ class BeamOutput(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "max_len", "start_id",
-                                             "eos_id", "pad_id"))
+                                             "eos_id", "pad_id", "length_penalty_kind"))
 def beam_search(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
                 src_mask: Int[Array, "B S"] | None = None, *, num_beams: int, start_id: int,
                 eos_id: int, max_len: int, pad_id: int = 0,
-                length_penalty: float = 1.0) -> BeamOutput:
+                length_penalty: float = 1.0, length_penalty_kind: str = "hf") -> BeamOutput:
     """The most likely translation found by `num_beams` hypotheses per source.
 
     As `sample.beam_search`: a hypothesis ends at `eos_id` and then keeps its
-    score; candidates are ranked by sum(logprobs) / length**length_penalty
-    (0: raw likelihood, favouring short outputs; 1: per-token average). The
-    source is encoded once and its cross K/V shared by its beams; the
-    self-attention cache follows each beam's parent every step.
+    score; candidates are ranked by `sample.length_normalised` — "hf" divides
+    sum(logprobs) by length**length_penalty (0: raw likelihood, favouring short
+    outputs; 1: per-token average), "gnmt" by ((5 + length) / 6)**length_penalty
+    (Wu et al. 2016). The source is encoded once and its cross K/V shared by its
+    beams; the self-attention cache follows each beam's parent every step.
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
+    check_length_penalty_kind(length_penalty_kind)
     source = prepare(cfg, params, src_BS, src_mask)  # (L, B, S, N, H): never repeated
     b, k, v = src_BS.shape[0], num_beams, cfg.vocab_size
     flat = lambda a_BK: a_BK.reshape(b * k, *a_BK.shape[2:])
@@ -107,7 +111,8 @@ def beam_search(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
         logp_BKV = jnp.where(s["done"][..., None], pad_only_V, logp_BKV)
         cand_BKV = s["score"][..., None] + logp_BKV
         length_BK = jnp.where(s["done"], s["length"], i + 1)
-        rank_BKV = cand_BKV / length_BK[..., None].astype(jnp.float32) ** length_penalty
+        rank_BKV = length_normalised(cand_BKV, length_BK[..., None], length_penalty,
+                                     length_penalty_kind)
         _, idx_BK = jax.lax.top_k(rank_BKV.reshape(b, k * v), k)
         beam_BK, tok_BK = idx_BK // v, (idx_BK % v).astype(jnp.int32)
         pick = lambda a_BKV: jnp.take_along_axis(a_BKV.reshape(b, k * v), idx_BK, axis=1)
@@ -120,7 +125,8 @@ def beam_search(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
                     cache=jax.tree.map(lambda a: jnp.take(a, parent_R, axis=1), cache))
 
     s = jax.lax.while_loop(lambda s: (s["i"] < max_len) & ~jnp.all(s["done"]), step, state)
-    final_BK = s["score"] / jnp.maximum(s["length"], 1).astype(jnp.float32) ** length_penalty
+    final_BK = length_normalised(s["score"], jnp.maximum(s["length"], 1), length_penalty,
+                                 length_penalty_kind)
     best_B = jnp.argmax(final_BK, axis=1)
     best = lambda a_R: a_R.reshape(b, k, *a_R.shape[1:])[jnp.arange(b), best_B]
     return BeamOutput(tokens=best(s["out"]).astype(src_BS.dtype), logprobs=best(s["logp"]),

@@ -1,5 +1,6 @@
 """In-context evaluation: prompt construction, log-likelihood scoring against a direct
-computation, accuracy, task files and their errors, perplexity."""
+computation, accuracy under each selection rule (a tiny model and a fake scorer with known
+log-probs), task files and their errors, perplexity."""
 
 import json
 import math
@@ -61,22 +62,112 @@ def test_candidate_scores_equal_direct_log_softmax_sums():
     np.testing.assert_allclose(sums, [_direct_score(prompt, c) for c in candidates], rtol=1e-5)
 
 
-def test_accuracy_is_argmax_of_summed_and_per_token_scores():
+def _hits_by_hand(scores, candidates, label, uncond=None):
+    """Which rules pick `label`, in plain python: sum, per token, per character, minus the
+    unconditional log-likelihood."""
+    n_tok = [len(TOK.encode(c)) for c in candidates]
+    rules = {"acc": list(scores),
+             "acc_per_token": [s / n for s, n in zip(scores, n_tok)],
+             "acc_per_char": [s / len(c) for s, c in zip(scores, candidates)]}
+    if uncond is not None:
+        rules["acc_uncond"] = [s - u for s, u in zip(scores, uncond)]
+    return {k: max(range(len(v)), key=v.__getitem__) == label for k, v in rules.items()}
+
+
+def test_accuracy_is_argmax_of_each_rule_over_model_scores():
+    # "é" is two byte tokens but one character, so per-token and per-character differ.
+    task = ev.Task("toy", examples=TASK.examples + (ev.Example("q", ("éé", "ab", "a"), 0),),
+                   demos=TASK.demos, separator="\n")
     for shots in (0, 2):
-        out = ev.evaluate_task(CFG, PARAMS, TOK, TASK, shots=shots, seed=0, batch_size=4)
-        rng, hits, hits_norm = random.Random(0), [], []
-        for i, example in enumerate(TASK.examples):
-            demos = ev.choose_demos(TASK, i, shots, rng)
-            prompt = ev.build_prompt(TASK, example, demos)
-            scores = ev.score_candidates(CFG, PARAMS, TOK, prompt, example.candidates)[0]
-            norm = [s / len(TOK.encode(c)) for s, c in zip(scores, example.candidates)]
-            hits.append(int(np.argmax(scores)) == example.label)
-            hits_norm.append(int(np.argmax(norm)) == example.label)
-        assert out["acc"] == pytest.approx(np.mean(hits))
-        assert out["acc_norm"] == pytest.approx(np.mean(hits_norm))
-        p = np.mean(hits)
-        assert out["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 3))
-        assert out["shots"] == shots and out["examples"] == 3 and out["chance"] == 0.5
+        out = ev.evaluate_task(CFG, PARAMS, TOK, task, shots=shots, seed=0, batch_size=4,
+                               unconditional=True, uncond_prompt="A:")
+        rng, hits = random.Random(0), []
+        for i, example in enumerate(task.examples):
+            prompt = ev.build_prompt(task, example, ev.choose_demos(task, i, shots, rng))
+            scores = [_direct_score(prompt, c) for c in example.candidates]
+            uncond = [_direct_score("A:", c) for c in example.candidates]
+            hits.append(_hits_by_hand(scores, example.candidates, example.label, uncond))
+        for key in ("acc", "acc_per_token", "acc_per_char", "acc_uncond"):
+            p = np.mean([h[key] for h in hits])
+            assert out[key] == pytest.approx(p), key
+            assert out[f"{key}_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 4)), key
+        assert "acc_norm" not in out and out["uncond_prompt"] == "A:"
+        assert out["shots"] == shots and out["examples"] == 4
+        assert out["chance"] == pytest.approx((3 * 0.5 + 1 / 3) / 4)
+    plain = ev.evaluate_task(CFG, PARAMS, TOK, task, shots=2, seed=0, batch_size=4)
+    assert "acc_uncond" not in plain and "uncond_prompt" not in plain
+    assert all(plain[k] == out[k] for k in ("acc", "acc_per_token", "acc_per_char"))
+
+
+# Per-token log-probs a fake scorer gives each candidate, after the question ("cond") or after
+# the unconditional prompt. Token counts (bytes) and characters differ for "éé" (4 vs 2):
+#            sum    /token  /char  minus uncond
+#   "a"      -1.0   -1.0    -1.0   -1.0 - -1.5 = 0.5   <- acc (summed) picks "a"
+#   "éé"     -2.4   -0.6    -1.2   -2.4 - -3.0 = 0.6   <- acc_per_token picks "éé"
+#   "bcdefg" -4.2   -0.7    -0.7   -4.2 - -5.0 = 0.8   <- acc_per_char picks "bcdefg"
+#   "xy"     -3.0   -1.5    -1.5   -3.0 - -10  = 7.0   <- acc_uncond picks "xy"
+FAKE_LOGP = {
+    ("cond", "a"): [-1.0], ("cond", "éé"): [-0.3, -0.9, -0.5, -0.7],
+    ("cond", "bcdefg"): [-0.2, -1.0, -0.5, -0.9, -0.6, -1.0], ("cond", "xy"): [-2.0, -1.0],
+    ("uncond", "a"): [-1.5], ("uncond", "éé"): [-1.0, -0.5, -1.0, -0.5],
+    ("uncond", "bcdefg"): [-0.5, -1.0, -1.0, -1.0, -1.0, -0.5], ("uncond", "xy"): [-6.0, -4.0],
+}
+FAKE_CANDIDATES = ("a", "éé", "bcdefg", "xy")
+
+
+def _fake_scorer(seen_prompts):
+    """score_requests from FAKE_LOGP: the request's prompt (decoded) says which table."""
+
+    def score(cfg, params, requests, batch_size=16):
+        sums = []
+        for ids, n in requests:
+            prompt, candidate = TOK.decode(ids[1:-n]), TOK.decode(ids[-n:])
+            seen_prompts.append(prompt)
+            logp = FAKE_LOGP[("cond" if prompt.startswith("Q") else "uncond", candidate)]
+            assert len(logp) == n, "the fake table must match the byte tokenizer"
+            sums.append(sum(logp))
+        return np.array(sums), np.array([n for _, n in requests])
+
+    return score
+
+
+def test_four_rules_pick_four_different_candidates(monkeypatch):
+    # 1, 2, 3, 4 examples whose answer is the pick of acc, per token, per char, uncond.
+    labels = [0] + [1] * 2 + [2] * 3 + [3] * 4
+    task = ev.Task("fake", tuple(ev.Example(f"Q{i}:", FAKE_CANDIDATES, y)
+                                 for i, y in enumerate(labels)))
+    seen = []
+    monkeypatch.setattr(ev, "score_requests", _fake_scorer(seen))
+    out = ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True, uncond_prompt="Answer:")
+    by_hand = []
+    for y in labels:
+        scores = [sum(FAKE_LOGP[("cond", c)]) for c in FAKE_CANDIDATES]
+        uncond = [sum(FAKE_LOGP[("uncond", c)]) for c in FAKE_CANDIDATES]
+        by_hand.append(_hits_by_hand(scores, FAKE_CANDIDATES, y, uncond))
+    for key, want in (("acc", 0.1), ("acc_per_token", 0.2), ("acc_per_char", 0.3),
+                      ("acc_uncond", 0.4)):
+        assert out[key] == pytest.approx(want) == np.mean([h[key] for h in by_hand]), key
+        assert out[f"{key}_stderr"] == pytest.approx(math.sqrt(want * (1 - want) / 10)), key
+    # Each candidate's unconditional score is computed once, not once per example.
+    assert seen.count("Answer:") == len(FAKE_CANDIDATES)
+    line = ev.format_result(out)
+    assert all(f"{k} " in line for k in ("acc", "acc_per_token", "acc_per_char", "acc_uncond"))
+
+
+def test_unconditional_prompt_is_configurable_and_off_by_default(monkeypatch):
+    task = ev.Task("fake", (ev.Example("Q:", FAKE_CANDIDATES, 3),))
+    seen = []
+    monkeypatch.setattr(ev, "score_requests", _fake_scorer(seen))
+    plain = ev.evaluate_task(CFG, PARAMS, TOK, task)
+    assert "acc_uncond" not in plain and set(seen) == {"Q:"}
+    assert "acc_uncond" not in ev.format_result(plain)
+    seen.clear()
+    out = ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True, uncond_prompt="A: ")
+    assert out["acc_uncond"] == 1.0 and set(seen) == {"Q:", "A: "}
+    assert ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True)["uncond_prompt"] == \
+        "Answer:"
+    with pytest.raises(ValueError, match="uncond_prompt must be a string"):
+        ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True, uncond_prompt=None)
 
 
 def test_demonstrations_are_dropped_to_fit_the_context():

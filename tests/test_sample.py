@@ -147,22 +147,64 @@ def test_beam_of_one_is_greedy(params):
     np.testing.assert_array_equal(beam.tokens, greedy.tokens)
 
 
-def test_wide_beam_finds_the_exhaustive_optimum():
+def test_length_penalty_kinds_by_hand():
+    score, length = jnp.array([-6.0, -6.0, -3.0]), jnp.array([1, 3, 7])
+    for alpha in (0.0, 0.6, 1.0, 2.0):
+        hf = [s / n ** alpha for s, n in zip([-6.0, -6.0, -3.0], [1, 3, 7])]
+        gnmt = [s / ((5 + n) / 6) ** alpha for s, n in zip([-6.0, -6.0, -3.0], [1, 3, 7])]
+        np.testing.assert_allclose(sample.length_normalised(score, length, alpha), hf, rtol=1e-6)
+        np.testing.assert_allclose(sample.length_normalised(score, length, alpha, "gnmt"), gnmt,
+                                   rtol=1e-6)
+    # GNMT at alpha = 0 is the raw likelihood (as is HF's).
+    np.testing.assert_array_equal(sample.length_normalised(score, length, 0.0, "gnmt"), score)
+    with pytest.raises(ValueError, match="length_penalty_kind must be 'hf'.*'gnmt'.*'wu'"):
+        sample.length_normalised(score, length, 1.0, "wu")
+
+
+# (kind, alpha) for the exhaustive comparison; at alpha 1 and 2 the two kinds pick different
+# optima on some row, so a beam search that ignored the kind would fail.
+PENALTIES = [("hf", 0.0), ("gnmt", 0.0), ("hf", 1.0), ("gnmt", 1.0), ("hf", 2.0), ("gnmt", 2.0)]
+
+
+def _all_continuations(cfg, p, prompt_T, n_new, stop, pad):
+    """Every continuation of `n_new` tokens, cut after the first `stop` (pad after it),
+    scored by one full forward pass: (prompt + tokens, summed log-prob, length)."""
+    seqs = np.array([list(prompt_T) + list(c) for c in itertools.product(range(cfg.vocab_size),
+                                                                         repeat=n_new)])
+    t = len(prompt_T)
+    logp = jax.nn.log_softmax(model.forward(cfg, p, seqs), -1)
+    tok_lp = np.asarray(jnp.take_along_axis(logp[:, t - 1:-1], seqs[:, t:, None], -1)[..., 0])
+    is_stop = seqs[:, t:] == stop
+    length = np.where(is_stop.any(1), is_stop.argmax(1) + 1, n_new)
+    kept = np.arange(n_new)[None] < length[:, None]
+    seqs[:, t:] = np.where(kept, seqs[:, t:], pad)
+    return seqs, np.where(kept, tok_lp, 0.0).sum(1), length
+
+
+def test_wide_beam_finds_the_exhaustive_optimum_under_each_length_penalty():
     cfg = CFG.replace(vocab_size=5)
-    p = model.init_params(cfg, jax.random.key(5))
-    p = {**p, "wte": p["wte"] * 30}
+    p = model.init_params(cfg, jax.random.key(2))
+    p = {**p, "wte": p["wte"] * 2}  # soft enough that stopping early sometimes wins
     prompt = np.array([[1, 3], [4, 0]])
-    out = sample.beam_search(cfg, p, prompt, num_beams=25, max_new_tokens=3, length_penalty=0.0)
-    for b in range(2):
-        seqs = np.array([list(prompt[b]) + list(c) for c in itertools.product(range(5), repeat=3)])
-        logp = jax.nn.log_softmax(model.forward(cfg, p, seqs), -1)
-        total = jnp.take_along_axis(logp[:, 1:-1], seqs[:, 2:, None], -1)[..., 0].sum(-1)
-        best = int(jnp.argmax(total))
-        np.testing.assert_array_equal(out.tokens[b], seqs[best])
-        np.testing.assert_allclose(out.scores[b], total[best], rtol=1e-5)
-        assert float(out.scores[b]) >= float(sample.generate(
-            cfg, p, prompt[b:b + 1], key=jax.random.key(0), max_new_tokens=3,
-            greedy=True).scores[0]) - 1e-6
+    rows = [_all_continuations(cfg, p, prompt[b], 3, 2, 0) for b in range(2)]
+    best, ended_early = {}, 0
+    for kind, alpha in PENALTIES:
+        # K = V**(n_new - 1): no prefix is ever pruned, so the beam must find the optimum.
+        out = sample.beam_search(cfg, p, prompt, num_beams=25, max_new_tokens=3,
+                                 stop_tokens=(2,), length_penalty=alpha, length_penalty_kind=kind)
+        for b, (seqs, total, length) in enumerate(rows):
+            penalty = length ** alpha if kind == "hf" else ((5 + length) / 6) ** alpha
+            i = int(np.argmax(total / penalty))
+            np.testing.assert_array_equal(out.tokens[b], seqs[i], err_msg=f"{kind} {alpha} {b}")
+            np.testing.assert_allclose(out.scores[b], total[i] / penalty[i], rtol=1e-5)
+            best[kind, alpha, b], ended_early = tuple(seqs[i]), ended_early + int(length[i] < 3)
+        if alpha == 0.0:  # raw likelihood: at least as likely as the greedy continuation
+            greedy = sample.generate(cfg, p, prompt, key=jax.random.key(0), max_new_tokens=3,
+                                     greedy=True, stop_tokens=(2,))
+            assert np.all(np.asarray(out.scores) >= np.asarray(greedy.scores) - 1e-6)
+    assert 0 < ended_early < 2 * len(PENALTIES), "optima should end early and run full length"
+    assert any(best["hf", a, b] != best["gnmt", a, b] for a in (1.0, 2.0) for b in range(2)), (
+        "the two kinds should pick different optima somewhere, or this test cannot tell them apart")
 
 
 def test_beam_search_stops_and_pads():
@@ -192,6 +234,9 @@ def test_bad_inputs_raise_clear_errors(params):
     with pytest.raises(ValueError, match="top_p"):
         sample.generate(CFG, params, np.array([[1]]), key=jax.random.key(0), max_new_tokens=2,
                         top_p=1.5)
+    with pytest.raises(ValueError, match="length_penalty_kind must be 'hf'"):
+        sample.beam_search(CFG, params, np.array([[1]]), num_beams=2, max_new_tokens=2,
+                           length_penalty_kind="GNMT")
     with pytest.raises(ValueError, match="greedy=True"):
         sample.generate(CFG, params, np.array([[1]]), key=jax.random.key(0), max_new_tokens=2,
                         temperature=0.0)

@@ -125,9 +125,10 @@ def test_greedy_equals_uncached_argmax_loop():
 # ----------------------------------------------------------------- beam search
 
 
-def _teacher_forced(cfg, params, src, src_mask, tokens, eos, length_penalty):
+def _teacher_forced(cfg, params, src, src_mask, tokens, eos, length_penalty, kind="hf"):
     """Per-token log-probs of `tokens` (B, T) under `forward`, up to the first `eos` (0
-    after), and the beam score sum / length**length_penalty, `eos` counted in the length."""
+    after), and the beam score: sum / length**length_penalty ("hf") or
+    sum / ((5 + length) / 6)**length_penalty ("gnmt"), `eos` counted in the length."""
     tokens = np.asarray(tokens)
     logits = forward(cfg, params, src, seq2seq.shift_right(jnp.asarray(tokens), START),
                      src_mask=src_mask)
@@ -136,7 +137,8 @@ def _teacher_forced(cfg, params, src, src_mask, tokens, eos, length_penalty):
     is_eos = tokens == eos
     length = np.where(is_eos.any(1), is_eos.argmax(1) + 1, tokens.shape[1])
     logp = np.where(np.arange(tokens.shape[1])[None] < length[:, None], logp, 0.0)
-    return logp, logp.sum(1) / length ** length_penalty, length
+    penalty = length ** length_penalty if kind == "hf" else ((5 + length) / 6) ** length_penalty
+    return logp, logp.sum(1) / penalty, length
 
 
 SRC_MASK = (jnp.arange(9)[None] < jnp.array([[9], [6], [3]])).astype(jnp.int32)
@@ -159,26 +161,35 @@ def test_beam_of_one_is_greedy_with_padded_sources():
     assert (greedy[0, 2:] == PAD).all()
 
 
-def test_wide_beam_equals_exhaustive_search():
+# (kind, alpha) of the exhaustive comparison: both length penalties, GNMT's at 0 included.
+PENALTIES = [("hf", 0.0), ("gnmt", 0.0), ("hf", 1.0), ("gnmt", 1.0), ("hf", 2.0), ("gnmt", 2.0)]
+
+
+def test_wide_beam_equals_exhaustive_search_under_each_length_penalty():
     cfg = CFG.replace(vocab_size=5)  # 0 = start and pad (never predicted), 1 = EOS
     params, t, n_seq = _varied_params(5), 3, 5 ** 3
     src = jnp.asarray(np.random.default_rng(12).integers(2, 5, (3, 9)))
     seqs = np.array(list(itertools.product(range(5), repeat=t)))  # every target of length 3
     all_src, all_mask = (jnp.repeat(a, n_seq, axis=0) for a in (src, SRC_MASK))
-    ended_early = 0
-    for alpha in (0.0, 1.0):
+    ended_early, best_of = 0, {}
+    for kind, alpha in PENALTIES:
         # K = V**(t-1): no prefix is ever pruned, so the beam must find the optimum.
         out = seq2seq_decode.beam_search(cfg, params, src, SRC_MASK, num_beams=25, start_id=START,
-                                  eos_id=EOS, max_len=t, length_penalty=alpha)
+                                         eos_id=EOS, max_len=t, length_penalty=alpha,
+                                         length_penalty_kind=kind)
         _, score, length = _teacher_forced(cfg, params, all_src, all_mask,
-                                           np.tile(seqs, (3, 1)), EOS, alpha)
+                                           np.tile(seqs, (3, 1)), EOS, alpha, kind)
         for b in range(3):
             i = b * n_seq + int(np.argmax(score[b * n_seq:(b + 1) * n_seq]))
             best = np.where(np.arange(t) < length[i], seqs[i % n_seq], PAD)
-            np.testing.assert_array_equal(out.tokens[b], best, err_msg=f"{alpha} {b}")
+            np.testing.assert_array_equal(out.tokens[b], best, err_msg=f"{kind} {alpha} {b}")
             np.testing.assert_allclose(out.scores[b], score[i], rtol=1e-5)
             ended_early += int(length[i] < t)
-    assert 0 < ended_early < 6, "optima should include EOS-ended and full-length targets"
+            best_of[kind, alpha, b] = tuple(best)
+    assert 0 < ended_early < 3 * len(PENALTIES), "optima should end at EOS and run full length"
+    assert any(best_of["hf", a, b] != best_of["gnmt", a, b]
+               for a in (1.0, 2.0) for b in range(3)), (
+        "the two kinds should pick different optima somewhere, or this test cannot tell them apart")
 
 
 def test_beam_logprobs_and_scores_equal_teacher_forced_forward():
@@ -248,6 +259,9 @@ def test_bad_configs_and_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="num_beams"):
         seq2seq_decode.beam_search(CFG, _params(), _ints((1, 3), 0), num_beams=0, start_id=START,
                             eos_id=EOS, max_len=2)
+    with pytest.raises(ValueError, match="length_penalty_kind must be 'hf'.*'gnmt'"):
+        seq2seq_decode.beam_search(CFG, _params(), _ints((1, 3), 0), num_beams=2, start_id=START,
+                                   eos_id=EOS, max_len=2, length_penalty_kind="wu")
 
 
 # --------------------------------------------------------------- Hugging Face Marian
