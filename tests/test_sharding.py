@@ -329,8 +329,9 @@ def test_sharded_steps_equal_unsharded(preset, reference):
     psh = S.param_shardings(CFG, mesh, preset)
     assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding == s, params, psh))
     # Adam divides by each gradient's own scale, so an element whose gradient is near rounding
-    # noise can move a little differently under another reduction order: 1% of one step (lr).
+    # noise can move a little differently under another reduction order: 3% of one step (lr).
+    # (On some CPUs one of 16,384 MLP elements moves 1.2% of a step: XLA's CPU code differs.)
     jax.tree.map_with_path(
         lambda path, got, want: np.testing.assert_allclose(
-            np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path)),
+            np.asarray(got), want, rtol=1e-5, atol=3e-5, err_msg=jax.tree_util.keystr(path)),
         params, ref_params)
