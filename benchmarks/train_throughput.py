@@ -139,7 +139,7 @@ def bench_one(cfg, batch_size: int, args) -> dict:
         "loss": loss,
         "model_tflops_per_step": metrics.flops_per_token(cfg, args.seq_len) * tokens_per_step
                                  / 1e12,
-        "peak_tflops": peak / 1e12,
+        "peak_tflops": None if peak is None else peak / 1e12,
     }
 
 
@@ -152,8 +152,9 @@ def row(r: dict) -> str:
         return (f"| {r['model']} | {r['batch_size']} | {r['layers']} | {r['remat']} | "
                 f"{r['attention']} | {r['dtype']} | {r['error']} | | | | |")
     mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     return (f"| {r['model']} | {r['batch_size']} | {r['layers']} | {r['remat']} | "
-            f"{r['attention']} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+            f"{r['attention']} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {mfu} | "
             f"{r['step_ms']:.1f} | {mem} | {r['compile_s']:.0f} |")
 
 

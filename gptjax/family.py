@@ -85,41 +85,54 @@ def _token_nll(logits_BTV, targets_BT) -> jax.Array:
                                                            targets_BT)
 
 
-def _masked_sums(cfg: ModelConfig, params, batch: dict, key=None):
-    """(per-token NLL, weights) of the family's objective; dropout when `key` is given."""
+def _token_losses(cfg: ModelConfig, params, batch: dict, key=None):
+    """(per-token training loss, per-token plain NLL, weights), each (B, T).
+
+    The training loss is the NLL, except the encoder–decoder's label-smoothed one;
+    dropout runs when `key` is given.
+    """
     family = family_of(cfg)
     if family == "decoder":
         tokens = batch["tokens"]
         nll_BT = _token_nll(model.forward(cfg, params, tokens[:, :-1], key=key), tokens[:, 1:])
         w_BT = batch.get("loss_mask", jnp.ones(nll_BT.shape, jnp.float32))
-        return nll_BT, w_BT, None
+        return nll_BT, nll_BT, w_BT
     if family == "encoder":
         logits_BTV = encoder.forward(cfg, params, batch["tokens"], mask=batch.get("mask"),
                                      segment_ids=batch.get("segment_ids"), key=key)
-        return _token_nll(logits_BTV, batch["targets"]), batch["loss_mask"], None
+        nll_BT = _token_nll(logits_BTV, batch["targets"])
+        return nll_BT, nll_BT, batch["loss_mask"]
     logits_BTV = seq2seq.forward(cfg, params, batch["src"], batch["tgt_in"],
                                  src_mask=batch.get("src_mask"), key=key)
-    return _token_nll(logits_BTV, batch["tgt"]), batch["tgt_mask"], logits_BTV
+    loss_BT, nll_BT = seq2seq.label_smoothed_token_losses(logits_BTV, batch["tgt"],
+                                                          cfg.label_smoothing)
+    return loss_BT, nll_BT, batch["tgt_mask"]
 
 
-def loss(cfg: ModelConfig, params, batch: dict, key: jax.Array | None = None) -> jax.Array:
-    """The family's training loss, a mean over the weighted target tokens.
+def loss_sums(cfg: ModelConfig, params, batch: dict,
+              key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(the family's training loss summed over the weighted target tokens, their weight).
 
     decoder: next-token cross-entropy (over `loss_mask` when present); encoder:
     masked-LM cross-entropy on the chosen positions; seq2seq: label-smoothed
-    cross-entropy (`cfg.label_smoothing`) over real target tokens.
+    cross-entropy (`cfg.label_smoothing`) over real target tokens. The weight
+    depends on the batch alone, so a trainer can divide by the whole batch's
+    weight however it is cut into microbatches (`train.make_update`).
     """
-    nll_BT, w_BT, logits_BTV = _masked_sums(cfg, params, batch, key)
-    if logits_BTV is not None:
-        return seq2seq.label_smoothed_loss(logits_BTV, batch["tgt"], w_BT,
-                                           cfg.label_smoothing)[0]
+    loss_BT, _, w_BT = _token_losses(cfg, params, batch, key)
     w_BT = w_BT.astype(jnp.float32)
-    return (nll_BT * w_BT).sum() / jnp.maximum(w_BT.sum(), 1.0)
+    return (loss_BT * w_BT).sum(), w_BT.sum()
+
+
+def loss(cfg: ModelConfig, params, batch: dict, key: jax.Array | None = None) -> jax.Array:
+    """The family's training loss, a mean over the weighted target tokens (`loss_sums`)."""
+    total, weight = loss_sums(cfg, params, batch, key)
+    return total / jnp.maximum(weight, 1.0)
 
 
 def eval_sums(cfg: ModelConfig, params, batch: dict) -> dict:
     """Summed plain NLL and the number of scored tokens (eval loss = their ratio)."""
-    nll_BT, w_BT, _ = _masked_sums(cfg, params, batch)
+    _, nll_BT, w_BT = _token_losses(cfg, params, batch)
     w_BT = w_BT.astype(jnp.float32)
     return {"loss_sum": (nll_BT * w_BT).sum(), "tokens": w_BT.sum()}
 

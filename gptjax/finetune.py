@@ -49,6 +49,7 @@ from jaxtyping import Array, Float, Int
 from gptjax import encoder, model, seq2seq
 from gptjax.config import ModelConfig
 from gptjax.family import family_of
+from gptjax.train import make_update
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 
@@ -208,26 +209,39 @@ def forward(cfg: ModelConfig, params: dict, batch: dict, kind: str, *, clf_dropo
     return head_logits(kind, params["head"], h_BCD), lm_logits_NTV.reshape(b, c, t, -1)
 
 
-def finetune_loss(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
-                  clf_dropout: float = 0.0, key: jax.Array | None = None
-                  ) -> tuple[Float[Array, ""], dict]:
-    """L3 = L2 + λ·L1: task cross-entropy plus λ times the LM loss on the task's sequences.
+def finetune_terms(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
+                   clf_dropout: float = 0.0, key: jax.Array | None = None):
+    """(sums, weights, stats) of L3 = L2 + λ·L1, in `train.make_update`'s form.
 
-    L1 is GPT's next-token loss for the decoder-only family and 0 (reported as
-    `lm_loss` = 0) for the encoder and the encoder–decoder, whose trunks see the next token.
+    L2, the task cross-entropy, is summed over examples; λ·L1, the LM loss on the task's
+    sequences, over their `lm_mask` tokens. L1 is GPT's next-token loss for the decoder-only
+    family and 0 (reported as `lm_loss` = 0) for the encoder and the encoder–decoder, whose
+    trunks see the next token.
     """
     logits_BK, lm_logits_BCTV = forward(cfg, params, batch, kind, clf_dropout=clf_dropout,
                                         key=key)
-    l2 = optax.softmax_cross_entropy_with_integer_labels(logits_BK, batch["label"]).mean()
-    l1 = jnp.zeros((), jnp.float32)
+    l2_sum = optax.softmax_cross_entropy_with_integer_labels(logits_BK, batch["label"]).sum()
+    n_examples = jnp.asarray(batch["label"].shape[0], jnp.float32)
+    l1_sum, n_tokens = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     if family_of(cfg) == "decoder":  # unused LM logits of the other families are pruned by jit
         lm_BCT = optax.softmax_cross_entropy_with_integer_labels(lm_logits_BCTV[:, :, :-1],
                                                                  batch["tokens"][:, :, 1:])
-        mask = batch["lm_mask"]
-        l1 = (lm_BCT * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        mask = batch["lm_mask"].astype(jnp.float32)
+        l1_sum, n_tokens = (lm_BCT * mask).sum(), mask.sum()
+    l2, l1 = l2_sum / n_examples, l1_sum / jnp.maximum(n_tokens, 1.0)
     acc = (jnp.argmax(logits_BK, -1) == batch["label"]).mean()
-    return l2 + lm_coef * l1, {"loss": l2 + lm_coef * l1, "clf_loss": l2, "lm_loss": l1,
-                               "accuracy": acc}
+    stats = {"clf_loss": l2, "lm_loss": l1, "accuracy": acc}
+    return {"clf": l2_sum, "lm": lm_coef * l1_sum}, {"clf": n_examples, "lm": n_tokens}, stats
+
+
+def finetune_loss(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
+                  clf_dropout: float = 0.0, key: jax.Array | None = None
+                  ) -> tuple[Float[Array, ""], dict]:
+    """L3 = L2 + λ·L1: task cross-entropy plus λ times the LM loss on the task's sequences
+    (`finetune_terms` divided by its weights)."""
+    _, _, stats = finetune_terms(cfg, params, batch, kind, lm_coef, clf_dropout, key)
+    loss = stats["clf_loss"] + lm_coef * stats["lm_loss"]
+    return loss, {"loss": loss, **stats}
 
 
 # ------------------------------------------------------------------ demo tasks
@@ -301,6 +315,7 @@ class FinetuneConfig:
     demo defaults suit a nano model pretrained for a few hundred steps.
 
     seq_len: tokens per sequence, specials included (the model's max_len at most).
+    grad_accum_steps: microbatches per step (exact: `train.make_update`).
     """
 
     task: str = "real_or_shuffled"
@@ -316,13 +331,18 @@ class FinetuneConfig:
     n_eval: int = 400
     log_every: int = 25
     seed: int = 0
+    grad_accum_steps: int = 1
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"FinetuneConfig.task={self.task!r} is not one of {', '.join(TASKS)}.")
-        for name in ("steps", "batch_size", "seq_len", "n_train", "n_eval", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "n_train", "n_eval", "log_every",
+                     "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"FinetuneConfig.{name} must be positive.")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"FinetuneConfig.batch_size={self.batch_size} is not divisible by "
+                             f"grad_accum_steps={self.grad_accum_steps}.")
 
 
 def encode_examples(tokenizer, examples) -> list[tuple[list[list[int]], int]]:
@@ -330,14 +350,17 @@ def encode_examples(tokenizer, examples) -> list[tuple[list[list[int]], int]]:
 
 
 def _make_step(cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer):
-    """The jitted fine-tuning step (state donated) and the jitted eval logits."""
+    """The jitted fine-tuning step (`train.make_update`, state donated) and the jitted eval
+    logits. `step(params, opt_state, batch, key)`: the key seeds each row's dropout."""
+    def objective(params, mb):
+        key = jax.random.wrap_key_data(mb["dropout_key"][0]) if "dropout_key" in mb else None
+        return finetune_terms(cfg, params, mb, kind, ft.lm_coef, ft.clf_dropout, key)
+
+    update = make_update(objective, optimizer, ft.grad_accum_steps)
+
     def step(params, opt_state, batch, key):
-        grad_fn = jax.value_and_grad(
-            lambda p: finetune_loss(cfg, p, batch, kind, ft.lm_coef, ft.clf_dropout, key),
-            has_aux=True)
-        (_, metrics), grads = grad_fn(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        keys = jax.random.key_data(jax.random.split(key, batch["label"].shape[0]))
+        return update(params, opt_state, {**batch, "dropout_key": keys})
 
     logits = lambda params, batch: forward(cfg, params, batch, kind)[0]  # noqa: E731
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(logits)

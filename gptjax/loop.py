@@ -39,12 +39,13 @@ log = logging.getLogger("gptjax")
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """Too many updates in a row had a non-finite loss or gradient; the last good checkpoint
+    is kept."""
 
 
 class BatchRamp:
-    """GPT-3's batch-size ramp with static shapes: the full batch is always fed
-    and rows past `batch_size_at(tokens_seen)` get a zero loss mask."""
+    """GPT-3's batch-size ramp with static shapes: each step feeds the full batch, of which
+    only the first `rows(step)` rows are real data; the rest are padding, masked out."""
 
     def __init__(self, opt_cfg: OptimizerConfig, train_cfg: TrainConfig):
         self.opt_cfg, self.train_cfg = opt_cfg, train_cfg
@@ -53,6 +54,9 @@ class BatchRamp:
         self._rows_seen = 0  # sum(self._rows), kept so each new step costs O(1)
 
     def rows(self, step: int) -> int:
+        """Real rows of the global batch at `step` (0-based): all of them without a ramp."""
+        if not self.enabled:
+            return self.train_cfg.batch_size
         full_tokens = self.train_cfg.batch_size * self.train_cfg.seq_len
         while len(self._rows) <= step:
             seen = self._rows_seen * self.train_cfg.seq_len
@@ -61,12 +65,20 @@ class BatchRamp:
             self._rows_seen += self._rows[-1]
         return self._rows[step]
 
-    def local_mask(self, step: int, local_shape: tuple) -> np.ndarray:
-        """This process's rows of the (B, T) loss mask for `step` (0-based)."""
-        b_local, t_plus_1 = local_shape
-        first = jax.process_index() * b_local
-        rows = np.arange(first, first + b_local) < self.rows(step)
-        return np.repeat(rows[:, None], t_plus_1 - 1, axis=1).astype(np.float32)
+    def tokens(self, start: int, end: int) -> int:
+        """Real tokens trained on over steps [start, end)."""
+        return sum(self.rows(s) for s in range(start, end)) * self.train_cfg.seq_len
+
+
+def mask_padding(local: dict, real_rows: int) -> dict:
+    """Zero the loss mask of a local batch's padding rows (rows >= real_rows), multiplying any
+    mask the batch already has (a task dataset's answer mask), never replacing it."""
+    if real_rows == len(local["tokens"]):
+        return local
+    b, t_plus_1 = local["tokens"].shape
+    rows_B1 = (np.arange(b) < real_rows)[:, None].astype(np.float32)
+    mask_BT = np.asarray(local.get("loss_mask", np.ones((b, t_plus_1 - 1), np.float32)))
+    return {**local, "loss_mask": mask_BT.astype(np.float32) * rows_B1}
 
 
 def setup_compilation_cache(path: str | None) -> None:
@@ -194,6 +206,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     peak = train_cfg.peak_flops or metrics_lib.peak_flops()
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     summary = {"start_step": start, "steps": train_cfg.steps, "preempted": False}
+    skips = {"total": int(meta.get("skipped_updates", 0)) if restored else 0, "run": 0}
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
     ramp = BatchRamp(opt_cfg, train_cfg)
     if ramp.enabled and family.family_of(model_cfg) != "decoder":
@@ -207,35 +220,50 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
         return family.from_windows(model_cfg, local, tokenizer, jax.random.fold_in(
             jax.random.fold_in(base_key, jax.process_index()), step))
     say = (lambda msg: tqdm.write(msg)) if primary else (lambda msg: None)
-    last_good, window = manager.latest_step(), {"t": time.perf_counter(), "step": start}
+    last_good = manager.latest_step()
+    window = {"t": time.perf_counter(), "step": start, "paused": 0.0}
 
     def global_batch(step: int) -> dict:
-        """The next batch; under GPT-3's batch ramp, rows past the ramp size are masked out."""
-        local = prepare(step, next(train_iter))
-        if ramp.enabled:
-            local["loss_mask"] = ramp.local_mask(step, local["tokens"].shape)
-        return sharding.make_global_batch(local, mesh, rules)
+        """The batch of `step` (0-based): under GPT-3's batch ramp only its first
+        `ramp.rows(step)` rows are data (taken from the iterator), the rest masked padding."""
+        local, real = train_iter.take(ramp.rows(step))
+        return sharding.make_global_batch(mask_padding(prepare(step, local), real), mesh, rules)
 
     def settle(step: int, metrics) -> dict[str, float]:
-        """Fetch a finished step's metrics (this waits for it) and stop on NaN."""
+        """Fetch a finished step's metrics (this waits for it); count skipped updates and
+        stop when more than `max_consecutive_skips` come in a row."""
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics["train/loss"]):
+        skipped = metrics["update_skipped"] > 0
+        skips["total"] += int(skipped)
+        skips["run"] = skips["run"] + 1 if skipped else 0
+        metrics["skipped_updates"] = skips["total"]
+        if skips["run"] > train_cfg.max_consecutive_skips:
             raise TrainingDivergedError(
-                f"loss became {metrics['train/loss']} at step {step}; the last good checkpoint "
-                f"(step {last_good}) is kept in {workdir}. Lower OptimizerConfig.peak_lr, keep "
-                "clip_norm on, or train in float32 (ModelConfig.dtype='float32'), then rerun.")
-        summary["train/loss"] = metrics["train/loss"]
+                f"{skips['run']} updates in a row, up to step {step}, had a non-finite loss "
+                f"({metrics['train/loss']}) or gradient norm ({metrics['grad_norm']}) and were "
+                f"skipped; stopped before saving. The last good checkpoint (step {last_good}) "
+                f"is kept in {workdir}. Lower OptimizerConfig.peak_lr, keep clip_norm on, or "
+                "train in float32 (ModelConfig.dtype='float32'), then rerun.")
+        if skipped:
+            log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped "
+                        "(params unchanged)", step, metrics["train/loss"], metrics["grad_norm"])
+        else:
+            summary["train/loss"] = metrics["train/loss"]
         return metrics
 
     def log_row(step: int, metrics: dict) -> None:
+        """Throughput since the last row, not counting eval, sample and checkpoint time."""
         now = time.perf_counter()
-        rate = tokens_per_step * (step - window["step"]) / max(now - window["t"], 1e-9)
-        window.update(t=now, step=step)
-        metrics |= {"tokens_per_s": rate, "mfu": metrics_lib.mfu(
-            rate, model_cfg, train_cfg.seq_len, jax.device_count(), peak)}
+        busy = max(now - window["t"] - window["paused"], 1e-9)
+        rate = tokens_per_step * (step - window["step"]) / busy
+        window.update(t=now, step=step, paused=0.0)
+        metrics["tokens_per_s"] = rate
+        mfu = metrics_lib.mfu(rate, model_cfg, train_cfg.seq_len, jax.device_count(), peak)
+        if mfu is not None:
+            metrics["mfu"] = mfu
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{rate:,.0f}",
-                        mfu=f"{metrics['mfu']:.1%}")
+                        **({} if mfu is None else {"mfu": f"{mfu:.1%}"}))
 
     def eval_and_preview(step: int) -> dict:
         ev = evaluate(trainer, state.params, eval_factory, train_cfg.eval_batches,
@@ -269,6 +297,10 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
             compiled = trainer.train_step.lower(state, batch).compile()
             summary["compile_s"] = time.perf_counter() - t0
             log.info("train_step compiled in %.1fs", summary["compile_s"])
+            if peak is not None:
+                log.info("MFU: %s; %.3g model FLOPs per token, peak %.3g FLOP/s per device",
+                         metrics_lib.ATTENTION_CONVENTION,
+                         metrics_lib.flops_per_token(model_cfg, train_cfg.seq_len), peak)
             window["t"] = time.perf_counter()
         for step in range(start + 1, end + 1):
             state, metrics = compiled(state, batch)
@@ -278,27 +310,33 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
                 if prev_step % train_cfg.log_every == 0:
                     log_row(prev_step, prev)
             pending = (step, metrics)
-            save = step % train_cfg.checkpoint_every == 0 or step == end or handler.requested
+            stop = handler.should_stop(step)  # every process agrees on the step
+            save = stop or step % train_cfg.checkpoint_every == 0 or step == end
             evaluate_now = step % train_cfg.eval_every == 0 or step == train_cfg.steps
-            if save or evaluate_now:  # never save or evaluate a step whose loss is unchecked
+            if save or evaluate_now:  # never save or evaluate a step whose update is unchecked
                 current = settle(*pending)
                 pending = None
+                t_pause = time.perf_counter()
                 if evaluate_now:
                     current |= eval_and_preview(step)
+                window["paused"] += time.perf_counter() - t_pause
                 if evaluate_now or step % train_cfg.log_every == 0 or step == end:
                     log_row(step, current)
             if save:
-                manager.save(step, state, {"data": train_iter.get_state()}, force=True)
+                t_pause = time.perf_counter()
+                manager.save(step, state, {"data": train_iter.get_state(),
+                                           "skipped_updates": skips["total"]}, force=True)
+                window["paused"] += time.perf_counter() - t_pause
                 last_good = step
-            if handler.requested:
+            if stop:
                 summary["preempted"] = True
                 say(f"preemption signal: saved step {step}, exiting")
                 break
             if step < end:
                 batch = global_batch(step)
     summary["end_step"] = int(jax.device_get(state.step))
-    tokens = summary["end_step"] - start
-    summary["tokens_trained"] = tokens * tokens_per_step
+    summary["tokens_trained"] = ramp.tokens(start, summary["end_step"])  # real rows only
+    summary["skipped_updates"] = skips["total"]
     if primary:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -1,64 +1,245 @@
-"""Training metrics: FLOPs per token, model FLOPs utilisation and the metric writers.
+"""Training metrics: model FLOPs per token, per-device peak FLOP/s, MFU, and the writers.
 
-MFU = achieved model FLOP/s / peak FLOP/s of the devices. Model FLOPs per
-token follow the PaLM/nanoGPT convention: 6 N for the weight matmuls
-(forward + backward) plus 12 L d T for attention scores and values, with N
-the non-position-embedding parameter count.
+MFU (model FLOPs utilisation, PaLM: Chowdhery et al. 2022, appendix B) is the
+model FLOP/s a run achieves divided by the peak FLOP/s of its devices. Both
+halves are explicit here, because either one wrong makes the ratio a fiction:
+
+* model FLOPs are counted from each family's layer shapes (`flops_per_token`),
+  matmul by matmul, so a seq2seq or an untied head is counted as it runs;
+* peaks come from vendor datasheets, looked up by the exact `device_kind` JAX
+  reports (`peak_flops`). A device with no published peak (a CPU, or a kind
+  not in the table) has none: MFU is then None, never a made-up number. Give
+  `TrainConfig.peak_flops` to override (on any device, CPU included).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from gptjax.config import ModelConfig, param_count
+from gptjax import family as family_lib
+from gptjax.config import ModelConfig, is_local_layer
 
-# Dense bf16 peak FLOP/s per device, matched against `device.device_kind`
-# (first match wins, so the more specific names come first).
-PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("V100", 125e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 197e12),  # v5e reports "TPU v5 lite"
-    ("TPU v4", 275e12),
-    ("TPU v3", 123e12),
-    # A CPU has no single published peak: a nominal 100 GFLOP/s per JAX CPU
-    # device keeps MFU comparable between CPU runs, nothing more.
-    ("cpu", 100e9),
-)
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------- peaks
+
+# Dense (not 2:4-sparse) bf16 peak FLOP/s per *JAX device*, keyed by the exact
+# `device.device_kind` (matched case-insensitively after stripping; never by
+# substring, so "NVIDIA L40S" is not an "NVIDIA L4" and "TPU v5" not "TPU v5 lite").
+PEAK_FLOPS: dict[str, float] = {
+    # Google Cloud TPU system-architecture pages, bf16 per chip. A v2/v3 chip has two
+    # TensorCores that JAX reports as two devices, so a device is half a chip; from v4
+    # on, a chip's TensorCores form one "megacore" device. XLA's own device tables accept
+    # "TPU v5p" / "TPU v5e" besides the names JAX reports, so those are aliases here.
+    "TPU v2": 45e12 / 2,  # 45 TFLOP/s per chip
+    "TPU v3": 123e12 / 2,  # 123 TFLOP/s per chip
+    "TPU v4": 275e12,
+    "TPU v5": 459e12,  # v5p: JAX's device_kind has no "p"
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    # NVIDIA datasheets, BF16 tensor core. The sheets' headline figures assume 2:4
+    # sparsity; the dense peak is half of them. JAX's device_kind is the CUDA device name.
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5: 1,979 sparse
+    "NVIDIA H100 PCIe": 756e12,  # 1,513 sparse
+    "NVIDIA H100 NVL": 835e12,  # 1,671 sparse
+    "NVIDIA H200": 989e12,  # H200 SXM: 1,979 sparse
+    "NVIDIA H200 NVL": 835e12,  # 1,671 sparse
+    "NVIDIA GH200 480GB": 989e12,  # Grace Hopper's H100: 1,979 sparse
+    "NVIDIA B200": 2250e12,  # HGX B200: 4.5 PFLOP/s sparse per GPU
+    "NVIDIA A100-SXM4-40GB": 312e12,  # A100 sheet: 312 dense, 624 sparse (every A100)
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362.05e12,  # 733 sparse
+    "NVIDIA L40": 181.05e12,  # 362.1 sparse
+    "NVIDIA L4": 121e12,  # 242 sparse
+    "NVIDIA A10": 125e12,  # 250 sparse
+    # AWS's A10 variant (G5 instances) has no NVIDIA datasheet; 70 TFLOP/s dense bf16 is the
+    # figure published in comparisons of the two (e.g. Baseten, "NVIDIA A10 vs A10G").
+    "NVIDIA A10G": 70e12,
+    # V100 has no bf16 tensor cores: these are its fp16 tensor-core peaks (V100 datasheet),
+    # right for ModelConfig.dtype='float16'; bf16 matmuls on a V100 never reach them.
+    "Tesla V100-SXM2-16GB": 125e12,
+    "Tesla V100-SXM2-32GB": 125e12,
+    "Tesla V100-PCIE-16GB": 112e12,
+    "Tesla V100-PCIE-32GB": 112e12,
+}
+_PEAK_BY_KIND = {kind.strip().lower(): flops for kind, flops in PEAK_FLOPS.items()}
+_ANNOUNCED: set[str] = set()  # device kinds already logged about, so each is said once
 
 
-def peak_flops(device: Any = None) -> float:
-    """The peak of one device from the table above (override with TrainConfig.peak_flops)."""
-    device = device or jax.devices()[0]
-    kind = f"{device.device_kind} {device.platform}"
-    for name, flops in PEAK_FLOPS:
-        if name.lower() in kind.lower():
-            return flops
-    return 100e12  # unknown accelerator: a round number, say so in the logs
+def _say_once(kind: str, level: int, message: str) -> None:
+    if kind not in _ANNOUNCED:
+        _ANNOUNCED.add(kind)
+        log.log(level, message)
+
+
+def peak_flops(device: Any = None) -> float | None:
+    """The dense bf16 peak FLOP/s of one JAX device (default: the first), or None.
+
+    None on CPU (no single published peak to divide by) and for a device kind not
+    in `PEAK_FLOPS` (logged once, naming the override `TrainConfig.peak_flops`).
+    """
+    device = jax.devices()[0] if device is None else device
+    if getattr(device, "platform", "") == "cpu":
+        _say_once("cpu", logging.INFO, "no published peak FLOP/s for a CPU, so no MFU; set "
+                  "TrainConfig.peak_flops (e.g. to metrics.measured_matmul_peak()) for one.")
+        return None
+    kind = str(device.device_kind).strip().lower()
+    peak = _PEAK_BY_KIND.get(kind)
+    if peak is None:
+        _say_once(kind, logging.WARNING,
+                  f"no peak FLOP/s known for device kind {device.device_kind!r}, so no MFU; "
+                  "set TrainConfig.peak_flops to its dense bf16 peak (FLOP/s per JAX device).")
+    return peak
+
+
+def measured_matmul_peak(n: int = 2048, dtype: str | None = None, repeats: int = 5,
+                         device: Any = None) -> float:
+    """FLOP/s of a jitted n x n x n matmul, best of `repeats`: *measured*, not published.
+
+    A yardstick where no datasheet peak exists (a CPU), e.g. for
+    `TrainConfig.peak_flops`; an MFU against it says how close the model runs to
+    the matmul this machine actually sustains. dtype defaults to bfloat16, and
+    to float32 on CPU (where bf16 matmuls are emulated).
+    """
+    device = jax.local_devices()[0] if device is None else device
+    dtype = dtype or ("float32" if device.platform == "cpu" else "bfloat16")
+    a_key, b_key = jax.random.split(jax.random.key(0))
+    a_NN, b_NN = (jax.device_put(jax.random.normal(k, (n, n), dtype), device)
+                  for k in (a_key, b_key))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a_NN, b_NN).block_until_ready()  # compile outside the timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a_NN, b_NN).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------- FLOPs
+
+ATTENTION_CONVENTION = "PaLM convention, causal attention counted whole"
+FORWARD_BACKWARD = 3  # the backward pass is two matmuls per forward one (d_input, d_weight)
+
+
+def _matmul(m: int, k: int, n: int) -> int:
+    """Forward FLOPs of an (m, k) @ (k, n) matmul: a multiply and an add per term."""
+    return 2 * m * k * n
+
+
+def _self_attention(d: int, t: int, span: int) -> int:
+    """t queries, each over `span` keys; N heads of H with N * H = d, so the heads'
+    scores and values together are one (t, d) x (d, span) and (t, span) x (span, d)."""
+    return (_matmul(t, d, 3 * d)  # c_attn: q, k, v
+            + _matmul(t, d, span) + _matmul(t, span, d)  # q k^T, then p v
+            + _matmul(t, d, d))  # c_proj
+
+
+def _cross_attention(d: int, t: int, s: int) -> int:
+    """t decoder queries over s encoder keys; k, v are projected once per source token."""
+    return (_matmul(t, d, d) + _matmul(s, d, 2 * d)  # q; k, v
+            + _matmul(t, d, s) + _matmul(t, s, d)  # q k^T, then p v
+            + _matmul(t, d, d))  # c_proj
+
+
+def _mlp(d: int, f: int, t: int) -> int:
+    return _matmul(t, d, f) + _matmul(t, f, d)
+
+
+def _key_span(cfg: ModelConfig, layer: int, t: int) -> int:
+    """Keys a query sees, counted whole: all T (causal), or the band of a GPT-3 local layer."""
+    return min(t, cfg.local_window) if is_local_layer(cfg, layer) else t
+
+
+def _decoder_forward(cfg: ModelConfig, t: int) -> int:
+    d, f = cfg.d_model, cfg.ff_dim
+    layers = sum(_self_attention(d, t, _key_span(cfg, i, t)) + _mlp(d, f, t)
+                 for i in range(cfg.n_layers))
+    return layers + _matmul(t, d, cfg.vocab_size)  # the unembedding, tied or not
+
+
+def _encoder_forward(cfg: ModelConfig, t: int) -> int:
+    """BERT: bidirectional layers, then the MLM head at every position (the loss reads
+    only the masked ones, but `encoder.forward` computes all T): transform, tied unembed."""
+    d, f = cfg.d_model, cfg.ff_dim
+    layers = cfg.n_layers * (_self_attention(d, t, t) + _mlp(d, f, t))
+    return layers + _matmul(t, d, d) + _matmul(t, d, cfg.vocab_size)
+
+
+def _seq2seq_forward(cfg: ModelConfig, s: int, u: int) -> int:
+    """s source tokens through the encoder; u target tokens through the decoder's
+    self-attention, cross-attention and MLP; logits on the target side only."""
+    d, f = cfg.d_model, cfg.ff_dim
+    encoder = cfg.n_layers * (_self_attention(d, s, s) + _mlp(d, f, s))
+    decoder = cfg.decoder_layers * (_self_attention(d, u, u) + _cross_attention(d, u, s)
+                                    + _mlp(d, f, u))
+    return encoder + decoder + _matmul(u, d, cfg.vocab_size)
+
+
+def source_target_lengths(seq_len: int) -> tuple[int, int]:
+    """How a corpus window of seq_len tokens splits for seq2seq (`family.from_windows`)."""
+    return seq_len // 2, seq_len - seq_len // 2
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L d T (forward + backward)."""
-    n = param_count(cfg) - (cfg.max_len * cfg.d_model if cfg.pos_embedding == "learned" else 0)
-    return 6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len
+    """Model training FLOPs (forward + backward) per token, from the family's shapes.
+
+    Every matmul counts 2 m k n, times 3 for training. Not counted: embedding and
+    position lookups (a gather, not a matmul; an untied lm_head is counted once, as
+    the output matmul it is), LayerNorm, softmax, activations, biases, and remat's
+    recomputation (model FLOPs, not hardware FLOPs). Attention scores and values are
+    2 * 2 * T * d per token and layer forward, with causal attention counted whole
+    (every query over all T keys: PaLM's convention, `ATTENTION_CONVENTION`; MaxText
+    halves it) and a GPT-3 banded layer over its `local_window`. For a decoder this is
+    6 N + 12 L d T less the biases and LayerNorm scales N includes.
+
+    "A token" is what the loop counts (`batch_size * seq_len` per step): a position
+    of a decoder or encoder sequence of seq_len; for seq2seq, one token of a window
+    of seq_len, of which seq_len // 2 are the source and the rest the target
+    (`family.from_windows`), so FLOPs per token = FLOPs of one (source, target)
+    pair / seq_len. Task datasets with other source/target lengths are approximated.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}.")
+    family = family_lib.family_of(cfg)
+    if family == "seq2seq":
+        forward = _seq2seq_forward(cfg, *source_target_lengths(seq_len))
+    elif family == "encoder":
+        forward = _encoder_forward(cfg, seq_len)
+    else:
+        forward = _decoder_forward(cfg, seq_len)
+    return FORWARD_BACKWARD * forward / seq_len
 
 
 def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, n_devices: int,
-        peak: float) -> float:
+        peak: float | None) -> float | None:
+    """Model FLOPs utilisation over n_devices of `peak` FLOP/s each; None without a peak."""
+    if peak is None:
+        return None
     return tokens_per_s * flops_per_token(cfg, seq_len) / (n_devices * peak)
 
 
+# --------------------------------------------------------------------- writers
+
+
 class MetricWriter:
-    """Writes each logged step to `metrics.jsonl` and TensorBoard (process 0 only)."""
+    """Writes each logged step to `metrics.jsonl` and TensorBoard (process 0 only).
+
+    A metric whose value is None (an MFU without a known peak) is left out of the
+    row rather than written as a made-up number.
+    """
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
@@ -72,15 +253,15 @@ class MetricWriter:
             except ImportError:  # TensorBoard is optional; the JSONL log is the record
                 self._tb = None
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
+    def write(self, step: int, metrics: dict[str, float | None]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, float(v), int(step))
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, int(step))
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self._tb is not None:

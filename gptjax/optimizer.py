@@ -1,4 +1,4 @@
-"""GPT-3's optimizer: AdamW with warmup + cosine decay, clipping, a decay mask, accumulation.
+"""GPT-3's optimizer: AdamW with warmup + cosine decay, clipping, a decay mask, the batch ramp.
 
 Everything here works on any params pytree (nested dicts of arrays with GPT-2 leaf names); it
 knows nothing of the model. The numbers default to GPT-3 (Brown et al. 2020, appendix B):
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import gin
 import jax
-import jax.numpy as jnp
 import optax
 
 PyTree = Any
@@ -44,7 +43,7 @@ class OptimizerConfig:
     b1, b2, eps: Adam moments; b2=0.95 (not 0.999) is GPT-3's choice for large-batch stability.
     weight_decay: decoupled (AdamW) decay on matrices only, see `weight_decay_mask`.
     clip_norm: global gradient-norm clip; None or 0 turns clipping off.
-    grad_accum_steps: microbatches per step, for `accumulate_gradients` in the train step.
+    grad_accum_steps: microbatches per step (`train.make_update` accumulates them exactly).
     batch_ramp_tokens: ramp the batch over this many tokens (GPT-3: 4-12B); 0 = no ramp.
     batch_ramp_start: the batch size, in tokens, at the start of the ramp (GPT-3: 32k).
     """
@@ -81,14 +80,17 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
     The decay ends at `cfg.decay_steps` (default `total_steps`) and holds its end value after.
     Step 0 has lr 0: optax counts updates from 0, so the first update is a no-op, as in GPT-3.
+    A run too short for its warmup (a 5-step smoke test of a config made for thousands) warms
+    up over the steps it has and skips the decay, with one warning line.
     """
     end_step = total_steps if cfg.decay_steps is None else cfg.decay_steps
-    if cfg.decay != "constant" and end_step <= cfg.warmup_steps:
-        raise ValueError(
-            f"decay must end after warmup: decay end step {end_step} <= warmup_steps "
-            f"{cfg.warmup_steps} (total_steps={total_steps}); lower OptimizerConfig.warmup_steps "
-            "or raise TrainConfig.steps")
     peak, end_value = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
+    if cfg.decay != "constant" and end_step <= cfg.warmup_steps:
+        logging.warning(
+            "OptimizerConfig.warmup_steps=%d does not end before the decay ends (step %d): "
+            "warming up over the first %d steps instead, with no decay.",
+            cfg.warmup_steps, end_step, max(end_step, 1))
+        return optax.linear_schedule(0.0, peak, max(end_step, 1))
     decay_len = end_step - cfg.warmup_steps
     if cfg.decay == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_len, alpha=cfg.min_lr_ratio)
@@ -159,75 +161,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
 def global_norm(grads: PyTree) -> jax.Array:
     """The L2 norm over all leaves (before clipping), for logging; > clip_norm means clipped."""
     return optax.tree.norm(grads)
-
-
-# ----------------------------------------------------------------------------------------------
-# Gradient accumulation
-
-
-def _split_microbatches(batch: PyTree, num_micro: int) -> PyTree:
-    """Reshape every leaf (B, ...) -> (num_micro, B // num_micro, ...), strided.
-
-    Microbatch m takes rows m, m + num_micro, m + 2 num_micro, ...: with the batch axis sharded
-    over devices, each device's contiguous rows feed every microbatch equally, so all devices
-    stay busy in each scan iteration (a contiguous split would put microbatch 0 on device 0 only).
-    """
-    sizes = {jax.tree_util.keystr(p): x.shape[0] if x.ndim else None
-             for p, x in jax.tree_util.tree_leaves_with_path(batch)}
-    if not sizes:
-        raise ValueError("accumulate_gradients: the batch has no arrays")
-    batch_size = next(iter(sizes.values()))
-    if None in sizes.values() or len(set(sizes.values())) != 1:
-        raise ValueError(f"all batch leaves need the same leading batch axis, got {sizes}")
-    if batch_size % num_micro:
-        raise ValueError(
-            f"batch size {batch_size} does not divide into {num_micro} microbatches; choose "
-            f"grad_accum_steps dividing the per-step batch")
-
-    def split(x):
-        x = x.reshape(batch_size // num_micro, num_micro, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
-    return jax.tree.map(split, batch)
-
-
-def accumulate_gradients(
-    loss_and_grad_fn: Callable, params: PyTree, batch: PyTree, num_micro: int,
-    has_aux: bool = False,
-) -> tuple[jax.Array, PyTree, PyTree]:
-    """Mean loss and gradients over `num_micro` microbatches, one microbatch in memory at a time.
-
-    `loss_and_grad_fn(params, microbatch)` is `jax.value_and_grad(loss_fn, has_aux=has_aux)`:
-    it returns `(loss, grads)` or `((loss, aux), grads)`. Microbatches have equal size, so the
-    mean of microbatch means equals the full-batch mean loss and its gradient. (A loss averaged
-    over a *masked* token count is only equal if every microbatch has the same count; to be exact
-    there, return a sum and divide by the total count outside.) Gradients are summed in float32
-    inside `jax.lax.scan`. Returns `(loss, grads, aux)`: aux is the microbatch mean of each aux
-    leaf, or None without aux.
-    """
-    def call(mb):
-        out, grads = loss_and_grad_fn(params, mb)
-        loss, aux = out if has_aux else (out, None)
-        return loss, grads, aux
-
-    if num_micro == 1:
-        return call(batch)
-
-    micro = _split_microbatches(batch, num_micro)
-    first = jax.tree.map(lambda x: x[0], micro)
-    loss_shape, grads_shape, aux_shape = jax.eval_shape(call, first)
-
-    def zeros(s):
-        return jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32))
-
-    def body(acc, mb):
-        out = call(mb)
-        return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, out), None
-
-    init = jax.tree.map(zeros, (loss_shape, grads_shape, aux_shape))
-    total, _ = jax.lax.scan(body, init, micro)
-    return jax.tree.map(lambda t, s: (t / num_micro).astype(s.dtype), total,
-                        (loss_shape, grads_shape, aux_shape))
 
 
 # ----------------------------------------------------------------------------------------------

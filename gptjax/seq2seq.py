@@ -335,19 +335,26 @@ def shift_right(tgt_BT: Int[Array, "B T"], start_id: int) -> Int[Array, "B T"]:
     return jnp.concatenate([jnp.full_like(tgt_BT[:, :1], start_id), tgt_BT[:, :-1]], axis=1)
 
 
-def label_smoothed_loss(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
-                        mask_BT: Int[Array, "B T"], smoothing: float = 0.1
-                        ) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """(smoothed loss, plain NLL), each the mean over real target tokens.
+def label_smoothed_token_losses(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
+                                smoothing: float = 0.1
+                                ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+    """(smoothed loss, plain NLL) of each target token.
 
     The smoothed target puts 1 - eps on the label and eps / V on every class
     (the paper's eps_ls = 0.1; `optax.smooth_labels`), so loss =
-    (1 - eps) * nll + eps * mean_v(-log p_v). Padding (mask 0) contributes nothing.
+    (1 - eps) * nll + eps * mean_v(-log p_v).
     """
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
     nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    loss_BT = (1.0 - smoothing) * nll_BT - smoothing * logp_BTV.mean(-1)
+    return (1.0 - smoothing) * nll_BT - smoothing * logp_BTV.mean(-1), nll_BT
+
+
+def label_smoothed_loss(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
+                        mask_BT: Int[Array, "B T"], smoothing: float = 0.1
+                        ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """(smoothed loss, plain NLL), each the mean over real target tokens (mask 1);
+    padding (mask 0) contributes nothing."""
+    loss_BT, nll_BT = label_smoothed_token_losses(logits_BTV, targets_BT, smoothing)
     w_BT = mask_BT.astype(jnp.float32)
     denom = jnp.maximum(w_BT.sum(), 1.0)
     return (loss_BT * w_BT).sum() / denom, (nll_BT * w_BT).sum() / denom
-

@@ -6,13 +6,21 @@ Exactly three functions are jitted here, once each, with explicit shardings:
 `eval_step(params, batch) -> sums`. The loop that drives them is in `loop.py`;
 it traces and calls them inside `sharding.use_mesh(mesh, rules)`, which is
 what the model's activation constraints read.
+
+`make_update(loss_fn, optimizer, num_micro)` is the one grad → clip → update → apply
+of every trainer (pretraining, SFT, the reward model, fine-tuning, PPO's minibatches).
+Its losses are weighted *sums* with their *weights*, divided once by the weights of
+the whole batch, so gradient accumulation gives the full-batch loss and gradient
+however unevenly the masked tokens fall into microbatches (the bug Hugging Face
+transformers fixed in 4.46); and an update whose loss or gradient is not finite is
+skipped, never applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import gin
@@ -22,7 +30,10 @@ import optax
 
 from gptjax import family, sharding
 from gptjax.config import ModelConfig
-from gptjax.optimizer import OptimizerConfig, accumulate_gradients, global_norm, make_optimizer, make_schedule
+from gptjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
+
+# loss_fn(params, batch) -> (sums, weights, aux): see `weighted_loss_and_grads`.
+LossFn = Callable[[Any, dict], tuple[dict, dict, dict]]
 
 
 @gin.configurable
@@ -32,7 +43,11 @@ class TrainConfig:
 
     batch_size is the global batch in sequences (split over devices, processes
     and `OptimizerConfig.grad_accum_steps` microbatches); seq_len is the
-    context T (batches hold T + 1 tokens).
+    context T (batches hold T + 1 tokens). An update with a non-finite loss or
+    gradient is skipped (params unchanged, counted in `skipped_updates`); more
+    than `max_consecutive_skips` in a row stop the run before it saves.
+    peak_flops: the per-device peak for MFU, where the device table has none
+    (on CPU there is no honest one, so MFU is not shown unless this is set).
     """
 
     steps: int = 1000
@@ -47,6 +62,7 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_prompt: str = ""
     peak_flops: float | None = None
+    max_consecutive_skips: int = 5
     compilation_cache_dir: str | None = "~/.cache/gptjax/jax_cache"
 
     def __post_init__(self):
@@ -54,6 +70,9 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.max_consecutive_skips < 0:
+            raise ValueError("TrainConfig.max_consecutive_skips must be >= 0, got "
+                             f"{self.max_consecutive_skips}.")
 
 
 @flax.struct.dataclass
@@ -70,10 +89,109 @@ class TrainState:
 
 
 def loss_fn(cfg: ModelConfig, params, batch: dict, key: jax.Array | None = None) -> jax.Array:
-    """The model family's training loss (`family.loss`). For GPT: mean next-token
+    """The model family's training loss, a mean (`family.loss`). For GPT: next-token
     cross-entropy of `batch['tokens']` (B, T + 1), over `batch['loss_mask']` (B, T)
     when present."""
     return family.loss(cfg, params, batch, key)
+
+
+def family_objective(cfg: ModelConfig) -> LossFn:
+    """The family's training loss as `make_update` wants it: one term, summed over the
+    scored tokens of a (micro)batch, with the dropout key its rows carry."""
+    def objective(params, mb: dict):
+        key = jax.random.wrap_key_data(mb["dropout_key"][0]) if "dropout_key" in mb else None
+        total, weight = family.loss_sums(cfg, params, mb, key)
+        return {"loss": total}, {"loss": weight}, {}
+    return objective
+
+
+# ---------------------------------------------------------------------------------- update
+
+
+def split_microbatches(batch: dict, num_micro: int) -> dict:
+    """Reshape every leaf (n, ...) -> (num_micro, n // num_micro, ...), strided.
+
+    Microbatch m takes rows m, m + num_micro, m + 2 num_micro, ...: with the batch axis sharded
+    over devices, each device's contiguous rows feed every microbatch equally, so all devices
+    stay busy in each scan iteration (a contiguous split would put microbatch 0 on device 0 only).
+    Leaves may have different leading sizes (PPO's rollout rows and its pretraining rows).
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError("the batch has no arrays to split into microbatches")
+    for path, x in leaves:
+        if not x.ndim or x.shape[0] % num_micro:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)} of shape {x.shape} does not divide into "
+                f"{num_micro} microbatches; choose grad_accum_steps dividing the per-step batch")
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def weighted_loss_and_grads(loss_fn: LossFn, params, batch: dict, num_micro: int = 1):
+    """(loss, grads, aux) of `batch`, `num_micro` microbatches at a time, exactly.
+
+    `loss_fn(params, mb) -> (sums, weights, aux)`: per named term, the loss *summed* over the
+    microbatch's units (target tokens, examples, prompts; a coefficient folded in) and how many
+    units it summed. Weights must depend on the batch alone (masks and counts), never on
+    params. The loss is sum over terms of sums / weights, the weights counted over the *whole*
+    batch: one call of `loss_fn` on it whose model outputs jit drops as dead code, so only the
+    mask sums run. Each microbatch then contributes its sums divided by the global weights,
+    and the loss and its gradient do not depend on how the batch is cut. (Averaging microbatch
+    means instead weighs a microbatch with few target tokens like one with many.)
+    Gradients are summed in float32 inside `jax.lax.scan`; aux is each leaf's microbatch mean.
+    """
+    weights = jax.lax.stop_gradient(loss_fn(params, batch)[1])
+    denom = {k: jnp.where(w > 0, w, 1).astype(jnp.float32) for k, w in weights.items()}
+
+    def total(p, mb):
+        sums, _, aux = loss_fn(p, mb)
+        return sum(sums[k].astype(jnp.float32) / denom[k] for k in sums), aux
+
+    value_and_grad = jax.value_and_grad(total, has_aux=True)
+    if num_micro == 1:
+        (loss, aux), grads = value_and_grad(params, batch)
+        return loss, grads, aux
+
+    micro = split_microbatches(batch, num_micro)
+    out_shape = jax.eval_shape(value_and_grad, params, jax.tree.map(lambda x: x[0], micro))
+
+    def body(acc, mb):
+        (loss, aux), grads = value_and_grad(params, mb)
+        return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, (loss, grads, aux)), None
+
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+                        (out_shape[0][0], out_shape[1], out_shape[0][1]))
+    (loss, grads, aux), _ = jax.lax.scan(body, init, micro)
+    grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, out_shape[1])
+    return loss, grads, jax.tree.map(lambda a: a / num_micro, aux)
+
+
+def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, num_micro: int = 1):
+    """`update(params, opt_state, batch) -> (params, opt_state, metrics)`: the one update step.
+
+    Weighted loss and gradients (`weighted_loss_and_grads`), then the optimizer (clipping is
+    its first link), then apply. A step whose loss or gradient norm is not finite (a bf16
+    overflow in the backward pass gives inf gradients under a finite loss) leaves params and
+    optimizer state exactly as they were, and says so in `metrics['update_skipped']`; the
+    caller decides when too many skips mean divergence. Pure: the caller jits it (or scans it).
+    metrics: `loss`, `grad_norm` (before clipping), `update_skipped` (0 or 1), and aux.
+    """
+    def update(params, opt_state, batch: dict):
+        loss, grads, aux = weighted_loss_and_grads(loss_fn, params, batch, num_micro)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new = (optax.apply_updates(params, updates), new_opt_state)
+        params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                                         (params, opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm,
+                   "update_skipped": 1.0 - finite.astype(jnp.float32)}
+        return params, opt_state, metrics | aux
+    return update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,21 +221,16 @@ def _init(cfg: ModelConfig, optimizer, seed: int) -> TrainState:
                       opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
 
 
-def _train_step(cfg: ModelConfig, optimizer, schedule, num_micro: int, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+def _train_step(cfg: ModelConfig, update, schedule, state: TrainState,
+                batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     # Dropout keys ride along as a per-row batch leaf, so the microbatch
     # split hands each microbatch its own (it reads its first row's key).
     b = family.batch_rows(batch)
     batch = {**batch, "dropout_key": jax.random.key_data(jax.random.split(key, b))}
-
-    def loss_for(params, mb):
-        return loss_fn(cfg, params, mb, jax.random.wrap_key_data(mb["dropout_key"][0]))
-
-    loss, grads, _ = accumulate_gradients(jax.value_and_grad(loss_for), state.params, batch,
-                                          num_micro)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
+    params, opt_state, m = update(state.params, state.opt_state, batch)
+    metrics = {"train/loss": m["loss"], "grad_norm": m["grad_norm"],
+               "update_skipped": m["update_skipped"], "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -143,8 +256,8 @@ def make_trainer(cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
     batch_sharding = sharding.batch_sharding(mesh, rules)
     init = jax.jit(functools.partial(_init, cfg, optimizer), static_argnums=0,
                    out_shardings=state_shardings)
-    step = jax.jit(functools.partial(_train_step, cfg, optimizer, schedule,
-                                     opt_cfg.grad_accum_steps),
+    update = make_update(family_objective(cfg), optimizer, opt_cfg.grad_accum_steps)
+    step = jax.jit(functools.partial(_train_step, cfg, update, schedule),
                    in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
     evaluate = jax.jit(functools.partial(_eval_step, cfg),

@@ -176,9 +176,14 @@ def test_resume_equals_uninterrupted(steps_before_save):
     it = TokenBatchIterator(windows(), BATCH, seed=7)
     take(it, steps_before_save)
     state = json.loads(json.dumps(it.get_state()))
-    # The epoch advances lazily: after exactly 5 batches the state is (epoch 0, position 5).
+    # The epoch advances lazily: after exactly 5 batches the state is (epoch 0, window 5 B).
     epoch = max(steps_before_save - 1, 0) // 5
-    assert state == {"epoch": epoch, "position": steps_before_save - 5 * epoch, "seed": 7}
+    assert state == {"epoch": epoch, "window": (steps_before_save - 5 * epoch) * BATCH,
+                     "seed": 7}
+    legacy = {"epoch": epoch, "position": steps_before_save - 5 * epoch, "seed": 7}
+    np.testing.assert_array_equal(  # a state saved before the row cursor still resumes
+        next(TokenBatchIterator(windows(), BATCH, state=legacy))["tokens"],
+        reference[steps_before_save]["tokens"])
     resumed = TokenBatchIterator(windows(), BATCH, seed=0, state=state)  # seed comes from state
     rest = take(resumed, 16 - steps_before_save)
     for a, b in zip(reference[steps_before_save:], rest):
@@ -186,6 +191,28 @@ def test_resume_equals_uninterrupted(steps_before_save):
     fresh = TokenBatchIterator(windows(), BATCH)
     fresh.set_state(state)
     np.testing.assert_array_equal(next(fresh)["tokens"], rest[0]["tokens"])
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_take_hands_out_only_real_rows_and_skips_no_data(process_count):
+    """GPT-3's ramp takes 1, 3, 8, 5 ... rows: the real rows of each global batch are the next
+    windows of the epoch order, in every process's share, so no window is skipped; the
+    padding rows repeat a real one and are reported as padding."""
+    sizes = [1, 3, 8, 5, 2, 8]
+    its = [TokenBatchIterator(windows(), BATCH, seed=3, process_index=p,
+                              process_count=process_count) for p in range(process_count)]
+    order = its[0].epoch_order(0)
+    got, local = [], BATCH // process_count
+    for n in sizes:
+        parts = [it.take(n) for it in its]
+        for p, (batch, real) in enumerate(parts):
+            assert batch["tokens"].shape == (local, windows().shape[1])
+            assert real == int(np.clip(n - p * local, 0, local))
+        got += sum((window_ids({"tokens": b["tokens"][:r]}) for b, r in parts), [])
+    assert got == [int(i) for i in order[:sum(sizes)]]  # consecutive: nothing skipped
+    assert its[0].get_state() == {"epoch": 0, "window": sum(sizes), "seed": 3}
+    with pytest.raises(ValueError, match="take"):
+        its[0].take(BATCH + 1)
 
 
 def test_eval_iterator_is_one_ordered_pass():

@@ -55,8 +55,10 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_samples(corpus, tmp_path)
     rows = read_metrics(workdir)
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 9))
-    for key in ("lr", "grad_norm", "tokens_per_s", "mfu"):
+    for key in ("lr", "grad_norm", "tokens_per_s"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
+    assert not any("mfu" in r for r in train_rows)  # CPU: no published peak, so no MFU
+    assert all(r["update_skipped"] == 0 and r["skipped_updates"] == 0 for r in train_rows)
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
     assert [r["step"] for r in rows if "eval/loss" in r] == [4, 8]
     assert len(rows) == 8  # one object per logged step: train and eval metrics merged
@@ -103,7 +105,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(corpus, tm
     workdir = str(tmp_path / "nan")
     cfgs = _configs(corpus, tmp_path, checkpoint_every=1, eval_every=100)
     cfgs["opt_cfg"] = OptimizerConfig(peak_lr=1e25, warmup_steps=3, clip_norm=None)
-    with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
+    with pytest.raises(TrainingDivergedError, match="skipped; stopped before saving. The last good"):
         train(workdir, **cfgs)
     manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
     steps = manager.all_steps()
@@ -113,6 +115,58 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(corpus, tm
     _, params, _, _, step = load_run(workdir)
     assert step == max(steps)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(corpus, tmp_path,
+                                                                         monkeypatch):
+    """Step 3's backward pass overflows (an inf gradient under a finite loss, as a bf16
+    overflow would): that update is skipped and counted, step 3's checkpoint holds step 2's
+    params exactly, and the run trains on to the end."""
+    from jax.experimental import io_callback
+
+    from gptjax import train as train_lib
+    from gptjax.train import abstract_state
+    calls = {"n": 0}
+
+    def overflow_now():
+        calls["n"] += 1
+        return np.bool_(calls["n"] == 3)
+
+    @jax.custom_vjp
+    def overflow_in_backward(x):
+        return x
+
+    def bwd(_, g):
+        flag = io_callback(overflow_now, jax.ShapeDtypeStruct((), jnp.bool_))
+        return (g * jnp.where(flag, jnp.inf, 1.0),)
+
+    overflow_in_backward.defvjp(lambda x: (x, None), bwd)
+    real = train_lib.family_objective
+
+    def poisoned(cfg):
+        def objective(params, mb):
+            sums, weights, aux = real(cfg)(params, mb)
+            return {"loss": overflow_in_backward(sums["loss"])}, weights, aux
+        return objective
+
+    monkeypatch.setattr(train_lib, "family_objective", poisoned)
+    workdir = str(tmp_path / "inf")
+    cfgs = _configs(corpus, tmp_path, checkpoint_every=1, eval_every=100, keep_checkpoints=10,
+                    compilation_cache_dir=None)
+    summary = train(workdir, **cfgs)
+    rows = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r}
+    assert [s for s, r in rows.items() if r["update_skipped"]] == [3]
+    assert np.isfinite(rows[3]["train/loss"]) and not np.isfinite(rows[3]["grad_norm"])
+    assert rows[8]["skipped_updates"] == 1 and summary["skipped_updates"] == 1
+    assert summary["end_step"] == 8
+    trainer = make_trainer(MODEL, cfgs["opt_cfg"], 8, sharding.make_mesh(ALL_DEVICES),
+                           sharding.logical_axis_rules("dp"), 8)
+    manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
+    (_, s2, _), (_, s3, _) = (manager.restore(abstract_state(trainer), step=k) for k in (2, 3))
+    manager.close()
+    for a, b in zip(jax.tree.leaves((s2.params, s2.opt_state)),
+                    jax.tree.leaves((s3.params, s3.opt_state))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gradient_accumulation_equals_the_large_batch():
@@ -156,11 +210,43 @@ def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
 
 
 def test_batch_ramp_masks_rows_and_grows_to_full():
-    from gptjax.loop import BatchRamp
+    from gptjax.loop import BatchRamp, mask_padding
     train_cfg = TrainConfig(batch_size=8, seq_len=4)
     ramp = BatchRamp(OptimizerConfig(batch_ramp_tokens=64, batch_ramp_start=8), train_cfg)
     rows = [ramp.rows(s) for s in range(8)]
     assert rows[0] == 2 and rows == sorted(rows) and rows[-1] == 8
-    mask = ramp.local_mask(0, (8, 5))
-    assert mask.shape == (8, 4) and mask[:2].all() and not mask[2:].any()
+    assert ramp.tokens(0, 8) == 4 * sum(rows)
     assert not BatchRamp(OptimizerConfig(), train_cfg).enabled
+    # A task dataset's answer mask is multiplied, not replaced: padding rows get 0, the
+    # active rows keep their prompt positions at 0.
+    answer = np.array([[0, 1, 1, 0]] * 4, np.float32)
+    out = mask_padding({"tokens": np.zeros((4, 5), np.int32), "loss_mask": answer}, 2)
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 0]] * 2 + [[0, 0, 0, 0]] * 2)
+    plain = mask_padding({"tokens": np.zeros((4, 5), np.int32)}, 3)["loss_mask"]
+    np.testing.assert_array_equal(plain, [[1] * 4] * 3 + [[0] * 4])
+
+
+def test_batch_ramp_start_logs_the_true_loss_under_accumulation(corpus, tmp_path):
+    """A ramp of 2 rows with 4 microbatches used to log (and descend) half the loss; the
+    logged loss must be the mean over the 2 real rows, the data they hold the iterator's
+    first 2 windows, and tokens_trained count those rows only."""
+    from gptjax import family
+    from gptjax.data.config import workdir_tokenizer
+    from gptjax.loop import run_datasets
+    cfgs = _configs(corpus, tmp_path, steps=4, log_every=1, eval_every=100)
+    cfgs["opt_cfg"] = OptimizerConfig(peak_lr=3e-3, warmup_steps=2, grad_accum_steps=4,
+                                      batch_ramp_tokens=10**6, batch_ramp_start=2 * 16)
+    # Microbatches of 2 rows: batch over a data axis of 2, the model over tensor 4.
+    cfgs["mesh_cfg"] = sharding.MeshConfig(shape={"data": 2, "fsdp": 1, "tensor": 4}, rules="tp")
+    workdir = str(tmp_path / "ramp")
+    summary = train(workdir, stop_after=1, **cfgs)
+    assert summary["tokens_trained"] == 2 * 16
+    logged = _losses(workdir)[1]
+    trainer = make_trainer(MODEL, cfgs["opt_cfg"], 4, sharding.make_mesh(
+        ONE_DEVICE, devices=jax.devices()[:1]), sharding.logical_axis_rules("dp"), 8)
+    params = trainer.init_train_state(cfgs["train_cfg"].seed).params
+    tokenizer = workdir_tokenizer(workdir, cfgs["data_cfg"])
+    train_iter, _ = run_datasets(cfgs["data_cfg"], MODEL, tokenizer, cfgs["train_cfg"])
+    local, real = train_iter.take(2)
+    want = float(family.loss(MODEL, params, {"tokens": jnp.asarray(local["tokens"][:real])}))
+    np.testing.assert_allclose(logged, want, rtol=1e-5)

@@ -306,7 +306,7 @@ class TaskBatchIterator(pipeline.TokenBatchIterator):
 
     The parent iterates an ``(n, 1)`` array of example indices (its "windows"), so epochs,
     ``global_batch_size``, per-process rows, ``get_state``/``set_state``, ``shuffle``/``repeat``
-    and the dropped partial batch are exactly its own; ``__next__`` formats the chosen
+    and the dropped partial batch are exactly its own; ``_batch`` formats the chosen
     examples as ``family``'s batch dict.
     """
 
@@ -321,8 +321,7 @@ class TaskBatchIterator(pipeline.TokenBatchIterator):
         self.seq_len, self.tgt_len = seq_len, tgt_len
         super().__init__(np.arange(len(examples))[:, None], global_batch_size, **kwargs)
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        rows = super().__next__()["tokens"][:, 0]
+    def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return format_batch(self.family, [self.examples[i] for i in rows], self.specials,
                             self.seq_len, self.tgt_len)
 

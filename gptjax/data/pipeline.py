@@ -104,7 +104,8 @@ class TokenBatchIterator:
     batch is dropped so shapes stay static for jit. Process ``p`` of ``P`` yields rows
     ``[p * B/P, (p+1) * B/P)`` of each global batch, so processes never overlap and together
     form the one-process batch. ``repeat=True`` runs over epochs forever (train); ``False``
-    stops after one pass (eval).
+    stops after one pass (eval). ``take(n)`` hands out a global batch of only ``n`` real rows
+    (GPT-3's batch ramp): the cursor moves by ``n`` windows, so no data is skipped.
     """
 
     def __init__(self, windows: np.ndarray, global_batch_size: int, *, seed: int = 0,
@@ -123,23 +124,29 @@ class TokenBatchIterator:
             raise ValueError(f"only {len(windows)} windows of {windows.shape[1]} tokens, "
                              f"fewer than one global batch of {global_batch_size}; lower the "
                              "batch size or seq_len, or use a larger corpus")
+        self.epoch_windows = self.batches_per_epoch * global_batch_size  # the tail is dropped
         self.shuffle, self.repeat = shuffle, repeat
         self.process_index = process_index
-        self.seed, self.epoch, self.position = seed, 0, 0
+        self.seed, self.epoch, self.window = seed, 0, 0
         self._order_epoch, self._order = -1, None
         if state is not None:
             self.set_state(state)
 
     def get_state(self) -> dict:
         """JSON-serialisable position: save it with the checkpoint."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "window": self.window, "seed": self.seed}
 
     def set_state(self, state: dict) -> None:
-        """Continue exactly where ``get_state`` was taken (the seed comes from the state)."""
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
-            raise ValueError(f"bad iterator state {state}: {self.batches_per_epoch} batches/epoch")
-        self.seed, self.epoch, self.position = int(state["seed"]), epoch, position
+        """Continue exactly where ``get_state`` was taken (the seed comes from the state).
+
+        A state from before the row cursor (``position``, in whole batches) is read too.
+        """
+        epoch = int(state["epoch"])
+        window = (int(state["window"]) if "window" in state
+                  else int(state["position"]) * self.global_batch_size)
+        if epoch < 0 or not 0 <= window <= self.epoch_windows:
+            raise ValueError(f"bad iterator state {state}: {self.epoch_windows} windows/epoch")
+        self.seed, self.epoch, self.window = int(state["seed"]), epoch, window
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Window indices for ``epoch``; cached, since every batch of an epoch needs them."""
@@ -153,15 +160,39 @@ class TokenBatchIterator:
     def __iter__(self) -> TokenBatchIterator:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.position >= self.batches_per_epoch:
+    def _take_indices(self, n_global: int) -> tuple[np.ndarray, int]:
+        """(this process's B/P window indices, how many of them are real) of the next global
+        batch of ``n_global`` real rows; the cursor moves by ``n_global``."""
+        if not 1 <= n_global <= self.global_batch_size:
+            raise ValueError(f"take({n_global}): need 1 <= rows <= {self.global_batch_size}")
+        if self.window + n_global > self.epoch_windows:
             if not self.repeat:
                 raise StopIteration
-            self.epoch, self.position = self.epoch + 1, 0
-        start = self.position * self.global_batch_size + self.process_index * self.local_batch_size
-        rows = self.epoch_order(self.epoch)[start : start + self.local_batch_size]
-        self.position += 1
+            self.epoch, self.window = self.epoch + 1, 0
+        first = self.process_index * self.local_batch_size
+        real = int(np.clip(n_global - first, 0, self.local_batch_size))
+        order = self.epoch_order(self.epoch)
+        start = self.window + first
+        pad = order[start if real else self.window]  # any window: its rows are masked out
+        rows = np.concatenate([order[start:start + real],
+                               np.full(self.local_batch_size - real, pad, order.dtype)])
+        self.window += n_global
+        return rows, real
+
+    def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"tokens": np.asarray(self.windows[rows], dtype=np.int32)}
+
+    def take(self, n_global: int) -> tuple[dict[str, np.ndarray], int]:
+        """(this process's batch, its number of real rows) from the next ``n_global`` windows.
+
+        The real rows come first; the rest of the B/P rows repeat one of them as padding, for
+        static shapes, and the caller zeroes their loss mask. ``next(it)`` is ``take(B)``.
+        """
+        rows, real = self._take_indices(n_global)
+        return self._batch(rows), real
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.take(self.global_batch_size)[0]
 
 
 def resolve_config(name_or_glob: str) -> builders.TextConfig | str:

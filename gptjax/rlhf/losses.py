@@ -119,6 +119,44 @@ def gae(
 # ----------------------------------------------------------------------------- PPO
 
 
+def masked_sum(x: Float[Array, "..."], mask: Mask) -> tuple[Scalar, Scalar]:
+    """(sum(x * mask), sum(mask)) over valid entries: a masked mean before its division."""
+    _check_shapes("masked_sum", x, mask)
+    m = jnp.asarray(mask).astype(jnp.result_type(x, jnp.float32))
+    return jnp.sum(jnp.where(m != 0, x, 0) * m), jnp.sum(m)
+
+
+def ppo_policy_terms(
+    logprobs_BT: Float[Array, "B T"],
+    old_logprobs_BT: Float[Array, "B T"],
+    advantages_BT: Float[Array, "B T"],
+    mask_BT: Mask,
+    clip_eps: float,
+    entropy_BT: Float[Array, "B T"] | None = None,
+) -> tuple[Scalar, Scalar, Stats]:
+    """(clipped surrogate summed over valid tokens, their count, stats): see `ppo_policy_loss`."""
+    _check_shapes("ppo_policy_loss", logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT)
+    valid_BT = jnp.asarray(mask_BT) != 0
+    log_ratio_BT = jnp.where(valid_BT, logprobs_BT - old_logprobs_BT, 0)
+    adv_BT = jnp.where(valid_BT, advantages_BT, 0)
+    ratio_BT = jnp.exp(log_ratio_BT)
+    loss_unclipped_BT = -adv_BT * ratio_BT
+    loss_clipped_BT = -adv_BT * jnp.clip(ratio_BT, 1 - clip_eps, 1 + clip_eps)
+    total, count = masked_sum(jnp.maximum(loss_unclipped_BT, loss_clipped_BT), mask_BT)
+    stats = {
+        "policy/loss": _safe_div(total, count),
+        "policy/approxkl": 0.5 * masked_mean(jnp.square(log_ratio_BT), mask_BT),
+        "policy/clipfrac": masked_mean(
+            (loss_clipped_BT > loss_unclipped_BT).astype(total.dtype), mask_BT
+        ),
+        "policy/ratio_mean": masked_mean(ratio_BT, mask_BT),
+    }
+    if entropy_BT is not None:
+        _check_shapes("ppo_policy_loss(entropy)", entropy_BT, mask_BT)
+        stats["policy/entropy"] = masked_mean(entropy_BT, mask_BT)
+    return total, count, stats
+
+
 def ppo_policy_loss(
     logprobs_BT: Float[Array, "B T"],
     old_logprobs_BT: Float[Array, "B T"],
@@ -135,26 +173,36 @@ def ppo_policy_loss(
     clipped term won (its gradient is zero there); with `policy/approxkl` it is the first thing to
     watch: at the first minibatch of an epoch both are 0 and the ratio is 1.
     """
-    _check_shapes("ppo_policy_loss", logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT)
+    total, count, stats = ppo_policy_terms(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT,
+                                           clip_eps, entropy_BT)
+    return _safe_div(total, count), stats
+
+
+def ppo_value_terms(
+    values_BT: Float[Array, "B T"],
+    old_values_BT: Float[Array, "B T"],
+    returns_BT: Float[Array, "B T"],
+    mask_BT: Mask,
+    clip_eps: float,
+) -> tuple[Scalar, Scalar, Stats]:
+    """(0.5 * clipped squared error summed over valid tokens, their count, stats):
+    see `ppo_value_loss`."""
+    _check_shapes("ppo_value_loss", values_BT, old_values_BT, returns_BT, mask_BT)
     valid_BT = jnp.asarray(mask_BT) != 0
-    log_ratio_BT = jnp.where(valid_BT, logprobs_BT - old_logprobs_BT, 0)
-    adv_BT = jnp.where(valid_BT, advantages_BT, 0)
-    ratio_BT = jnp.exp(log_ratio_BT)
-    loss_unclipped_BT = -adv_BT * ratio_BT
-    loss_clipped_BT = -adv_BT * jnp.clip(ratio_BT, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(jnp.maximum(loss_unclipped_BT, loss_clipped_BT), mask_BT)
+    v_BT = jnp.where(valid_BT, values_BT, 0)
+    old_BT = jnp.where(valid_BT, old_values_BT, 0)
+    ret_BT = jnp.where(valid_BT, returns_BT, 0)
+    v_clipped_BT = old_BT + jnp.clip(v_BT - old_BT, -clip_eps, clip_eps)
+    err_BT = jnp.square(v_BT - ret_BT)
+    err_clipped_BT = jnp.square(v_clipped_BT - ret_BT)
+    total, count = masked_sum(0.5 * jnp.maximum(err_BT, err_clipped_BT), mask_BT)
     stats = {
-        "policy/loss": loss,
-        "policy/approxkl": 0.5 * masked_mean(jnp.square(log_ratio_BT), mask_BT),
-        "policy/clipfrac": masked_mean(
-            (loss_clipped_BT > loss_unclipped_BT).astype(loss.dtype), mask_BT
-        ),
-        "policy/ratio_mean": masked_mean(ratio_BT, mask_BT),
+        "val/loss": _safe_div(total, count),
+        "val/clipfrac": masked_mean((err_clipped_BT > err_BT).astype(total.dtype), mask_BT),
+        "val/error": masked_mean(err_BT, mask_BT),
+        "val/mean": masked_mean(v_BT, mask_BT),
     }
-    if entropy_BT is not None:
-        _check_shapes("ppo_policy_loss(entropy)", entropy_BT, mask_BT)
-        stats["policy/entropy"] = masked_mean(entropy_BT, mask_BT)
-    return loss, stats
+    return total, count, stats
 
 
 def ppo_value_loss(
@@ -170,25 +218,41 @@ def ppo_value_loss(
     cannot jump far from where it was in one PPO epoch. Taking the max means clipping only ever
     removes gradient (when the clipped error is larger), never adds a bigger step.
     """
-    _check_shapes("ppo_value_loss", values_BT, old_values_BT, returns_BT, mask_BT)
-    valid_BT = jnp.asarray(mask_BT) != 0
-    v_BT = jnp.where(valid_BT, values_BT, 0)
-    old_BT = jnp.where(valid_BT, old_values_BT, 0)
-    ret_BT = jnp.where(valid_BT, returns_BT, 0)
-    v_clipped_BT = old_BT + jnp.clip(v_BT - old_BT, -clip_eps, clip_eps)
-    err_BT = jnp.square(v_BT - ret_BT)
-    err_clipped_BT = jnp.square(v_clipped_BT - ret_BT)
-    loss = 0.5 * masked_mean(jnp.maximum(err_BT, err_clipped_BT), mask_BT)
-    stats = {
-        "val/loss": loss,
-        "val/clipfrac": masked_mean((err_clipped_BT > err_BT).astype(loss.dtype), mask_BT),
-        "val/error": masked_mean(err_BT, mask_BT),
-        "val/mean": masked_mean(v_BT, mask_BT),
-    }
-    return loss, stats
+    total, count, stats = ppo_value_terms(values_BT, old_values_BT, returns_BT, mask_BT, clip_eps)
+    return _safe_div(total, count), stats
 
 
 # ----------------------------------------------------------------------------- reward model
+
+
+def reward_ranking_terms(
+    scores_BK: Float[Array, "B K"],
+    ranks_BK: Int[Array, "B K"] | Float[Array, "B K"],
+    valid_BK: Mask,
+) -> tuple[Scalar, Scalar, Stats]:
+    """(sum over prompts of each prompt's mean pair loss, the number of prompts with a pair,
+    stats): `reward_ranking_loss` before its one division, for gradient accumulation."""
+    _check_shapes("reward_ranking_loss", scores_BK, ranks_BK, valid_BK)
+    valid_BK = jnp.asarray(valid_BK) != 0
+    s_BK = jnp.where(valid_BK, scores_BK, 0)
+    # pair_BKK[b, i, j]: response i is strictly better than response j, both real.
+    both_BKK = valid_BK[:, :, None] & valid_BK[:, None, :]
+    pair_BKK = both_BKK & (ranks_BK[:, :, None] < ranks_BK[:, None, :])
+    margin_BKK = jnp.where(pair_BKK, s_BK[:, :, None] - s_BK[:, None, :], 0)
+    pair_f_BKK = pair_BKK.astype(margin_BKK.dtype)
+    n_pairs_B = jnp.sum(pair_f_BKK, axis=(1, 2))
+    nll_B = jnp.sum(-jax.nn.log_sigmoid(margin_BKK) * pair_f_BKK, axis=(1, 2))
+    has_pair_B = (n_pairs_B > 0).astype(margin_BKK.dtype)
+    total = jnp.sum(_safe_div(nll_B, n_pairs_B) * has_pair_B)
+    n_prompts = jnp.sum(has_pair_B)
+    n_pairs = jnp.sum(n_pairs_B)
+    correct = jnp.sum((margin_BKK > 0).astype(margin_BKK.dtype) * pair_f_BKK)
+    stats = {
+        "reward/loss": _safe_div(total, n_prompts),
+        "reward/accuracy": _safe_div(correct, n_pairs),
+        "reward/margin": _safe_div(jnp.sum(margin_BKK), n_pairs),
+    }
+    return total, n_prompts, stats
 
 
 def reward_ranking_loss(
@@ -204,26 +268,8 @@ def reward_ranking_loss(
     responses (padding when prompts have different K) form none either. Prompts without any pair
     are left out of the mean over prompts. `log_sigmoid` keeps large margins finite.
     """
-    _check_shapes("reward_ranking_loss", scores_BK, ranks_BK, valid_BK)
-    valid_BK = jnp.asarray(valid_BK) != 0
-    s_BK = jnp.where(valid_BK, scores_BK, 0)
-    # pair_BKK[b, i, j]: response i is strictly better than response j, both real.
-    both_BKK = valid_BK[:, :, None] & valid_BK[:, None, :]
-    pair_BKK = both_BKK & (ranks_BK[:, :, None] < ranks_BK[:, None, :])
-    margin_BKK = jnp.where(pair_BKK, s_BK[:, :, None] - s_BK[:, None, :], 0)
-    pair_f_BKK = pair_BKK.astype(margin_BKK.dtype)
-    n_pairs_B = jnp.sum(pair_f_BKK, axis=(1, 2))
-    nll_B = jnp.sum(-jax.nn.log_sigmoid(margin_BKK) * pair_f_BKK, axis=(1, 2))
-    has_pair_B = (n_pairs_B > 0).astype(margin_BKK.dtype)
-    loss = _safe_div(jnp.sum(_safe_div(nll_B, n_pairs_B) * has_pair_B), jnp.sum(has_pair_B))
-    n_pairs = jnp.sum(n_pairs_B)
-    correct = jnp.sum((margin_BKK > 0).astype(margin_BKK.dtype) * pair_f_BKK)
-    stats = {
-        "reward/loss": loss,
-        "reward/accuracy": _safe_div(correct, n_pairs),
-        "reward/margin": _safe_div(jnp.sum(margin_BKK), n_pairs),
-    }
-    return loss, stats
+    total, n_prompts, stats = reward_ranking_terms(scores_BK, ranks_BK, valid_BK)
+    return _safe_div(total, n_prompts), stats
 
 
 def pairwise_loss(

@@ -27,11 +27,11 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from gptjax import model, sharding
+from gptjax import family, model, sharding
 from gptjax.config import ModelConfig
 from gptjax.optimizer import make_optimizer
 from gptjax.rlhf import chat, losses, reward
-from gptjax.train import TrainState, loss_fn
+from gptjax.train import TrainState, make_update
 
 log = logging.getLogger("gptjax")
 
@@ -154,42 +154,60 @@ def make_experience(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOCon
 # ----------------------------------------------------------------------------- the update
 
 
-def minibatch_loss(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConfig, width: int,
-                   params: dict, mb: dict, ptx_tokens=None) -> tuple[jax.Array, dict]:
-    """Clipped policy loss + vf_coef · clipped value loss (+ ptx_coef · LM loss)."""
+def minibatch_terms(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConfig, width: int,
+                    params: dict, mb: dict):
+    """PPO's loss in `train.make_update`'s form: (sums, weights, stats).
+
+    The clipped policy loss and vf_coef · the clipped value loss are sums over response
+    tokens; PPO-ptx adds ptx_coef · the LM loss summed over `mb['ptx_tokens']`' targets.
+    """
     logp_BR, entropy_BR = policy_outputs(cfg, params["policy"], mb["tokens"], mb["mask"], width,
                                          ppo_cfg.temperature)
     values_BR = critic_values(rm_model_cfg, params["critic"], mb["tokens"], mb["mask"], width)
-    pg_loss, stats = losses.ppo_policy_loss(logp_BR, mb["logprobs"], mb["advantages"],
-                                            mb["resp_mask"], ppo_cfg.clip_eps, entropy_BR)
-    vf_loss, vf_stats = losses.ppo_value_loss(values_BR, mb["values"], mb["returns"],
-                                              mb["resp_mask"], ppo_cfg.vf_clip_eps)
-    loss = pg_loss + ppo_cfg.vf_coef * vf_loss
+    pg_sum, n_tokens, stats = losses.ppo_policy_terms(
+        logp_BR, mb["logprobs"], mb["advantages"], mb["resp_mask"], ppo_cfg.clip_eps, entropy_BR)
+    vf_sum, _, vf_stats = losses.ppo_value_terms(values_BR, mb["values"], mb["returns"],
+                                                 mb["resp_mask"], ppo_cfg.vf_clip_eps)
+    sums = {"policy": pg_sum, "value": ppo_cfg.vf_coef * vf_sum}
+    weights = {"policy": n_tokens, "value": n_tokens}
     stats |= vf_stats
-    if ptx_tokens is not None:
-        ptx = loss_fn(cfg, params["policy"], {"tokens": ptx_tokens})
-        loss, stats["ptx/loss"] = loss + ppo_cfg.ptx_coef * ptx, ptx
+    if "ptx_tokens" in mb:
+        ptx_sum, n_ptx = family.loss_sums(cfg, params["policy"], {"tokens": mb["ptx_tokens"]})
+        sums["ptx"], weights["ptx"] = ppo_cfg.ptx_coef * ptx_sum, n_ptx
+        stats["ptx/loss"] = ptx_sum / jnp.maximum(n_ptx, 1.0)
+    return sums, weights, stats
+
+
+def minibatch_loss(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConfig, width: int,
+                   params: dict, mb: dict, ptx_tokens=None) -> tuple[jax.Array, dict]:
+    """Clipped policy loss + vf_coef · clipped value loss (+ ptx_coef · LM loss), a mean."""
+    mb = mb if ptx_tokens is None else {**mb, "ptx_tokens": ptx_tokens}
+    sums, weights, stats = minibatch_terms(cfg, rm_model_cfg, ppo_cfg, width, params, mb)
+    loss = sum(sums[k] / jnp.maximum(weights[k], 1.0) for k in sums)
     return loss, stats | {"ppo/loss/total": loss}
 
 
-def _update(cfg, rm_model_cfg, ppo_cfg, width, optimizer, state: TrainState, exp: dict,
+def _update(cfg, rm_model_cfg, ppo_cfg, width, update, state: TrainState, exp: dict,
             ptx_EMbT=None) -> tuple[TrainState, dict]:
-    """`epochs` shuffled passes of `minibatches` Adam steps over one rollout batch.
+    """`epochs` shuffled passes of `minibatches` Adam steps (`update`) over one rollout batch.
 
     Returns per-minibatch stats stacked as (epochs, minibatches): [0, 0] is the first update,
     where the policy still equals the sampler (ratio 1, approxkl 0, clipfrac 0).
     """
     b, m = exp["tokens"].shape[0], ppo_cfg.minibatches
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(functools.partial(minibatch_loss, cfg, rm_model_cfg, ppo_cfg,
-                                                   width), has_aux=True)
 
     def minibatch(carry, xs):
         params, opt_state = carry
         idx, ptx = xs
-        (_, stats), grads = grad_fn(params, jax.tree.map(lambda x: x[idx], exp), ptx)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), stats
+        mb = jax.tree.map(lambda x: x[idx], exp)
+        if ptx is not None:
+            mb["ptx_tokens"] = ptx
+        params, opt_state, m = update(params, opt_state, mb)
+        stats = {k: v for k, v in m.items() if "/" in k}
+        stats |= {"ppo/loss/total": m["loss"], "ppo/grad_norm": m["grad_norm"],
+                  "ppo/update_skipped": m["update_skipped"]}
+        return (params, opt_state), stats
 
     def epoch(carry, xs):
         e, ptx_MbT = xs
@@ -229,7 +247,10 @@ def make_ppo(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConfig, op
     rows = sharding.batch_sharding(mesh, rules, ndim=1)
     experience = jax.jit(functools.partial(make_experience, cfg, rm_model_cfg, ppo_cfg, width),
                          out_shardings=(rows, rep))
-    update = jax.jit(functools.partial(_update, cfg, rm_model_cfg, ppo_cfg, width, optimizer),
+    objective = functools.partial(minibatch_terms, cfg, rm_model_cfg, ppo_cfg, width)
+    minibatch_update = make_update(objective, optimizer, opt_cfg.grad_accum_steps)
+    update = jax.jit(functools.partial(_update, cfg, rm_model_cfg, ppo_cfg, width,
+                                       minibatch_update),
                      in_shardings=(state_shard, rows, rep), out_shardings=(state_shard, rep),
                      donate_argnums=0)
     return PPOFunctions(experience, update, optimizer, state_shard)

@@ -25,7 +25,6 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float, Int
 
 from gptjax import checkpoint as ckpt_lib
@@ -35,7 +34,7 @@ from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.optimizer import OptimizerConfig, make_optimizer
 from gptjax.rlhf import chat, losses, sft, tasks
-from gptjax.train import TrainState
+from gptjax.train import TrainState, make_update
 
 log = logging.getLogger("gptjax")
 
@@ -205,19 +204,34 @@ def task_rankings(cfg: ModelConfig, params, tokenizer: Tokenizer, task, prompts:
 # ----------------------------------------------------------------------------- training
 
 
-def ranking_loss(cfg: ModelConfig, params: dict, batch: dict):
-    """reward_ranking_loss over a batch of prompts, each with its K responses."""
+def ranking_terms(cfg: ModelConfig, params: dict, batch: dict):
+    """`losses.reward_ranking_terms` of a batch of prompts, each with its K responses:
+    the per-prompt loss summed over prompts, and the number of prompts with a pair."""
     b, k, t = batch["tokens"].shape
     s_BK = raw_scores(cfg, params, batch["tokens"].reshape(b * k, t),
                       batch["mask"].reshape(b * k, t)).reshape(b, k)
-    return losses.reward_ranking_loss(s_BK, batch["ranks"], batch["valid"])
+    return losses.reward_ranking_terms(s_BK, batch["ranks"], batch["valid"])
 
 
-def _train_step(cfg, optimizer, state: TrainState, batch: dict):
-    (loss, stats), grads = jax.value_and_grad(
-        lambda p: ranking_loss(cfg, p, batch), has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+def ranking_loss(cfg: ModelConfig, params: dict, batch: dict):
+    """reward_ranking_loss over a batch of prompts, each with its K responses."""
+    stats = ranking_terms(cfg, params, batch)[2]
+    return stats["reward/loss"], stats
+
+
+def ranking_objective(cfg: ModelConfig):
+    """The RM's loss as `train.make_update` wants it (one term, weighted by prompts)."""
+    def objective(params, mb: dict):
+        total, n_prompts, stats = ranking_terms(cfg, params, mb)
+        return {"loss": total}, {"loss": n_prompts}, stats
+    return objective
+
+
+def _train_step(update, state: TrainState, batch: dict):
+    params, opt_state, m = update(state.params, state.opt_state, batch)
+    stats = {k: v for k, v in m.items() if k.startswith("reward/")}
+    stats |= {"reward/loss": m["loss"], "reward/grad_norm": m["grad_norm"],
+              "reward/update_skipped": m["update_skipped"]}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
 
@@ -229,15 +243,16 @@ def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
     return {"trunk": trunk, "head": {"kernel": rep, "bias": rep}}
 
 
-def make_train_step(cfg: ModelConfig, optimizer, params, mesh, rules):
-    """The jitted RM step with explicit shardings and the state donated."""
+def make_train_step(cfg: ModelConfig, optimizer, params, mesh, rules, grad_accum_steps: int = 1):
+    """The jitted RM step (`train.make_update`) with explicit shardings and the state donated."""
     p_shard = param_shardings(cfg, mesh, rules)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shard = TrainState(step=rep, params=p_shard, rng=rep,
                              opt_state=sharding.opt_state_shardings(optimizer, params, p_shard,
                                                                     mesh))
     batch_shard = sharding.batch_sharding(mesh, rules, ndim=1)
-    step = jax.jit(functools.partial(_train_step, cfg, optimizer),
+    update = make_update(ranking_objective(cfg), optimizer, grad_accum_steps)
+    step = jax.jit(functools.partial(_train_step, update),
                    in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, rep),
                    donate_argnums=0)
     return step, state_shard
@@ -327,7 +342,8 @@ def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = 
         with sharding.use_mesh(mesh, rules):
             # From host memory: the step donates its state, the sampler still needs the policy.
             params = from_policy(cfg, jax.device_get(policy_params), jax.random.fold_in(key, 2))
-            step_fn, state_shard = make_train_step(cfg, optimizer, params, mesh, rules)
+            step_fn, state_shard = make_train_step(cfg, optimizer, params, mesh, rules,
+                                                   opt_cfg.grad_accum_steps)
             state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                               opt_state=optimizer.init(params),
                                               rng=jax.random.key_data(jax.random.fold_in(key, 4))), state_shard)
