@@ -73,7 +73,7 @@ class BatchRamp:
 def mask_padding(local: dict, real_rows: int) -> dict:
     """Zero the loss mask of a local batch's padding rows (rows >= real_rows), multiplying any
     mask the batch already has (a task dataset's answer mask), never replacing it."""
-    if real_rows == len(local["tokens"]):
+    if real_rows == family.batch_rows(local):  # every row real (any family's batch)
         return local
     b, t_plus_1 = local["tokens"].shape
     rows_B1 = (np.arange(b) < real_rows)[:, None].astype(np.float32)

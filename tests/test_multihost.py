@@ -147,7 +147,7 @@ def test_two_processes_equal_one_process_with_eight_devices(data, tmp_path):
                            sharding.logical_axis_rules(MESH["rules"]), TRAIN["batch_size"])
     for step in (3, 6):
         got_step, got, meta = _restore(multi, trainer, step)
-        assert got_step == step and meta["data"]["position"] == step
+        assert got_step == step and meta["data"]["window"] == step * TRAIN["batch_size"]
     _, want, _ = _restore(ref, trainer, 6)
     for a, b in zip(jax.tree.leaves(jax.device_get(got.params)),
                     jax.tree.leaves(jax.device_get(want.params))):

@@ -169,6 +169,26 @@ def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(corpus,
         np.testing.assert_array_equal(a, b)
 
 
+def test_tokens_per_s_at_an_eval_step_excludes_the_eval(corpus, tmp_path, monkeypatch):
+    """An eval that takes 2 s must not count as training time: the eval step's row still
+    shows a step's throughput (one step of this model takes well under a second), where
+    counting the eval would cap it at batch * seq_len / 2 s."""
+    import time
+
+    from gptjax import loop
+    real = loop.evaluate
+
+    def slow_evaluate(*args, **kw):
+        time.sleep(2.0)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    workdir = str(tmp_path / "timing")
+    train(workdir, **_configs(corpus, tmp_path, steps=4, eval_every=4, checkpoint_every=100))
+    row = [r for r in read_metrics(workdir) if r["step"] == 4][0]
+    assert "eval/loss" in row and row["tokens_per_s"] > 8 * 16 / 1.0
+
+
 def test_gradient_accumulation_equals_the_large_batch():
     mesh = sharding.make_mesh(ONE_DEVICE, devices=jax.devices()[:1])
     rules = sharding.logical_axis_rules("dp")
