@@ -17,6 +17,7 @@ import jax
 import optax
 
 PyTree = Any
+log = logging.getLogger(__name__)
 
 # Leaf names that are "matrices" and get weight decay. Stacked layers have a leading `layers` axis,
 # so a per-layer LayerNorm scale is 2-D `(L, D)` and ndim cannot tell it from a matrix: the
@@ -86,7 +87,7 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     end_step = total_steps if cfg.decay_steps is None else cfg.decay_steps
     peak, end_value = cfg.peak_lr, cfg.peak_lr * cfg.min_lr_ratio
     if cfg.decay != "constant" and end_step <= cfg.warmup_steps:
-        logging.warning(
+        log.warning(
             "OptimizerConfig.warmup_steps=%d does not end before the decay ends (step %d): "
             "warming up over the first %d steps instead, with no decay.",
             cfg.warmup_steps, end_step, max(end_step, 1))
@@ -135,7 +136,7 @@ def weight_decay_mask(params: PyTree, decay_names=DECAY_NAMES) -> PyTree:
         jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
         if _leaf_name(p) not in decay_names | NO_DECAY_NAMES})
     if unknown:
-        logging.warning("weight_decay_mask: no decay for leaves with unknown names: %s", unknown)
+        log.warning("weight_decay_mask: no decay for leaves with unknown names: %s", unknown)
     return mask
 
 
@@ -143,15 +144,19 @@ def weight_decay_mask(params: PyTree, decay_names=DECAY_NAMES) -> PyTree:
 # The optimizer
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) -> AdamW(schedule, b1, b2, eps, masked decoupled decay).
 
     optax's AdamW multiplies the decay by the scheduled lr (p -= lr * (adam + wd * p)), as
     PyTorch's AdamW does; GPT-3's 0.1 is meant in that convention. Log the learning rate with
-    `make_schedule(cfg, total_steps)(step)` and the pre-clip norm with `global_norm(grads)`.
+    `make_schedule(cfg, total_steps)(step)` and the pre-clip norm with `global_norm(grads)`;
+    pass that `schedule` in to build (and warn about) it once.
     """
+    if schedule is None:
+        schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(
-        learning_rate=make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=weight_decay_mask)
     if not cfg.clip_norm:
         return adamw

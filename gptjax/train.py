@@ -241,8 +241,8 @@ def _eval_step(cfg: ModelConfig, params, batch: dict) -> dict:
 def make_trainer(cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
                  mesh: jax.sharding.Mesh, rules: tuple, global_batch_size: int) -> Trainer:
     """Shardings from the logical axes, then the three jitted functions."""
-    optimizer = make_optimizer(opt_cfg, total_steps)
     schedule = make_schedule(opt_cfg, total_steps)
+    optimizer = make_optimizer(opt_cfg, total_steps, schedule)
     if global_batch_size % opt_cfg.grad_accum_steps:
         raise ValueError(f"TrainConfig.batch_size={global_batch_size} is not divisible by "
                          f"OptimizerConfig.grad_accum_steps={opt_cfg.grad_accum_steps}.")
