@@ -49,5 +49,5 @@ setup(
     packages=find_packages(include=["gptjax", "gptjax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["gptjax=gptjax.main:main"]},
+    entry_points={"console_scripts": ["gptjax=gptjax.cli.main:main"]},
 )

@@ -1,4 +1,4 @@
-"""Generation throughput with the KV cache: `gptjax.sample.generate`, greedy, one device.
+"""Generation throughput with the KV cache: `gptjax.inference.sampling.generate`, greedy, one device.
 
 Prefill of a `--prompt_len` prompt plus `--new_tokens` decode steps, all inside the one jitted
 `generate` (a `lax.while_loop` over a preallocated cache); no stop tokens, so every row runs
@@ -71,8 +71,9 @@ def bench_one(cfg, batch: int, args) -> dict:
     import jax
     import numpy as np
 
-    from gptjax import model, sample
+    from gptjax.models import gpt as model
 
+    from gptjax.inference import sampling as sample
     device = jax.local_devices()[0]
     params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)

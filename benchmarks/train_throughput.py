@@ -1,6 +1,6 @@
 """Training throughput: tokens/s, MFU and peak memory of gptjax's real train step on one device.
 
-Runs `gptjax.train.make_trainer(...).train_step` (AdamW + clipping, donation, the same jitted
+Runs `gptjax.training.step.make_trainer(...).train_step` (AdamW + clipping, donation, the same jitted
 function `gptjax train` runs) on random tokens for every combination of the knobs given, and
 prints one markdown table row per configuration; each row is also appended as a JSON line to
 `--results`. XLA flags apply to the whole process (set before JAX starts), so compare flag sets
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is kept")
     p.add_argument("--peak_tflops", type=float, default=None,
-                   help="peak per device for MFU (default: gptjax.metrics table, H100 989)")
+                   help="peak per device for MFU (default: gptjax.training.metrics table, H100 989)")
     p.add_argument("--results", default="benchmarks/results/train_throughput.jsonl")
     p.add_argument("--profile", default=None,
                    help="write a jax.profiler trace of 3 timed steps of each config here")
@@ -84,9 +84,11 @@ def bench_one(cfg, batch_size: int, args) -> dict:
     import jax
     import numpy as np
 
-    from gptjax import metrics, sharding
-    from gptjax.optimizer import OptimizerConfig
-    from gptjax.train import abstract_state, make_trainer
+    from gptjax.training import metrics
+
+    from gptjax.parallel import mesh as sharding
+    from gptjax.training.optimizer import OptimizerConfig
+    from gptjax.training.step import abstract_state, make_trainer
 
     device = jax.local_devices()[0]
     mesh = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1}), devices=[device])

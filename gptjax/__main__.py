@@ -2,6 +2,6 @@
 
 import sys
 
-from gptjax.main import main
+from gptjax.cli.main import main
 
 sys.exit(main())

@@ -9,6 +9,7 @@ REFERENCE.md); deviations from the papers' tables are commented in place.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import gin
@@ -150,6 +151,122 @@ def param_count(cfg: ModelConfig) -> int:
     return total
 
 
+# ------------------------------------------------------------ the relatives
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swish")  # functions: gptjax.models.bert
+
+
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is not one of {ACTIVATIONS}.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig(ModelConfig):
+    """A `ModelConfig` for a bidirectional encoder; BERT's defaults.
+
+    Being a ModelConfig, it runs through the decoder's `self_attention`,
+    `run_layers`, `init_params` and sharding rules unchanged.
+
+    Attributes (beyond ModelConfig):
+      type_vocab_size: rows of the token-type (segment) table (BERT: 2).
+      activation: the MLP nonlinearity, one of `ACTIVATIONS`.
+    """
+
+    ln_placement: str = "post"
+    layer_norm_eps: float = 1e-12
+    type_vocab_size: int = 2
+    activation: str = "gelu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_activation(self.activation)
+        if self.type_vocab_size <= 0:
+            raise ValueError(f"type_vocab_size must be positive, got {self.type_vocab_size}.")
+        if self.attention != "dense":
+            raise ValueError("the encoder's attention is bidirectional; banded 'gpt3_sparse' "
+                             "layers are causal by construction "
+                             f"(got attention={self.attention!r}).")
+
+
+def _bert(n_layers, d_model, n_heads) -> EncoderConfig:
+    return EncoderConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=30522,
+                         max_len=512, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+
+
+_ENCODER_PRESETS: dict[str, ModelConfig] = {
+    "bert_base": _bert(12, 768, 12),  # 109,514,298 params (BertForMaskedLM, tied)
+    "bert_large": _bert(24, 1024, 16),  # 335,174,458
+    # Nano sizes for CPU work and tests (vocab matches a 4k BPE tokenizer).
+    "nano_bert_tiny": EncoderConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=4096,
+                                    max_len=128),
+    "nano_bert_small": EncoderConfig(n_layers=4, d_model=128, n_heads=4, vocab_size=4096,
+                                     max_len=256),
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig(ModelConfig):
+    """A `ModelConfig` for the encoder–decoder; `n_layers` is the encoder's depth.
+
+    Attributes (beyond ModelConfig):
+      n_decoder_layers: decoder depth (None: same as the encoder).
+      activation: MLP nonlinearity (`ACTIVATIONS`; the paper: relu).
+      scale_embedding: multiply token embeddings by sqrt(d_model) (paper, Marian).
+      label_smoothing: the training loss's eps_ls in [0, 1) (the paper: 0.1).
+    """
+
+    ln_placement: str = "post"
+    pos_embedding: str = "sinusoidal"
+    n_decoder_layers: int | None = None
+    activation: str = "relu"
+    scale_embedding: bool = True
+    label_smoothing: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_activation(self.activation)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.pos_embedding not in ("sinusoidal", "learned"):
+            raise ValueError("seq2seq positions are 'sinusoidal' or 'learned', got "
+                             f"{self.pos_embedding!r} (rotary has no meaning across attention).")
+        if self.attention != "dense":
+            raise ValueError(f"seq2seq attention must be 'dense', got {self.attention!r}.")
+        if self.decoder_layers <= 0:
+            raise ValueError(f"n_decoder_layers must be positive, got {self.n_decoder_layers}.")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.d_model) if self.scale_embedding else 1.0
+
+
+_SEQ2SEQ_PRESETS: dict[str, ModelConfig] = {
+    # Transformer base (Vaswani et al. 2017, Table 3): 6+6 layers, 512 wide, 8 heads, d_ff
+    # 2048, P_drop 0.1, a shared 37k BPE vocabulary.      63,119,496 params (paper: 65M)
+    "transformer_base": Seq2SeqConfig(n_layers=6, d_model=512, n_heads=8, d_ff=2048,
+                                      vocab_size=37000, max_len=512, embd_dropout=0.1,
+                                      attn_dropout=0.1, resid_dropout=0.1),
+    "transformer_big": Seq2SeqConfig(n_layers=6, d_model=1024, n_heads=16, d_ff=4096,
+                                     vocab_size=37000, max_len=512, embd_dropout=0.3,
+                                     attn_dropout=0.3, resid_dropout=0.3),  # 214,282,376
+    # Nano sizes for CPU work and tests.
+    "nano_transformer_tiny": Seq2SeqConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256,
+                                           vocab_size=4096, max_len=128),  # 499,712
+    "nano_transformer_small": Seq2SeqConfig(n_layers=3, d_model=128, n_heads=4, d_ff=512,
+                                            vocab_size=4096, max_len=256),  # 1,916,928
+}
+
+
+# ------------------------------------------------------------------ presets
+
+
 def _gpt2(n_layers, d_model, n_heads) -> ModelConfig:
     return ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=50257,
                        max_len=1024, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
@@ -188,12 +305,14 @@ PRESETS: dict[str, ModelConfig] = {
     "nano_tiny": ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=4096, max_len=128),
     "nano_small": ModelConfig(n_layers=4, d_model=128, n_heads=4, vocab_size=4096, max_len=256),
     "nano_medium": ModelConfig(n_layers=6, d_model=256, n_heads=8, vocab_size=4096, max_len=512),
+    **_ENCODER_PRESETS,
+    **_SEQ2SEQ_PRESETS,
 }
 
 
 @gin.configurable
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """A preset by name, with optional field overrides (`get_preset('gpt2_small', dtype='bfloat16')`)."""
+    """A preset by name (any family), with optional field overrides (`get_preset('gpt2_small', dtype='bfloat16')`)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}.")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -19,7 +19,10 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 def parse_gin(files: list[str], bindings: list[str]) -> None:
     """Parse experiment files; `include`s resolve against experiments/ and the cwd."""
-    from gptjax import config, optimizer, sharding, train  # noqa: F401  (register configurables)
+    from gptjax import config
+    from gptjax.training import optimizer
+    from gptjax.parallel import mesh as sharding
+    from gptjax.training import step as train  # noqa: F401  (register configurables)
     from gptjax.data import config as data_config  # noqa: F401
 
     for path in (EXPERIMENTS_DIR, os.getcwd()):

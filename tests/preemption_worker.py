@@ -15,8 +15,7 @@ import time
 
 import jax
 
-from gptjax import checkpoint as ckpt_lib
-
+from gptjax.training import checkpoint as ckpt_lib
 MAX_STEPS = 40
 
 

@@ -1,6 +1,6 @@
 """An independent float64 numpy GPT, written for clarity, to check gptjax against.
 
-It reads the same parameter tree but shares no code with gptjax.model: loops
+It reads the same parameter tree but shares no code with gptjax.models.gpt: loops
 over layers and heads, explicit masks, rotary positions via complex numbers.
 """
 

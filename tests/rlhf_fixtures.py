@@ -13,7 +13,7 @@ import functools
 
 import jax
 
-from gptjax import model
+from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
 

@@ -16,9 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax import checkpoint as ck
-
-# A restore that fails part-way leaves orbax read coroutines to be garbage-collected later.
+from gptjax.training import checkpoint as ck  # A restore that fails part-way leaves orbax read coroutines to be garbage-collected later.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
@@ -98,7 +96,7 @@ def test_restore_a_given_step(tmp_path):
 
 
 def _restore_expecting_fallback(tmp_path, caplog, broken, good):
-    with caplog.at_level(logging.WARNING, logger="gptjax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"):
         with ck.CheckpointManager(tmp_path) as mgr:
             step, state, meta = mgr.restore(_abstract(_state(0)))
             remaining = mgr.all_steps()
@@ -159,7 +157,7 @@ def test_checkpoint_without_meta_checksum_still_restores(tmp_path, caplog):
     path = tmp_path / "checkpoints" / "1" / "checksums" / "metadata"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({"version": 1, "leaves": record["leaves"]}))
-    with caplog.at_level(logging.WARNING, logger="gptjax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"):
         with ck.CheckpointManager(tmp_path) as mgr:
             step, state, meta = mgr.restore(_abstract(_state(0)))
     assert step == 1 and meta["data_position"] == 10
@@ -190,7 +188,7 @@ def test_cross_dtype_restore_is_verified_then_cast(tmp_path, caplog, saved, rest
     _assert_tree_equal(got, _cast_floats(states[2], restored))
 
     _flip_bytes_silently(tmp_path / "checkpoints" / "2", _abstract(states[2]), states[2])
-    with caplog.at_level(logging.WARNING, logger="gptjax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"):
         with ck.CheckpointManager(tmp_path) as mgr:
             step, got, meta = mgr.restore(target)
     assert step == 1 and meta["data_position"] == 10

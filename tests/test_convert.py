@@ -9,7 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gptjax import convert, model, sample  # noqa: E402
+from gptjax import hf as convert
+
+from gptjax.models import gpt as model
+
+from gptjax.inference import sampling as sample  # noqa: E402
 
 # (layers, width, heads, d_ff or None, vocab, context, tied): odd sizes on purpose.
 SIZES = [(3, 35, 5, 51, 97, 23, True), (2, 24, 3, None, 61, 17, True),

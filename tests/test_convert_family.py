@@ -8,7 +8,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gptjax import convert, encoder, seq2seq, seq2seq_decode  # noqa: E402
+from gptjax import hf as convert
+
+from gptjax.models import bert as encoder
+
+from gptjax.models import transformer as seq2seq
+
+from gptjax.inference import decoding as seq2seq_decode  # noqa: E402
+from gptjax.config import PRESETS, EncoderConfig
 
 # (layers, width, heads, d_ff, vocab, positions, token types, activation, tied): odd sizes.
 BERT_SIZES = [(3, 35, 5, 51, 97, 23, 3, "gelu", True),
@@ -65,7 +72,7 @@ def test_mlm_logits_match_hf_bert_with_padding_and_segments(size):
 
 @pytest.mark.parametrize("size", BERT_SIZES)
 def test_bert_export_import_round_trip_is_exact(size):
-    cfg = encoder.EncoderConfig(n_layers=size[0], d_model=size[1], n_heads=size[2],
+    cfg = EncoderConfig(n_layers=size[0], d_model=size[1], n_heads=size[2],
                                 d_ff=size[3], vocab_size=size[4], max_len=size[5],
                                 type_vocab_size=size[6], activation=size[7],
                                 tie_embeddings=size[8])
@@ -88,7 +95,7 @@ def test_bert_presets_match_hf_parameter_counts():
         with torch.device("meta"):
             hf = transformers.BertForMaskedLM(transformers.BertConfig(**kwargs))
         expected = sum(p.numel() for p in hf.parameters())  # tied decoder counted once
-        assert encoder.param_count(encoder.PRESETS[name]) == expected, name
+        assert encoder.param_count(PRESETS[name]) == expected, name
 
 
 # (enc layers, dec layers, width, heads, d_ff, vocab, activation, scale_embedding, tied);

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import encoder
-
-# Odd sizes so a wrong transpose or axis cannot pass.
-CFG = encoder.EncoderConfig(n_layers=3, d_model=35, n_heads=5, d_ff=47, vocab_size=97,
+from gptjax.models import bert as encoder  # Odd sizes so a wrong transpose or axis cannot pass.
+from gptjax.config import PRESETS, EncoderConfig, get_preset
+CFG = EncoderConfig(n_layers=3, d_model=35, n_heads=5, d_ff=47, vocab_size=97,
                             max_len=29, type_vocab_size=3)
 
 
@@ -140,22 +139,21 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="max_len"):
         forward(CFG, params, _tokens((1, 30)))
     with pytest.raises(ValueError, match="activation"):
-        encoder.EncoderConfig(activation="tanh")
-    with pytest.raises(ValueError, match="Unknown encoder preset"):
-        encoder.get_encoder_preset("bert_huge")
+        EncoderConfig(activation="tanh")
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        get_preset("bert_huge")
 
 
-@pytest.mark.parametrize("name", sorted(encoder.PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if type(c) is EncoderConfig))
 def test_model_gin_file_equals_preset(name):
     import gin
 
-    from gptjax import main as cli
-
+    from gptjax.cli import main as cli
     fname = name if name.startswith("bert") else "bert_" + name.replace("nano_bert_", "nano_")
     gin.clear_config()
     try:
         cli.parse_gin([f"models/{fname}.gin"], [])
-        assert encoder.EncoderConfig() == encoder.PRESETS[name]
+        assert EncoderConfig() == PRESETS[name]
     finally:
         gin.clear_config()
 
@@ -191,7 +189,7 @@ def hf_grads(hf, loss) -> tuple[dict, set]:
 def test_mlm_gradients_match_hf_bert():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from gptjax import convert_family
+    from gptjax import hf_family as convert_family
     from tests.test_convert_family import BERT_SIZES, _hf_bert, _state_dict
 
     size = BERT_SIZES[0]  # tied: the word embeddings get input + output gradients

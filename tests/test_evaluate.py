@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import evaluate as ev
-from gptjax import model
+from gptjax.evals import in_context as ev
+from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
 

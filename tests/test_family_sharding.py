@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from gptjax import encoder, seq2seq
-from gptjax import sharding as S
+from gptjax.models import bert as encoder
 
-# Odd factors (7, 11, 13) that still divide every mesh below: d_model by fsdp=8,
+from gptjax.models import transformer as seq2seq
+from gptjax.parallel import mesh as S  # Odd factors (7, 11, 13) that still divide every mesh below: d_model by fsdp=8,
+from gptjax.config import EncoderConfig, Seq2SeqConfig
 # heads, d_ff and vocab by tensor=4.
-ENC = encoder.EncoderConfig(n_layers=2, d_model=56, n_heads=4, d_ff=44, vocab_size=52,
+ENC = EncoderConfig(n_layers=2, d_model=56, n_heads=4, d_ff=44, vocab_size=52,
                             max_len=16, type_vocab_size=3)
-S2S = seq2seq.Seq2SeqConfig(n_layers=2, n_decoder_layers=1, d_model=56, n_heads=4, d_ff=44,
+S2S = Seq2SeqConfig(n_layers=2, n_decoder_layers=1, d_model=56, n_heads=4, d_ff=44,
                             vocab_size=52, max_len=16, activation="gelu")
 FAMILIES = {"encoder": (encoder, ENC), "seq2seq": (seq2seq, S2S)}
 MESHES = {"dp": {"data": 8}, "fsdp": {"fsdp": 8}, "tp": {"data": 2, "tensor": 4},

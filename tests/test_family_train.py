@@ -8,19 +8,26 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import encoder, family, seq2seq, sharding
+from gptjax.models import bert as encoder
+
+from gptjax.models import family
+
+from gptjax.models import transformer as seq2seq
+
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import ByteTokenizer
-from gptjax.loop import train
-from gptjax.metrics import read_metrics
-from gptjax.optimizer import OptimizerConfig
-from gptjax.train import TrainConfig, loss_fn
-from gptjax.workdir import load_run
+from gptjax.training.loop import train
+from gptjax.training.metrics import read_metrics
+from gptjax.training.optimizer import OptimizerConfig
+from gptjax.training.step import TrainConfig, loss_fn
+from gptjax.training.workdir import load_run
+from gptjax.config import EncoderConfig, Seq2SeqConfig
 from tests.test_train import corpus  # noqa: F401  (the stdlib-files fixture)
 
-ENC = encoder.EncoderConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=300, max_len=32)
-S2S = seq2seq.Seq2SeqConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=300,
+ENC = EncoderConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=300, max_len=32)
+S2S = Seq2SeqConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=300,
                             max_len=32, n_decoder_layers=1)
 ALL_DEVICES = sharding.MeshConfig(shape={"data": 2, "fsdp": 2, "tensor": 2}, rules="fsdp_tp")
 
@@ -28,7 +35,7 @@ ALL_DEVICES = sharding.MeshConfig(shape={"data": 2, "fsdp": 2, "tensor": 2}, rul
 def test_family_of_and_model_config():
     assert family.family_of(ModelConfig()) == "decoder"
     assert family.family_of(ENC) == "encoder" and family.family_of(S2S) == "seq2seq"
-    assert isinstance(family.model_config("seq2seq"), seq2seq.Seq2SeqConfig)
+    assert isinstance(family.model_config("seq2seq"), Seq2SeqConfig)
     with pytest.raises(ValueError, match="not one of"):
         family.model_config("rnn")
     # param_count agrees with each module's own count
@@ -133,7 +140,7 @@ def test_cli_trains_the_numbers_task_and_decodes_it(tmp_path, capsys):
     with beams; an encoder-only model refuses to sample, with a clear error."""
     import gin
 
-    from gptjax.main import main
+    from gptjax.cli.main import main
     work = tmp_path / "numbers"
     short = ["STEPS = 40", "WARMUP_STEPS = 5", "BATCH_SIZE = 32", "TrainConfig.eval_every = 40",
              "TrainConfig.checkpoint_every = 40", "TrainConfig.eval_batches = 2",
@@ -152,6 +159,6 @@ def test_cli_trains_the_numbers_task_and_decodes_it(tmp_path, capsys):
     assert "forty-two" in capsys.readouterr().out
     loaded_cfg, *_ = load_run(str(work))
     assert family.family_of(loaded_cfg) == "seq2seq"
-    from gptjax.main import _sample_family
+    from gptjax.cli.main import _sample_family
     with pytest.raises(ValueError, match="does not generate"):
         _sample_family(None, ENC, None, None, 0)

@@ -8,12 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import encoder, model, seq2seq
-from gptjax import finetune as ft
+from gptjax.models import bert as encoder
+
+from gptjax.models import gpt as model
+
+from gptjax.models import transformer as seq2seq
+from gptjax.research import finetune as ft
 from gptjax.config import ModelConfig
-from gptjax.encoder import EncoderConfig
-from gptjax.optimizer import OptimizerConfig, make_optimizer
-from gptjax.seq2seq import Seq2SeqConfig
+from gptjax.config import EncoderConfig
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer
+from gptjax.config import Seq2SeqConfig
 
 SP = ft.Specials(start=4, delim=5, extract=6, pad=0)
 # Unrolled layers: eager calls then reuse per-op compilations (a scan re-traces every call).

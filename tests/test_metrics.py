@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gptjax import family, metrics
+from gptjax.models import family
+
+from gptjax.training import metrics
 from gptjax.config import PRESETS, ModelConfig, param_count
-from gptjax.encoder import EncoderConfig
-from gptjax.seq2seq import PRESETS as SEQ2SEQ_PRESETS
-from gptjax.seq2seq import Seq2SeqConfig
+from gptjax.config import EncoderConfig
+from gptjax.config import Seq2SeqConfig
 
 L, D, N, F, V = 2, 12, 3, 20, 50  # layers, model, heads, feed-forward, vocab
 SMALL = dict(n_layers=L, d_model=D, n_heads=N, d_ff=F, vocab_size=V, max_len=16)
@@ -196,7 +197,7 @@ def test_seq2seq_hand_count_with_cross_attention():
 
 
 def test_seq2seq_counts_every_decoder_layer():
-    base = SEQ2SEQ_PRESETS["transformer_base"]
+    base = PRESETS["transformer_base"]
     deeper = base.replace(n_decoder_layers=base.n_layers + 2)
     assert metrics.flops_per_token(deeper, 256) > metrics.flops_per_token(base, 256)
 

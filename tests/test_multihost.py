@@ -19,14 +19,14 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint as ckpt_lib
-from gptjax import sharding
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
-from gptjax.loop import train
-from gptjax.metrics import read_metrics
-from gptjax.optimizer import OptimizerConfig
-from gptjax.train import TrainConfig, abstract_state, make_trainer
+from gptjax.training.loop import train
+from gptjax.training.metrics import read_metrics
+from gptjax.training.optimizer import OptimizerConfig
+from gptjax.training.step import TrainConfig, abstract_state, make_trainer
 
 # One set of values, used both as dataclass fields (reference run) and as gin bindings (CLI).
 MODEL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=300, max_len=32)

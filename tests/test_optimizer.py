@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import optimizer as opt
-
+from gptjax.training import optimizer as opt
 PEAK = 6e-4
 
 

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from gptjax import checkpoint as ckpt_lib
-from gptjax.metrics import read_metrics
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.training.metrics import read_metrics
 
 N_PROCESSES = 2
 WORKER = os.path.join(os.path.dirname(__file__), "preemption_worker.py")

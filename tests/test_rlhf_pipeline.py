@@ -16,7 +16,7 @@ import os
 import gin
 import pytest
 
-from gptjax import main as main_lib
+from gptjax.cli import main as main_lib
 from tests.rlhf_fixtures import compilation_cache
 
 TINY = [

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.optimizer import OptimizerConfig
+from gptjax.training.optimizer import OptimizerConfig
 from gptjax.rlhf import chat, losses, ppo, reward, sft
-from gptjax.sharding import MeshConfig
-from gptjax.train import loss_fn
+from gptjax.parallel.mesh import MeshConfig
+from gptjax.training.step import loss_fn
 from tests.rlhf_fixtures import CFG, TOK, params
 
 WIDTH = 5

@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import model
+from gptjax.models import gpt as model
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.rlhf import chat, sft
-from gptjax.train import loss_fn
+from gptjax.training.step import loss_fn
 from tests.rlhf_fixtures import CFG, params as init_params
 
 

@@ -1,4 +1,4 @@
-"""gptjax.sample: filters on hand-made distributions, the cached loop against a
+"""gptjax.inference.sampling: filters on hand-made distributions, the cached loop against a
 naive no-cache loop, sampling frequencies, stop tokens and exhaustive beam search."""
 
 import itertools
@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import model, sample
+from gptjax.models import gpt as model
+
+from gptjax.inference import sampling as sample
 from gptjax.config import ModelConfig
 
 CFG = ModelConfig(n_layers=2, d_model=24, n_heads=3, d_ff=40, vocab_size=31, max_len=40)

@@ -9,11 +9,16 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import encoder, seq2seq, seq2seq_decode
+from gptjax.models import bert as encoder
+
+from gptjax.models import transformer as seq2seq
+
+from gptjax.inference import decoding as seq2seq_decode
+from gptjax.config import PRESETS, Seq2SeqConfig, get_preset
 from tests.test_encoder import assert_grads_match_hf, hf_grads
 
 # Odd sizes; head_dim 7; 2 encoder and 3 decoder layers so the two depths cannot be swapped.
-CFG = seq2seq.Seq2SeqConfig(n_layers=2, n_decoder_layers=3, d_model=42, n_heads=6, d_ff=37,
+CFG = Seq2SeqConfig(n_layers=2, n_decoder_layers=3, d_model=42, n_heads=6, d_ff=37,
                             vocab_size=61, max_len=40, activation="swish")
 PAD, START, EOS = 0, 0, 1
 # Jitted once per shape: eager calls would recompile the layer scan every time.
@@ -242,18 +247,18 @@ def test_label_smoothed_loss_matches_optax_and_ignores_padding():
 
 def test_bad_configs_and_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="rotary"):
-        seq2seq.Seq2SeqConfig(pos_embedding="rope")
+        Seq2SeqConfig(pos_embedding="rope")
     with pytest.raises(ValueError, match="n_decoder_layers"):
-        seq2seq.Seq2SeqConfig(n_decoder_layers=0)
+        Seq2SeqConfig(n_decoder_layers=0)
     for eps in (-0.1, 1.0):
         with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
-            seq2seq.Seq2SeqConfig(label_smoothing=eps)
-    assert seq2seq.Seq2SeqConfig(label_smoothing=0.0).label_smoothing == 0.0
+            Seq2SeqConfig(label_smoothing=eps)
+    assert Seq2SeqConfig(label_smoothing=0.0).label_smoothing == 0.0
     with pytest.raises(ValueError, match="src_mask"):
         forward(CFG, _params(), _ints((2, 9), 0), _ints((2, 4), 1),
                         src_mask=jnp.ones((2, 8)))
-    with pytest.raises(ValueError, match="Unknown seq2seq preset"):
-        seq2seq.get_seq2seq_preset("transformer_huge")
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        get_preset("transformer_huge")
     with pytest.raises(ValueError, match="3 target rows cannot share 2 sources"):
         seq2seq.decode(CFG, _params(), _ints((3, 1), 0), {}, jnp.ones((2, 9), bool))
     with pytest.raises(ValueError, match="num_beams"):
@@ -278,8 +283,7 @@ def _marian_fixtures():
 def test_marian_export_is_the_exact_inverse_of_import(which):
     import torch
 
-    from gptjax import convert_family
-
+    from gptjax import hf_family as convert_family
     fx = _marian_fixtures()
     hf, hf_cfg = fx._hf_marian(*fx.MARIAN_SIZES[which])
     sd = fx._state_dict(hf)
@@ -300,8 +304,7 @@ def test_marian_export_is_the_exact_inverse_of_import(which):
 def test_translation_gradients_match_hf_marian():
     import torch
 
-    from gptjax import convert_family
-
+    from gptjax import hf_family as convert_family
     fx = _marian_fixtures()
     size = fx.MARIAN_SIZES[0]  # tied: one table for source, target and output
     hf, hf_cfg = fx._hf_marian(*size)
@@ -325,17 +328,16 @@ def test_translation_gradients_match_hf_marian():
     np.testing.assert_allclose(grads["final_logits_bias"], weights.sum((0, 1)), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(seq2seq.PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if type(c) is Seq2SeqConfig))
 def test_model_gin_file_equals_preset(name):
     import gin
 
-    from gptjax import main as cli
-
+    from gptjax.cli import main as cli
     fname = (name if name.startswith("transformer")
              else "transformer_" + name.replace("nano_transformer_", "nano_"))
     gin.clear_config()
     try:
         cli.parse_gin([f"models/{fname}.gin"], [])
-        assert seq2seq.Seq2SeqConfig() == seq2seq.PRESETS[name]
+        assert Seq2SeqConfig() == PRESETS[name]
     finally:
         gin.clear_config()

@@ -14,8 +14,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from gptjax import model
-from gptjax import sharding as S
+from gptjax.models import gpt as model
+from gptjax.parallel import mesh as S
 from gptjax.config import ModelConfig
 
 CFG = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=128, max_len=32)

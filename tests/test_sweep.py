@@ -12,9 +12,9 @@ import gin
 import numpy as np
 import pytest
 
-from gptjax import main as main_lib
-from gptjax import sweep as sw
-from gptjax.metrics import read_metrics
+from gptjax.cli import main as main_lib
+from gptjax.research import sweep as sw
+from gptjax.training.metrics import read_metrics
 
 
 def test_expand_grid_times_zip_in_file_order():

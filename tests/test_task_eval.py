@@ -17,10 +17,21 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import encoder, model, sample, seq2seq, seq2seq_decode, task_eval
+from gptjax.models import bert as encoder
+
+from gptjax.models import gpt as model
+
+from gptjax.inference import sampling as sample
+
+from gptjax.models import transformer as seq2seq
+
+from gptjax.inference import decoding as seq2seq_decode
+
+from gptjax.evals import exact_match as task_eval
 from gptjax.config import ModelConfig
 from gptjax.data import numbers
 from gptjax.data.tokenizer import CharTokenizer, train_sentencepiece
+from gptjax.config import EncoderConfig, Seq2SeqConfig, get_preset
 
 TASK, MAX, SEQ = "numbers", 1000, 36  # sources up to 27 chars, targets up to 3 digits
 TOK = CharTokenizer.from_texts(numbers.texts(TASK, "all", MAX))
@@ -30,8 +41,8 @@ SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=48, vocab_size=V, max_len=4
              tie_embeddings=False)
 CONFIGS = {
     "decoder": ModelConfig(**SMALL),
-    "encoder": encoder.EncoderConfig(**SMALL),
-    "seq2seq": seq2seq.Seq2SeqConfig(**SMALL, n_decoder_layers=3),
+    "encoder": EncoderConfig(**SMALL),
+    "seq2seq": Seq2SeqConfig(**SMALL, n_decoder_layers=3),
 }
 INITS = {"decoder": model.init_params, "encoder": encoder.init_params,
          "seq2seq": seq2seq.init_params}
@@ -165,7 +176,7 @@ def test_nano_encoder_decoder_learns_number_words():
     """
     tok = train_sentencepiece(numbers.texts(TASK, "train"), 400, num_threads=1)
     seq_len = numbers.min_seq_len("seq2seq", TASK, tok)
-    cfg = seq2seq.get_seq2seq_preset("nano_transformer_tiny", vocab_size=tok.vocab_size,
+    cfg = get_preset("nano_transformer_tiny", vocab_size=tok.vocab_size,
                                      max_len=seq_len)
     train_iter, _ = numbers.make_task_datasets(TASK, "seq2seq", tok, seq_len, BATCH)
     # The rbg generator: threefry's init compiles ~3x slower on CPU, for the same distribution.

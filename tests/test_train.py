@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint as ckpt_lib
-from gptjax import sharding
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
-from gptjax.loop import TrainingDivergedError, train
-from gptjax.metrics import read_metrics
-from gptjax.optimizer import OptimizerConfig
-from gptjax.train import TrainConfig, make_trainer
+from gptjax.training.loop import TrainingDivergedError, train
+from gptjax.training.metrics import read_metrics
+from gptjax.training.optimizer import OptimizerConfig
+from gptjax.training.step import TrainConfig, make_trainer
 
 MODEL = ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=300, max_len=32)
 ONE_DEVICE = sharding.MeshConfig(shape={"data": 1, "fsdp": 1, "tensor": 1})
@@ -111,7 +111,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(corpus, tm
     steps = manager.all_steps()
     manager.close()
     assert steps, "the checkpoints written before the divergence are kept"
-    from gptjax.workdir import load_run
+    from gptjax.training.workdir import load_run
     _, params, _, _, step = load_run(workdir)
     assert step == max(steps)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
@@ -124,8 +124,8 @@ def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(corpus,
     params exactly, and the run trains on to the end."""
     from jax.experimental import io_callback
 
-    from gptjax import train as train_lib
-    from gptjax.train import abstract_state
+    from gptjax.training import step as train_lib
+    from gptjax.training.step import abstract_state
     calls = {"n": 0}
 
     def overflow_now():
@@ -175,7 +175,7 @@ def test_tokens_per_s_at_an_eval_step_excludes_the_eval(corpus, tmp_path, monkey
     counting the eval would cap it at batch * seq_len / 2 s."""
     import time
 
-    from gptjax import loop
+    from gptjax.training import loop
     real = loop.evaluate
 
     def slow_evaluate(*args, **kw):
@@ -230,7 +230,7 @@ def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
 
 
 def test_batch_ramp_masks_rows_and_grows_to_full():
-    from gptjax.loop import BatchRamp, mask_padding
+    from gptjax.training.loop import BatchRamp, mask_padding
     train_cfg = TrainConfig(batch_size=8, seq_len=4)
     ramp = BatchRamp(OptimizerConfig(batch_ramp_tokens=64, batch_ramp_start=8), train_cfg)
     rows = [ramp.rows(s) for s in range(8)]
@@ -250,9 +250,9 @@ def test_batch_ramp_start_logs_the_true_loss_under_accumulation(corpus, tmp_path
     """A ramp of 2 rows with 4 microbatches used to log (and descend) half the loss; the
     logged loss must be the mean over the 2 real rows, the data they hold the iterator's
     first 2 windows, and tokens_trained count those rows only."""
-    from gptjax import family
+    from gptjax.models import family
     from gptjax.data.config import workdir_tokenizer
-    from gptjax.loop import run_datasets
+    from gptjax.training.loop import run_datasets
     cfgs = _configs(corpus, tmp_path, steps=4, log_every=1, eval_every=100)
     cfgs["opt_cfg"] = OptimizerConfig(peak_lr=3e-3, warmup_steps=2, grad_accum_steps=4,
                                       batch_ramp_tokens=10**6, batch_ramp_start=2 * 16)

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import family
-from gptjax import finetune as ft
+from gptjax.models import family
+from gptjax.research import finetune as ft
 from gptjax.rlhf import ppo, reward, sft
-from gptjax.train import family_objective, make_update, weighted_loss_and_grads
+from gptjax.training.step import family_objective, make_update, weighted_loss_and_grads
 from tests.rlhf_fixtures import CFG, TOK, params
 
 ACCUM = (1, 2, 4)
@@ -122,8 +122,8 @@ def test_ppo_minibatch_loss_is_token_weighted_with_ptx():
 def test_trainers_thread_grad_accum_steps_into_their_steps():
     """The jitted steps of the reward model and fine-tuning really accumulate: one step with 1
     and with 4 microbatches gives the same loss and gradient norm on a ragged batch."""
-    from gptjax import sharding
-    from gptjax.train import TrainState
+    from gptjax.parallel import mesh as sharding
+    from gptjax.training.step import TrainState
     mesh, rules = sft.stage_mesh(sharding.MeshConfig(shape={"data": 1}))
     b, k, t = 8, 2, 12
     mask = _ragged_mask(b * k, t, 3).reshape(b, k, t)

@@ -6,14 +6,14 @@ nb([
 ("md", """# 01 · Quickstart: train a small GPT, watch the loss, sample
 
 A nano GPT trained on the Python standard library source (offline, on any machine), using the
-same `gptjax.loop.train` that `gptjax train` runs. Default size: a couple of minutes on a laptop
+same `gptjax.training.loop.train` that `gptjax train` runs. Default size: a couple of minutes on a laptop
 CPU. On a Colab GPU/TPU runtime raise `STEPS` and the model size."""),
 ("code", COLAB),
 ("code", """import os, tempfile
 import matplotlib.pyplot as plt
-from gptjax import main as cli
-from gptjax.loop import train
-from gptjax.metrics import read_metrics
+from gptjax.cli import main as cli
+from gptjax.training.loop import train
+from gptjax.training.metrics import read_metrics
 
 STEPS = int(os.environ.get("GPTJAX_NOTEBOOK_STEPS", 200))  # the test suite sets a small value
 WORKDIR = tempfile.mkdtemp(prefix="gptjax_quickstart_")
@@ -30,8 +30,8 @@ plt.xlabel("step"); plt.ylabel("train loss (nats/token)"); plt.title("quickstart
 plt.show()"""),
 ("md", "Sample from the trained model: the same code path as `gptjax sample --workdir=...`."),
 ("code", """import jax, numpy as np
-from gptjax import sample
-from gptjax.workdir import load_run
+from gptjax.inference import sampling as sample
+from gptjax.training.workdir import load_run
 
 cfg, params, tokenizer, configs, step = load_run(WORKDIR)
 prompt = tokenizer.encode("def ")
@@ -50,7 +50,9 @@ what the sampling knobs do to a distribution. Everything here runs on a tiny ran
 ("code", COLAB),
 ("code", """import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
-from gptjax import attention, model, sample
+from gptjax.models import attention
+from gptjax.models import gpt as model
+from gptjax.inference import sampling as sample
 from gptjax.config import ModelConfig
 
 cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=97, max_len=64)
@@ -65,7 +67,7 @@ fig, axes = plt.subplots(1, 3, figsize=(10, 3.5))
 for ax, m, title in zip(axes, (dense, banded, padded), ("causal", "banded (window 6)", "left-padded")):
     ax.imshow(np.asarray(m), cmap="Blues"); ax.set_title(title); ax.set_xlabel("key"); ax.set_ylabel("query")
 plt.tight_layout(); plt.show()"""),
-("md", "## Attention probabilities of one head\nComputed with the readable einsum path of `gptjax.attention`."),
+("md", "## Attention probabilities of one head\nComputed with the readable einsum path of `gptjax.models.attention`."),
 ("code", """p = jax.tree.map(lambda a: a[0], params["h"])           # layer 0
 x = model.layer_norm(p["ln_1"], model.embed(cfg, params, tokens, jnp.arange(24)[None]), 1e-5)
 qkv = jnp.einsum("btd,dcnh->btcnh", x, p["attn"]["c_attn"]["kernel"]) + p["attn"]["c_attn"]["bias"]
@@ -113,8 +115,8 @@ A sweep is a gin file naming a base experiment, the axes that vary and the seeds
 ("code", COLAB),
 ("code", """import os, tempfile
 import gin
-from gptjax import main as cli, sweep as sweep_lib
-
+from gptjax.cli import main as cli
+from gptjax.research import sweep as sweep_lib
 STEPS = int(os.environ.get("GPTJAX_NOTEBOOK_STEPS", 120))  # the test suite sets a small value
 SEEDS = [0] if STEPS < 50 else [0, 1]
 cli.parse_gin(["sweeps/ln_placement.gin"], [f"Sweep.seeds = {SEEDS}"])

@@ -19,8 +19,8 @@ the numbers are then noise, not results."""),
 ("code", """import os, tempfile
 import jax, numpy as np
 import matplotlib.pyplot as plt
-from gptjax import main as cli
-from gptjax.metrics import read_metrics
+from gptjax.cli import main as cli
+from gptjax.training.metrics import read_metrics
 from gptjax.rlhf import chat, pipeline, ppo, reward, sft, tasks  # registers the gin configurables
 
 STEPS = int(os.environ.get("GPTJAX_NOTEBOOK_STEPS", 0))  # 0: the quickstart's own sizes

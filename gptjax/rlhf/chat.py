@@ -20,7 +20,7 @@ from typing import TextIO
 import jax
 import numpy as np
 
-from gptjax import sample
+from gptjax.inference import sampling as sample
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
 

@@ -18,11 +18,11 @@ import gin
 import jax
 import numpy as np
 
-from gptjax import metrics as metrics_lib
-from gptjax import sharding
-from gptjax.optimizer import OptimizerConfig, make_optimizer
+from gptjax.training import metrics as metrics_lib
+from gptjax.parallel import mesh as sharding
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.rlhf import chat, ppo, reward, sft, tasks
-from gptjax.train import TrainConfig, TrainState
+from gptjax.training.step import TrainConfig, TrainState
 
 log = logging.getLogger("gptjax")
 

@@ -27,11 +27,15 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from gptjax import family, model, sharding
+from gptjax.models import family
+
+from gptjax.models import gpt as model
+
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
-from gptjax.optimizer import make_optimizer
+from gptjax.training.optimizer import make_optimizer
 from gptjax.rlhf import chat, losses, reward
-from gptjax.train import TrainState, make_update
+from gptjax.training.step import TrainState, make_update
 
 log = logging.getLogger("gptjax")
 

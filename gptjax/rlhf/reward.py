@@ -27,14 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptjax import checkpoint as ckpt_lib
-from gptjax import metrics as metrics_lib
-from gptjax import model, sharding
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.training import metrics as metrics_lib
+from gptjax.models import gpt as model
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
-from gptjax.optimizer import OptimizerConfig, make_optimizer
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.rlhf import chat, losses, sft, tasks
-from gptjax.train import TrainState, make_update
+from gptjax.training.step import TrainState, make_update
 
 log = logging.getLogger("gptjax")
 

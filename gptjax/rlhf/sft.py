@@ -27,17 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from gptjax import checkpoint as ckpt_lib
-from gptjax import metrics as metrics_lib
-from gptjax import sharding
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.training import metrics as metrics_lib
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.pipeline import encode_documents, pack_windows
 from gptjax.data.tokenizer import Tokenizer, check_vocab
-from gptjax.optimizer import OptimizerConfig
+from gptjax.training.optimizer import OptimizerConfig
 from gptjax.rlhf import chat, tasks
-from gptjax.train import TrainConfig, TrainState, make_trainer
-from gptjax.workdir import load_run
+from gptjax.training.step import TrainConfig, TrainState, make_trainer
+from gptjax.training.workdir import load_run
 
 log = logging.getLogger("gptjax")
 
@@ -167,7 +167,7 @@ def _train(trainer, state, batch_iter, n_steps: int, writer, prefix: str, log_ev
 
 @functools.partial(jax.jit, static_argnums=0)
 def _masked_loss_sum(cfg: ModelConfig, params, batch: dict) -> jax.Array:
-    from gptjax.train import loss_fn
+    from gptjax.training.step import loss_fn
     return loss_fn(cfg, params, batch) * batch["loss_mask"].sum()
 
 

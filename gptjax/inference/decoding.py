@@ -1,4 +1,4 @@
-"""Cached greedy and beam decoding for the encoder–decoder (`gptjax.seq2seq`).
+"""Cached greedy and beam decoding for the encoder–decoder (`gptjax.models.transformer`).
 
 Cross-attention K/V are a function of the source alone, so they are computed
 once per source (`prepare`); `greedy` and `beam_search` reuse them at every
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from gptjax import seq2seq
-from gptjax.sample import check_length_penalty_kind, length_normalised
-from gptjax.seq2seq import Params, Seq2SeqConfig
+from gptjax.models import transformer as seq2seq
+from gptjax.inference.sampling import check_length_penalty_kind, length_normalised
+from gptjax.models.transformer import Params, Seq2SeqConfig
 
 
 def init_cache(cfg: Seq2SeqConfig, batch: int, max_len: int) -> dict:

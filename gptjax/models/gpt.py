@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptjax import attention as attn_lib
+from gptjax.models import attention as attn_lib
 from gptjax.config import ModelConfig, is_local_layer
-from gptjax.logical import constrain
+from gptjax.parallel.logical import constrain
 
 Params = dict[str, Any]
 

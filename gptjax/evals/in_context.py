@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptjax import model
+from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
 
@@ -388,8 +388,8 @@ def split_perplexity(cfg: ModelConfig, params, tokenizer: Tokenizer, configs: di
                      max_batches: int = 50) -> dict:
     """Loss and perplexity of a trained run on its own data's split, in its family's
     objective (next token, masked LM or target given source; the training loop's eval)."""
-    from gptjax import family
-    from gptjax.loop import run_datasets
+    from gptjax.models import family
+    from gptjax.training.loop import run_datasets
 
     if split not in ("validation", "train"):
         raise ValueError(f"--split must be 'validation' or 'train', got {split!r}.")

@@ -1,6 +1,6 @@
 """The encoder–decoder Transformer (Vaswani et al. 2017) on the decoder's pieces.
 
-The encoder is `gptjax.encoder`'s bidirectional stack; the decoder layer adds
+The encoder is `gptjax.models.bert`'s bidirectional stack; the decoder layer adds
 one sublayer to GPT's: causal self-attention, then cross-attention whose
 queries come from the decoder and whose keys/values come from the encoder
 output, then the MLP. Source and target share one embedding table (scaled by
@@ -10,7 +10,7 @@ the tied output projection, plus Marian's `final_logits_bias`.
 Params: `wte`, `encoder/h` (the encoder's layers), `decoder/h` (with
 `ln_cross` and `cross_attn/{q,kv,c_proj}`), `final_logits_bias`, and for
 pre-LN an `ln_f` per stack. Cross-attention K/V are a function of the source
-alone (`all_cross_kv`), so cached decoding (`gptjax.seq2seq_decode`: `greedy`,
+alone (`all_cross_kv`), so cached decoding (`gptjax.inference.decoding`: `greedy`,
 `beam_search`) computes them once per source and reuses them at every step.
 
 Shape letters: B batch, S source, T target, D model, N heads, H head dim,
@@ -27,78 +27,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from gptjax import attention as attn_lib
-from gptjax import encoder, model
-from gptjax.config import ModelConfig
-from gptjax.logical import constrain
+from gptjax.models import attention as attn_lib
+from gptjax.models import bert as encoder
+from gptjax.models import gpt as model
+from gptjax.config import ModelConfig, Seq2SeqConfig
+from gptjax.parallel.logical import constrain
 
 Params = model.Params
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig(ModelConfig):
-    """A `ModelConfig` for the encoder–decoder; `n_layers` is the encoder's depth.
-
-    Attributes (beyond ModelConfig):
-      n_decoder_layers: decoder depth (None: same as the encoder).
-      activation: MLP nonlinearity (`encoder.ACTIVATIONS`; the paper: relu).
-      scale_embedding: multiply token embeddings by sqrt(d_model) (paper, Marian).
-      label_smoothing: the training loss's eps_ls in [0, 1) (the paper: 0.1).
-    """
-
-    ln_placement: str = "post"
-    pos_embedding: str = "sinusoidal"
-    n_decoder_layers: int | None = None
-    activation: str = "relu"
-    scale_embedding: bool = True
-    label_smoothing: float = 0.1
-
-    def __post_init__(self):
-        super().__post_init__()
-        encoder.check_activation(self.activation)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
-        if self.pos_embedding not in ("sinusoidal", "learned"):
-            raise ValueError("seq2seq positions are 'sinusoidal' or 'learned', got "
-                             f"{self.pos_embedding!r} (rotary has no meaning across attention).")
-        if self.attention != "dense":
-            raise ValueError(f"seq2seq attention must be 'dense', got {self.attention!r}.")
-        if self.decoder_layers <= 0:
-            raise ValueError(f"n_decoder_layers must be positive, got {self.n_decoder_layers}.")
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
-
-    @property
-    def embed_scale(self) -> float:
-        return math.sqrt(self.d_model) if self.scale_embedding else 1.0
-
-
-PRESETS: dict[str, Seq2SeqConfig] = {
-    # Transformer base (Vaswani et al. 2017, Table 3): 6+6 layers, 512 wide, 8 heads, d_ff
-    # 2048, P_drop 0.1, a shared 37k BPE vocabulary.      63,119,496 params (paper: 65M)
-    "transformer_base": Seq2SeqConfig(n_layers=6, d_model=512, n_heads=8, d_ff=2048,
-                                      vocab_size=37000, max_len=512, embd_dropout=0.1,
-                                      attn_dropout=0.1, resid_dropout=0.1),
-    "transformer_big": Seq2SeqConfig(n_layers=6, d_model=1024, n_heads=16, d_ff=4096,
-                                     vocab_size=37000, max_len=512, embd_dropout=0.3,
-                                     attn_dropout=0.3, resid_dropout=0.3),  # 214,282,376
-    # Nano sizes for CPU work and tests.
-    "nano_transformer_tiny": Seq2SeqConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256,
-                                           vocab_size=4096, max_len=128),  # 499,712
-    "nano_transformer_small": Seq2SeqConfig(n_layers=3, d_model=128, n_heads=4, d_ff=512,
-                                            vocab_size=4096, max_len=256),  # 1,916,928
-}
-
-
-@gin.configurable
-def get_seq2seq_preset(name: str, **overrides) -> Seq2SeqConfig:
-    """A seq2seq preset by name, with optional field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown seq2seq preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
 def _decoder_cfg(cfg: Seq2SeqConfig) -> Seq2SeqConfig:

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptjax import family as family_lib
+from gptjax.models import family as family_lib
 from gptjax.config import ModelConfig, is_local_layer
 
 log = logging.getLogger(__name__)

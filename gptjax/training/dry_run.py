@@ -11,9 +11,9 @@ import time
 import jax
 import numpy as np
 
-from gptjax import metrics as metrics_lib
-from gptjax import sharding
-from gptjax.train import TrainConfig, Trainer, abstract_state
+from gptjax.training import metrics as metrics_lib
+from gptjax.parallel import mesh as sharding
+from gptjax.training.step import TrainConfig, Trainer, abstract_state
 
 _GIB = 1024 ** 3
 

@@ -34,9 +34,9 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax import family
+from gptjax.models import family
 from gptjax.config import ModelConfig
-from gptjax.logical import (BATCH_AXES, LOGICAL_AXES, MESH_AXES, PRESETS, Rules,  # noqa: F401
+from gptjax.parallel.logical import (BATCH_AXES, LOGICAL_AXES, MESH_AXES, PRESETS, Rules,  # noqa: F401
                             _as_rules, active_rules, constrain, logical_axis_rules,
                             logical_to_spec, use_mesh)
 

@@ -29,7 +29,7 @@ def init_distributed(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from gptjax.loop import train
+    from gptjax.training.loop import train
     summary = train(args.workdir, stop_after=args.stop_after, dry_run=args.dry_run)
     if not args.dry_run:
         print(f"done: step {summary['end_step']}, train loss {summary.get('train/loss', 'n/a')}, "
@@ -43,9 +43,9 @@ def cmd_sample(args) -> None:
     import jax
     import numpy as np
 
-    from gptjax import sample
-    from gptjax.family import family_of
-    from gptjax.workdir import load_run
+    from gptjax.inference import sampling as sample
+    from gptjax.models.family import family_of
+    from gptjax.training.workdir import load_run
 
     cfg, params, tokenizer, _, step = load_run(args.workdir)
     if family_of(cfg) != "decoder":
@@ -77,8 +77,8 @@ def _sample_family(args, cfg, params, tokenizer, step) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from gptjax import seq2seq_decode
-    from gptjax.family import family_of
+    from gptjax.inference import decoding as seq2seq_decode
+    from gptjax.models.family import family_of
     if family_of(cfg) == "encoder":
         raise ValueError("an encoder-only model (BERT) does not generate text; fine-tune it with "
                          "`gptjax finetune` or score it with `gptjax eval`.")
@@ -102,8 +102,8 @@ def cmd_eval(args) -> None:
     import numpy as np
 
     from gptjax.data.pipeline import make_datasets
-    from gptjax.train import loss_fn
-    from gptjax.workdir import load_run
+    from gptjax.training.step import loss_fn
+    from gptjax.training.workdir import load_run
 
     cfg, params, tokenizer, configs, step = load_run(args.workdir)
     train_cfg, data_cfg = configs["train"], configs["data"]
@@ -139,9 +139,9 @@ def cmd_prepare(args) -> None:
 
 def cmd_convert(args) -> None:
     """Import a Hugging Face GPT-2 directory as a gptjax workdir checkpoint, or export one."""
-    from gptjax import convert
+    from gptjax import hf as convert
     if args.export_to:
-        from gptjax.workdir import load_run
+        from gptjax.training.workdir import load_run
         cfg, params, _, _, _ = load_run(args.workdir)
         convert.save_hf_gpt2(args.export_to, cfg, jax_to_numpy(params))
         print(f"wrote {args.export_to}/config.json and model.safetensors")
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate text from a trained workdir")
     common(s)
     sampling(s)
-    if importlib.util.find_spec("gptjax.research_cli") is None:  # else it defines a fuller eval
+    if importlib.util.find_spec("gptjax.cli.research") is None:  # else it defines a fuller eval
         e = sub.add_parser("eval", help="validation loss and perplexity of a workdir")
         common(e)
         e.add_argument("--batch_size", type=int, default=16)
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add subcommands: each has `register(subparsers, common, sampling) -> {name: fn}`
 # where `common(parser, workdir=True)` adds the shared flags and `sampling(parser)` the
 # sampler's, and each fn takes the parsed args.
-PLUGINS = ("gptjax.research_cli", "gptjax.rlhf.cli")
+PLUGINS = ("gptjax.cli.research", "gptjax.cli.rlhf")
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
             "tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "convert": cmd_convert}
@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     # gin logs every search-path miss of an `include` at warning level; they are expected.
     logging.getLogger().addFilter(
         lambda r: not str(r.msg).startswith(("Path not found", "system_path_file_exists")))
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.loop import TrainingDivergedError
+    from gptjax.training.checkpoint import CheckpointError
+    from gptjax.training.loop import TrainingDivergedError
     try:
         parse_gin(args.gin_file, args.gin_bindings)
         init_distributed(args)

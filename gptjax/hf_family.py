@@ -1,6 +1,6 @@
 """BERT and Marian weights from/to the Hugging Face layout (GPT-2's relatives).
 
-Same conventions as `gptjax.convert`: numpy state dicts keyed by Hugging Face
+Same conventions as `gptjax.hf`: numpy state dicts keyed by Hugging Face
 names and a dict of the HF config's fields. Unlike GPT-2's Conv1D, these models
 use `nn.Linear`, whose weights are stored (out, in): every kernel is a
 transpose, and attention kernels are split into heads, `(D, N, H)`.
@@ -13,11 +13,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from gptjax.convert import _get, _np
+from gptjax.hf import _get, _np
 
 # ------------------------------------------------- BERT and Marian (shared pieces)
 
-# Hugging Face activation names -> `gptjax.encoder.ACTIVATIONS` keys.
+# Hugging Face activation names -> `gptjax.models.bert.ACTIVATIONS` keys.
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "relu": "relu", "swish": "swish", "silu": "swish"}
 _OUR_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",
@@ -119,7 +119,7 @@ _BERT_HEAD = (("mlm/dense", "cls.predictions.transform.dense", "dense"),
 
 def from_hf_bert(state_dict: dict, hf_config: dict):
     """(EncoderConfig, params) from a Hugging Face `BertForMaskedLM` state dict."""
-    from gptjax.encoder import EncoderConfig
+    from gptjax.config import EncoderConfig
 
     if hf_config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError("only absolute (learned) BERT position embeddings are supported.")
@@ -204,7 +204,7 @@ def _same(hf_config: dict, a: str, b: str):
 
 def _check_sinusoidal(table: np.ndarray, key: str) -> None:
     """Our positions are computed, not stored: refuse a table they would not reproduce."""
-    from gptjax.model import sinusoidal
+    from gptjax.models.gpt import sinusoidal
 
     ours = np.asarray(sinusoidal(np.arange(table.shape[0])[None], table.shape[1]))[0]
     if not np.allclose(ours, table, atol=1e-5):
@@ -220,7 +220,7 @@ def from_hf_marian(state_dict: dict, hf_config: dict):
     output, and a `final_logits_bias`. Its `activation_dropout` has no
     counterpart here (irrelevant for inference and parity).
     """
-    from gptjax.seq2seq import Seq2SeqConfig
+    from gptjax.config import Seq2SeqConfig
 
     if not hf_config.get("share_encoder_decoder_embeddings", True):
         raise ValueError("gptjax's seq2seq shares one source/target embedding; this Marian "
@@ -274,7 +274,7 @@ def to_hf_marian(cfg, params: dict, *, pad_id: int = 0, eos_id: int = 1) -> tupl
     Applied to a gradient tree, it gives each HF key its gradient: a tied HF
     tensor's gradient is the sum over its uses, which is ours for `wte`.
     """
-    from gptjax.model import sinusoidal
+    from gptjax.models.gpt import sinusoidal
 
     if ((cfg.ln_placement, cfg.pos_embedding, cfg.layer_norm_eps) != ("post", "sinusoidal", 1e-5)
             or cfg.d_model % 2):

@@ -23,7 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import encoder, sample, seq2seq_decode
+from gptjax.models import bert as encoder
+
+from gptjax.inference import sampling as sample
+
+from gptjax.inference import decoding as seq2seq_decode
 from gptjax.data import numbers
 
 
@@ -102,7 +106,7 @@ def predict(family: str, cfg, params, tokenizer, srcs: Sequence[str], *, task: s
     """Greedy predictions (text) of a trained ``family`` model for the task's sources.
 
     Args:
-      family: 'decoder' (``gptjax.model``), 'encoder' (``gptjax.encoder``) or 'seq2seq'.
+      family: 'decoder' (``gptjax.models.gpt``), 'encoder' (``gptjax.models.bert``) or 'seq2seq'.
       cfg, params: the model; ``cfg.vocab_size`` must hold the tokenizer's ids.
       srcs: source texts (e.g. ``[src for src, _ in numbers.pairs(task, 'validation')]``).
       task, max_number: fix ``tgt_len`` (and the decoder's prompt width) as in training.

@@ -1,7 +1,7 @@
 """Three model families on one training path: decoder (GPT), encoder (BERT), seq2seq.
 
 The config's type picks the family — `ModelConfig` (decoder-only GPT),
-`encoder.EncoderConfig` (BERT) or `seq2seq.Seq2SeqConfig` (the original
+`EncoderConfig` (BERT) or `Seq2SeqConfig` (the original
 Transformer) — and this module maps each to its init, logical axes, training
 loss and eval sums, so `train.py`, `sharding.py` and the loop stay
 family-agnostic. In gin, pick one with `model_config.family = 'encoder'` and
@@ -30,19 +30,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import encoder, model, seq2seq, seq2seq_decode
+from gptjax.models import bert as encoder
+
+from gptjax.models import gpt as model
+
+from gptjax.models import transformer as seq2seq
+
+from gptjax.inference import decoding as seq2seq_decode
 from gptjax.config import ModelConfig
+from gptjax.config import EncoderConfig, Seq2SeqConfig
 
 FAMILIES = ("decoder", "encoder", "seq2seq")
-_CLASSES = {"decoder": ModelConfig, "encoder": encoder.EncoderConfig,
-            "seq2seq": seq2seq.Seq2SeqConfig}
+_CLASSES = {"decoder": ModelConfig, "encoder": EncoderConfig,
+            "seq2seq": Seq2SeqConfig}
 
 
 def family_of(cfg: ModelConfig) -> str:
     """'seq2seq', 'encoder' or 'decoder', from the config's type."""
-    if isinstance(cfg, seq2seq.Seq2SeqConfig):
+    if isinstance(cfg, Seq2SeqConfig):
         return "seq2seq"
-    if isinstance(cfg, encoder.EncoderConfig):
+    if isinstance(cfg, EncoderConfig):
         return "encoder"
     return "decoder"
 

@@ -143,31 +143,31 @@ def to_hf_gpt2(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------- BERT and Marian (convert_family)
-# The maps live in `gptjax.convert_family`, which builds on this file's helpers;
+# The maps live in `gptjax.hf_family`, which builds on this file's helpers;
 # these forwarders keep one import point without an import cycle.
 
 
 def from_hf_bert(state_dict: dict, hf_config: dict):
     """(EncoderConfig, params) from a Hugging Face `BertForMaskedLM` state dict."""
-    from gptjax import convert_family
+    from gptjax import hf_family as convert_family
     return convert_family.from_hf_bert(state_dict, hf_config)
 
 
 def to_hf_bert(cfg, params: dict) -> tuple[dict, dict]:
     """(state_dict, hf_config) for `BertForMaskedLM`; exact inverse of `from_hf_bert`."""
-    from gptjax import convert_family
+    from gptjax import hf_family as convert_family
     return convert_family.to_hf_bert(cfg, params)
 
 
 def from_hf_marian(state_dict: dict, hf_config: dict):
     """(Seq2SeqConfig, params) from a Hugging Face `MarianMTModel` state dict."""
-    from gptjax import convert_family
+    from gptjax import hf_family as convert_family
     return convert_family.from_hf_marian(state_dict, hf_config)
 
 
 def to_hf_marian(cfg, params: dict, *, pad_id: int = 0, eos_id: int = 1) -> tuple[dict, dict]:
     """(state_dict, hf_config) for `MarianMTModel`; exact inverse of `from_hf_marian`."""
-    from gptjax import convert_family
+    from gptjax import hf_family as convert_family
     return convert_family.to_hf_marian(cfg, params, pad_id=pad_id, eos_id=eos_id)
 
 

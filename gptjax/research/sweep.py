@@ -18,7 +18,7 @@ cleared and re-parsed per run) or one subprocess each; `--print_commands` prints
 lines for a cluster scheduler instead. Finished runs are kept, so a sweep resumes. Outputs:
 `W/results.csv` (a row per variant: seed mean, std, Welch p-value vs the baseline), `W/runs.csv`
 (a row per run) and `W/*.png`. With `Sweep.finetune`, every trained run is then fine-tuned on
-each named task (`gptjax.finetune`, in `<run>/finetune_<task>/`) and the accuracy becomes the
+each named task (`gptjax.research.finetune`, in `<run>/finetune_<task>/`) and the accuracy becomes the
 metric `finetune/<task>`.
 """
 
@@ -40,11 +40,11 @@ from typing import Any, Sequence
 import gin
 import numpy as np
 
-from gptjax.sweep_stats import (betainc, fit_power_law, plot_curves, plot_final,  # noqa: F401
+from gptjax.research.stats import (betainc, fit_power_law, plot_curves, plot_final,  # noqa: F401
                                 plot_scaling, t_two_sided_p, welch_t_test)
 
 from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin  # noqa: E402
-from gptjax.finetune import TASKS as FINETUNE_TASKS  # noqa: E402  (registers FinetuneConfig early)
+from gptjax.research.finetune import TASKS as FINETUNE_TASKS  # noqa: E402  (registers FinetuneConfig early)
 _BINDING_KEY = re.compile(r"^[A-Za-z_][\w.]*(/[\w.]+)*$")
 
 
@@ -220,7 +220,7 @@ def run_one(base: str, bindings: Sequence[str], run_workdir: str, subprocess_mod
             raise ValueError(f"run in {run_workdir} failed (exit {done.returncode}): "
                              f"{shlex.join(argv)}")
         return
-    from gptjax.loop import train
+    from gptjax.training.loop import train
 
     try:
         parse_experiment(base, bindings)
@@ -257,7 +257,7 @@ def finetune_dir(run_workdir: str, task: str) -> str:
 def finetune_one(run_workdir: str, task: str, bindings: Sequence[str], seed: int, log=print
                  ) -> None:
     """Fine-tune a finished run on a GPT-1 task (kept if done before)."""
-    from gptjax.finetune import FinetuneConfig, finetune
+    from gptjax.research.finetune import FinetuneConfig, finetune
 
     out = finetune_dir(run_workdir, task)
     if os.path.exists(os.path.join(out, "summary.json")):
@@ -291,8 +291,8 @@ def print_commands(sweep: Sweep, workdir: str, extra_bindings: Sequence[str] = (
 
 def collect_run(run_workdir: str, metric: str, extra_metrics: Sequence[str] = ()) -> dict | None:
     """Final losses, throughput, size and curves of one run, from its metrics.jsonl."""
-    from gptjax import family
-    from gptjax.metrics import read_metrics
+    from gptjax.models import family
+    from gptjax.training.metrics import read_metrics
 
     rows = read_metrics(run_workdir)
     if not rows:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptjax import model
+from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 
 

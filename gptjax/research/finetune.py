@@ -46,10 +46,15 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from gptjax import encoder, model, seq2seq
+from gptjax.models import bert as encoder
+
+from gptjax.models import gpt as model
+
+from gptjax.models import transformer as seq2seq
 from gptjax.config import ModelConfig
-from gptjax.family import family_of
-from gptjax.train import make_update
+from gptjax.models.family import family_of
+from gptjax.training.step import make_update
+from gptjax.config import Seq2SeqConfig
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 
@@ -146,7 +151,7 @@ def extract_states(x_BCTD: Float[Array, "B C T D"],
 # --------------------------------------------------------------------- trunks
 
 
-def seq2seq_decoder_states(cfg: seq2seq.Seq2SeqConfig, params: dict, tokens_BT: Int[Array, "B T"],
+def seq2seq_decoder_states(cfg: Seq2SeqConfig, params: dict, tokens_BT: Int[Array, "B T"],
                            valid_BT, key: jax.Array | None = None) -> Float[Array, "B T D"]:
     """BART's classification pass: `tokens_BT` through the encoder (pads masked), then the
     same tokens teacher-forced through the causal decoder; the decoder's final states.
@@ -380,9 +385,9 @@ def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = 
     import orbax.checkpoint as ocp
 
     from gptjax.data.pipeline import corpus_texts
-    from gptjax.metrics import MetricWriter
-    from gptjax.optimizer import OptimizerConfig, make_optimizer
-    from gptjax.workdir import load_run
+    from gptjax.training.metrics import MetricWriter
+    from gptjax.training.optimizer import OptimizerConfig, make_optimizer
+    from gptjax.training.workdir import load_run
 
     ft = ft or FinetuneConfig()
     cfg, gpt_params, tokenizer, configs, step = load_run(pretrained_workdir)

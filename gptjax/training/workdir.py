@@ -11,11 +11,12 @@ import os
 
 import jax
 
-from gptjax import checkpoint as ckpt_lib
-from gptjax import family, sharding
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.models import family
+from gptjax.parallel import mesh as sharding
 from gptjax.data.config import DataConfig, workdir_tokenizer
-from gptjax.optimizer import OptimizerConfig
-from gptjax.train import TrainConfig, abstract_state, make_trainer
+from gptjax.training.optimizer import OptimizerConfig
+from gptjax.training.step import TrainConfig, abstract_state, make_trainer
 
 
 def load_configs(workdir: str) -> dict:

@@ -1,6 +1,6 @@
 """BERT: the encoder-only relative of GPT, on the decoder's own pieces.
 
-What differs from `gptjax.model` is small, and only that lives here:
+What differs from `gptjax.models.gpt` is small, and only that lives here:
 attention sees the whole sequence (a padding mask, never a causal one),
 embeddings add a token-type (segment) table and are LayerNormed, the MLP's
 activation is a config field (BERT uses the exact erf GELU, GPT the tanh
@@ -27,9 +27,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-from gptjax import model
-from gptjax.config import ModelConfig
-from gptjax.logical import constrain
+from gptjax.models import gpt as model
+from gptjax.config import ModelConfig, EncoderConfig, check_activation
+from gptjax.parallel.logical import constrain
 
 Params = model.Params
 
@@ -39,64 +39,6 @@ ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,  # Vaswani et al. 2017
     "swish": jax.nn.silu,  # Marian's default
 }
-
-
-def check_activation(name: str) -> None:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation={name!r} is not one of {tuple(ACTIVATIONS)}.")
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class EncoderConfig(ModelConfig):
-    """A `ModelConfig` for a bidirectional encoder; BERT's defaults.
-
-    Being a ModelConfig, it runs through the decoder's `self_attention`,
-    `run_layers`, `init_params` and sharding rules unchanged.
-
-    Attributes (beyond ModelConfig):
-      type_vocab_size: rows of the token-type (segment) table (BERT: 2).
-      activation: the MLP nonlinearity, a key of `ACTIVATIONS`.
-    """
-
-    ln_placement: str = "post"
-    layer_norm_eps: float = 1e-12
-    type_vocab_size: int = 2
-    activation: str = "gelu"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_activation(self.activation)
-        if self.type_vocab_size <= 0:
-            raise ValueError(f"type_vocab_size must be positive, got {self.type_vocab_size}.")
-        if self.attention != "dense":
-            raise ValueError("the encoder's attention is bidirectional; banded 'gpt3_sparse' "
-                             "layers are causal by construction "
-                             f"(got attention={self.attention!r}).")
-
-
-def _bert(n_layers, d_model, n_heads) -> EncoderConfig:
-    return EncoderConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=30522,
-                         max_len=512, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
-
-
-PRESETS: dict[str, EncoderConfig] = {
-    "bert_base": _bert(12, 768, 12),  # 109,514,298 params (BertForMaskedLM, tied)
-    "bert_large": _bert(24, 1024, 16),  # 335,174,458
-    # Nano sizes for CPU work and tests (vocab matches a 4k BPE tokenizer).
-    "nano_bert_tiny": EncoderConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=4096,
-                                    max_len=128),
-    "nano_bert_small": EncoderConfig(n_layers=4, d_model=128, n_heads=4, vocab_size=4096,
-                                     max_len=256),
-}
-
-
-@gin.configurable
-def get_encoder_preset(name: str, **overrides) -> EncoderConfig:
-    """An encoder preset by name, with optional field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown encoder preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
 # ----------------------------------------------------------------------------- init

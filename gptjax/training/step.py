@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import family, sharding
+from gptjax.models import family
+
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
-from gptjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
 
 # loss_fn(params, batch) -> (sums, weights, aux): see `weighted_loss_and_grads`.
 LossFn = Callable[[Any, dict], tuple[dict, dict, dict]]

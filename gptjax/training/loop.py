@@ -23,17 +23,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from gptjax import checkpoint as ckpt_lib
-from gptjax import family
-from gptjax import metrics as metrics_lib
-from gptjax import sample, sharding
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.models import family
+from gptjax.training import metrics as metrics_lib
+from gptjax.inference import sampling as sample
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig, workdir_tokenizer
 from gptjax.data import numbers
 from gptjax.data.pipeline import make_datasets
 from gptjax.data.tokenizer import check_vocab
-from gptjax.optimizer import OptimizerConfig, batch_size_at
-from gptjax.train import TrainConfig, Trainer, abstract_state, make_trainer
+from gptjax.training.optimizer import OptimizerConfig, batch_size_at
+from gptjax.training.step import TrainConfig, Trainer, abstract_state, make_trainer
 
 log = logging.getLogger("gptjax")
 
@@ -137,7 +138,7 @@ def run_datasets(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, train_
 def task_metrics(model_cfg: ModelConfig, params, tokenizer, data_cfg: DataConfig,
                  train_cfg: TrainConfig, n_examples: int) -> tuple[dict, str]:
     """Exact match of greedy decoding on validation examples of a seq2seq task, and a preview."""
-    from gptjax import task_eval
+    from gptjax.evals import exact_match as task_eval
     pairs = numbers.pairs(data_cfg.dataset, "validation", data_cfg.task_max_number)
     pairs = pairs[::max(1, len(pairs) // n_examples)][:n_examples]  # spread over the range
     kw = dict(task=data_cfg.dataset, seq_len=train_cfg.seq_len,
@@ -174,7 +175,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
         raise ValueError(f"TrainConfig.seq_len={train_cfg.seq_len} exceeds ModelConfig.max_len="
                          f"{model_cfg.max_len}.")
     if dry_run:
-        from gptjax.dry_run import report
+        from gptjax.training.dry_run import report
         return report(trainer, train_cfg)
 
     # Process 0 builds the dataset, tokenizer and token cache first; the others wait at the

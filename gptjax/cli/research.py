@@ -12,14 +12,12 @@ import os
 import sys
 from typing import Callable
 
-from gptjax import finetune as finetune_lib  # noqa: F401  (registers FinetuneConfig with gin)
-from gptjax import sweep as sweep_lib
-
-
+from gptjax.research import finetune as finetune_lib  # noqa: F401  (registers FinetuneConfig with gin)
+from gptjax.research import sweep as sweep_lib
 def cmd_eval(args) -> None:
     """Perplexity on the run's validation split, or few-shot accuracy on --task."""
-    from gptjax import evaluate
-    from gptjax.workdir import load_run
+    from gptjax.evals import in_context as evaluate
+    from gptjax.training.workdir import load_run
 
     cfg, params, tokenizer, configs, step = load_run(args.workdir)
     if not args.task:
