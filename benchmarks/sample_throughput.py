@@ -59,7 +59,7 @@ def roofline_tokens_s(cfg, batch: int, args) -> float:
     """Decode-step floor: every step reads all weights once plus the whole KV cache."""
     import numpy as np
 
-    from gptjax.config import param_count
+    from gptjax.models.family import param_count
     weight_bytes = param_count(cfg) * np.dtype(cfg.param_dtype).itemsize
     length = args.prompt_len + args.new_tokens
     mean_cache_bytes = (2 * cfg.n_layers * batch * cfg.d_model * np.dtype(cfg.dtype).itemsize

@@ -135,22 +135,6 @@ def is_local_layer(cfg: ModelConfig, layer: int) -> bool:
     return cfg.attention == "gpt3_sparse" and layer % 2 == 1
 
 
-def param_count(cfg: ModelConfig) -> int:
-    """Number of parameters, computed from the shapes alone (no arrays)."""
-    d, f, v, layers = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.n_layers
-    attn = d * 3 * d + 3 * d + d * d + d  # c_attn, c_proj (kernels + biases)
-    mlp = d * f + f + f * d + d  # c_fc, c_proj
-    norms = 2 * 2 * d  # ln_1, ln_2
-    total = layers * (attn + mlp + norms) + v * d
-    if cfg.pos_embedding == "learned":
-        total += cfg.max_len * d
-    if cfg.ln_placement == "pre":
-        total += 2 * d  # ln_f
-    if not cfg.tie_embeddings:
-        total += d * v
-    return total
-
-
 # ------------------------------------------------------------ the relatives
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swish")  # functions: gptjax.models.bert

@@ -95,3 +95,19 @@ def _to64(tree):
     if isinstance(tree, dict):
         return {k: _to64(v) for k, v in tree.items()}
     return np.asarray(tree, np.float64)
+
+
+def decoder_param_count(cfg) -> int:
+    """A GPT's parameters in closed form, an independent check of `family.param_count`."""
+    d, f, v, layers = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.n_layers
+    attn = d * 3 * d + 3 * d + d * d + d  # c_attn, c_proj (kernels + biases)
+    mlp = d * f + f + f * d + d  # c_fc, c_proj
+    norms = 2 * 2 * d  # ln_1, ln_2
+    total = layers * (attn + mlp + norms) + v * d
+    if cfg.pos_embedding == "learned":
+        total += cfg.max_len * d
+    if cfg.ln_placement == "pre":
+        total += 2 * d  # ln_f
+    if not cfg.tie_embeddings:
+        total += d * v
+    return total

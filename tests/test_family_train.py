@@ -24,6 +24,7 @@ from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, loss_fn
 from gptjax.training.workdir import load_run
 from gptjax.config import EncoderConfig, Seq2SeqConfig
+from tests.reference import decoder_param_count
 from tests.test_train import corpus  # noqa: F401  (the stdlib-files fixture)
 
 ENC = EncoderConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=300, max_len=32)
@@ -33,14 +34,16 @@ ALL_DEVICES = sharding.MeshConfig(shape={"data": 2, "fsdp": 2, "tensor": 2}, rul
 
 
 def test_family_of_and_model_config():
-    assert family.family_of(ModelConfig()) == "decoder"
-    assert family.family_of(ENC) == "encoder" and family.family_of(S2S) == "seq2seq"
+    assert family.family_of(ModelConfig()) is family.DECODER
+    assert family.family_of(ENC) is family.ENCODER and family.family_of(S2S) is family.SEQ2SEQ
     assert isinstance(family.model_config("seq2seq"), Seq2SeqConfig)
     with pytest.raises(ValueError, match="not one of"):
         family.model_config("rnn")
-    # param_count agrees with each module's own count
-    assert family.param_count(ENC) == encoder.param_count(ENC)
-    assert family.param_count(S2S) == encoder.param_count(S2S, seq2seq.init_params)
+    # param_count counts each family's own init
+    for cfg, init in ((ENC, encoder.init_params), (S2S, seq2seq.init_params)):
+        shapes = jax.eval_shape(lambda k, cfg=cfg, init=init: init(cfg, k), jax.random.key(0))
+        assert family.param_count(cfg) == sum(x.size for x in jax.tree.leaves(shapes))
+    assert family.param_count(ModelConfig()) == decoder_param_count(ModelConfig())
 
 
 def test_encoder_windows_are_bert_masked_and_the_loss_is_the_mlm_loss():
@@ -101,7 +104,7 @@ def test_loop_trains_resumes_and_reloads_each_family(corpus, tmp_path, cfg):
               if "train/loss" in r}
     assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
     assert np.isfinite(summary["eval/loss"]) and summary["sample"]
-    if family.family_of(cfg) == "encoder":  # masks are keyed by step: a resume is exact
+    if family.family_of(cfg) is family.ENCODER:  # masks are keyed by step: a resume is exact
         run(tmp_path / "b", stop_after=5)
         run(tmp_path / "b")
         resumed = {r["step"]: r["train/loss"] for r in read_metrics(str(tmp_path / "b"))
@@ -111,7 +114,7 @@ def test_loop_trains_resumes_and_reloads_each_family(corpus, tmp_path, cfg):
     loaded_cfg, params, *_ = load_run(str(tmp_path / "a"))
     assert loaded_cfg == cfg
     with open(tmp_path / "a" / "config.json") as f:
-        assert json.load(f)["family"] == family.family_of(cfg)
+        assert json.load(f)["family"] == family.family_of(cfg).name
     assert jax.tree.structure(params) == jax.tree.structure(
         family.init_params(cfg, jax.random.key(0)))
 
@@ -128,7 +131,7 @@ def test_the_study_families_are_matched_in_size(vocab):
             parse_gin(["models/families.gin"], [f"VOCAB = {vocab}", "MAX_LEN = 64",
                                                 f"model_config.family = {name!r}"])
             cfg = family.model_config()
-            assert family.family_of(cfg) == name
+            assert family.family_of(cfg).name == name
             counts[name] = family.param_count(cfg)
     finally:
         gin.clear_config()
@@ -158,7 +161,7 @@ def test_cli_trains_the_numbers_task_and_decodes_it(tmp_path, capsys):
                  "--max_new_tokens=6"]) in (0, None)
     assert "forty-two" in capsys.readouterr().out
     loaded_cfg, *_ = load_run(str(work))
-    assert family.family_of(loaded_cfg) == "seq2seq"
+    assert family.family_of(loaded_cfg) is family.SEQ2SEQ
     from gptjax.cli.main import _sample_family
     with pytest.raises(ValueError, match="does not generate"):
         _sample_family(None, ENC, None, None, 0)

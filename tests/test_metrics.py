@@ -17,7 +17,7 @@ import pytest
 from gptjax.models import family
 
 from gptjax.training import metrics
-from gptjax.config import PRESETS, ModelConfig, param_count
+from gptjax.config import PRESETS, ModelConfig
 from gptjax.config import EncoderConfig
 from gptjax.config import Seq2SeqConfig
 
@@ -206,7 +206,7 @@ def test_gpt2_small_is_close_to_6n_plus_12ldt():
     """The familiar 6 N + 12 L d T (N without the position table) differs only by the
     biases and LayerNorm scales it counts as matmul weights: the convention is PaLM's."""
     cfg, t = PRESETS["gpt2_small"], 1024
-    n = param_count(cfg) - cfg.max_len * cfg.d_model
+    n = family.param_count(cfg) - cfg.max_len * cfg.d_model
     classic = 6 * n + 12 * cfg.n_layers * cfg.d_model * t
     assert metrics.flops_per_token(cfg, t) == pytest.approx(classic, rel=0.01)
 

@@ -8,7 +8,8 @@ import pytest
 
 from gptjax.models import attention as attn_lib
 from gptjax.models import gpt as model
-from gptjax.config import PRESETS, ModelConfig, get_preset, param_count
+from gptjax.config import PRESETS, ModelConfig, get_preset
+from tests.reference import decoder_param_count as param_count
 from tests.reference import reference_logits
 
 # Odd, distinct sizes so a wrong transpose or reshape cannot pass.

@@ -133,7 +133,7 @@ def _check(batch, expected):
 
 
 def test_decoder_format():
-    batch = format_batch("decoder", EXAMPLES, SP, seq_len=8, tgt_len=4)
+    batch = format_batch("causal", EXAMPLES, SP, seq_len=8, tgt_len=4)
     _check(batch, {
         "tokens": (np.int32, [[3, 10, 11, 12, 4, 20, 21, 2, 1], [3, 13, 4, 22, 23, 24, 2, 1, 1]]),
         "loss_mask": (np.float32, [[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 0, 0]])})
@@ -144,7 +144,7 @@ def test_decoder_format():
 
 
 def test_encoder_format():
-    batch = format_batch("encoder", EXAMPLES, SP, seq_len=9, tgt_len=4)
+    batch = format_batch("slots", EXAMPLES, SP, seq_len=9, tgt_len=4)
     _check(batch, {
         "tokens": (np.int32, [[3, 10, 11, 12, 4, 5, 5, 5, 5], [3, 13, 4, 5, 5, 5, 5, 1, 1]]),
         "targets": (np.int32, [[0, 0, 0, 0, 0, 20, 21, 2, 1], [0, 0, 0, 22, 23, 24, 2, 0, 0]]),
@@ -153,7 +153,7 @@ def test_encoder_format():
 
 
 def test_seq2seq_format():
-    batch = format_batch("seq2seq", EXAMPLES, SP, seq_len=5, tgt_len=4)
+    batch = format_batch("pair", EXAMPLES, SP, seq_len=5, tgt_len=4)
     _check(batch, {
         "src": (np.int32, [[10, 11, 12, 2, 1], [13, 2, 1, 1, 1]]),
         "src_mask": (np.int32, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]),
@@ -168,17 +168,17 @@ def test_seq2seq_format():
 
 def test_format_takes_a_tokenizer_as_specials():
     tok = ByteTokenizer()
-    batch = format_batch("seq2seq", [([65], [66])], tok, seq_len=3, tgt_len=2)
+    batch = format_batch("pair", [([65], [66])], tok, seq_len=3, tgt_len=2)
     np.testing.assert_array_equal(batch["src"], [[65, tok.eos_id, tok.pad_id]])
     np.testing.assert_array_equal(batch["tgt_in"], [[tok.start_id, 66, tok.pad_id]])
 
 
 @pytest.mark.parametrize("family,seq_len,tgt_len,match", [
-    ("decoder", 6, 4, "seq_len=6 is too small for the 'decoder' format.*needs seq_len >= 7"),
-    ("encoder", 8, 4, "seq_len=8 is too small for the 'encoder' format.*needs seq_len >= 9"),
-    ("encoder", 20, 3, "needs tgt_len >= 4, got tgt_len=3"),
-    ("seq2seq", 3, 4, "seq_len=3 is too small for the 'seq2seq' format.*needs seq_len >= 4"),
-    ("bert", 20, 4, "unknown model family 'bert'"),
+    ("causal", 6, 4, "seq_len=6 is too small for the 'causal' format.*needs seq_len >= 7"),
+    ("slots", 8, 4, "seq_len=8 is too small for the 'slots' format.*needs seq_len >= 9"),
+    ("slots", 20, 3, "needs tgt_len >= 4, got tgt_len=3"),
+    ("pair", 3, 4, "seq_len=3 is too small for the 'pair' format.*needs seq_len >= 4"),
+    ("bert", 20, 4, "unknown batch format 'bert'"),
 ])
 def test_rows_that_do_not_fit_raise(family, seq_len, tgt_len, match):
     with pytest.raises(ValueError, match=match):
@@ -190,7 +190,7 @@ def test_min_seq_len_is_tight():
     assert numbers.task_lengths("numbers", tok, 1000) == (len("seven hundred seventy-seven"), 3)
     examples = numbers.tokenize_pairs(numbers.pairs("numbers", "train", 1000), tok)
     tgt_len = numbers.tgt_len_of("numbers", tok, 1000)
-    for family in numbers.FAMILIES:
+    for family in numbers.FORMATS:
         seq_len = numbers.min_seq_len(family, "numbers", tok, 1000)
         format_batch(family, examples, tok, seq_len, tgt_len)
         with pytest.raises(ValueError, match="too small"):
@@ -209,11 +209,11 @@ def tok():
 
 def _texts_of_row(family, batch, row, tok):
     """Recover (src, tgt) text from one row of a batch, through the format's masks."""
-    if family == "decoder":
+    if family == "causal":
         tokens, scored = batch["tokens"][row], batch["loss_mask"][row] == 1
         delim = list(tokens).index(tok.delimiter_id)
         return tok.decode(tokens[1:delim]), tok.decode(tokens[1:][scored])
-    if family == "encoder":
+    if family == "slots":
         tokens, slots = batch["tokens"][row], batch["loss_mask"][row] == 1
         delim = list(tokens).index(tok.delimiter_id)
         return tok.decode(tokens[1:delim]), tok.decode(batch["targets"][row][slots])
@@ -222,7 +222,7 @@ def _texts_of_row(family, batch, row, tok):
 
 
 @pytest.mark.parametrize("task", numbers.TASKS)
-@pytest.mark.parametrize("family", numbers.FAMILIES)
+@pytest.mark.parametrize("family", numbers.FORMATS)
 def test_eval_pass_holds_the_validation_pairs_in_order(family, task, tok):
     train_iter, eval_factory = make_task_datasets(task, family, tok, SEQ, BATCH,
                                                   max_number=MAX, eval_batch_size=16)
@@ -249,7 +249,7 @@ def _assert_same(batches_a, batches_b):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("family,steps", [("decoder", 0), ("encoder", 5), ("seq2seq", 30)])
+@pytest.mark.parametrize("family,steps", [("causal", 0), ("slots", 5), ("pair", 30)])
 def test_resume_gives_the_same_next_batches(family, steps, tok):
     reference = _take(make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=3,
                                          max_number=MAX)[0], steps + 4)
@@ -267,7 +267,7 @@ def test_resume_gives_the_same_next_batches(family, steps, tok):
                               reference[0][next(iter(reference[0]))])
 
 
-@pytest.mark.parametrize("family", numbers.FAMILIES)
+@pytest.mark.parametrize("family", numbers.FORMATS)
 def test_two_processes_concatenate_to_one(family, tok):
     whole = _take(make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=1,
                                      max_number=MAX)[0], 30)
@@ -283,8 +283,8 @@ def test_two_processes_concatenate_to_one(family, tok):
 
 def test_dataset_errors_are_clear(tok):
     with pytest.raises(ValueError, match="validation split has 13 examples.*eval batch of 16"):
-        make_task_datasets("numbers", "seq2seq", tok, SEQ, 16, max_number=100)
-    with pytest.raises(ValueError, match="seq_len=20 is too small for the 'decoder' format"):
-        make_task_datasets("numbers", "decoder", tok, 20, BATCH, max_number=MAX)
+        make_task_datasets("numbers", "pair", tok, SEQ, 16, max_number=100)
+    with pytest.raises(ValueError, match="seq_len=20 is too small for the 'causal' format"):
+        make_task_datasets("numbers", "causal", tok, 20, BATCH, max_number=MAX)
     with pytest.raises(ValueError, match="fewer than one global batch of 1024"):
-        make_task_datasets("numbers", "seq2seq", tok, SEQ, 1024, max_number=MAX)
+        make_task_datasets("numbers", "pair", tok, SEQ, 1024, max_number=MAX)

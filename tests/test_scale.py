@@ -20,6 +20,7 @@ import pytest
 
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax.models import family as family_lib
 from gptjax.training import metrics as metrics_lib
 from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
@@ -166,7 +167,7 @@ def test_dry_run_gpt2_small_on_the_fsdp_mesh(tmp_path):
     out = train(str(tmp_path / "dry_124m"), model_cfg=cfg,
                 train_cfg=TrainConfig(batch_size=8, seq_len=1024, compilation_cache_dir=None),
                 opt_cfg=OptimizerConfig(), mesh_cfg=FSDP, dry_run=True)
-    state_gib = config_lib.param_count(cfg) * 3 * 4 / 4 / 2**30  # params, mu, nu in fp32
+    state_gib = family_lib.param_count(cfg) * 3 * 4 / 4 / 2**30  # params, mu, nu in fp32
     assert out["argument_size_gib"] == pytest.approx(state_gib, rel=0.01)
     assert out["temp_size_gib"] > 0 and out["peak_estimate_gib"] > state_gib
     assert out["model_flops_per_step"] == pytest.approx(855e6 * 8 * 1024, rel=0.01)

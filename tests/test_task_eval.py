@@ -39,6 +39,7 @@ V = TOK.vocab_size + 3  # a model vocabulary larger than the tokenizer's is allo
 # Untied output projections: with tied ones a random model mostly echoes its input token.
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=48, vocab_size=V, max_len=40,
              tie_embeddings=False)
+FAMILY_NAMES = ("decoder", "encoder", "seq2seq")
 CONFIGS = {
     "decoder": ModelConfig(**SMALL),
     "encoder": EncoderConfig(**SMALL),
@@ -114,20 +115,20 @@ def _reference_ids(family, tok, src: str) -> list[int]:
     return task_eval.cut_at_eos(out, sp.eos_id)
 
 
-@pytest.mark.parametrize("family", numbers.FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_predict_equals_slow_reference_decode(family):
     cfg, params = CONFIGS[family], _params(family)
     expected = [_reference_ids(family, TOK, src) for src in SRCS]
-    assert task_eval.predict_ids(family, cfg, params, TOK, SRCS, **KW) == expected
+    assert task_eval.predict_ids(cfg, params, TOK, SRCS, **KW) == expected
     assert len({tuple(e) for e in expected}) >= 3, "sources must lead to different outputs"
     assert len({t for e in expected for t in e}) >= 4, "steps must emit different tokens"
-    assert task_eval.predict(family, cfg, params, TOK, SRCS, **KW) == [
+    assert task_eval.predict(cfg, params, TOK, SRCS, **KW) == [
         TOK.decode(ids) for ids in expected]
     # An eos the models do emit mid-row: rows stop (and are cut) at different lengths.
     counts = collections.Counter(t for e in expected for t in e[1:])
     tok = _with_eos(counts.most_common(1)[0][0])
     expected = [_reference_ids(family, tok, src) for src in SRCS]
-    assert task_eval.predict_ids(family, cfg, params, tok, SRCS, **KW) == expected
+    assert task_eval.predict_ids(cfg, params, tok, SRCS, **KW) == expected
     assert len({len(e) for e in expected}) >= 2, "the eos must cut some rows"
 
 
@@ -136,29 +137,29 @@ def test_predict_equals_slow_reference_decode(family):
                                            ("seq2seq", seq2seq_decode.greedy)])
 def test_predict_compiles_once_per_shape(family, jitted):
     cfg, params = CONFIGS[family], _params(family)
-    task_eval.predict(family, cfg, params, TOK, SRCS, **KW)
+    task_eval.predict(cfg, params, TOK, SRCS, **KW)
     compiled = jitted._cache_size()
-    task_eval.predict(family, cfg, params, TOK, ["one", "two hundred"], **KW)
-    task_eval.predict(family, cfg, params, TOK, SRCS[::-1] * 2, **KW)
+    task_eval.predict(cfg, params, TOK, ["one", "two hundred"], **KW)
+    task_eval.predict(cfg, params, TOK, SRCS[::-1] * 2, **KW)
     assert jitted._cache_size() == compiled
 
 
 def test_exact_match_and_preview_score_strings():
     cfg, params = CONFIGS["seq2seq"], _params("seq2seq")
-    preds = task_eval.predict("seq2seq", cfg, params, TOK, SRCS, **KW)
+    preds = task_eval.predict(cfg, params, TOK, SRCS, **KW)
     pairs = [(s, p if i % 2 == 0 else p + "0") for i, (s, p) in enumerate(zip(SRCS, preds))]
-    assert task_eval.exact_match("seq2seq", cfg, params, TOK, pairs, **KW) == pytest.approx(3 / 5)
-    lines = task_eval.preview("seq2seq", cfg, params, TOK, pairs, n=2, **KW).split("\n")
+    assert task_eval.exact_match(cfg, params, TOK, pairs, **KW) == pytest.approx(3 / 5)
+    lines = task_eval.preview(cfg, params, TOK, pairs, n=2, **KW).split("\n")
     assert lines == [f"{SRCS[0]} -> {preds[0]} ({preds[0]}) ✓",
                      f"{SRCS[1]} -> {preds[1]} ({preds[1]}0) ✗"]
 
 
 def test_predict_errors_are_clear():
     cfg, params = CONFIGS["encoder"], _params("encoder")
-    with pytest.raises(ValueError, match="unknown model family 'gpt'"):
-        task_eval.predict("gpt", cfg, params, TOK, SRCS, **KW)
-    with pytest.raises(ValueError, match="seq_len=20 is too small for the 'encoder' format"):
-        task_eval.predict("encoder", cfg, params, TOK, SRCS, **{**KW, "seq_len": 20})
+    with pytest.raises(TypeError, match="dict is not a model config"):
+        task_eval.predict({"n_layers": 2}, params, TOK, SRCS, **KW)
+    with pytest.raises(ValueError, match="seq_len=20 is too small for the 'slots' format"):
+        task_eval.predict(cfg, params, TOK, SRCS, **{**KW, "seq_len": 20})
 
 
 # --- learning ----------------------------------------------------------------------------------
@@ -175,10 +176,10 @@ def test_nano_encoder_decoder_learns_number_words():
     0-5 (the misses are rare short forms like "seven" -> "70").
     """
     tok = train_sentencepiece(numbers.texts(TASK, "train"), 400, num_threads=1)
-    seq_len = numbers.min_seq_len("seq2seq", TASK, tok)
+    seq_len = numbers.min_seq_len("pair", TASK, tok)
     cfg = get_preset("nano_transformer_tiny", vocab_size=tok.vocab_size,
                                      max_len=seq_len)
-    train_iter, _ = numbers.make_task_datasets(TASK, "seq2seq", tok, seq_len, BATCH)
+    train_iter, _ = numbers.make_task_datasets(TASK, "pair", tok, seq_len, BATCH)
     # The rbg generator: threefry's init compiles ~3x slower on CPU, for the same distribution.
     params = jax.jit(seq2seq.init_params, static_argnums=0)(cfg, jax.random.key(0, impl="rbg"))
     schedule = optax.warmup_cosine_decay_schedule(0.0, LR, 50, STEPS, LR / 10)
@@ -204,7 +205,7 @@ def test_nano_encoder_decoder_learns_number_words():
         params, opt_state, nll = train_step(params, opt_state, next(train_iter))
     val = numbers.pairs(TASK, "validation")[::3]  # 339 numbers spread over the range
     kw = dict(task=TASK, seq_len=seq_len, batch_size=128)
-    accuracy = task_eval.exact_match("seq2seq", cfg, params, tok, val, **kw)
+    accuracy = task_eval.exact_match(cfg, params, tok, val, **kw)
     print(f"\n{STEPS} steps, {time.time() - start:.0f}s, nll {float(nll):.3f}, exact match "
-          f"{accuracy:.3f}\n" + task_eval.preview("seq2seq", cfg, params, tok, val, **kw))
+          f"{accuracy:.3f}\n" + task_eval.preview(cfg, params, tok, val, **kw))
     assert accuracy >= 0.95

@@ -40,16 +40,26 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    """Text from a trained workdir: the decoder continues the prompt, the encoder–decoder
+    decodes it as a source; an encoder-only model does not generate."""
+    from gptjax.models import family
+    from gptjax.training.workdir import load_run
+
+    cfg, params, tokenizer, _, step = load_run(args.workdir)
+    fam = family.family_of(cfg)
+    if not fam.generates:
+        raise ValueError(f"an {fam.name}-only model (BERT) does not generate text; fine-tune it "
+                         "with `gptjax finetune` or score it with `gptjax eval`.")
+    samplers = {family.DECODER: _sample_decoder, family.SEQ2SEQ: _sample_seq2seq}
+    samplers[fam](args, cfg, params, tokenizer, step)
+
+
+def _sample_decoder(args, cfg, params, tokenizer, step) -> None:
     import jax
     import numpy as np
 
     from gptjax.inference import sampling as sample
-    from gptjax.models.family import family_of
-    from gptjax.training.workdir import load_run
 
-    cfg, params, tokenizer, _, step = load_run(args.workdir)
-    if family_of(cfg) != "decoder":
-        return _sample_family(args, cfg, params, tokenizer, step)
     ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
     ids = ids[-max(1, cfg.max_len - args.max_new_tokens):]
     new = min(args.max_new_tokens, cfg.max_len - len(ids))
@@ -71,17 +81,13 @@ def cmd_sample(args) -> None:
         print(f"--- sample {i} (step {step}) ---\n{args.prompt}{text}")
 
 
-def _sample_family(args, cfg, params, tokenizer, step) -> None:
-    """`gptjax sample` for an encoder–decoder: the prompt is the source, decoded greedily
-    (or with --num_beams); an encoder-only model does not generate."""
+def _sample_seq2seq(args, cfg, params, tokenizer, step) -> None:
+    """The prompt is the source, decoded greedily (or with --num_beams)."""
     import jax.numpy as jnp
     import numpy as np
 
     from gptjax.inference import decoding as seq2seq_decode
-    from gptjax.models.family import family_of
-    if family_of(cfg) == "encoder":
-        raise ValueError("an encoder-only model (BERT) does not generate text; fine-tune it with "
-                         "`gptjax finetune` or score it with `gptjax eval`.")
+
     src = jnp.asarray([(tokenizer.encode(args.prompt) or [tokenizer.eos_id])[:cfg.max_len]])
     kw = dict(start_id=tokenizer.start_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
               max_len=min(args.max_new_tokens, cfg.max_len))

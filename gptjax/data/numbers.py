@@ -3,11 +3,12 @@
 ``"three hundred forty-two" -> "342"`` ('numbers') and its reverse ('numbers_reverse'), over
 ``0 <= n < max_number``. No downloads, an exact answer per source, and a split where every
 validation number is unseen in training, so exact match measures generalisation. One task, three
-batch formats, so the three model families of the repo train and are scored on the same data:
+batch formats, so the three model families of the repo train and are scored on the same data
+(each family names its format, `gptjax.models.family.Family.task_format`):
 
-  decoder  (GPT)      ``[start] s [delim] t [eos]``; the loss scores t and eos only.
-  encoder  (BERT)     ``[start] s [delim]`` then ``tgt_len`` mask slots predicted at once.
-  seq2seq  (Vaswani)  source ``s [eos]``; target ``t [eos]``, decoder input ``[start] t``.
+  causal  (GPT)      ``[start] s [delim] t [eos]``; the loss scores t and eos only.
+  slots   (BERT)     ``[start] s [delim]`` then ``tgt_len`` mask slots predicted at once.
+  pair    (Vaswani)  source ``s [eos]``; target ``t [eos]``, decoder input ``[start] t``.
 
 Range: ``max_number=10_000`` (0..9999: 8,983 train / 1,017 validation numbers) is the default
 because it is what a nano encoder–decoder learns on a CPU in a test: ``nano_transformer_tiny``
@@ -35,7 +36,7 @@ ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", 
 TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 LIMIT = 10**6  # number_to_words covers 0 <= n < LIMIT
 SPLITS = ("train", "validation")
-FAMILIES = ("decoder", "encoder", "seq2seq")
+FORMATS = ("causal", "slots", "pair")  # the batch layouts below; each model family names one
 
 
 # ------------------------------------------------------------------------------ the words
@@ -162,11 +163,11 @@ def tgt_len_of(task: str, tokenizer, max_number: int = 10_000) -> int:
     return task_lengths(task, tokenizer, max_number)[1] + 1
 
 
-def min_seq_len(family: str, task: str, tokenizer, max_number: int = 10_000) -> int:
-    """The smallest ``seq_len`` that fits every example of the task in ``family``'s format."""
+def min_seq_len(fmt: str, task: str, tokenizer, max_number: int = 10_000) -> int:
+    """The smallest ``seq_len`` that fits every example of the task in format ``fmt``."""
     lengths = _token_lengths(task, tokenizer, max_number)
     slots = tgt_len_of(task, tokenizer, max_number)
-    return max(_needed(family, int(s), int(t), slots) for s, t in set(map(tuple, lengths)))
+    return max(_needed(fmt, int(s), int(t), slots) for s, t in set(map(tuple, lengths)))
 
 
 # ---------------------------------------------------------------------------- batch formats
@@ -187,33 +188,38 @@ class Specials:
         return cls(**{f.name: int(getattr(tokenizer, f.name)) for f in dataclasses.fields(cls)})
 
 
-def _needed(family: str, src_len: int, tgt_len: int, slots: int) -> int:
-    """The seq_len one example needs: decoder rows are seq_len + 1 tokens."""
-    if family == "decoder":
-        return src_len + tgt_len + 2  # [start] s [delim] t [eos] = seq_len + 1 tokens
-    if family == "encoder":
-        return src_len + 2 + slots  # [start] s [delim] + slots
-    if family == "seq2seq":
-        return max(src_len, tgt_len) + 1  # s [eos] and t [eos]
-    raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+_NEEDED = {  # the seq_len one example needs in each format (causal rows are seq_len + 1 tokens)
+    "causal": lambda src, tgt, slots: src + tgt + 2,  # [start] s [delim] t [eos]
+    "slots": lambda src, tgt, slots: src + 2 + slots,  # [start] s [delim] + slots
+    "pair": lambda src, tgt, slots: max(src, tgt) + 1,  # s [eos] and t [eos]
+}
 
 
-def check_fits(family: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown batch format {fmt!r}; choose one of {FORMATS}")
+
+
+def _needed(fmt: str, src_len: int, tgt_len: int, slots: int) -> int:
+    _check_format(fmt)
+    return _NEEDED[fmt](src_len, tgt_len, slots)
+
+
+def check_fits(fmt: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
                seq_len: int, tgt_len: int) -> None:
     """Raise a clear ValueError when an example does not fit ``seq_len`` (or ``tgt_len``)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+    _check_format(fmt)
     if not examples:
         return
-    if family == "encoder":
+    if fmt == "slots":
         longest = max(len(t) for _, t in examples)
         if longest + 1 > tgt_len:
             raise ValueError(f"a target of {longest} tokens plus eos needs tgt_len >= "
                              f"{longest + 1}, got tgt_len={tgt_len}")
-    s, t = max(examples, key=lambda e: _needed(family, len(e[0]), len(e[1]), tgt_len))
-    need = _needed(family, len(s), len(t), tgt_len)
+    s, t = max(examples, key=lambda e: _needed(fmt, len(e[0]), len(e[1]), tgt_len))
+    need = _needed(fmt, len(s), len(t), tgt_len)
     if need > seq_len:
-        raise ValueError(f"seq_len={seq_len} is too small for the {family!r} format: an example "
+        raise ValueError(f"seq_len={seq_len} is too small for the {fmt!r} format: an example "
                          f"with a {len(s)}-token source and a {len(t)}-token target needs "
                          f"seq_len >= {need}")
 
@@ -275,12 +281,19 @@ def format_seq2seq(examples, sp: Specials, seq_len: int) -> dict[str, np.ndarray
     return out
 
 
-def format_batch(family: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]], specials,
+_FORMATTERS = {
+    "causal": lambda examples, sp, seq_len, tgt_len: format_decoder(examples, sp, seq_len),
+    "slots": format_encoder,
+    "pair": lambda examples, sp, seq_len, tgt_len: format_seq2seq(examples, sp, seq_len),
+}
+
+
+def format_batch(fmt: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]], specials,
                  seq_len: int, tgt_len: int) -> dict[str, np.ndarray]:
-    """One family's batch dict for tokenized ``(source ids, target ids)`` examples.
+    """The batch dict of format ``fmt`` for tokenized ``(source ids, target ids)`` examples.
 
     Args:
-      family: 'decoder', 'encoder' or 'seq2seq' (see the module docstring for each layout).
+      fmt: 'causal', 'slots' or 'pair' (see the module docstring for each layout).
       specials: a ``Specials`` or any tokenizer (pad, eos, start, delimiter and mask ids).
       seq_len: T; decoder batches hold T + 1 tokens (inputs and shifted targets).
       tgt_len: the encoder format's target slots (``tgt_len_of(task, tokenizer)``); the
@@ -289,13 +302,9 @@ def format_batch(family: str, examples: Sequence[tuple[Sequence[int], Sequence[i
     Raises:
       ValueError: naming ``seq_len`` (and the length needed) when an example does not fit.
     """
-    check_fits(family, examples, seq_len, tgt_len)
+    check_fits(fmt, examples, seq_len, tgt_len)
     sp = specials if isinstance(specials, Specials) else Specials.of(specials)
-    if family == "decoder":
-        return format_decoder(examples, sp, seq_len)
-    if family == "encoder":
-        return format_encoder(examples, sp, seq_len, tgt_len)
-    return format_seq2seq(examples, sp, seq_len)
+    return _FORMATTERS[fmt](examples, sp, seq_len, tgt_len)
 
 
 # ------------------------------------------------------------------------------ batching
@@ -307,22 +316,22 @@ class TaskBatchIterator(pipeline.TokenBatchIterator):
     The parent iterates an ``(n, 1)`` array of example indices (its "windows"), so epochs,
     ``global_batch_size``, per-process rows, ``get_state``/``set_state``, ``shuffle``/``repeat``
     and the dropped partial batch are exactly its own; ``_batch`` formats the chosen
-    examples as ``family``'s batch dict.
+    examples in format ``fmt``.
     """
 
-    def __init__(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], family: str,
+    def __init__(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], fmt: str,
                  specials, seq_len: int, tgt_len: int, global_batch_size: int, **kwargs):
-        check_fits(family, examples, seq_len, tgt_len)  # fail now, not at batch 10,000
+        check_fits(fmt, examples, seq_len, tgt_len)  # fail now, not at batch 10,000
         if len(examples) < global_batch_size:
             raise ValueError(f"only {len(examples)} examples, fewer than one global batch of "
                              f"{global_batch_size}; lower the batch size or raise max_number")
-        self.examples, self.family = list(examples), family
+        self.examples, self.fmt = list(examples), fmt
         self.specials = specials if isinstance(specials, Specials) else Specials.of(specials)
         self.seq_len, self.tgt_len = seq_len, tgt_len
         super().__init__(np.arange(len(examples))[:, None], global_batch_size, **kwargs)
 
     def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return format_batch(self.family, [self.examples[i] for i in rows], self.specials,
+        return format_batch(self.fmt, [self.examples[i] for i in rows], self.specials,
                             self.seq_len, self.tgt_len)
 
 
@@ -334,7 +343,7 @@ def tokenize_pairs(pairs_: Sequence[tuple[str, str]], tokenizer) -> list[tuple[l
     return list(zip(tokenizer.encode_batch(list(srcs)), tokenizer.encode_batch(list(tgts))))
 
 
-def make_task_datasets(task: str, family: str, tokenizer, seq_len: int, global_batch_size: int,
+def make_task_datasets(task: str, fmt: str, tokenizer, seq_len: int, global_batch_size: int,
                        seed: int = 0, process_index: int = 0, process_count: int = 1,
                        max_number: int = 10_000, eval_batch_size: int | None = None, *,
                        state: dict | None = None
@@ -349,7 +358,7 @@ def make_task_datasets(task: str, family: str, tokenizer, seq_len: int, global_b
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     tgt_len = tgt_len_of(task, tokenizer, max_number)
-    common = dict(family=family, specials=tokenizer, seq_len=seq_len, tgt_len=tgt_len,
+    common = dict(fmt=fmt, specials=tokenizer, seq_len=seq_len, tgt_len=tgt_len,
                   process_index=process_index, process_count=process_count)
     train_iter = TaskBatchIterator(tokenize_pairs(pairs(task, "train", max_number), tokenizer),
                                    global_batch_size=global_batch_size, seed=seed, state=state,

@@ -29,6 +29,7 @@ from gptjax.inference import sampling as sample
 
 from gptjax.inference import decoding as seq2seq_decode
 from gptjax.data import numbers
+from gptjax.models import family
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -43,7 +44,8 @@ def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def _decoder_ids(cfg, params, sources, sp: numbers.Specials, prompt_len: int, tgt_len: int):
+def _decoder_ids(cfg, params, sources, sp: numbers.Specials, *, prompt_len: int, tgt_len: int,
+                 **_):
     """Generated ids (B, tgt_len) after left-padded ``[start] s [delim]`` prompts."""
     prompts = [[sp.start_id, *s, sp.delimiter_id] for s in sources]
     tokens_BP = np.full((len(prompts), prompt_len), sp.pad_id, np.int32)
@@ -56,81 +58,79 @@ def _decoder_ids(cfg, params, sources, sp: numbers.Specials, prompt_len: int, tg
     return np.asarray(out.tokens)[:, prompt_len:]
 
 
-def _encoder_ids(cfg, params, sources, sp: numbers.Specials, seq_len: int, tgt_len: int):
+def _encoder_ids(cfg, params, sources, sp: numbers.Specials, *, seq_len: int, tgt_len: int,
+                 **_):
     """Argmax ids (B, tgt_len) at the mask slots after ``[start] s [delim]``."""
+    numbers.check_fits("slots", [(s, [0] * (tgt_len - 1)) for s in sources], seq_len, tgt_len)
     batch = numbers.format_encoder([(s, []) for s in sources], sp, seq_len, tgt_len)
     argmax_BT = np.asarray(_encoder_argmax(cfg, params, batch["tokens"], batch["mask"]))
     return np.stack([argmax_BT[i, len(s) + 2:len(s) + 2 + tgt_len]
                      for i, s in enumerate(sources)])
 
 
-def _seq2seq_ids(cfg, params, sources, sp: numbers.Specials, seq_len: int, tgt_len: int):
+def _seq2seq_ids(cfg, params, sources, sp: numbers.Specials, *, seq_len: int, tgt_len: int,
+                 **_):
     """Greedy target ids (B, tgt_len) for sources ``s [eos]``."""
+    numbers.check_fits("pair", [(s, [0] * (tgt_len - 1)) for s in sources], seq_len, tgt_len)
     batch = numbers.format_seq2seq([(s, []) for s in sources], sp, seq_len)
     return np.asarray(seq2seq_decode.greedy(cfg, params, batch["src"], batch["src_mask"],
                                             start_id=sp.start_id, eos_id=sp.eos_id,
                                             max_len=tgt_len, pad_id=sp.pad_id))
 
 
-def predict_ids(family: str, cfg, params, tokenizer, srcs: Sequence[str], *, task: str,
-                seq_len: int, max_number: int = 10_000, batch_size: int = 64
-                ) -> list[list[int]]:
+PREDICTORS = {family.DECODER: _decoder_ids, family.ENCODER: _encoder_ids,
+              family.SEQ2SEQ: _seq2seq_ids}
+
+
+def predict_ids(cfg, params, tokenizer, srcs: Sequence[str], *, task: str, seq_len: int,
+                max_number: int = 10_000, batch_size: int = 64) -> list[list[int]]:
     """Greedy target ids per source, cut before the first eos (see `predict`)."""
-    if family not in numbers.FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {numbers.FAMILIES}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     sp = numbers.Specials.of(tokenizer)
     max_src, max_tgt = numbers.task_lengths(task, tokenizer, max_number)
-    tgt_len = max_tgt + 1
     sources = tokenizer.encode_batch(list(srcs))
-    longest = max(map(len, sources), default=0)
-    if family == "decoder":
-        prompt_len = max(max_src, longest) + 2  # fixed per task: one compiled shape
-        run = functools.partial(_decoder_ids, prompt_len=prompt_len, tgt_len=tgt_len)
-    else:
-        numbers.check_fits(family, [(s, [0] * max_tgt) for s in sources], seq_len, tgt_len)
-        run = functools.partial(_encoder_ids if family == "encoder" else _seq2seq_ids,
-                                seq_len=seq_len, tgt_len=tgt_len)
+    widths = dict(seq_len=seq_len, tgt_len=max_tgt + 1,  # the decoder's prompt: one shape per task
+                  prompt_len=max(max_src, max(map(len, sources), default=0)) + 2)
+    run = PREDICTORS[family.family_of(cfg)]
     out = []
     for start in range(0, len(sources), batch_size):
         chunk = sources[start:start + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-        ids_BL = run(cfg, params, padded, sp)
+        ids_BL = run(cfg, params, padded, sp, **widths)
         out += [cut_at_eos(row, sp.eos_id) for row in ids_BL[:len(chunk)]]
     return out
 
 
-def predict(family: str, cfg, params, tokenizer, srcs: Sequence[str], *, task: str,
+def predict(cfg, params, tokenizer, srcs: Sequence[str], *, task: str,
             seq_len: int, max_number: int = 10_000, batch_size: int = 64) -> list[str]:
-    """Greedy predictions (text) of a trained ``family`` model for the task's sources.
+    """Greedy predictions (text) of a trained model (any family) for the task's sources.
 
     Args:
-      family: 'decoder' (``gptjax.models.gpt``), 'encoder' (``gptjax.models.bert``) or 'seq2seq'.
       cfg, params: the model; ``cfg.vocab_size`` must hold the tokenizer's ids.
       srcs: source texts (e.g. ``[src for src, _ in numbers.pairs(task, 'validation')]``).
       task, max_number: fix ``tgt_len`` (and the decoder's prompt width) as in training.
       seq_len: the training ``seq_len``; the encoder and seq2seq rows have this width.
       batch_size: rows per compiled call; the last batch is padded to it.
     """
-    ids = predict_ids(family, cfg, params, tokenizer, srcs, task=task, seq_len=seq_len,
+    ids = predict_ids(cfg, params, tokenizer, srcs, task=task, seq_len=seq_len,
                       max_number=max_number, batch_size=batch_size)
     return [tokenizer.decode(row) for row in ids]
 
 
-def exact_match(family: str, cfg, params, tokenizer, pairs: Sequence[tuple[str, str]],
+def exact_match(cfg, params, tokenizer, pairs: Sequence[tuple[str, str]],
                 **kw) -> float:
     """The fraction of ``(src, tgt)`` pairs whose greedy prediction equals ``tgt`` exactly."""
     if not pairs:
         raise ValueError("exact_match needs at least one (src, tgt) pair")
-    preds = predict(family, cfg, params, tokenizer, [src for src, _ in pairs], **kw)
+    preds = predict(cfg, params, tokenizer, [src for src, _ in pairs], **kw)
     return float(np.mean([p == tgt for p, (_, tgt) in zip(preds, pairs)]))
 
 
-def preview(family: str, cfg, params, tokenizer, pairs: Sequence[tuple[str, str]], n: int = 4,
+def preview(cfg, params, tokenizer, pairs: Sequence[tuple[str, str]], n: int = 4,
             **kw) -> str:
     """Lines ``src -> prediction (target) ✓/✗`` for the first ``n`` pairs."""
     pairs = list(pairs)[:n]
-    preds = predict(family, cfg, params, tokenizer, [src for src, _ in pairs], **kw)
+    preds = predict(cfg, params, tokenizer, [src for src, _ in pairs], **kw)
     return "\n".join(f"{src} -> {pred} ({tgt}) {'✓' if pred == tgt else '✗'}"
                      for pred, (src, tgt) in zip(preds, pairs))

@@ -69,12 +69,6 @@ def param_axes(cfg: EncoderConfig) -> Params:
     return axes
 
 
-def param_count(cfg: ModelConfig, init: Callable | None = None) -> int:
-    """Parameters of `init(cfg, key)` (default: this module's), from shapes alone."""
-    shapes = jax.eval_shape(lambda k: (init or init_params)(cfg, k), jax.random.key(0))
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
-
-
 # ----------------------------------------------------------------------- pieces
 
 

@@ -37,7 +37,7 @@ import dataclasses
 import json
 import os
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 import gin
 import jax
@@ -52,7 +52,7 @@ from gptjax.models import gpt as model
 
 from gptjax.models import transformer as seq2seq
 from gptjax.config import ModelConfig
-from gptjax.models.family import family_of
+from gptjax.models import family
 from gptjax.training.step import make_update
 from gptjax.config import Seq2SeqConfig
 
@@ -164,29 +164,56 @@ def seq2seq_decoder_states(cfg: Seq2SeqConfig, params: dict, tokens_BT: Int[Arra
     return seq2seq.decode_hidden(cfg, params, tokens_BT, cross, valid_BT, key=k_dec)[0]
 
 
+def _decoder_states(cfg, trunk, tokens_NT, extract_N, segment_NT=None, key=None):
+    return model.hidden_states(cfg, trunk, tokens_NT, key=key), extract_N
+
+
+def _valid(tokens_NT, extract_N):
+    return jnp.arange(tokens_NT.shape[1])[None, :] <= extract_N[:, None]
+
+
+def _seq2seq_states(cfg, trunk, tokens_NT, extract_N, segment_NT=None, key=None):
+    valid_NT = _valid(tokens_NT, extract_N)
+    return seq2seq_decoder_states(cfg, trunk, tokens_NT, valid_NT, key), extract_N
+
+
+def _encoder_states(cfg, trunk, tokens_NT, extract_N, segment_NT=None, key=None):
+    """BERT reads its first ([CLS]) position."""
+    if segment_NT is None or cfg.type_vocab_size < 2:  # one token type (RoBERTa-like)
+        segment_NT = jnp.zeros_like(tokens_NT)
+    x_NTD = encoder.hidden_states(cfg, trunk, tokens_NT, segment_ids=segment_NT,
+                                  mask=_valid(tokens_NT, extract_N), key=key)
+    return x_NTD, jnp.zeros_like(extract_N)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trunk:
+    """How a family's trunk feeds a task head: its final states and its own LM head."""
+
+    states: Callable  # (cfg, trunk, tokens_NT, extract_N, segment_NT, key) -> (x_NTD, read_N)
+    lm_head: Callable  # (cfg, trunk, x_NTD) -> logits_NTV
+
+
+TRUNKS = {
+    family.DECODER: Trunk(_decoder_states, model.unembed),
+    family.ENCODER: Trunk(_encoder_states, encoder.mlm_head),
+    family.SEQ2SEQ: Trunk(_seq2seq_states, seq2seq.logits),
+}
+
+
 def trunk_states(cfg: ModelConfig, trunk: dict, tokens_NT: Int[Array, "N T"],
                  extract_N: Int[Array, "N"], segment_NT: Int[Array, "N T"] | None = None,
                  key: jax.Array | None = None) -> tuple[Float[Array, "N T D"], Int[Array, "N"]]:
     """(final states, the position each head reads) for right-padded sequences; without
     `segment_NT` (or with one token type) the encoder sees token type 0 throughout."""
-    fam = family_of(cfg)
-    if fam == "decoder":
-        return model.hidden_states(cfg, trunk, tokens_NT, key=key), extract_N
-    valid_NT = jnp.arange(tokens_NT.shape[1])[None, :] <= extract_N[:, None]
-    if fam == "seq2seq":
-        return seq2seq_decoder_states(cfg, trunk, tokens_NT, valid_NT, key), extract_N
-    if segment_NT is None or cfg.type_vocab_size < 2:  # one token type (RoBERTa-like)
-        segment_NT = jnp.zeros_like(tokens_NT)
-    x_NTD = encoder.hidden_states(cfg, trunk, tokens_NT, segment_ids=segment_NT, mask=valid_NT,
-                                  key=key)
-    return x_NTD, jnp.zeros_like(extract_N)
+    return TRUNKS[family.family_of(cfg)].states(cfg, trunk, tokens_NT, extract_N, segment_NT,
+                                                key)
 
 
 def lm_logits(cfg: ModelConfig, trunk: dict, x_NTD) -> Float[Array, "N T V"]:
     """The trunk's own LM head: next-token logits (GPT, the seq2seq decoder), or BERT's
     masked-LM logits (each position's prediction of its own token)."""
-    heads = {"decoder": model.unembed, "encoder": encoder.mlm_head, "seq2seq": seq2seq.logits}
-    return heads[family_of(cfg)](cfg, trunk, x_NTD)
+    return TRUNKS[family.family_of(cfg)].lm_head(cfg, trunk, x_NTD)
 
 
 def head_logits(kind: str, head: dict, h_BCD: Float[Array, "B C D"]) -> Float[Array, "B K"]:
@@ -228,7 +255,7 @@ def finetune_terms(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_co
     l2_sum = optax.softmax_cross_entropy_with_integer_labels(logits_BK, batch["label"]).sum()
     n_examples = jnp.asarray(batch["label"].shape[0], jnp.float32)
     l1_sum, n_tokens = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-    if family_of(cfg) == "decoder":  # unused LM logits of the other families are pruned by jit
+    if family.family_of(cfg).causal_lm:  # unused LM logits of other families are pruned by jit
         lm_BCT = optax.softmax_cross_entropy_with_integer_labels(lm_logits_BCTV[:, :, :-1],
                                                                  batch["tokens"][:, :, 1:])
         mask = batch["lm_mask"].astype(jnp.float32)
@@ -426,7 +453,7 @@ def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = 
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.abspath(os.path.join(out_dir, "params")), params, force=True)
     ckpt.wait_until_finished()
-    summary = {"task": ft.task, "kind": kind, "family": family_of(cfg),
+    summary = {"task": ft.task, "kind": kind, "family": family.family_of(cfg).name,
                "pretrained": pretrained_workdir,
                "pretrained_step": step, "steps": ft.steps, "accuracy_before": before[0],
                "accuracy": after[0], "accuracy_stderr": after[1], "chance": 1 / n_classes,

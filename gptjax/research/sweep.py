@@ -316,11 +316,11 @@ def collect_run(run_workdir: str, metric: str, extra_metrics: Sequence[str] = ()
     if os.path.exists(config_path):
         with open(config_path) as f:
             raw = json.load(f)
-        cfg = family.config_class(raw.get("family", "decoder"))(**raw["model"])
+        cfg = family.by_name(raw.get("family", "decoder")).config_class(**raw["model"])
         embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
         embedding += cfg.max_len * cfg.d_model if cfg.pos_embedding == "learned" else 0
         n = family.param_count(cfg)
-        out |= {"family": family.family_of(cfg), "n_params": n,
+        out |= {"family": family.family_of(cfg).name, "n_params": n,
                 "non_embedding_params": n - embedding}
     return out
 

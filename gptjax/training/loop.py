@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.models import family
 from gptjax.training import metrics as metrics_lib
-from gptjax.inference import sampling as sample
+from gptjax.inference import preview as preview_lib
 from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig, workdir_tokenizer
@@ -104,22 +104,12 @@ def evaluate(trainer: Trainer, params, eval_iter_factory, n_batches: int,
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
-def preview(cfg: ModelConfig, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
-    """A short sample from the current (decoder) params, shown during training."""
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-    ids = ids[-max(1, cfg.max_len - n_tokens):]
-    out = sample.generate(cfg, params, np.array([ids]), key=jax.random.key(seed),
-                          max_new_tokens=min(n_tokens, cfg.max_len - len(ids)), temperature=0.8,
-                          top_k=50)
-    return prompt + tokenizer.decode(np.asarray(out.tokens[0, len(ids):]).tolist())
-
-
 def _save_run_files(workdir: str, configs: dict) -> None:
     """The resolved config (gin syntax and JSON, with the model family) next to the checkpoints."""
     with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.config_str())
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({"family": family.family_of(configs["model"]),
+        json.dump({"family": family.family_of(configs["model"]).name,
                    **{k: dataclasses.asdict(v) for k, v in configs.items()}}, f, indent=2)
 
 
@@ -129,7 +119,7 @@ def run_datasets(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, train_
                  process_count=jax.process_count())
     if data_cfg.dataset in numbers.TASKS:
         return numbers.make_task_datasets(
-            data_cfg.dataset, family.family_of(model_cfg), tokenizer, train_cfg.seq_len,
+            data_cfg.dataset, family.family_of(model_cfg).task_format, tokenizer, train_cfg.seq_len,
             train_cfg.batch_size, max_number=data_cfg.task_max_number, **shard)
     return make_datasets(data_cfg.dataset, tokenizer, train_cfg.seq_len, train_cfg.batch_size,
                          data_cfg.resolved_data_dir, path=data_cfg.path, **shard)
@@ -143,10 +133,8 @@ def task_metrics(model_cfg: ModelConfig, params, tokenizer, data_cfg: DataConfig
     pairs = pairs[::max(1, len(pairs) // n_examples)][:n_examples]  # spread over the range
     kw = dict(task=data_cfg.dataset, seq_len=train_cfg.seq_len,
               max_number=data_cfg.task_max_number)
-    fam = family.family_of(model_cfg)
-    em = task_eval.exact_match(fam, model_cfg, params, tokenizer, pairs, **kw)
-    return {"eval/exact_match": em}, task_eval.preview(fam, model_cfg, params, tokenizer, pairs,
-                                                        **kw)
+    em = task_eval.exact_match(model_cfg, params, tokenizer, pairs, **kw)
+    return {"eval/exact_match": em}, task_eval.preview(model_cfg, params, tokenizer, pairs, **kw)
 
 
 def train(workdir: str, *, model_cfg: ModelConfig | None = None,
@@ -210,7 +198,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     skips = {"total": int(meta.get("skipped_updates", 0)) if restored else 0, "run": 0}
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
     ramp = BatchRamp(opt_cfg, train_cfg)
-    if ramp.enabled and family.family_of(model_cfg) != "decoder":
+    if ramp.enabled and not family.family_of(model_cfg).causal_lm:
         raise ValueError("OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
                          "models; set it to 0 for encoder and seq2seq runs.")
     is_task = data_cfg.dataset in numbers.TASKS
@@ -274,8 +262,8 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
                                          train_cfg.eval_batches * train_cfg.batch_size)
             ev |= task_ev
         else:
-            text = family.preview(model_cfg, state.params, tokenizer, train_cfg.sample_prompt,
-                                  train_cfg.sample_tokens, step, preview)
+            text = preview_lib.preview(model_cfg, state.params, tokenizer,
+                                       train_cfg.sample_prompt, train_cfg.sample_tokens, step)
         writer.write_text(step, "sample", text)
         em = f", exact match {ev['eval/exact_match']:.1%}" if "eval/exact_match" in ev else ""
         say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f}){em}"

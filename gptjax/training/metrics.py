@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.models import family as family_lib
-from gptjax.config import ModelConfig, is_local_layer
+from gptjax.config import ModelConfig
+from gptjax.models.flops import ATTENTION_CONVENTION, source_target_lengths  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -130,80 +131,16 @@ def measured_matmul_peak(n: int = 2048, dtype: str | None = None, repeats: int =
 
 # ----------------------------------------------------------------------- FLOPs
 
-ATTENTION_CONVENTION = "PaLM convention, causal attention counted whole"
 FORWARD_BACKWARD = 3  # the backward pass is two matmuls per forward one (d_input, d_weight)
-
-
-def _matmul(m: int, k: int, n: int) -> int:
-    """Forward FLOPs of an (m, k) @ (k, n) matmul: a multiply and an add per term."""
-    return 2 * m * k * n
-
-
-def _self_attention(d: int, t: int, span: int) -> int:
-    """t queries, each over `span` keys; N heads of H with N * H = d, so the heads'
-    scores and values together are one (t, d) x (d, span) and (t, span) x (span, d)."""
-    return (_matmul(t, d, 3 * d)  # c_attn: q, k, v
-            + _matmul(t, d, span) + _matmul(t, span, d)  # q k^T, then p v
-            + _matmul(t, d, d))  # c_proj
-
-
-def _cross_attention(d: int, t: int, s: int) -> int:
-    """t decoder queries over s encoder keys; k, v are projected once per source token."""
-    return (_matmul(t, d, d) + _matmul(s, d, 2 * d)  # q; k, v
-            + _matmul(t, d, s) + _matmul(t, s, d)  # q k^T, then p v
-            + _matmul(t, d, d))  # c_proj
-
-
-def _mlp(d: int, f: int, t: int) -> int:
-    return _matmul(t, d, f) + _matmul(t, f, d)
-
-
-def _key_span(cfg: ModelConfig, layer: int, t: int) -> int:
-    """Keys a query sees, counted whole: all T (causal), or the band of a GPT-3 local layer."""
-    return min(t, cfg.local_window) if is_local_layer(cfg, layer) else t
-
-
-def _decoder_forward(cfg: ModelConfig, t: int) -> int:
-    d, f = cfg.d_model, cfg.ff_dim
-    layers = sum(_self_attention(d, t, _key_span(cfg, i, t)) + _mlp(d, f, t)
-                 for i in range(cfg.n_layers))
-    return layers + _matmul(t, d, cfg.vocab_size)  # the unembedding, tied or not
-
-
-def _encoder_forward(cfg: ModelConfig, t: int) -> int:
-    """BERT: bidirectional layers, then the MLM head at every position (the loss reads
-    only the masked ones, but `encoder.forward` computes all T): transform, tied unembed."""
-    d, f = cfg.d_model, cfg.ff_dim
-    layers = cfg.n_layers * (_self_attention(d, t, t) + _mlp(d, f, t))
-    return layers + _matmul(t, d, d) + _matmul(t, d, cfg.vocab_size)
-
-
-def _seq2seq_forward(cfg: ModelConfig, s: int, u: int) -> int:
-    """s source tokens through the encoder; u target tokens through the decoder's
-    self-attention, cross-attention and MLP; logits on the target side only."""
-    d, f = cfg.d_model, cfg.ff_dim
-    encoder = cfg.n_layers * (_self_attention(d, s, s) + _mlp(d, f, s))
-    decoder = cfg.decoder_layers * (_self_attention(d, u, u) + _cross_attention(d, u, s)
-                                    + _mlp(d, f, u))
-    return encoder + decoder + _matmul(u, d, cfg.vocab_size)
-
-
-def source_target_lengths(seq_len: int) -> tuple[int, int]:
-    """How a corpus window of seq_len tokens splits for seq2seq (`family.from_windows`)."""
-    return seq_len // 2, seq_len - seq_len // 2
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model training FLOPs (forward + backward) per token, from the family's shapes.
 
-    Every matmul counts 2 m k n, times 3 for training. Not counted: embedding and
-    position lookups (a gather, not a matmul; an untied lm_head is counted once, as
-    the output matmul it is), LayerNorm, softmax, activations, biases, and remat's
-    recomputation (model FLOPs, not hardware FLOPs). Attention scores and values are
-    2 * 2 * T * d per token and layer forward, with causal attention counted whole
-    (every query over all T keys: PaLM's convention, `ATTENTION_CONVENTION`; MaxText
-    halves it) and a GPT-3 banded layer over its `local_window`. For a decoder this is
-    6 N + 12 L d T less the biases and LayerNorm scales N includes.
+    The family's forward matmul FLOPs (`gptjax.models.flops`, which says what is
+    counted) times 3 for training; remat's recomputation is not counted (model
+    FLOPs, not hardware FLOPs). For a decoder this is 6 N + 12 L d T less the
+    biases and LayerNorm scales N includes.
 
     "A token" is what the loop counts (`batch_size * seq_len` per step): a position
     of a decoder or encoder sequence of seq_len; for seq2seq, one token of a window
@@ -213,13 +150,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}.")
-    family = family_lib.family_of(cfg)
-    if family == "seq2seq":
-        forward = _seq2seq_forward(cfg, *source_target_lengths(seq_len))
-    elif family == "encoder":
-        forward = _encoder_forward(cfg, seq_len)
-    else:
-        forward = _decoder_forward(cfg, seq_len)
+    forward = family_lib.family_of(cfg).forward_flops(cfg, seq_len)
     return FORWARD_BACKWARD * forward / seq_len
 
 

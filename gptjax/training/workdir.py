@@ -28,7 +28,7 @@ def load_configs(workdir: str) -> dict:
                                 f"`gptjax train --workdir={workdir} ...`.")
     with open(path) as f:
         raw = json.load(f)
-    kinds = {"model": family.config_class(raw.get("family", "decoder")), "train": TrainConfig,
+    kinds = {"model": family.by_name(raw.get("family", "decoder")).config_class, "train": TrainConfig,
              "optimizer": OptimizerConfig, "data": DataConfig}
     return {k: kinds[k](**v) for k, v in raw.items() if k in kinds}
 
