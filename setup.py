@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # Everything the test suite needs, including the reference implementations.
+    # Everything the test suite and the CI checks need, including the reference implementations.
     "dev": [
         "pytest>=8",
         "pytest-xdist>=3.5",
@@ -34,6 +34,8 @@ EXTRAS = {
         "nbclient>=0.10",
         "nbformat>=5.9",
         "ipykernel>=6.29",
+        "ruff==0.17.6",  # pinned: lint and format results change between ruff releases
+        "import-linter>=2.1",  # the layering contract in pyproject.toml (lint-imports)
     ],
     # TFDS catalog datasets that need TensorFlow (not needed for gptjax's own builders).
     "tf": ["tensorflow>=2.16"],
