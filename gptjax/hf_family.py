@@ -204,7 +204,7 @@ def _same(hf_config: dict, a: str, b: str):
 
 def _check_sinusoidal(table: np.ndarray, key: str) -> None:
     """Our positions are computed, not stored: refuse a table they would not reproduce."""
-    from gptjax.models.gpt import sinusoidal
+    from gptjax.models.layers import sinusoidal
 
     ours = np.asarray(sinusoidal(np.arange(table.shape[0])[None], table.shape[1]))[0]
     if not np.allclose(ours, table, atol=1e-5):
@@ -274,7 +274,7 @@ def to_hf_marian(cfg, params: dict, *, pad_id: int = 0, eos_id: int = 1) -> tupl
     Applied to a gradient tree, it gives each HF key its gradient: a tied HF
     tensor's gradient is the sum over its uses, which is ours for `wte`.
     """
-    from gptjax.models.gpt import sinusoidal
+    from gptjax.models.layers import sinusoidal
 
     if ((cfg.ln_placement, cfg.pos_embedding, cfg.layer_norm_eps) != ("post", "sinusoidal", 1e-5)
             or cfg.d_model % 2):

@@ -8,6 +8,7 @@ import pytest
 
 from gptjax.models import attention as attn_lib
 from gptjax.models import gpt as model
+from gptjax.models import layers
 from gptjax.config import PRESETS, ModelConfig, get_preset
 from tests.reference import decoder_param_count as param_count
 from tests.reference import reference_logits
@@ -72,7 +73,7 @@ def test_causality_by_gradient(variant):
 
     def logits_at(x_TD, pos):
         h = x_TD[None]
-        h, _ = model.run_layers(cfg, params["h"], h, {}, lambda p, x, e, is_local: (
+        h, _ = layers.run_layers(cfg, params["h"], h, {}, lambda p, x, e, is_local: (
             model.block(cfg, p, x, jnp.arange(t)[None], None, is_local=is_local)[0], None))
         return model.unembed(cfg, params, h)[0, pos].sum()
 
@@ -125,7 +126,7 @@ def test_kv_cache_decoding_equals_full_forward(variant):
     cfg, params, tokens = _setup(**VARIANTS[variant])
     b, t, prompt = tokens.shape[0], tokens.shape[1], 4
     full = model.forward(cfg, params, tokens)
-    cache = model.init_cache(cfg, b, t)
+    cache = layers.init_cache(cfg, b, t)
     valid = jnp.zeros((b, t), bool).at[:, :prompt].set(True)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     logits, cache = model.forward_cached(cfg, params, tokens[:, :prompt], cache,

@@ -2,7 +2,6 @@
 
 import io
 
-import numpy as np
 import pytest
 
 from gptjax.data.tokenizer import ByteTokenizer
@@ -68,11 +67,3 @@ def test_chat_loop_reads_piped_lines_and_keeps_the_transcript():
     assert printed.startswith("Assistant: ") and printed.count("Assistant: ") == 2
     assert [r for r, _ in transcript] == ["Human", "Assistant", "Human", "Assistant"]
     assert transcript[2] == ("Human", "how are you?")
-
-
-def test_left_pad_to_fixed_width():
-    tokens, mask = chat.left_pad_to([[5, 6], [1, 2, 3, 4]], 3, pad_id=0)
-    np.testing.assert_array_equal(tokens, [[0, 5, 6], [2, 3, 4]])
-    np.testing.assert_array_equal(mask, [[0, 1, 1], [1, 1, 1]])
-    with pytest.raises(ValueError, match="empty"):
-        chat.left_pad_to([[]], 3)

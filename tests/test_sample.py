@@ -10,6 +10,7 @@ import pytest
 
 from gptjax.models import gpt as model
 
+from gptjax.inference import beam
 from gptjax.inference import sampling as sample
 from gptjax.config import ModelConfig
 
@@ -55,6 +56,14 @@ def _naive_greedy(params, tokens, mask, steps):
         nxt = np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]
         tokens, mask = np.concatenate([tokens, nxt], 1), np.concatenate([mask, mask[:, -1:] * 0 + 1], 1)
     return tokens
+
+
+def test_left_pad_to_fixed_width():
+    tokens, mask = sample.left_pad([[5, 6], [1, 2, 3, 4]], pad_id=0, width=3)
+    np.testing.assert_array_equal(tokens, [[0, 5, 6], [2, 3, 4]])
+    np.testing.assert_array_equal(mask, [[0, 1, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="empty"):
+        sample.left_pad([[]], width=3)
 
 
 def test_cached_greedy_equals_naive_loop_with_ragged_prompts(params):
@@ -154,13 +163,13 @@ def test_length_penalty_kinds_by_hand():
     for alpha in (0.0, 0.6, 1.0, 2.0):
         hf = [s / n ** alpha for s, n in zip([-6.0, -6.0, -3.0], [1, 3, 7])]
         gnmt = [s / ((5 + n) / 6) ** alpha for s, n in zip([-6.0, -6.0, -3.0], [1, 3, 7])]
-        np.testing.assert_allclose(sample.length_normalised(score, length, alpha), hf, rtol=1e-6)
-        np.testing.assert_allclose(sample.length_normalised(score, length, alpha, "gnmt"), gnmt,
+        np.testing.assert_allclose(beam.length_normalised(score, length, alpha), hf, rtol=1e-6)
+        np.testing.assert_allclose(beam.length_normalised(score, length, alpha, "gnmt"), gnmt,
                                    rtol=1e-6)
     # GNMT at alpha = 0 is the raw likelihood (as is HF's).
-    np.testing.assert_array_equal(sample.length_normalised(score, length, 0.0, "gnmt"), score)
+    np.testing.assert_array_equal(beam.length_normalised(score, length, 0.0, "gnmt"), score)
     with pytest.raises(ValueError, match="length_penalty_kind must be 'hf'.*'gnmt'.*'wu'"):
-        sample.length_normalised(score, length, 1.0, "wu")
+        beam.length_normalised(score, length, 1.0, "wu")
 
 
 # (kind, alpha) for the exhaustive comparison; at alpha 1 and 2 the two kinds pick different

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from gptjax.models import bert as encoder
+from gptjax.models import layers
 
 from gptjax.models import transformer as seq2seq
 
@@ -107,7 +108,7 @@ def test_cached_decoding_equals_full_forward_at_every_step():
     src_mask = (jnp.arange(9)[None] < jnp.array([[9], [6], [3]])).astype(jnp.int32)
     full = forward(CFG, params, src, tgt, src_mask=src_mask)
     source = seq2seq_decode.prepare(CFG, params, src, src_mask)
-    cache = seq2seq_decode.init_cache(CFG, 3, 8)
+    cache = layers.init_cache(CFG, 3, 8, CFG.decoder_layers)
     for i in range(8):
         step, cache = decode(CFG, params, tgt[:, i:i + 1], source["cross"],
                                      source["src_valid"], cache=cache, cache_index=i)

@@ -52,6 +52,7 @@ what the sampling knobs do to a distribution. Everything here runs on a tiny ran
 import matplotlib.pyplot as plt
 from gptjax.models import attention
 from gptjax.models import gpt as model
+from gptjax.models import layers
 from gptjax.inference import sampling as sample
 from gptjax.config import ModelConfig
 
@@ -69,7 +70,7 @@ for ax, m, title in zip(axes, (dense, banded, padded), ("causal", "banded (windo
 plt.tight_layout(); plt.show()"""),
 ("md", "## Attention probabilities of one head\nComputed with the readable einsum path of `gptjax.models.attention`."),
 ("code", """p = jax.tree.map(lambda a: a[0], params["h"])           # layer 0
-x = model.layer_norm(p["ln_1"], model.embed(cfg, params, tokens, jnp.arange(24)[None]), 1e-5)
+x = layers.layer_norm(p["ln_1"], model.embed(cfg, params, tokens, jnp.arange(24)[None]), 1e-5)
 qkv = jnp.einsum("btd,dcnh->btcnh", x, p["attn"]["c_attn"]["kernel"]) + p["attn"]["c_attn"]["bias"]
 q, k = qkv[:, :, 0], qkv[:, :, 1]
 logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(cfg.head_dim)
@@ -78,7 +79,7 @@ plt.imshow(np.asarray(probs[0, 0]), cmap="viridis"); plt.colorbar(); plt.title("
 plt.show()"""),
 ("md", "## The KV cache gives the full forward's logits\nPrefill 8 tokens, then decode one token at a time; compare every step with one full forward pass."),
 ("code", """full = model.forward(cfg, params, tokens)
-cache = model.init_cache(cfg, 1, 24)
+cache = layers.init_cache(cfg, 1, 24)
 valid = jnp.zeros((1, 24), bool).at[:, :8].set(True)
 logits, cache = model.forward_cached(cfg, params, tokens[:, :8], cache, positions_BT=jnp.arange(8)[None],
                                      kv_valid_BS=valid, cache_index=0)

@@ -48,10 +48,7 @@ def _decoder_ids(cfg, params, sources, sp: numbers.Specials, *, prompt_len: int,
                  **_):
     """Generated ids (B, tgt_len) after left-padded ``[start] s [delim]`` prompts."""
     prompts = [[sp.start_id, *s, sp.delimiter_id] for s in sources]
-    tokens_BP = np.full((len(prompts), prompt_len), sp.pad_id, np.int32)
-    mask_BP = np.zeros((len(prompts), prompt_len), np.int32)
-    for i, p in enumerate(prompts):
-        tokens_BP[i, prompt_len - len(p):], mask_BP[i, prompt_len - len(p):] = p, 1
+    tokens_BP, mask_BP = sample.left_pad(prompts, sp.pad_id, prompt_len)
     out = sample.generate(cfg, params, tokens_BP, key=jax.random.key(0), max_new_tokens=tgt_len,
                           greedy=True, stop_tokens=(sp.eos_id,), prompt_mask=mask_BP,
                           pad_id=sp.pad_id)

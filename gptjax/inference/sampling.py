@@ -5,7 +5,8 @@ Prompts of different lengths are left-padded into one `(B, T)` array with a
 padded row; positions count real tokens only, so a padded row generates
 exactly what it would alone. Prefill and the whole decode loop run inside
 one jitted function (a `lax.while_loop` that stops when every row is done),
-compiled once per shape and static setting.
+compiled once per shape and static setting. Beam search runs `beam.search`
+with this model's cached forward as its next-token step.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
+from gptjax.inference import beam
+from gptjax.models import gpt as model
+from gptjax.models import layers
 
 
 @flax.struct.dataclass
@@ -107,36 +110,43 @@ def _prepare(cfg: ModelConfig, prompt_BT, prompt_mask, max_new_tokens: int):
         raise ValueError(f"prompt length {prompt_BT.shape[1]} + max_new_tokens {max_new_tokens}"
                          f" = {total} exceeds the model's max_len={cfg.max_len}; shorten the "
                          "prompt (keep its last tokens) or generate fewer tokens.")
-    model.check_tokens(cfg, prompt_BT, n_slots=total)
+    layers.check_tokens(cfg, prompt_BT, n_slots=total)
     return jnp.asarray(prompt_BT, jnp.int32), jnp.asarray(mask, jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
-    """A list of token lists → (tokens_BT, mask_BT), left-padded to the longest."""
-    t = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), t), pad_id, np.int32)
-    mask = np.zeros((len(prompts), t), np.int32)
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A list of token lists -> (tokens_BT, mask_BT), each prompt right-aligned in T slots.
+
+    T is `width`, or the longest prompt's length when None. A prompt longer than `width`
+    keeps its last `width` tokens (the end is what a continuation follows). A fixed width
+    gives every batch of a run one shape, so the sampler compiles once.
+    """
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("left_pad needs at least one prompt")
+    width = max(map(len, prompts)) if width is None else width
+    if width < 1:
+        raise ValueError(f"width must be positive, got {width}")
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-        if len(p):
-            tokens[i, t - len(p):], mask[i, t - len(p):] = p, 1
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        p = p[-width:]
+        tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
     return tokens, mask
 
 
 def _prefill(cfg, params, prompt_BT, mask_BT, n_slots):
     """Run the prompt through the model, filling cache slots [0, T)."""
     b, t = prompt_BT.shape
-    cache = model.init_cache(cfg, b, n_slots)
+    cache = layers.init_cache(cfg, b, n_slots)
     kv_valid_BS = jnp.zeros((b, n_slots), bool).at[:, :t].set(mask_BT.astype(bool))
     logits_BTV, cache = model.forward_cached(
-        cfg, params, prompt_BT, cache, positions_BT=model.positions_from_mask(mask_BT),
+        cfg, params, prompt_BT, cache, positions_BT=layers.positions_from_mask(mask_BT),
         kv_valid_BS=kv_valid_BS, cache_index=0)
     return logits_BTV[:, -1], cache, kv_valid_BS
-
-
-def _is_stop(tok_B, stop_tokens):
-    if not stop_tokens:
-        return jnp.zeros(tok_B.shape, bool)
-    return jnp.isin(tok_B, jnp.asarray(stop_tokens))
 
 
 # ---------------------------------------------------------------------- sampling
@@ -174,7 +184,7 @@ def _sample(cfg, params, prompt_BT, mask_BT, key, temperature, top_p, repetition
             cfg, params, tok_B[:, None], s["cache"], positions_BT=(next_pos_B + i)[:, None],
             kv_valid_BS=kv_valid, cache_index=t + i)
         return dict(i=i + 1, out=s["out"].at[:, i].set(tok_B), logp=s["logp"].at[:, i].set(lp_B),
-                    done=s["done"] | _is_stop(tok_B, stop_tokens), cache=cache,
+                    done=s["done"] | beam.is_stop(tok_B, stop_tokens), cache=cache,
                     kv_valid=kv_valid, last=logits_B1V[:, 0],
                     presence=s["presence"].at[rows_B, tok_B].set(True), key=key)
 
@@ -216,94 +226,30 @@ def generate(cfg: ModelConfig, params, prompt_BT, *, key: jax.Array, max_new_tok
 # ------------------------------------------------------------------ beam search
 
 
-LENGTH_PENALTY_KINDS = ("hf", "gnmt")
-
-
-def check_length_penalty_kind(kind: str) -> None:
-    if kind not in LENGTH_PENALTY_KINDS:
-        raise ValueError(f"length_penalty_kind must be 'hf' (length**alpha) or 'gnmt' "
-                         f"(((5 + length) / 6)**alpha), got {kind!r}.")
-
-
-def length_normalised(score, length, alpha, kind: str = "hf"):
-    """A hypothesis' summed log-prob divided by its length penalty, the beam ranking score.
-
-    Raw likelihood favours short hypotheses (every token costs log-probability), so beams
-    rank by score / lp(length). `kind` names the penalty:
-      "hf":   lp = length**alpha, Hugging Face's `length_penalty` (0: raw likelihood,
-              1: per-token average);
-      "gnmt": lp = ((5 + length) / 6)**alpha, Wu et al. 2016 (GNMT) eq. 14: 1 at length
-              1, so it tempers short outputs less than "hf" at the same alpha.
-    Both are 1 at alpha = 0 and depend on the length only, so hypotheses of one length keep
-    their raw order. Used by this module's and `seq2seq_decode`'s beam searches.
-    """
-    check_length_penalty_kind(kind)
-    length = jnp.asarray(length, jnp.float32)
-    lp = length ** alpha if kind == "hf" else ((5.0 + length) / 6.0) ** alpha
-    return score / lp
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "max_new_tokens",
                                              "stop_tokens", "pad_id", "length_penalty_kind"))
 def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
                  max_new_tokens, stop_tokens, pad_id, length_penalty_kind):
-    b, t = prompt_BT.shape
-    k, v = num_beams, cfg.vocab_size
-    last_BV, cache, kv_valid_BS = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
-    repeat = lambda a, axis=0: jnp.repeat(a, k, axis=axis)
-    cache = jax.tree.map(lambda a: repeat(a, axis=1), cache)  # (L, B*K, S, N, H)
-    # Only beam 0 is live at the start, so the first step does not pick K copies.
-    score_BK = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, 1))
-    pad_only_V = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)
-    next_pos_BK = repeat(mask_BT.sum(axis=1)).reshape(b, k)
-    state = dict(i=jnp.int32(0), score=score_BK, length=jnp.zeros((b, k), jnp.int32),
-                 done=jnp.zeros((b, k), bool), out=jnp.full((b * k, max_new_tokens), pad_id),
-                 logp=jnp.zeros((b * k, max_new_tokens)), cache=cache,
-                 kv_valid=repeat(kv_valid_BS), last=repeat(last_BV))
+    t = prompt_BT.shape[1]
+    last_BV, cache, _ = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
+    prompt_valid_RT = jnp.repeat(mask_BT.astype(bool), num_beams, axis=0)
+    next_pos_R = jnp.repeat(mask_BT.sum(axis=1), num_beams)
 
-    def step(s):
-        i = s["i"]
-        logp_BKV = jax.nn.log_softmax(s["last"], axis=-1).reshape(b, k, v)
-        # A finished beam may only continue with pad at no cost: it keeps its score.
-        logp_BKV = jnp.where(s["done"][..., None], pad_only_V, logp_BKV)
-        cand_BKV = s["score"][..., None] + logp_BKV
-        length_BK = jnp.where(s["done"], s["length"], i + 1)
-        # Rank by the length-normalised score; alive candidates share one length, so
-        # among them this is the raw order; it decides between finished and alive ones.
-        rank_BKV = length_normalised(cand_BKV, length_BK[..., None], length_penalty,
-                                     length_penalty_kind)
-        _, idx_BK = jax.lax.top_k(rank_BKV.reshape(b, k * v), k)
-        beam_BK, tok_BK = idx_BK // v, (idx_BK % v).astype(jnp.int32)
-        take = lambda a: jnp.take_along_axis(a, beam_BK, axis=1)
-        parent_done_BK = take(s["done"])
-        flat = lambda a: a.reshape(b * k, *a.shape[2:])
-        parent_B = (jnp.arange(b)[:, None] * k + beam_BK).reshape(-1)  # into the B*K rows
-        out, logp, kv_valid = (a[parent_B] for a in (s["out"], s["logp"], s["kv_valid"]))
-        cache = jax.tree.map(lambda a: jnp.take(a, parent_B, axis=1), s["cache"])
-        tok_lp_BK = jnp.take_along_axis(logp_BKV.reshape(b, k * v), idx_BK, axis=1)
-        kv_valid = kv_valid.at[:, t + i].set(~flat(parent_done_BK))
-        tok = flat(tok_BK)
-        logits_B1V, cache = model.forward_cached(
-            cfg, params, tok[:, None], cache, positions_BT=flat(next_pos_BK + i)[:, None],
-            kv_valid_BS=kv_valid, cache_index=t + i)
-        return dict(i=i + 1, score=jnp.take_along_axis(cand_BKV.reshape(b, k * v), idx_BK, 1),
-                    length=take(length_BK),
-                    done=parent_done_BK | _is_stop(tok_BK, stop_tokens),
-                    out=out.at[:, i].set(tok), logp=logp.at[:, i].set(flat(tok_lp_BK)),
-                    cache=cache, kv_valid=kv_valid, last=logits_B1V[:, 0])
+    def advance(beams, cache, i):
+        """Logits after token i of every beam, written at cache slot t + i."""
+        kv_valid_RS = jnp.concatenate([prompt_valid_RT, beams.mask_RN.astype(bool)], axis=1)
+        logits_R1V, cache = model.forward_cached(
+            cfg, params, beams.tokens_RN[:, i, None], cache,
+            positions_BT=(next_pos_R + i)[:, None], kv_valid_BS=kv_valid_RS, cache_index=t + i)
+        return logits_R1V[:, 0], cache
 
-    s = jax.lax.while_loop(lambda s: (s["i"] < max_new_tokens) & ~jnp.all(s["done"]), step,
-                           state)
-    final_BK = length_normalised(s["score"], jnp.maximum(s["length"], 1), length_penalty,
-                                 length_penalty_kind)
-    best_B = jnp.argmax(final_BK, axis=1)
-    pick = lambda a: a.reshape(b, k, *a.shape[1:])[jnp.arange(b), best_B]
-    gen_mask = pick(s["kv_valid"])[:, t:].astype(jnp.int32)
-    return SampleOutput(tokens=jnp.concatenate([prompt_BT, pick(s["out"])], axis=1),
-                        logprobs=pick(s["logp"]),
-                        mask=jnp.concatenate([mask_BT, gen_mask], axis=1),
-                        done=s["done"][jnp.arange(b), best_B],
-                        scores=final_BK[jnp.arange(b), best_B])
+    best = beam.search(last_BV, cache, advance, num_beams=num_beams,
+                       max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, pad_id=pad_id,
+                       length_penalty=length_penalty, length_penalty_kind=length_penalty_kind)
+    return SampleOutput(tokens=jnp.concatenate([prompt_BT, best.tokens], axis=1),
+                        logprobs=best.logprobs,
+                        mask=jnp.concatenate([mask_BT, best.mask], axis=1),
+                        done=best.done, scores=best.score)
 
 
 def beam_search(cfg: ModelConfig, params, prompt_BT, *, num_beams: int, max_new_tokens: int,
@@ -313,7 +259,7 @@ def beam_search(cfg: ModelConfig, params, prompt_BT, *, num_beams: int, max_new_
     """The most likely continuation found by a beam of `num_beams` hypotheses.
 
     A hypothesis ends at a stop token and then keeps its score; the winner
-    maximises `length_normalised(sum(logprobs), length, length_penalty,
+    maximises `beam.length_normalised(sum(logprobs), length, length_penalty,
     length_penalty_kind)`, the length counting the stop token: "hf" divides by
     length**length_penalty (0 = raw likelihood, which favours short outputs;
     1 = per-token average), "gnmt" by ((5 + length) / 6)**length_penalty.
@@ -321,7 +267,7 @@ def beam_search(cfg: ModelConfig, params, prompt_BT, *, num_beams: int, max_new_
     prompt_BT, mask_BT = _prepare(cfg, prompt_BT, prompt_mask, max_new_tokens)
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
-    check_length_penalty_kind(length_penalty_kind)
+    beam.check_length_penalty_kind(length_penalty_kind)
     return _beam_search(cfg, params, prompt_BT, mask_BT, jnp.float32(length_penalty),
                         num_beams=num_beams, max_new_tokens=max_new_tokens,
                         stop_tokens=tuple(int(x) for x in stop_tokens), pad_id=pad_id,

@@ -28,10 +28,11 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from gptjax.models import gpt as model
+from gptjax.models import layers
 from gptjax.config import ModelConfig, EncoderConfig, check_activation
 from gptjax.parallel.logical import constrain
 
-Params = model.Params
+Params = layers.Params
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU (BERT, HF "gelu")
@@ -49,10 +50,10 @@ def init_params(cfg: EncoderConfig, key: jax.Array) -> Params:
     k_trunk, k_type, k_dense = jax.random.split(key, 3)
     params = model.init_params(cfg, k_trunk)
     d, dt = cfg.d_model, cfg.weight_dtype
-    params["wtt"] = model._normal(k_type, (cfg.type_vocab_size, d), 0.02, dt)
+    params["wtt"] = layers._normal(k_type, (cfg.type_vocab_size, d), 0.02, dt)
     params["ln_embd"] = {"scale": jnp.ones((d,), dt), "bias": jnp.zeros((d,), dt)}
     params["mlm"] = {
-        "dense": {"kernel": model._normal(k_dense, (d, d), 0.02, dt), "bias": jnp.zeros((d,), dt)},
+        "dense": {"kernel": layers._normal(k_dense, (d, d), 0.02, dt), "bias": jnp.zeros((d,), dt)},
         "ln": {"scale": jnp.ones((d,), dt), "bias": jnp.zeros((d,), dt)},
         "bias": jnp.zeros((cfg.vocab_size,), dt),
     }
@@ -87,15 +88,15 @@ def ffn(cfg: ModelConfig, p: Params, x_BTD: Float[Array, "B T D"],
     h_BTF = x_BTD @ p["c_fc"]["kernel"].astype(dt) + p["c_fc"]["bias"].astype(dt)
     h_BTF = constrain(ACTIVATIONS[cfg.activation](h_BTF), ("batch", "seq", "mlp"))
     out_BTD = h_BTF @ p["c_proj"]["kernel"].astype(dt) + p["c_proj"]["bias"].astype(dt)
-    return model.dropout(out_BTD, cfg.resid_dropout, key)
+    return layers.dropout(out_BTD, cfg.resid_dropout, key)
 
 
 def sublayer(cfg: ModelConfig, ln: Params, x_BTD, fn: Callable) -> Float[Array, "B T D"]:
     """A residual around `fn`: LN on the input (pre-LN) or after the add (post-LN)."""
     eps = cfg.layer_norm_eps
     if cfg.ln_placement == "pre":
-        return x_BTD + fn(model.layer_norm(ln, x_BTD, eps))
-    return model.layer_norm(ln, x_BTD + fn(x_BTD), eps)
+        return x_BTD + fn(layers.layer_norm(ln, x_BTD, eps))
+    return layers.layer_norm(ln, x_BTD + fn(x_BTD), eps)
 
 
 def encoder_block(cfg: ModelConfig, p: Params, x_BTD: Float[Array, "B T D"], positions_BT,
@@ -104,7 +105,7 @@ def encoder_block(cfg: ModelConfig, p: Params, x_BTD: Float[Array, "B T D"], pos
     keys = (None, None, None) if key is None else tuple(jax.random.split(key, 3))
 
     def attend(y_BTD):
-        return model.self_attention(cfg, p["attn"], y_BTD, positions_BT, mask_B1TS,
+        return layers.self_attention(cfg, p["attn"], y_BTD, positions_BT, mask_B1TS,
                                     keys=keys[:2])[0]
 
     x_BTD = sublayer(cfg, p["ln_1"], x_BTD, attend)
@@ -121,11 +122,11 @@ def run_encoder(cfg: ModelConfig, h: Params, x_BTD: Float[Array, "B T D"], posit
         del is_local  # always dense
         return encoder_block(cfg, p, x_BTD, positions_BT, mask_B1TS, extra.get("key")), None
 
-    return model.run_layers(cfg, h, x_BTD, per_layer, layer_fn)[0]
+    return layers.run_layers(cfg, h, x_BTD, per_layer, layer_fn)[0]
 
 
 def _check_inputs(cfg: EncoderConfig, tokens_BT, segment_ids, mask) -> None:
-    model.check_tokens(cfg, tokens_BT)
+    layers.check_tokens(cfg, tokens_BT)
     for name, a in (("segment_ids", segment_ids), ("mask", mask)):
         if a is not None and a.shape != tokens_BT.shape:
             raise ValueError(f"{name} has shape {a.shape}; it must match tokens {tokens_BT.shape}.")
@@ -141,8 +142,8 @@ def embed(cfg: EncoderConfig, params: Params, tokens_BT, segment_ids_BT, positio
     """Word + position + token-type embeddings, then LayerNorm and dropout (BERT)."""
     x_BTD = model.embed(cfg, params, tokens_BT, positions_BT)
     x_BTD += jnp.take(params["wtt"], segment_ids_BT, axis=0).astype(cfg.compute_dtype)
-    x_BTD = model.layer_norm(params["ln_embd"], x_BTD, cfg.layer_norm_eps)
-    return constrain(model.dropout(x_BTD, cfg.embd_dropout, key), ("batch", "seq", "embed"))
+    x_BTD = layers.layer_norm(params["ln_embd"], x_BTD, cfg.layer_norm_eps)
+    return constrain(layers.dropout(x_BTD, cfg.embd_dropout, key), ("batch", "seq", "embed"))
 
 
 def hidden_states(cfg: EncoderConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
@@ -167,7 +168,7 @@ def hidden_states(cfg: EncoderConfig, params: Params, tokens_BT: Int[Array, "B T
     x_BTD = run_encoder(cfg, params["h"], x_BTD, positions_BT, padding_mask(valid_BT, t),
                         layers_key)
     if cfg.ln_placement == "pre":
-        x_BTD = model.layer_norm(params["ln_f"], x_BTD, cfg.layer_norm_eps)
+        x_BTD = layers.layer_norm(params["ln_f"], x_BTD, cfg.layer_norm_eps)
     return x_BTD
 
 
@@ -176,7 +177,7 @@ def mlm_head(cfg: EncoderConfig, params: Params, x_BTD) -> Float[Array, "B T V"]
     word embeddings plus a per-token bias; float32 logits."""
     p, dt = params["mlm"], cfg.compute_dtype
     h_BTD = x_BTD @ p["dense"]["kernel"].astype(dt) + p["dense"]["bias"].astype(dt)
-    h_BTD = model.layer_norm(p["ln"], ACTIVATIONS[cfg.activation](h_BTD), cfg.layer_norm_eps)
+    h_BTD = layers.layer_norm(p["ln"], ACTIVATIONS[cfg.activation](h_BTD), cfg.layer_norm_eps)
     return model.unembed(cfg, params, h_BTD) + p["bias"].astype(jnp.float32)
 
 

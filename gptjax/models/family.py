@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from gptjax.config import EncoderConfig, ModelConfig, Seq2SeqConfig
-from gptjax.models import bert, flops, gpt, transformer
+from gptjax.models import bert, flops, gpt, layers, transformer
 
 TokenLosses = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -197,11 +197,11 @@ def model_config(family: str = "decoder") -> ModelConfig:
 # --------------------------------------------------- the family's functions
 
 
-def init_params(cfg: ModelConfig, key: jax.Array) -> gpt.Params:
+def init_params(cfg: ModelConfig, key: jax.Array) -> layers.Params:
     return family_of(cfg).init_params(cfg, key)
 
 
-def param_axes(cfg: ModelConfig) -> gpt.Params:
+def param_axes(cfg: ModelConfig) -> layers.Params:
     return family_of(cfg).param_axes(cfg)
 
 

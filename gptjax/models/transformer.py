@@ -30,10 +30,11 @@ from jaxtyping import Array, Bool, Float, Int
 from gptjax.models import attention as attn_lib
 from gptjax.models import bert as encoder
 from gptjax.models import gpt as model
+from gptjax.models import layers
 from gptjax.config import ModelConfig, Seq2SeqConfig
 from gptjax.parallel.logical import constrain
 
-Params = model.Params
+Params = layers.Params
 
 
 def _decoder_cfg(cfg: Seq2SeqConfig) -> Seq2SeqConfig:
@@ -52,11 +53,11 @@ def init_params(cfg: Seq2SeqConfig, key: jax.Array) -> Params:
     ld, d, n, h, dt = dcfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.weight_dtype
     dec["h"]["ln_cross"] = {"scale": jnp.ones((ld, d), dt), "bias": jnp.zeros((ld, d), dt)}
     dec["h"]["cross_attn"] = {
-        "q": {"kernel": model._normal(k_q, (ld, d, n, h), 0.02, dt),
+        "q": {"kernel": layers._normal(k_q, (ld, d, n, h), 0.02, dt),
               "bias": jnp.zeros((ld, n, h), dt)},
-        "kv": {"kernel": model._normal(k_kv, (ld, d, 2, n, h), 0.02, dt),
+        "kv": {"kernel": layers._normal(k_kv, (ld, d, 2, n, h), 0.02, dt),
                "bias": jnp.zeros((ld, 2, n, h), dt)},
-        "c_proj": {"kernel": model._normal(k_o, (ld, n, h, d), 0.02 / math.sqrt(2 * ld), dt),
+        "c_proj": {"kernel": layers._normal(k_o, (ld, n, h, d), 0.02 / math.sqrt(2 * ld), dt),
                    "bias": jnp.zeros((ld, d), dt)},
     }
     params = {"wte": enc["wte"], "final_logits_bias": jnp.zeros((cfg.vocab_size,), dt)}
@@ -97,10 +98,10 @@ def embed(cfg: Seq2SeqConfig, params: Params, stack: Params, tokens_BT, position
     x_BTD = jnp.take(params["wte"], tokens_BT, axis=0).astype(cfg.compute_dtype)
     x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, cfg.compute_dtype)
     if cfg.pos_embedding == "sinusoidal":
-        x_BTD += model.sinusoidal(positions_BT, cfg.d_model).astype(cfg.compute_dtype)
+        x_BTD += layers.sinusoidal(positions_BT, cfg.d_model).astype(cfg.compute_dtype)
     else:
         x_BTD += jnp.take(stack["wpe"], positions_BT, axis=0).astype(cfg.compute_dtype)
-    return constrain(model.dropout(x_BTD, cfg.embd_dropout, key), ("batch", "seq", "embed"))
+    return constrain(layers.dropout(x_BTD, cfg.embd_dropout, key), ("batch", "seq", "embed"))
 
 
 def cross_kv(cfg: Seq2SeqConfig, p: Params, enc_BSD: Float[Array, "B S D"]
@@ -134,7 +135,7 @@ def cross_attention(cfg: Seq2SeqConfig, p: Params, x_BTD: Float[Array, "B T D"],
     out_BTNH = out_BUNH.reshape(q_BTNH.shape)
     out_BTD = (jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt))
                + p["c_proj"]["bias"].astype(dt))
-    return model.dropout(out_BTD, cfg.resid_dropout, keys[1])
+    return layers.dropout(out_BTD, cfg.resid_dropout, keys[1])
 
 
 def decoder_block(cfg: Seq2SeqConfig, p: Params, x_BTD, positions_BT, self_mask_B1TS,
@@ -144,7 +145,7 @@ def decoder_block(cfg: Seq2SeqConfig, p: Params, x_BTD, positions_BT, self_mask_
     self_kv = [None]
 
     def attend(y_BTD):
-        out_BTD, self_kv[0] = model.self_attention(
+        out_BTD, self_kv[0] = layers.self_attention(
             cfg, p["attn"], y_BTD, positions_BT, self_mask_B1TS, kv_cache=kv_cache,
             cache_index=cache_index, keys=keys[:2])
         return out_BTD
@@ -158,7 +159,7 @@ def decoder_block(cfg: Seq2SeqConfig, p: Params, x_BTD, positions_BT, self_mask_
 
 
 def _final_ln(cfg, stack, x_BTD):
-    return (model.layer_norm(stack["ln_f"], x_BTD, cfg.layer_norm_eps)
+    return (layers.layer_norm(stack["ln_f"], x_BTD, cfg.layer_norm_eps)
             if cfg.ln_placement == "pre" else x_BTD)
 
 
@@ -169,7 +170,7 @@ def _positions(b: int, t: int, start=0) -> Int[Array, "B T"]:
 def encode(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
            src_valid_BS: Bool[Array, "B S"], key=None) -> Float[Array, "B S D"]:
     """The encoder stack's output (padding keys masked; padded rows are unused)."""
-    model.check_tokens(cfg, src_BS)
+    layers.check_tokens(cfg, src_BS)
     b, s = src_BS.shape
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     x_BSD = embed(cfg, params, params["encoder"], src_BS, _positions(b, s), keys[0])
@@ -197,13 +198,13 @@ def decode_hidden(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"],
     slots [cache_index, cache_index + T), and the updated cache.
 
     Without a cache the whole target is read at once (teacher forcing); with
-    one (`seq2seq_decode.init_cache`), new self-attention K/V are written into
+    one (`layers.init_cache`), new self-attention K/V are written into
     it and the queries attend over every slot filled so far. `cross` and
     `src_valid_BS` may be those of B / K sources, each shared by K consecutive
     target rows (beams; see `cross_attention`).
     """
     dcfg = _decoder_cfg(cfg)
-    model.check_tokens(cfg, tgt_BT, None if cache is None else cache["k"].shape[2])
+    layers.check_tokens(cfg, tgt_BT, None if cache is None else cache["k"].shape[2])
     b, t = tgt_BT.shape
     if b % src_valid_BS.shape[0]:
         raise ValueError(f"{b} target rows cannot share {src_valid_BS.shape[0]} sources evenly.")
@@ -228,7 +229,7 @@ def decode_hidden(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"],
                              (extra["ck"], extra["cv"]), kv_cache=kv_cache,
                              cache_index=cache_index, key=extra.get("key"))
 
-    x_BTD, (k, v) = model.run_layers(dcfg, params["decoder"]["h"], x_BTD, per_layer, layer_fn)
+    x_BTD, (k, v) = layers.run_layers(dcfg, params["decoder"]["h"], x_BTD, per_layer, layer_fn)
     x_BTD = _final_ln(cfg, params["decoder"], x_BTD)
     return x_BTD, (None if cache is None else {"k": k, "v": v})
 

@@ -49,6 +49,7 @@ from jaxtyping import Array, Float, Int
 from gptjax.models import bert as encoder
 
 from gptjax.models import gpt as model
+from gptjax.models import layers
 
 from gptjax.models import transformer as seq2seq
 from gptjax.config import ModelConfig
@@ -236,7 +237,7 @@ def forward(cfg: ModelConfig, params: dict, batch: dict, kind: str, *, clf_dropo
                                  batch["extract"].reshape(b * c),
                                  None if segment is None else segment.reshape(b * c, t), keys[0])
     h_BCD = extract_states(x_NTD.reshape(b, c, t, -1), read_N.reshape(b, c))
-    h_BCD = model.dropout(h_BCD, clf_dropout, keys[1])
+    h_BCD = layers.dropout(h_BCD, clf_dropout, keys[1])
     lm_logits_NTV = lm_logits(cfg, params["gpt"], x_NTD)
     return head_logits(kind, params["head"], h_BCD), lm_logits_NTV.reshape(b, c, t, -1)
 

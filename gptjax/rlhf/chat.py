@@ -105,7 +105,7 @@ def reply(cfg: ModelConfig, params, tokenizer: Tokenizer, turns: Sequence[Turn],
     budget = cfg.max_len - new
     kept, ids = truncate_history(tokenizer, turns, budget)
     width = min(budget, -(-len(ids) // 32) * 32)  # a few prompt shapes: few sampler compiles
-    tokens, mask = left_pad_to([ids], width, tokenizer.pad_id)
+    tokens, mask = sample.left_pad([ids], tokenizer.pad_id, width)
     out = sample.generate(cfg, params, tokens, prompt_mask=mask, key=key, max_new_tokens=new,
                           stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, **sampling)
     return decode_reply(tokenizer, np.asarray(out.tokens[0, width:]).tolist()), kept
@@ -134,20 +134,6 @@ def chat_loop(cfg: ModelConfig, params, tokenizer: Tokenizer, lines: Iterable[st
     return transcript
 
 
-def left_pad_to(prompts: Sequence[Sequence[int]], width: int,
-                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts left-padded (or left-truncated) to a fixed width, so every batch of a run has
-    one shape and the sampler compiles once: (tokens_BP, mask_BP)."""
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        p = list(p)[-width:]
-        if not p:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    return tokens, mask
-
-
 def generate_replies(cfg: ModelConfig, params, tokenizer: Tokenizer,
                      prompts: Sequence[Sequence[int]], width: int, *, key: jax.Array,
                      max_new_tokens: int, temperature: float,
@@ -163,7 +149,7 @@ def generate_replies(cfg: ModelConfig, params, tokenizer: Tokenizer,
         part = list(prompts[start:start + chunk])
         n_real = len(part)
         part += [part[-1]] * (chunk - n_real)  # pad the last chunk: same shape, no recompile
-        tokens, mask = left_pad_to(part, width, tokenizer.pad_id)
+        tokens, mask = sample.left_pad(part, tokenizer.pad_id, width)
         key, sub = jax.random.split(key)
         out = sample.generate(cfg, params, tokens, prompt_mask=mask, key=sub,
                               max_new_tokens=max_new_tokens, temperature=temperature,

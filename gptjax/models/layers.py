@@ -1,0 +1,183 @@
+"""The building blocks every model kind shares, as pure functions over parameter dicts.
+
+The decoder (`gptjax.models.gpt`), the encoder (`gptjax.models.bert`) and the
+encoder–decoder (`gptjax.models.transformer`) are made of these: LayerNorm,
+dropout, sinusoidal positions, the GELU MLP, the self-attention projections
+(with an optional KV cache), and `run_layers`, which runs a stacked layer tree
+under `lax.scan` or unrolled, with or without remat.
+
+Shape letters: B batch, T sequence, S key/value slots, D model, F feed-forward,
+N heads, H head dim, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from gptjax.config import ModelConfig, is_local_layer
+from gptjax.models import attention as attn_lib
+from gptjax.parallel.logical import constrain
+
+Params = dict[str, Any]
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer, recompute everything
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _normal(key, shape, std, dtype):
+    """N(0, std) in float32, cast to `dtype` (the same draws for every dtype)."""
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+# ----------------------------------------------------------------------- pieces
+
+
+def layer_norm(p: Params, x_BTD: Float[Array, "B T D"], eps: float) -> Float[Array, "B T D"]:
+    """LayerNorm with float32 statistics, returned in the input's dtype."""
+    x = x_BTD.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x_BTD.dtype)
+
+
+def dropout(x, rate: float, key: jax.Array | None):
+    """Inverted dropout: zero each element with probability `rate`, scale the rest by
+    1 / (1 - rate); the identity at rate 0 or without a key (evaluation)."""
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def sinusoidal(positions_BT: Int[Array, "B T"], d: int) -> Float[Array, "B T D"]:
+    """Fixed sinusoidal positions (Vaswani et al.), sines in the first half of
+    the features and cosines in the second (the tensor2tensor/Marian layout)."""
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
+    angle_BTK = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    out = jnp.concatenate([jnp.sin(angle_BTK), jnp.cos(angle_BTK)], axis=-1)
+    return jnp.pad(out, ((0, 0), (0, 0), (0, d - out.shape[-1])))
+
+
+def mlp(cfg: ModelConfig, p: Params, x_BTD, key=None) -> Float[Array, "B T D"]:
+    """The position-wise feed-forward: D -> F, tanh GELU, F -> D, then residual dropout."""
+    dt = cfg.compute_dtype
+    h_BTF = x_BTD @ p["c_fc"]["kernel"].astype(dt) + p["c_fc"]["bias"].astype(dt)
+    h_BTF = constrain(jax.nn.gelu(h_BTF, approximate=True), ("batch", "seq", "mlp"))  # tanh GELU
+    out_BTD = h_BTF @ p["c_proj"]["kernel"].astype(dt) + p["c_proj"]["bias"].astype(dt)
+    return dropout(out_BTD, cfg.resid_dropout, key)
+
+
+def self_attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, mask_B1TS, *,
+                   window=None, kv_cache=None, cache_index=None, keys=(None, None)):
+    """Multi-head self-attention; with `kv_cache=(k_BSNH, v_BSNH)` the new keys
+    and values are written at `cache_index` and the queries attend over the cache.
+
+    Returns (out_BTD, (k, v)) where (k, v) is the updated cache (or this
+    call's keys/values when there is no cache).
+    """
+    dt = cfg.compute_dtype
+    qkv_BT3NH = (jnp.einsum("btd,dcnh->btcnh", x_BTD, p["c_attn"]["kernel"].astype(dt))
+                 + p["c_attn"]["bias"].astype(dt))
+    qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "seq", None, "heads", "head_dim"))
+    q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
+    if cfg.pos_embedding == "rope":
+        q_BTNH, k_BTNH = attn_lib.rope(q_BTNH, positions_BT), attn_lib.rope(k_BTNH, positions_BT)
+    if kv_cache is not None:
+        start = (0, cache_index, 0, 0)
+        k_BSNH = jax.lax.dynamic_update_slice(kv_cache[0], k_BTNH.astype(kv_cache[0].dtype), start)
+        v_BSNH = jax.lax.dynamic_update_slice(kv_cache[1], v_BTNH.astype(kv_cache[1].dtype), start)
+        cache_axes = ("batch", "kv_seq", "heads", "head_dim")
+        k_BSNH, v_BSNH = constrain(k_BSNH, cache_axes), constrain(v_BSNH, cache_axes)
+    else:
+        k_BSNH, v_BSNH = k_BTNH, v_BTNH
+    out_BTNH = attn_lib.attention(q_BTNH, k_BSNH.astype(dt), v_BSNH.astype(dt), mask_B1TS,
+                                  impl=cfg.attention_impl, window=window,
+                                  dropout_rate=cfg.attn_dropout, key=keys[0])
+    out_BTNH = constrain(out_BTNH, ("batch", "seq", "heads", "head_dim"))
+    out_BTD = (jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt))
+               + p["c_proj"]["bias"].astype(dt))
+    return dropout(out_BTD, cfg.resid_dropout, keys[1]), (k_BSNH, v_BSNH)
+
+
+# ------------------------------------------------------------------- the stack
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def run_layers(cfg: ModelConfig, h: Params, x_BTD, per_layer: dict,
+               layer_fn: Callable) -> tuple[Any, Any]:
+    """Apply `layer_fn(p, x, per_layer_slice, is_local) -> (x, y)` to every layer.
+
+    `per_layer` holds arrays with a leading L axis (dropout keys, KV caches);
+    the `y`s are stacked back along L. With `scan_layers` the stack runs under
+    `lax.scan`; GPT-3's alternating layers are scanned in pairs so whether a
+    layer is banded stays a Python constant (the fused kernels need it static).
+    """
+    fns = {}
+    for local in (False, True):
+        fn = functools.partial(layer_fn, is_local=local)
+        if cfg.remat != "none":
+            fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
+        fns[local] = fn
+    if not cfg.scan_layers:
+        ys = []
+        for i in range(cfg.n_layers):
+            x_BTD, y = fns[is_local_layer(cfg, i)](_index(h, i), x_BTD, _index(per_layer, i))
+            ys.append(y)
+        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+    group = 2 if cfg.attention == "gpt3_sparse" else 1
+    regroup = lambda a: a.reshape(a.shape[0] // group, group, *a.shape[1:])
+
+    def body(x_BTD, xs):
+        p_G, extra_G = xs
+        ys = []
+        for j in range(group):
+            x_BTD, y = fns[is_local_layer(cfg, j)](_index(p_G, j), x_BTD, _index(extra_G, j))
+            ys.append(y)
+        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+    x_BTD, ys = jax.lax.scan(body, x_BTD, jax.tree.map(regroup, (h, per_layer)))
+    return x_BTD, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys)
+
+
+def positions_from_mask(mask_BT) -> Int[Array, "B T"]:
+    """Position ids that count only real tokens, so left padding shifts nothing."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def check_tokens(cfg: ModelConfig, tokens_BT, n_slots: int | None = None) -> None:
+    """Clear errors for inputs the model cannot score (values checked when concrete)."""
+    if tokens_BT.ndim != 2:
+        raise ValueError(f"tokens must be a (batch, time) array, got shape {tokens_BT.shape}.")
+    length = tokens_BT.shape[1] if n_slots is None else n_slots
+    if cfg.pos_embedding == "learned" and length > cfg.max_len:
+        raise ValueError(f"sequence of {length} tokens exceeds the model's max_len="
+                         f"{cfg.max_len}; truncate the input or use a longer-context config.")
+    if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
+        lo, hi = int(np.min(tokens_BT)), int(np.max(tokens_BT))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab_size)"
+                             f"; got min {lo}, max {hi}. Is the tokenizer the model's?")
+
+
+def init_cache(cfg: ModelConfig, batch: int, n_slots: int, n_layers: int | None = None) -> dict:
+    """A preallocated self-attention KV cache, `(L, B, S, N, H)` per key/value, in the
+    compute dtype; L is `n_layers` (default `cfg.n_layers`; the seq2seq decoder's depth)."""
+    n_layers = cfg.n_layers if n_layers is None else n_layers
+    shape = (n_layers, batch, n_slots, cfg.n_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
