@@ -189,7 +189,7 @@ def hf_grads(hf, loss) -> tuple[dict, set]:
 def test_mlm_gradients_match_hf_bert():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from gptjax import hf_family as convert_family
+    from gptjax import hf as convert_family
     from tests.test_convert_family import BERT_SIZES, _hf_bert, _state_dict
 
     size = BERT_SIZES[0]  # tied: the word embeddings get input + output gradients

@@ -284,7 +284,7 @@ def _marian_fixtures():
 def test_marian_export_is_the_exact_inverse_of_import(which):
     import torch
 
-    from gptjax import hf_family as convert_family
+    from gptjax import hf as convert_family
     fx = _marian_fixtures()
     hf, hf_cfg = fx._hf_marian(*fx.MARIAN_SIZES[which])
     sd = fx._state_dict(hf)
@@ -305,7 +305,7 @@ def test_marian_export_is_the_exact_inverse_of_import(which):
 def test_translation_gradients_match_hf_marian():
     import torch
 
-    from gptjax import hf_family as convert_family
+    from gptjax import hf as convert_family
     fx = _marian_fixtures()
     size = fx.MARIAN_SIZES[0]  # tied: one table for source, target and output
     hf, hf_cfg = fx._hf_marian(*size)
