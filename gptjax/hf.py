@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from gptjax.config import EncoderConfig, ModelConfig, Seq2SeqConfig
+from gptjax.models.layers import sinusoidal
 
 # Hugging Face activation names -> `gptjax.models.bert.ACTIVATIONS` keys, and back.
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -324,8 +325,6 @@ def to_hf_bert(cfg: EncoderConfig, params: dict) -> tuple[dict, dict]:
 
 def _positions(cfg: Seq2SeqConfig) -> np.ndarray:
     """The (max_len, D) sin|cos table our seq2seq computes and Marian stores."""
-    from gptjax.models.layers import sinusoidal
-
     return np.asarray(sinusoidal(np.arange(cfg.max_len)[None], cfg.d_model), np.float32)[0]
 
 
