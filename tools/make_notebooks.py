@@ -30,12 +30,12 @@ plt.xlabel("step"); plt.ylabel("train loss (nats/token)"); plt.title("quickstart
 plt.show()"""),
 ("md", "Sample from the trained model: the same code path as `gptjax sample --workdir=...`."),
 ("code", """import jax, numpy as np
-from gptjax.inference import sampling as sample
+from gptjax.inference import sampling
 from gptjax.training.workdir import load_run
 
 cfg, params, tokenizer, configs, step = load_run(WORKDIR)
 prompt = tokenizer.encode("def ")
-out = sample.generate(cfg, params, np.array([prompt] * 2), key=jax.random.key(0),
+out = sampling.generate(cfg, params, np.array([prompt] * 2), key=jax.random.key(0),
                       max_new_tokens=60, temperature=0.8, top_k=50)
 for row in np.asarray(out.tokens):
     print("def " + tokenizer.decode(row[len(prompt):].tolist()))
@@ -51,13 +51,13 @@ what the sampling knobs do to a distribution. Everything here runs on a tiny ran
 ("code", """import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from gptjax.models import attention
-from gptjax.models import gpt as model
+from gptjax.models import gpt
 from gptjax.models import layers
-from gptjax.inference import sampling as sample
+from gptjax.inference import sampling
 from gptjax.config import ModelConfig
 
 cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=97, max_len=64)
-params = model.init_params(cfg, jax.random.key(0))
+params = gpt.init_params(cfg, jax.random.key(0))
 tokens = jax.random.randint(jax.random.key(1), (1, 24), 0, cfg.vocab_size)"""),
 ("md", "## Masks as pictures\nDense causal attention (GPT-2) and the locally banded layers GPT-3 alternates with it, plus a left-padded row."),
 ("code", """dense = attention.causal_mask(24)[0, 0]
@@ -70,7 +70,7 @@ for ax, m, title in zip(axes, (dense, banded, padded), ("causal", "banded (windo
 plt.tight_layout(); plt.show()"""),
 ("md", "## Attention probabilities of one head\nComputed with the readable einsum path of `gptjax.models.attention`."),
 ("code", """p = jax.tree.map(lambda a: a[0], params["h"])           # layer 0
-x = layers.layer_norm(p["ln_1"], model.embed(cfg, params, tokens, jnp.arange(24)[None]), 1e-5)
+x = layers.layer_norm(p["ln_1"], gpt.embed(cfg, params, tokens, jnp.arange(24)[None]), 1e-5)
 qkv = jnp.einsum("btd,dcnh->btcnh", x, p["attn"]["c_attn"]["kernel"]) + p["attn"]["c_attn"]["bias"]
 q, k = qkv[:, :, 0], qkv[:, :, 1]
 logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(cfg.head_dim)
@@ -78,15 +78,15 @@ probs = jax.nn.softmax(jnp.where(dense, logits, -1e30), axis=-1)
 plt.imshow(np.asarray(probs[0, 0]), cmap="viridis"); plt.colorbar(); plt.title("layer 0, head 0")
 plt.show()"""),
 ("md", "## The KV cache gives the full forward's logits\nPrefill 8 tokens, then decode one token at a time; compare every step with one full forward pass."),
-("code", """full = model.forward(cfg, params, tokens)
+("code", """full = gpt.forward(cfg, params, tokens)
 cache = layers.init_cache(cfg, 1, 24)
 valid = jnp.zeros((1, 24), bool).at[:, :8].set(True)
-logits, cache = model.forward_cached(cfg, params, tokens[:, :8], cache, positions_BT=jnp.arange(8)[None],
+logits, cache = gpt.forward_cached(cfg, params, tokens[:, :8], cache, positions_BT=jnp.arange(8)[None],
                                      kv_valid_BS=valid, cache_index=0)
 errors = [float(jnp.abs(logits - full[:, :8]).max())]
 for i in range(8, 24):
     valid = valid.at[:, i].set(True)
-    logits, cache = model.forward_cached(cfg, params, tokens[:, i:i + 1], cache,
+    logits, cache = gpt.forward_cached(cfg, params, tokens[:, i:i + 1], cache,
                                          positions_BT=jnp.array([[i]]), kv_valid_BS=valid, cache_index=i)
     errors.append(float(jnp.abs(logits[:, 0] - full[:, i]).max()))
 print("max |cached - full| over all steps:", max(errors))
@@ -97,8 +97,8 @@ variants = {
     "T=1": jax.nn.softmax(logits),
     "T=0.5": jax.nn.softmax(logits / 0.5),
     "T=2": jax.nn.softmax(logits / 2.0),
-    "top-k 3": jax.nn.softmax(sample.top_k_filter(logits, 3)),
-    "top-p 0.8": jax.nn.softmax(sample.top_p_filter(logits, 0.8)),
+    "top-k 3": jax.nn.softmax(sampling.top_k_filter(logits, 3)),
+    "top-p 0.8": jax.nn.softmax(sampling.top_p_filter(logits, 0.8)),
 }
 fig, axes = plt.subplots(1, len(variants), figsize=(13, 2.5), sharey=True)
 for ax, (name, pr) in zip(axes, variants.items()):
@@ -150,7 +150,8 @@ mesh changes. Every parameter has logical axis names; a rules preset maps them t
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax starts
 import jax, numpy as np
 print(jax.devices())"""),
-("code", """from gptjax import model, sharding
+("code", """from gptjax.models import gpt
+from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 
 cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256, vocab_size=128, max_len=32)
@@ -159,13 +160,13 @@ rules = sharding.logical_axis_rules("fsdp_tp")
 print(mesh)
 for name, rule in rules: print(f"{name:>8} -> {rule}")"""),
 ("md", "Each parameter's logical names and the PartitionSpec the rules give it:"),
-("code", """axes = model.param_axes(cfg)
+("code", """axes = gpt.param_axes(cfg)
 specs = sharding.param_shardings(cfg, mesh, rules)
 for (path, names), spec in zip(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)),
                                jax.tree.leaves(specs)):
     print(f"{jax.tree_util.keystr(path):45} {str(names):45} {spec.spec}")"""),
 ("md", "Place the parameters and look at how one matrix is laid out over the 8 devices:"),
-("code", """params = jax.device_put(model.init_params(cfg, jax.random.key(0)), specs)
+("code", """params = jax.device_put(gpt.init_params(cfg, jax.random.key(0)), specs)
 jax.debug.visualize_array_sharding(params["h"]["mlp"]["c_fc"]["kernel"][0])"""),
 ("md", "A mesh that does not divide the model fails before anything compiles, saying what to change:"),
 ("code", """try:
@@ -176,8 +177,8 @@ except ValueError as e:
 ("md", "Sharded equals unsharded: the same forward pass on the mesh and on one device."),
 ("code", """tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
 with sharding.use_mesh(mesh, rules):
-    sharded = jax.jit(lambda p, t: model.forward(cfg, p, t))(params, tokens)
-single = model.forward(cfg, jax.device_get(params), tokens)
+    sharded = jax.jit(lambda p, t: gpt.forward(cfg, p, t))(params, tokens)
+single = gpt.forward(cfg, jax.device_get(params), tokens)
 print("max difference:", float(abs(sharded - single).max()))
 assert np.allclose(sharded, single, atol=1e-5)"""),
 ], "notebooks/05_sharding.ipynb")
