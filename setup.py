@@ -9,7 +9,6 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.4",
-    "chex>=0.1.90",
     "jaxtyping>=0.2.30",
     "numpy>=1.26",
     "sentencepiece>=0.2.0",
