@@ -87,6 +87,20 @@ def test_save_interval_and_keep_n(tmp_path):
         assert mgr.all_steps() == [30, 35] and mgr.latest_step() == 35
 
 
+def test_should_save_is_the_loops_checkpoint_policy(tmp_path):
+    """Every checkpoint_every steps, the run's last step and an agreed preemption step; never
+    a step already on disk, never when read-only."""
+    with ck.CheckpointManager(tmp_path, checkpoint_every=10) as mgr:
+        assert [mgr.should_save(s, last_step=25) for s in (9, 10, 24, 25)] == [
+            False, True, False, True]
+        assert mgr.should_save(13, last_step=25, preempted=True)
+        assert mgr.save(13, _state(13), {}, force=True)
+        assert not mgr.should_save(13, preempted=True) and not mgr.should_save(10)
+        assert mgr.should_save(20)
+    with ck.CheckpointManager(tmp_path, read_only=True) as mgr:
+        assert not mgr.should_save(20, last_step=20, preempted=True)
+
+
 def test_restore_a_given_step(tmp_path):
     _save_steps(tmp_path, [1, 2])
     with ck.CheckpointManager(tmp_path) as mgr:

@@ -18,7 +18,8 @@ from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import ByteTokenizer
-from gptjax.training.loop import train
+from gptjax.evals.hooks import train_with_defaults
+from gptjax.evals.in_context import split_perplexity
 from gptjax.training.metrics import read_metrics
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, loss_fn
@@ -87,17 +88,18 @@ def test_seq2seq_windows_split_source_and_target_and_the_loss_is_label_smoothed(
 def test_loop_trains_resumes_and_reloads_each_family(corpus, tmp_path, cfg):
     """8 fake devices under fsdp_tp: the loss falls, a stopped BERT run resumes to the same
     losses as an uninterrupted one (its masks are keyed by the step), and load_run gives
-    back the family's config and parameter tree."""
+    back the family's config and parameter tree; `gptjax eval`'s perplexity at the loop's
+    eval batches (the same masks) is the loop's eval loss."""
     def run(workdir, stop_after=None):
         train_cfg = TrainConfig(steps=12, batch_size=8, seq_len=32, log_every=1, eval_every=6,
                                 eval_batches=2, checkpoint_every=3, sample_tokens=8,
                                 sample_prompt="def ",
                                 compilation_cache_dir=str(tmp_path / "jax_cache"))
-        return train(str(workdir), model_cfg=cfg, train_cfg=train_cfg,
-                     opt_cfg=OptimizerConfig(peak_lr=3e-3, warmup_steps=2),
-                     data_cfg=DataConfig(dataset=corpus, tokenizer="byte",
-                                         data_dir=str(tmp_path / "data")),
-                     mesh_cfg=ALL_DEVICES, stop_after=stop_after)
+        return train_with_defaults(str(workdir), model_cfg=cfg, train_cfg=train_cfg,
+                                   opt_cfg=OptimizerConfig(peak_lr=3e-3, warmup_steps=2),
+                                   data_cfg=DataConfig(dataset=corpus, tokenizer="byte",
+                                                       data_dir=str(tmp_path / "data")),
+                                   mesh_cfg=ALL_DEVICES, stop_after=stop_after)
 
     summary = run(tmp_path / "a")
     losses = {r["step"]: r["train/loss"] for r in read_metrics(str(tmp_path / "a"))
@@ -111,8 +113,10 @@ def test_loop_trains_resumes_and_reloads_each_family(corpus, tmp_path, cfg):
                    if "train/loss" in r}
         np.testing.assert_allclose([resumed[s] for s in range(6, 13)],
                                    [losses[s] for s in range(6, 13)], rtol=1e-4)
-    loaded_cfg, params, *_ = load_run(str(tmp_path / "a"))
+    loaded_cfg, params, tokenizer, configs, _ = load_run(str(tmp_path / "a"))
     assert loaded_cfg == cfg
+    out = split_perplexity(loaded_cfg, params, tokenizer, configs, batch_size=8, max_batches=2)
+    np.testing.assert_allclose(out["loss"], summary["eval/loss"], rtol=1e-5)
     with open(tmp_path / "a" / "config.json") as f:
         assert json.load(f)["family"] == family.family_of(cfg).name
     assert jax.tree.structure(params) == jax.tree.structure(

@@ -12,7 +12,8 @@ import pytest
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
-from gptjax.data.config import DataConfig
+from gptjax.data.config import DataConfig, run_datasets
+from gptjax.evals.hooks import train_with_defaults
 from gptjax.training.loop import TrainingDivergedError, train
 from gptjax.training.metrics import read_metrics
 from gptjax.training.optimizer import OptimizerConfig
@@ -50,8 +51,10 @@ def _losses(workdir):
 
 
 def test_end_to_end_run_writes_metrics_checkpoints_and_samples(corpus, tmp_path):
+    """With the default hooks (as `gptjax train`): metrics, evals, samples, checkpoints; and
+    `gptjax eval`'s perplexity of the workdir at the loop's eval batches is its eval loss."""
     workdir = str(tmp_path / "run")
-    summary = train(workdir, **_configs(corpus, tmp_path))
+    summary = train_with_defaults(workdir, **_configs(corpus, tmp_path))
     rows = read_metrics(workdir)
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 9))
@@ -68,6 +71,33 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_samples(corpus, tmp_path)
         assert os.path.exists(os.path.join(workdir, name)), name
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "8"
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+    from gptjax.evals.in_context import split_perplexity
+    from gptjax.training.workdir import load_run
+    cfg, params, tokenizer, configs, _ = load_run(workdir)
+    out = split_perplexity(cfg, params, tokenizer, configs, batch_size=8, max_batches=2)
+    np.testing.assert_allclose(out["loss"], summary["eval/loss"], rtol=1e-5)
+    assert out["tokens"] == 2 * 8 * 16
+
+
+def test_without_hooks_an_eval_is_loss_and_perplexity_only(corpus, tmp_path):
+    """`train` imports no evals: without hooks there is no sample; a hook's metrics join
+    the eval row and its text becomes the sample."""
+    seen = []
+
+    def make_hooks(model_cfg, data_cfg, train_cfg, tokenizer):
+        def hook(step, params):
+            seen.append(step)
+            return {"eval/answer": 42.0}, f"text at {step}"
+        return [hook]
+
+    cfgs = _configs(corpus, tmp_path, steps=4, eval_every=2, checkpoint_every=100)
+    plain = train(str(tmp_path / "plain"), **cfgs)
+    assert "sample" not in plain and np.isfinite(plain["eval/loss"])
+    hooked = train(str(tmp_path / "hooked"), hooks=make_hooks, **cfgs)
+    assert seen == [2, 4] and hooked["sample"] == "text at 4" and hooked["eval/answer"] == 42.0
+    rows = [r for r in read_metrics(str(tmp_path / "hooked")) if "eval/loss" in r]
+    assert [r["eval/answer"] for r in rows] == [42.0, 42.0]
+    np.testing.assert_allclose(hooked["eval/loss"], plain["eval/loss"], rtol=1e-6)
 
 
 def test_resume_after_stop_equals_uninterrupted(corpus, tmp_path):
@@ -252,7 +282,6 @@ def test_batch_ramp_start_logs_the_true_loss_under_accumulation(corpus, tmp_path
     first 2 windows, and tokens_trained count those rows only."""
     from gptjax.models import family
     from gptjax.data.config import workdir_tokenizer
-    from gptjax.training.loop import run_datasets
     cfgs = _configs(corpus, tmp_path, steps=4, log_every=1, eval_every=100)
     cfgs["opt_cfg"] = OptimizerConfig(peak_lr=3e-3, warmup_steps=2, grad_accum_steps=4,
                                       batch_ramp_tokens=10**6, batch_ramp_start=2 * 16)
@@ -266,7 +295,10 @@ def test_batch_ramp_start_logs_the_true_loss_under_accumulation(corpus, tmp_path
         ONE_DEVICE, devices=jax.devices()[:1]), sharding.logical_axis_rules("dp"), 8)
     params = trainer.init_train_state(cfgs["train_cfg"].seed).params
     tokenizer = workdir_tokenizer(workdir, cfgs["data_cfg"])
-    train_iter, _ = run_datasets(cfgs["data_cfg"], MODEL, tokenizer, cfgs["train_cfg"])
+    train_cfg = cfgs["train_cfg"]
+    train_iter, _ = run_datasets(cfgs["data_cfg"], tokenizer, task_format="causal",
+                                 seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size,
+                                 seed=train_cfg.seed)
     local, real = train_iter.take(2)
     want = float(family.loss(MODEL, params, {"tokens": jnp.asarray(local["tokens"][:real])}))
     np.testing.assert_allclose(logged, want, rtol=1e-5)

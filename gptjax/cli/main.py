@@ -1,4 +1,7 @@
-"""The `gptjax` command line: train | sample | eval | tokenizer | prepare | convert.
+"""The `gptjax` command line: train | sample | tokenizer | prepare | convert, and plugin verbs.
+
+The plugins add eval | finetune | sweep (cli/research.py) and sft | reward | ppo | rlhf | chat
+(cli/rlhf.py).
 
 Every run is configured by gin files (`--gin_file`, repeatable) and
 bindings (`--gin_bindings`, repeatable); see experiments/. Errors a user can
@@ -11,7 +14,6 @@ import argparse
 import importlib
 import importlib.util
 import logging
-import math
 import sys
 import tokenize
 
@@ -29,8 +31,9 @@ def init_distributed(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from gptjax.training.loop import train
-    summary = train(args.workdir, stop_after=args.stop_after, dry_run=args.dry_run)
+    """Train (or resume) in --workdir with the default eval hooks (sample preview, exact match)."""
+    from gptjax.evals.hooks import train_with_defaults
+    summary = train_with_defaults(args.workdir, stop_after=args.stop_after, dry_run=args.dry_run)
     if not args.dry_run:
         print(f"done: step {summary['end_step']}, train loss {summary.get('train/loss', 'n/a')}, "
               f"eval loss {summary.get('eval/loss', 'n/a')}; workdir {args.workdir}")
@@ -42,10 +45,16 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     """Text from a trained workdir: the decoder continues the prompt, the encoder–decoder
     decodes it as a source; an encoder-only model does not generate."""
-    from gptjax.models import family
     from gptjax.training.workdir import load_run
 
     cfg, params, tokenizer, _, step = load_run(args.workdir)
+    _sample_family(args, cfg, params, tokenizer, step)
+
+
+def _sample_family(args, cfg, params, tokenizer, step) -> None:
+    """The family's sampler; an encoder-only config is refused with a clear error."""
+    from gptjax.models import family
+
     fam = family.family_of(cfg)
     if not fam.generates:
         raise ValueError(f"an {fam.name}-only model (BERT) does not generate text; fine-tune it "
@@ -102,28 +111,6 @@ def _sample_seq2seq(args, cfg, params, tokenizer, step) -> None:
           f"---\n{tokenizer.decode(np.asarray(out[0]).tolist())}")
 
 
-def cmd_eval(args) -> None:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from gptjax.data.pipeline import make_datasets
-    from gptjax.training.step import loss_fn
-    from gptjax.training.workdir import load_run
-
-    cfg, params, tokenizer, configs, step = load_run(args.workdir)
-    train_cfg, data_cfg = configs["train"], configs["data"]
-    _, eval_factory = make_datasets(data_cfg.dataset, tokenizer, train_cfg.seq_len,
-                                    args.batch_size, data_cfg.resolved_data_dir,
-                                    path=data_cfg.path)
-    score = jax.jit(lambda p, b: loss_fn(cfg, p, b))
-    losses = [float(score(params, {"tokens": jnp.asarray(b["tokens"])}))
-              for i, b in zip(range(args.max_batches), eval_factory())]
-    loss = float(np.mean(losses))
-    print(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
-          f"over {len(losses)} batches of {args.batch_size}x{train_cfg.seq_len} tokens")
-
-
 def cmd_tokenizer(args) -> None:
     from gptjax.data.config import DataConfig, build_tokenizer
     data_cfg = DataConfig(dataset=args.dataset, path=args.path, tokenizer=args.kind,
@@ -162,39 +149,44 @@ def jax_to_numpy(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def common_flags(sp: argparse.ArgumentParser, workdir: bool = True) -> None:
+    """The flags every subcommand takes: --workdir, gin files and bindings, multi-process."""
+    if workdir:
+        sp.add_argument("--workdir", required=True, help="run directory")
+    sp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    sp.add_argument("--gin_bindings", action="append", default=[],
+                    help="a gin binding such as \"TrainConfig.steps = 100\" (repeatable)")
+    sp.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
+    sp.add_argument("--num_processes", type=int)
+    sp.add_argument("--process_id", type=int)
+    sp.add_argument("--multihost", action="store_true",
+                    help="jax.distributed.initialize() with cluster auto-detection (TPU pod)")
+
+
+def sampling_flags(sp: argparse.ArgumentParser) -> None:
+    """The sampler's flags (`gptjax sample`, `gptjax train --sample_after`, plugins)."""
+    sp.add_argument("--prompt", default="")
+    sp.add_argument("--max_new_tokens", type=int, default=200)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top_k", type=int, default=None)
+    sp.add_argument("--top_p", type=float, default=None)
+    sp.add_argument("--repetition_penalty", type=float, default=1.0)
+    sp.add_argument("--greedy", action="store_true")
+    sp.add_argument("--num_beams", type=int, default=1)
+    sp.add_argument("--length_penalty", type=float, default=1.0,
+                    help="beam ranking: sum(logprobs) / penalty(length) ** this")
+    sp.add_argument("--length_penalty_kind", default="hf", choices=("hf", "gnmt"),
+                    help="hf: length ** alpha; gnmt: ((5 + length) / 6) ** alpha")
+    sp.add_argument("--num_samples", type=int, default=1)
+    sp.add_argument("--no_stop", action="store_true", help="do not stop at end-of-text")
+    sp.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `gptjax` parser: this module's subcommands, then each plugin's (`PLUGINS`)."""
     p = argparse.ArgumentParser(prog="gptjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp, workdir=True):
-        if workdir:
-            sp.add_argument("--workdir", required=True, help="run directory")
-        sp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-        sp.add_argument("--gin_bindings", action="append", default=[],
-                        help="a gin binding such as \"TrainConfig.steps = 100\" (repeatable)")
-        sp.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
-        sp.add_argument("--num_processes", type=int)
-        sp.add_argument("--process_id", type=int)
-        sp.add_argument("--multihost", action="store_true",
-                        help="jax.distributed.initialize() with cluster auto-detection (TPU pod)")
-
-    def sampling(sp):
-        sp.add_argument("--prompt", default="")
-        sp.add_argument("--max_new_tokens", type=int, default=200)
-        sp.add_argument("--temperature", type=float, default=0.8)
-        sp.add_argument("--top_k", type=int, default=None)
-        sp.add_argument("--top_p", type=float, default=None)
-        sp.add_argument("--repetition_penalty", type=float, default=1.0)
-        sp.add_argument("--greedy", action="store_true")
-        sp.add_argument("--num_beams", type=int, default=1)
-        sp.add_argument("--length_penalty", type=float, default=1.0,
-                        help="beam ranking: sum(logprobs) / penalty(length) ** this")
-        sp.add_argument("--length_penalty_kind", default="hf", choices=("hf", "gnmt"),
-                        help="hf: length ** alpha; gnmt: ((5 + length) / 6) ** alpha")
-        sp.add_argument("--num_samples", type=int, default=1)
-        sp.add_argument("--no_stop", action="store_true", help="do not stop at end-of-text")
-        sp.add_argument("--seed", type=int, default=0)
-
+    common, sampling = common_flags, sampling_flags
     t = sub.add_parser("train", help="train or resume a model in --workdir")
     common(t)
     t.add_argument("--stop_after", type=int, default=None,
@@ -206,11 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate text from a trained workdir")
     common(s)
     sampling(s)
-    if importlib.util.find_spec("gptjax.cli.research") is None:  # else it defines a fuller eval
-        e = sub.add_parser("eval", help="validation loss and perplexity of a workdir")
-        common(e)
-        e.add_argument("--batch_size", type=int, default=16)
-        e.add_argument("--max_batches", type=int, default=50)
     k = sub.add_parser("tokenizer", help="train a tokenizer on a corpus")
     common(k, workdir=False)
     k.add_argument("--dataset", default="stdlib")
@@ -238,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 # sampler's, and each fn takes the parsed args.
 PLUGINS = ("gptjax.cli.research", "gptjax.cli.rlhf")
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-            "tokenizer": cmd_tokenizer, "prepare": cmd_prepare, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "tokenizer": cmd_tokenizer,
+            "prepare": cmd_prepare, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""What a run reads: `DataConfig` (gin) and the tokenizer that goes with a workdir.
+"""What a run reads: `DataConfig` (gin), the tokenizer that goes with a workdir, and the
+run's datasets (`run_datasets`).
 
 The tokenizer of a run is saved in its workdir the first time and loaded from
 there afterwards, so a resumed run, `gptjax sample` and `gptjax eval` always
@@ -13,7 +14,7 @@ import os
 import gin
 
 from gptjax.data import numbers
-from gptjax.data.pipeline import corpus_texts
+from gptjax.data.pipeline import corpus_texts, make_datasets
 from gptjax.data.tokenizer import (ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer,
                                    train_sentencepiece)
 
@@ -97,3 +98,16 @@ def workdir_tokenizer(workdir: str, data_cfg: DataConfig | None = None,
     if save:
         tokenizer.save(workdir)
     return tokenizer
+
+
+def run_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, task_format: str, seq_len: int,
+                 batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1):
+    """(train iterator, eval factory) of a run: a corpus's windows, or a number task's batches
+    in `task_format` (the model family's `Family.task_format`), this process's share of each."""
+    shard = dict(seed=seed, process_index=process_index, process_count=process_count)
+    if data_cfg.dataset in numbers.TASKS:
+        return numbers.make_task_datasets(data_cfg.dataset, task_format, tokenizer, seq_len,
+                                          batch_size, max_number=data_cfg.task_max_number,
+                                          **shard)
+    return make_datasets(data_cfg.dataset, tokenizer, seq_len, batch_size,
+                         data_cfg.resolved_data_dir, path=data_cfg.path, **shard)

@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, Int
 from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
+from gptjax.training.eval_loss import weighted_mean_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,39 +372,38 @@ def _loss_sum(cfg: ModelConfig, params, tokens_BT: Int[Array, "B T"]) -> Float[A
 
 
 def perplexity(cfg: ModelConfig, params, batches: Iterable[dict], max_batches: int) -> dict:
-    """Token-weighted mean next-token loss and its exp over up to `max_batches` batches."""
-    total, count = 0.0, 0
-    for _, batch in zip(range(max_batches), batches):
+    """Token-weighted mean next-token loss and its exp over up to `max_batches` batches
+    (`weighted_mean_loss`, every target token weighted 1)."""
+    def sums(batch: dict) -> dict:
         tokens_BT = jnp.asarray(batch["tokens"])
-        total += float(_loss_sum(cfg, params, tokens_BT))
-        count += tokens_BT.shape[0] * (tokens_BT.shape[1] - 1)
-    if not count:
-        raise ValueError("no batches to evaluate: the split is smaller than one batch.")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+        return {"loss_sum": _loss_sum(cfg, params, tokens_BT),
+                "tokens": tokens_BT.shape[0] * (tokens_BT.shape[1] - 1)}
+
+    out = weighted_mean_loss(sums, batches, max_batches)
+    return {**out, "tokens": int(out["tokens"])}
 
 
 def split_perplexity(cfg: ModelConfig, params, tokenizer: Tokenizer, configs: dict,
                      split: str = "validation", batch_size: int = 16,
                      max_batches: int = 50) -> dict:
     """Loss and perplexity of a trained run on its own data's split, in its family's
-    objective (next token, masked LM or target given source; the training loop's eval)."""
+    objective (next token, masked LM or target given source): the training loop's eval,
+    with its masks (`loop.objective_key`), at another batch size."""
+    from gptjax.data.config import run_datasets
     from gptjax.models import family
-    from gptjax.training.loop import run_datasets
+    from gptjax.training import loop
 
     if split not in ("validation", "train"):
         raise ValueError(f"--split must be 'validation' or 'train', got {split!r}.")
-    data_cfg, train_cfg = configs["data"], configs["train"]
-    train_iter, eval_factory = run_datasets(data_cfg, cfg, tokenizer,
-                                            dataclasses.replace(train_cfg, batch_size=batch_size))
+    data_cfg, seed = configs["data"], configs["train"].seed
+    train_iter, eval_factory = run_datasets(
+        data_cfg, tokenizer, task_format=family.family_of(cfg).task_format,
+        seq_len=configs["train"].seq_len, batch_size=batch_size, seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
     sums_fn = jax.jit(functools.partial(family.eval_sums, cfg))
-    key, total, count = jax.random.key(train_cfg.seed), 0.0, 0.0
     batches = eval_factory() if split == "validation" else train_iter
-    for i, batch in zip(range(max_batches), batches):
-        out = sums_fn(params, family.from_windows(cfg, batch, tokenizer, jax.random.fold_in(
-            key, 2**31 + i)))
-        total, count = total + float(out["loss_sum"]), count + float(out["tokens"])
-    if not count:
-        raise ValueError("no batches to evaluate: the split is smaller than one batch.")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
+    prepared = (family.from_windows(cfg, batch, tokenizer,
+                                    loop.objective_key(seed, loop.EVAL_KEY_OFFSET + i))
+                for i, batch in enumerate(batches))
+    out = weighted_mean_loss(lambda batch: sums_fn(params, batch), prepared, max_batches)
+    return {**out, "tokens": int(out["tokens"])}

@@ -220,11 +220,12 @@ def run_one(base: str, bindings: Sequence[str], run_workdir: str, subprocess_mod
             raise ValueError(f"run in {run_workdir} failed (exit {done.returncode}): "
                              f"{shlex.join(argv)}")
         return
-    from gptjax.training.loop import train
+    from gptjax.evals.hooks import train_with_defaults
 
     try:
         parse_experiment(base, bindings)
-        if train(run_workdir).get("preempted"):  # the signal was meant for the whole sweep
+        # A preemption signal was meant for the whole sweep.
+        if train_with_defaults(run_workdir).get("preempted"):
             raise SystemExit(f"preempted during {run_workdir}; rerun the sweep to resume.")
     finally:
         gin.clear_config()  # the next run starts from a clean config

@@ -9,7 +9,8 @@ silently wrong values (DESIGN.md, Stack facts), and nothing checks the meta JSON
 verifies everything it returns, and on any failure falls back to the newest step that restores
 and verifies. Broken steps are never deleted: they are moved to `workdir/checkpoints_corrupt/`
 (see `_quarantine` for why). A preemption signal becomes one stop step that every process
-agrees on (`PreemptionHandler.should_stop`).
+agrees on (`PreemptionHandler.should_stop`); whether the training loop saves a step (every
+checkpoint_every, the last, the agreed stop) is `CheckpointManager.should_save`.
 """
 
 from __future__ import annotations
@@ -201,20 +202,22 @@ class CheckpointManager:
             **writing)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
-    def should_save(self, step: int) -> bool:
-        """True at multiples of checkpoint_every newer than the latest saved step.
+    def should_save(self, step: int, *, last_step: int | None = None,
+                    preempted: bool = False) -> bool:
+        """Whether the training loop saves `step`: the one checkpoint policy.
 
-        Preemption is not decided here: the loop asks `PreemptionHandler.should_stop(step)`,
-        which agrees across processes, and then saves with force=True. (orbax's
-        `reached_preemption` would never fire: see PreemptionHandler.) Not orbax's
-        `should_save`, which also says yes to the first step of every run.
+        Yes at multiples of checkpoint_every, at the run's `last_step`, and on `preempted`
+        (the loop passes `PreemptionHandler.should_stop(step)`, which every process agrees
+        on, so all of them save together); never for a step already on disk or when read-only.
+        (orbax's `reached_preemption` would never fire: see PreemptionHandler; orbax's
+        `should_save` also says yes to the first step of every run.)
         """
         if self.read_only:
             return False
-        latest = self._manager.latest_step()
-        if latest is not None and step <= latest:
+        if not (preempted or step == last_step or step % self.checkpoint_every == 0):
             return False
-        return step % self.checkpoint_every == 0
+        latest = self._manager.latest_step()
+        return latest is None or step > latest
 
     def save(self, step: int, state: PyTree, meta: dict | None = None, force: bool = False) -> bool:
         """Start an async save of `state` and `meta` at `step`; returns whether it saves.
@@ -359,9 +362,9 @@ class PreemptionHandler:
 
     The signal handler only sets `.requested` and `.signum`, per process. The loop calls
     `should_stop(step)` once per step on every process and, when it is True, saves that step
-    (force=True) and exits. On a pod one host is often signalled first, but orbax's
-    multi-process save needs every process to take part at the same step, so the answer must
-    be the same everywhere:
+    (`CheckpointManager.should_save(step, preempted=True)`) and exits. On a pod one host is
+    often signalled first, but orbax's multi-process save needs every process to take part at
+    the same step, so the answer must be the same everywhere:
       one process     the local flag, at every step;
       several         every `check_every` steps, all processes all-gather their flags
                       (`multihost_utils.process_allgather`) and all stop if any is set. The stop

@@ -1,10 +1,13 @@
-"""The training loop: data → jitted steps → metrics, evals, samples, checkpoints.
+"""The training loop: data → jitted steps → metrics → eval hooks → checkpoints.
 
 Metrics are fetched one step late (the device runs step s+1 while the host
-reads step s), except before a checkpoint, where the host waits so that a
-NaN step is never saved. The same command on the same workdir resumes
+reads step s), except before a checkpoint or an eval, where the host waits so
+that a NaN step is never saved. The same command on the same workdir resumes
 exactly: params, optimizer state, RNG and the data iterator's position are
-all in the checkpoint.
+all in the checkpoint. Whether a step is saved is the checkpoint module's
+call (`CheckpointManager.should_save`). Eval-time extras (sample previews,
+task exact match) are hooks the caller supplies (`gptjax.evals.hooks`): this
+module imports no evals or inference code.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import gin
 import jax
@@ -23,20 +27,25 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from gptjax.training import checkpoint as ckpt_lib
-from gptjax.models import family
-from gptjax.training import metrics as metrics_lib
-from gptjax.inference import preview as preview_lib
-from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
-from gptjax.data.config import DataConfig, workdir_tokenizer
-from gptjax.data import numbers
-from gptjax.data.pipeline import make_datasets
-from gptjax.data.tokenizer import check_vocab
+from gptjax.data.config import DataConfig, run_datasets, workdir_tokenizer
+from gptjax.data.tokenizer import Tokenizer, check_vocab
+from gptjax.models import family
+from gptjax.parallel import mesh as sharding
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.training import metrics as metrics_lib
+from gptjax.training.eval_loss import weighted_mean_loss
 from gptjax.training.optimizer import OptimizerConfig, batch_size_at
 from gptjax.training.step import TrainConfig, Trainer, abstract_state, make_trainer
 
 log = logging.getLogger("gptjax")
+
+# A hook runs at every eval step: (step, params) -> (metrics merged into the eval row, a text
+# shown and written as the step's sample; "" for none).
+Hook = Callable[[int, Any], tuple[dict[str, float], str]]
+# What `train(hooks=...)` takes: it builds the hooks once the run's tokenizer is known.
+MakeHooks = Callable[[ModelConfig, DataConfig, TrainConfig, Tokenizer], Sequence[Hook]]
+EVAL_KEY_OFFSET = 2**31  # eval batch i is prepared with the key of step EVAL_KEY_OFFSET + i
 
 
 class TrainingDivergedError(RuntimeError):
@@ -89,21 +98,6 @@ def setup_compilation_cache(path: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def evaluate(trainer: Trainer, params, eval_iter_factory, n_batches: int,
-             prepare=lambda i, batch: batch) -> dict[str, float]:
-    """Mean eval loss and perplexity over up to `n_batches` validation batches;
-    `prepare(i, batch)` turns a corpus batch into the model family's objective."""
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(eval_iter_factory()):
-        if i >= n_batches:
-            break
-        out = jax.device_get(trainer.eval_step(params, sharding.make_global_batch(
-            prepare(i, batch), trainer.mesh, trainer.rules)))
-        total, count = total + float(out["loss_sum"]), count + float(out["tokens"])
-    loss = total / max(count, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-
-
 def _save_run_files(workdir: str, configs: dict) -> None:
     """The resolved config (gin syntax and JSON, with the model family) next to the checkpoints."""
     with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -113,48 +107,322 @@ def _save_run_files(workdir: str, configs: dict) -> None:
                    **{k: dataclasses.asdict(v) for k, v in configs.items()}}, f, indent=2)
 
 
-def run_datasets(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer, train_cfg: TrainConfig):
-    """(train iterator, eval factory): a corpus's windows, or a task in the family's format."""
-    shard = dict(seed=train_cfg.seed, process_index=jax.process_index(),
-                 process_count=jax.process_count())
-    if data_cfg.dataset in numbers.TASKS:
-        return numbers.make_task_datasets(
-            data_cfg.dataset, family.family_of(model_cfg).task_format, tokenizer, train_cfg.seq_len,
-            train_cfg.batch_size, max_number=data_cfg.task_max_number, **shard)
-    return make_datasets(data_cfg.dataset, tokenizer, train_cfg.seq_len, train_cfg.batch_size,
-                         data_cfg.resolved_data_dir, path=data_cfg.path, **shard)
+def objective_key(seed: int, step: int) -> jax.Array:
+    """The key of the host-side objective of step `step`'s batch (BERT's masks), per process.
+
+    Eval batch i uses step EVAL_KEY_OFFSET + i, so every eval sees the same masks.
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), jax.process_index()),
+                              step)
 
 
-def task_metrics(model_cfg: ModelConfig, params, tokenizer, data_cfg: DataConfig,
-                 train_cfg: TrainConfig, n_examples: int) -> tuple[dict, str]:
-    """Exact match of greedy decoding on validation examples of a seq2seq task, and a preview."""
-    from gptjax.evals import exact_match as task_eval
-    pairs = numbers.pairs(data_cfg.dataset, "validation", data_cfg.task_max_number)
-    pairs = pairs[::max(1, len(pairs) // n_examples)][:n_examples]  # spread over the range
-    kw = dict(task=data_cfg.dataset, seq_len=train_cfg.seq_len,
-              max_number=data_cfg.task_max_number)
-    em = task_eval.exact_match(model_cfg, params, tokenizer, pairs, **kw)
-    return {"eval/exact_match": em}, task_eval.preview(model_cfg, params, tokenizer, pairs, **kw)
+@dataclasses.dataclass
+class RunData:
+    """A run's batches, global and in the family's objective: train batches under the batch
+    ramp (only `ramp.rows(step)` rows are data, the rest masked padding) and eval batches."""
+
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer
+    train_iter: Any
+    eval_factory: Callable[[], Iterator[dict]]
+    ramp: BatchRamp
+    seed: int
+    mesh: Any
+    rules: Any
+
+    def prepare(self, step: int, local: dict) -> dict:
+        """The family's objective from a corpus batch (BERT masking is keyed by the step)."""
+        return family.from_windows(self.model_cfg, local, self.tokenizer,
+                                   objective_key(self.seed, step))
+
+    def train_batch(self, step: int) -> dict:
+        """The global batch of `step` (0-based), taken from the train iterator."""
+        local, real = self.train_iter.take(self.ramp.rows(step))
+        return sharding.make_global_batch(mask_padding(self.prepare(step, local), real),
+                                          self.mesh, self.rules)
+
+    def eval_batches(self) -> Iterator[dict]:
+        """One in-order pass over the validation split, global batches (the same masks at
+        every eval)."""
+        for i, local in enumerate(self.eval_factory()):
+            yield sharding.make_global_batch(self.prepare(EVAL_KEY_OFFSET + i, local),
+                                             self.mesh, self.rules)
+
+
+def evaluate(trainer: Trainer, params, batches: Iterable[dict],
+             n_batches: int) -> dict[str, float]:
+    """Token-weighted mean eval loss and perplexity over up to `n_batches` global batches
+    (`weighted_mean_loss` over `Trainer.eval_step`)."""
+    out = weighted_mean_loss(lambda batch: trainer.eval_step(params, batch), batches, n_batches)
+    return {"eval/loss": out["loss"], "eval/perplexity": out["perplexity"]}
+
+
+def _prepare_data(workdir: str, model_cfg: ModelConfig, data_cfg: DataConfig,
+                  train_cfg: TrainConfig, primary: bool):
+    """(tokenizer, train iterator, eval factory) of the run.
+
+    Process 0 builds the dataset, tokenizer and token cache first; the others wait at the
+    barrier and then read what it wrote (a shared data_dir and workdir), so they never race.
+    """
+    multi = jax.process_count() > 1
+    if multi and not primary:
+        multihost_utils.sync_global_devices("gptjax_prepare_data")
+    tokenizer = workdir_tokenizer(workdir, data_cfg, save=primary)
+    check_vocab(tokenizer, model_cfg.vocab_size)
+    train_iter, eval_factory = run_datasets(
+        data_cfg, tokenizer, task_format=family.family_of(model_cfg).task_format,
+        seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    if multi and primary:
+        multihost_utils.sync_global_devices("gptjax_prepare_data")
+    return tokenizer, train_iter, eval_factory
+
+
+def _restore(manager: ckpt_lib.CheckpointManager, trainer: Trainer, train_iter,
+             seed: int) -> tuple[int, Any, int]:
+    """(start step, train state, updates skipped so far): from the newest good checkpoint
+    (the data iterator put back where it was), or a fresh state at step 0."""
+    restored = manager.restore(abstract_state(trainer))
+    if restored is None:
+        return 0, trainer.init_train_state(seed), 0
+    start, state, meta = restored
+    train_iter.set_state(meta["data"])
+    log.info("resumed from step %d in %s", start, manager.workdir)
+    return start, state, int(meta.get("skipped_updates", 0))
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Tokens/s between logged rows, not counting paused time (evals, hooks, checkpoints)."""
+
+    tokens_per_step: int
+    step: int
+    t: float = dataclasses.field(default_factory=time.perf_counter)
+    paused: float = 0.0
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Time spent inside does not count as training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
+
+    def rate(self, step: int) -> float:
+        """Tokens/s since the last call (or the start), then start a new window at `step`."""
+        now = time.perf_counter()
+        busy = max(now - self.t - self.paused, 1e-9)
+        rate = self.tokens_per_step * (step - self.step) / busy
+        self.t, self.step, self.paused = now, step, 0.0
+        return rate
+
+
+@dataclasses.dataclass
+class _Run:
+    """One invocation of `train`: its parts, and what the loop advances step by step."""
+
+    workdir: str
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    trainer: Trainer
+    data: RunData
+    manager: ckpt_lib.CheckpointManager
+    writer: metrics_lib.MetricWriter
+    hooks: Sequence[Hook]
+    state: Any
+    start: int
+    end: int
+    skipped: int  # updates skipped over the whole run (kept in the checkpoints)
+    summary: dict
+    clock: Throughput
+    primary: bool
+    peak: float | None
+    streak: int = 0  # updates skipped in a row, up to the last settled step
+    last_good: int | None = None  # the newest checkpoint on disk
+    bar: Any = None
+
+    def say(self, msg: str) -> None:
+        if self.primary:
+            tqdm.write(msg)
+
+
+def _settle(run: _Run, step: int, metrics) -> dict[str, float]:
+    """Fetch a finished step's metrics (this waits for it); count skipped updates and
+    stop when more than `max_consecutive_skips` come in a row."""
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    skipped = metrics["update_skipped"] > 0
+    run.skipped += int(skipped)
+    run.streak = run.streak + 1 if skipped else 0
+    metrics["skipped_updates"] = run.skipped
+    if run.streak > run.train_cfg.max_consecutive_skips:
+        raise TrainingDivergedError(
+            f"{run.streak} updates in a row, up to step {step}, had a non-finite loss "
+            f"({metrics['train/loss']}) or gradient norm ({metrics['grad_norm']}) and were "
+            f"skipped; stopped before saving. The last good checkpoint (step {run.last_good}) "
+            f"is kept in {run.workdir}. Lower OptimizerConfig.peak_lr, keep clip_norm on, or "
+            "train in float32 (ModelConfig.dtype='float32'), then rerun.")
+    if skipped:
+        log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped "
+                    "(params unchanged)", step, metrics["train/loss"], metrics["grad_norm"])
+    else:
+        run.summary["train/loss"] = metrics["train/loss"]
+    return metrics
+
+
+def _log_row(run: _Run, step: int, metrics: dict) -> None:
+    """Write a step's metrics with throughput (tokens/s, MFU where the peak is known)."""
+    rate = run.clock.rate(step)
+    metrics["tokens_per_s"] = rate
+    mfu = metrics_lib.mfu(rate, run.model_cfg, run.train_cfg.seq_len, jax.device_count(),
+                          run.peak)
+    if mfu is not None:
+        metrics["mfu"] = mfu
+    run.writer.write(step, metrics)
+    run.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{rate:,.0f}",
+                        **({} if mfu is None else {"mfu": f"{mfu:.1%}"}))
+
+
+def _eval(run: _Run, step: int) -> dict[str, float]:
+    """Eval loss and perplexity, then each hook's metrics and text (shown, and written as the
+    step's sample)."""
+    params = run.state.params
+    ev = evaluate(run.trainer, params, run.data.eval_batches(), run.train_cfg.eval_batches)
+    texts = []
+    for hook in run.hooks:
+        metrics, text = hook(step, params)
+        ev |= metrics
+        texts.append(text)
+    extras = "".join(f", {k.removeprefix('eval/').replace('_', ' ')} {v:.4g}"
+                     for k, v in ev.items() if k not in ("eval/loss", "eval/perplexity"))
+    text = "\n".join(t for t in texts if t)
+    run.say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f})"
+            f"{extras}" + (f"\n--- sample ---\n{text}\n---" if text else ""))
+    run.summary.update(ev)
+    if text:
+        run.writer.write_text(step, "sample", text)
+        run.summary["sample"] = text
+    return ev
+
+
+def _save(run: _Run, step: int) -> None:
+    """Checkpoint `step` (CheckpointManager.should_save said so) with the data position."""
+    with run.clock.pause():
+        run.manager.save(step, run.state, {"data": run.data.train_iter.get_state(),
+                                           "skipped_updates": run.skipped}, force=True)
+    run.last_good = step
+
+
+def _compile(run: _Run, batch: dict):
+    """The train step compiled for the run's state and batch shapes (timed, logged)."""
+    t0 = time.perf_counter()
+    compiled = run.trainer.train_step.lower(run.state, batch).compile()
+    run.summary["compile_s"] = time.perf_counter() - t0
+    log.info("train_step compiled in %.1fs", run.summary["compile_s"])
+    if run.peak is not None:
+        log.info("MFU: %s; %.3g model FLOPs per token, peak %.3g FLOP/s per device",
+                 metrics_lib.ATTENTION_CONVENTION,
+                 metrics_lib.flops_per_token(run.model_cfg, run.train_cfg.seq_len), run.peak)
+    run.clock.t = time.perf_counter()
+    return compiled
+
+
+def _train_steps(run: _Run, handler: ckpt_lib.PreemptionHandler) -> None:
+    """Steps start+1 .. end. A step's metrics are read during the next step, except at eval
+    and save steps, which wait for theirs: an unchecked update is never saved or evaluated."""
+    if run.start >= run.end:
+        return
+    cfg, batch = run.train_cfg, run.data.train_batch(run.start)
+    compiled, pending = _compile(run, batch), None
+    for step in range(run.start + 1, run.end + 1):
+        run.state, metrics = compiled(run.state, batch)
+        run.bar.update(1)
+        if pending is not None:  # the previous step: finished by now, so no stall
+            prev_step, prev = pending[0], _settle(run, *pending)
+            if prev_step % cfg.log_every == 0:
+                _log_row(run, prev_step, prev)
+        pending = (step, metrics)
+        stop = handler.should_stop(step)  # every process agrees on the step
+        save = run.manager.should_save(step, last_step=run.end, preempted=stop)
+        evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
+        if save or evaluate_now:
+            current, pending = _settle(run, *pending), None
+            if evaluate_now:
+                with run.clock.pause():
+                    current |= _eval(run, step)
+            if evaluate_now or step % cfg.log_every == 0 or step == run.end:
+                _log_row(run, step, current)
+        if save:
+            _save(run, step)
+        if stop:
+            run.summary["preempted"] = True
+            run.say(f"preemption signal: saved step {step}, exiting")
+            break
+        if step < run.end:
+            batch = run.data.train_batch(step)
+
+
+def _finish(run: _Run) -> dict:
+    """The summary (also written to summary.json): steps, real tokens trained, skips."""
+    summary = run.summary
+    summary["end_step"] = int(jax.device_get(run.state.step))
+    summary["tokens_trained"] = run.data.ramp.tokens(run.start, summary["end_step"])
+    summary["skipped_updates"] = run.skipped
+    if run.primary:
+        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _start(workdir: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
+           opt_cfg: OptimizerConfig, data_cfg: DataConfig, trainer: Trainer,
+           hooks: MakeHooks | None, stop_after: int | None) -> _Run:
+    """Data, hooks, the run files and the restored (or fresh) state of one invocation."""
+    primary = jax.process_index() == 0
+    ramp = BatchRamp(opt_cfg, train_cfg)
+    if ramp.enabled and not family.family_of(model_cfg).causal_lm:
+        raise ValueError("OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
+                         "models; set it to 0 for encoder and seq2seq runs.")
+    tokenizer, train_iter, eval_factory = _prepare_data(workdir, model_cfg, data_cfg, train_cfg,
+                                                        primary)
+    if primary:
+        _save_run_files(workdir, {"model": model_cfg, "train": train_cfg, "optimizer": opt_cfg,
+                                  "data": data_cfg})
+    run_hooks = list(hooks(model_cfg, data_cfg, train_cfg, tokenizer)) if hooks else []
+    manager = ckpt_lib.CheckpointManager(workdir, checkpoint_every=train_cfg.checkpoint_every,
+                                         max_to_keep=train_cfg.keep_checkpoints)
+    start, state, skipped = _restore(manager, trainer, train_iter, train_cfg.seed)
+    end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
+    return _Run(
+        workdir=workdir, model_cfg=model_cfg, train_cfg=train_cfg, trainer=trainer,
+        data=RunData(model_cfg, tokenizer, train_iter, eval_factory, ramp, train_cfg.seed,
+                     trainer.mesh, trainer.rules),
+        manager=manager, writer=metrics_lib.MetricWriter(workdir, enabled=primary),
+        hooks=run_hooks, state=state, start=start, end=end, skipped=skipped,
+        summary={"start_step": start, "steps": train_cfg.steps, "preempted": False},
+        clock=Throughput(train_cfg.batch_size * train_cfg.seq_len, start), primary=primary,
+        peak=train_cfg.peak_flops or metrics_lib.peak_flops(), last_good=manager.latest_step())
 
 
 def train(workdir: str, *, model_cfg: ModelConfig | None = None,
           train_cfg: TrainConfig | None = None, opt_cfg: OptimizerConfig | None = None,
           data_cfg: DataConfig | None = None, mesh_cfg: sharding.MeshConfig | None = None,
-          stop_after: int | None = None, dry_run: bool = False) -> dict:
+          hooks: MakeHooks | None = None, stop_after: int | None = None,
+          dry_run: bool = False) -> dict:
     """Train (or resume) a model in `workdir`; returns a summary dict.
 
-    Configs default to what gin binds. `stop_after` ends this invocation after
-    that many steps, as a preemption would (the final checkpoint is written);
-    `dry_run` compiles the train step for the configured mesh and reports its
-    memory and FLOPs without training.
+    Configs default to what gin binds. `hooks(model_cfg, data_cfg, train_cfg, tokenizer)`
+    builds the hooks run at every eval step (`gptjax.evals.hooks.default_hooks`: the sample
+    preview or task exact match); without it an eval is loss and perplexity only.
+    `stop_after` ends this invocation after that many steps, as a preemption would (the
+    final checkpoint is written); `dry_run` compiles the train step for the configured mesh
+    and reports its memory and FLOPs without training.
     """
     model_cfg, train_cfg = model_cfg or family.model_config(), train_cfg or TrainConfig()
     opt_cfg, data_cfg = opt_cfg or OptimizerConfig(), data_cfg or DataConfig()
     mesh_cfg = mesh_cfg or sharding.MeshConfig()
-    primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     setup_compilation_cache(train_cfg.compilation_cache_dir)
-
     mesh = sharding.make_mesh(mesh_cfg)
     rules = sharding.logical_axis_rules(mesh_cfg.rules)
     trainer = make_trainer(model_cfg, opt_cfg, train_cfg.steps, mesh, rules,
@@ -165,168 +433,15 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     if dry_run:
         from gptjax.training.dry_run import report
         return report(trainer, train_cfg)
-
-    # Process 0 builds the dataset, tokenizer and token cache first; the others wait at the
-    # barrier and then read what it wrote (a shared data_dir and workdir), so they never race.
-    multi = jax.process_count() > 1
-    if multi and not primary:
-        multihost_utils.sync_global_devices("gptjax_prepare_data")
-    tokenizer = workdir_tokenizer(workdir, data_cfg, save=primary)
-    check_vocab(tokenizer, model_cfg.vocab_size)
-    train_iter, eval_factory = run_datasets(data_cfg, model_cfg, tokenizer, train_cfg)
-    if multi and primary:
-        multihost_utils.sync_global_devices("gptjax_prepare_data")
-    if primary:
-        _save_run_files(workdir, {"model": model_cfg, "train": train_cfg, "optimizer": opt_cfg,
-                                  "data": data_cfg})
-
-    manager = ckpt_lib.CheckpointManager(workdir, checkpoint_every=train_cfg.checkpoint_every,
-                                         max_to_keep=train_cfg.keep_checkpoints)
-    restored = manager.restore(abstract_state(trainer))
-    if restored is None:
-        state = trainer.init_train_state(train_cfg.seed)
-        start = 0
-    else:
-        start, state, meta = restored
-        train_iter.set_state(meta["data"])
-        log.info("resumed from step %d in %s", start, workdir)
-
-    writer = metrics_lib.MetricWriter(workdir, enabled=primary)
-    peak = train_cfg.peak_flops or metrics_lib.peak_flops()
-    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
-    summary = {"start_step": start, "steps": train_cfg.steps, "preempted": False}
-    skips = {"total": int(meta.get("skipped_updates", 0)) if restored else 0, "run": 0}
-    end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
-    ramp = BatchRamp(opt_cfg, train_cfg)
-    if ramp.enabled and not family.family_of(model_cfg).causal_lm:
-        raise ValueError("OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
-                         "models; set it to 0 for encoder and seq2seq runs.")
-    is_task = data_cfg.dataset in numbers.TASKS
-    base_key = jax.random.key(train_cfg.seed)
-
-    def prepare(step: int, local: dict) -> dict:
-        """The family's objective from a corpus batch (BERT masking is keyed by the step)."""
-        return family.from_windows(model_cfg, local, tokenizer, jax.random.fold_in(
-            jax.random.fold_in(base_key, jax.process_index()), step))
-    say = (lambda msg: tqdm.write(msg)) if primary else (lambda msg: None)
-    last_good = manager.latest_step()
-    window = {"t": time.perf_counter(), "step": start, "paused": 0.0}
-
-    def global_batch(step: int) -> dict:
-        """The batch of `step` (0-based): under GPT-3's batch ramp only its first
-        `ramp.rows(step)` rows are data (taken from the iterator), the rest masked padding."""
-        local, real = train_iter.take(ramp.rows(step))
-        return sharding.make_global_batch(mask_padding(prepare(step, local), real), mesh, rules)
-
-    def settle(step: int, metrics) -> dict[str, float]:
-        """Fetch a finished step's metrics (this waits for it); count skipped updates and
-        stop when more than `max_consecutive_skips` come in a row."""
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        skipped = metrics["update_skipped"] > 0
-        skips["total"] += int(skipped)
-        skips["run"] = skips["run"] + 1 if skipped else 0
-        metrics["skipped_updates"] = skips["total"]
-        if skips["run"] > train_cfg.max_consecutive_skips:
-            raise TrainingDivergedError(
-                f"{skips['run']} updates in a row, up to step {step}, had a non-finite loss "
-                f"({metrics['train/loss']}) or gradient norm ({metrics['grad_norm']}) and were "
-                f"skipped; stopped before saving. The last good checkpoint (step {last_good}) "
-                f"is kept in {workdir}. Lower OptimizerConfig.peak_lr, keep clip_norm on, or "
-                "train in float32 (ModelConfig.dtype='float32'), then rerun.")
-        if skipped:
-            log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped "
-                        "(params unchanged)", step, metrics["train/loss"], metrics["grad_norm"])
-        else:
-            summary["train/loss"] = metrics["train/loss"]
-        return metrics
-
-    def log_row(step: int, metrics: dict) -> None:
-        """Throughput since the last row, not counting eval, sample and checkpoint time."""
-        now = time.perf_counter()
-        busy = max(now - window["t"] - window["paused"], 1e-9)
-        rate = tokens_per_step * (step - window["step"]) / busy
-        window.update(t=now, step=step, paused=0.0)
-        metrics["tokens_per_s"] = rate
-        mfu = metrics_lib.mfu(rate, model_cfg, train_cfg.seq_len, jax.device_count(), peak)
-        if mfu is not None:
-            metrics["mfu"] = mfu
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{rate:,.0f}",
-                        **({} if mfu is None else {"mfu": f"{mfu:.1%}"}))
-
-    def eval_and_preview(step: int) -> dict:
-        ev = evaluate(trainer, state.params, eval_factory, train_cfg.eval_batches,
-                      lambda i, b: prepare(2**31 + i, b))  # the same masks at every eval
-        if is_task:
-            task_ev, text = task_metrics(model_cfg, state.params, tokenizer, data_cfg, train_cfg,
-                                         train_cfg.eval_batches * train_cfg.batch_size)
-            ev |= task_ev
-        else:
-            text = preview_lib.preview(model_cfg, state.params, tokenizer,
-                                       train_cfg.sample_prompt, train_cfg.sample_tokens, step)
-        writer.write_text(step, "sample", text)
-        em = f", exact match {ev['eval/exact_match']:.1%}" if "eval/exact_match" in ev else ""
-        say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f}){em}"
-            f"\n--- sample ---\n{text}\n---")
-        summary.update(ev, sample=text)
-        return ev
-
+    run = _start(workdir, model_cfg, train_cfg, opt_cfg, data_cfg, trainer, hooks, stop_after)
     with contextlib.ExitStack() as stack:
         stack.enter_context(sharding.use_mesh(mesh, rules))
         handler = stack.enter_context(ckpt_lib.install_preemption_handler())
-        stack.callback(writer.close)
-        stack.callback(manager.close)
-        stack.callback(manager.wait)
-        bar = stack.enter_context(tqdm(total=end, initial=start, disable=not primary,
-                                       desc="train", dynamic_ncols=True))
-        pending = None
-        if start < end:
-            batch = global_batch(start)
-            t0 = time.perf_counter()
-            compiled = trainer.train_step.lower(state, batch).compile()
-            summary["compile_s"] = time.perf_counter() - t0
-            log.info("train_step compiled in %.1fs", summary["compile_s"])
-            if peak is not None:
-                log.info("MFU: %s; %.3g model FLOPs per token, peak %.3g FLOP/s per device",
-                         metrics_lib.ATTENTION_CONVENTION,
-                         metrics_lib.flops_per_token(model_cfg, train_cfg.seq_len), peak)
-            window["t"] = time.perf_counter()
-        for step in range(start + 1, end + 1):
-            state, metrics = compiled(state, batch)
-            bar.update(1)
-            if pending is not None:  # the previous step: finished by now, so no stall
-                prev_step, prev = pending[0], settle(*pending)
-                if prev_step % train_cfg.log_every == 0:
-                    log_row(prev_step, prev)
-            pending = (step, metrics)
-            stop = handler.should_stop(step)  # every process agrees on the step
-            save = stop or step % train_cfg.checkpoint_every == 0 or step == end
-            evaluate_now = step % train_cfg.eval_every == 0 or step == train_cfg.steps
-            if save or evaluate_now:  # never save or evaluate a step whose update is unchecked
-                current = settle(*pending)
-                pending = None
-                t_pause = time.perf_counter()
-                if evaluate_now:
-                    current |= eval_and_preview(step)
-                window["paused"] += time.perf_counter() - t_pause
-                if evaluate_now or step % train_cfg.log_every == 0 or step == end:
-                    log_row(step, current)
-            if save:
-                t_pause = time.perf_counter()
-                manager.save(step, state, {"data": train_iter.get_state(),
-                                           "skipped_updates": skips["total"]}, force=True)
-                window["paused"] += time.perf_counter() - t_pause
-                last_good = step
-            if stop:
-                summary["preempted"] = True
-                say(f"preemption signal: saved step {step}, exiting")
-                break
-            if step < end:
-                batch = global_batch(step)
-    summary["end_step"] = int(jax.device_get(state.step))
-    summary["tokens_trained"] = ramp.tokens(start, summary["end_step"])  # real rows only
-    summary["skipped_updates"] = skips["total"]
-    if primary:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+        stack.callback(run.writer.close)
+        stack.callback(run.manager.close)
+        stack.callback(run.manager.wait)
+        run.bar = stack.enter_context(tqdm(total=run.end, initial=run.start,
+                                           disable=not run.primary, desc="train",
+                                           dynamic_ncols=True))
+        _train_steps(run, handler)
+    return _finish(run)
