@@ -260,7 +260,7 @@ def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
 
 
 def test_batch_ramp_masks_rows_and_grows_to_full():
-    from gptjax.training.loop import BatchRamp, mask_padding
+    from gptjax.training.batches import BatchRamp, mask_padding
     train_cfg = TrainConfig(batch_size=8, seq_len=4)
     ramp = BatchRamp(OptimizerConfig(batch_ramp_tokens=64, batch_ramp_start=8), train_cfg)
     rows = [ramp.rows(s) for s in range(8)]

@@ -6,13 +6,13 @@ nb([
 ("md", """# 01 · Quickstart: train a small GPT, watch the loss, sample
 
 A nano GPT trained on the Python standard library source (offline, on any machine), using the
-same `gptjax.training.loop.train` that `gptjax train` runs. Default size: a couple of minutes on a laptop
+same `gptjax.evals.hooks.train_with_defaults` that `gptjax train` runs (the loop plus its sample previews). Default size: a couple of minutes on a laptop
 CPU. On a Colab GPU/TPU runtime raise `STEPS` and the model size."""),
 ("code", COLAB),
 ("code", """import os, tempfile
 import matplotlib.pyplot as plt
 from gptjax.cli import main as cli
-from gptjax.training.loop import train
+from gptjax.evals.hooks import train_with_defaults as train
 from gptjax.training.metrics import read_metrics
 
 STEPS = int(os.environ.get("GPTJAX_NOTEBOOK_STEPS", 200))  # the test suite sets a small value

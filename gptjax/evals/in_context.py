@@ -45,6 +45,9 @@ from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.training.eval_loss import weighted_mean_loss
+from gptjax.data.config import run_datasets
+from gptjax.models import family
+from gptjax.training.batches import EVAL_KEY_OFFSET, objective_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,11 +391,7 @@ def split_perplexity(cfg: ModelConfig, params, tokenizer: Tokenizer, configs: di
                      max_batches: int = 50) -> dict:
     """Loss and perplexity of a trained run on its own data's split, in its family's
     objective (next token, masked LM or target given source): the training loop's eval,
-    with its masks (`loop.objective_key`), at another batch size."""
-    from gptjax.data.config import run_datasets
-    from gptjax.models import family
-    from gptjax.training import loop
-
+    with its masks (`training.batches.objective_key`), at another batch size."""
     if split not in ("validation", "train"):
         raise ValueError(f"--split must be 'validation' or 'train', got {split!r}.")
     data_cfg, seed = configs["data"], configs["train"].seed
@@ -403,7 +402,7 @@ def split_perplexity(cfg: ModelConfig, params, tokenizer: Tokenizer, configs: di
     sums_fn = jax.jit(functools.partial(family.eval_sums, cfg))
     batches = eval_factory() if split == "validation" else train_iter
     prepared = (family.from_windows(cfg, batch, tokenizer,
-                                    loop.objective_key(seed, loop.EVAL_KEY_OFFSET + i))
+                                    objective_key(seed, EVAL_KEY_OFFSET + i))
                 for i, batch in enumerate(batches))
     out = weighted_mean_loss(lambda batch: sums_fn(params, batch), prepared, max_batches)
     return {**out, "tokens": int(out["tokens"])}

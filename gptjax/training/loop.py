@@ -18,24 +18,23 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import gin
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from gptjax.config import ModelConfig
-from gptjax.data.config import DataConfig, run_datasets, workdir_tokenizer
-from gptjax.data.tokenizer import Tokenizer, check_vocab
+from gptjax.data.config import DataConfig
+from gptjax.data.tokenizer import Tokenizer
 from gptjax.models import family
 from gptjax.parallel import mesh as sharding
+from gptjax.training import batches
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
 from gptjax.training.eval_loss import weighted_mean_loss
-from gptjax.training.optimizer import OptimizerConfig, batch_size_at
+from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, Trainer, abstract_state, make_trainer
 
 log = logging.getLogger("gptjax")
@@ -45,50 +44,11 @@ log = logging.getLogger("gptjax")
 Hook = Callable[[int, Any], tuple[dict[str, float], str]]
 # What `train(hooks=...)` takes: it builds the hooks once the run's tokenizer is known.
 MakeHooks = Callable[[ModelConfig, DataConfig, TrainConfig, Tokenizer], Sequence[Hook]]
-EVAL_KEY_OFFSET = 2**31  # eval batch i is prepared with the key of step EVAL_KEY_OFFSET + i
 
 
 class TrainingDivergedError(RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient; the last good checkpoint
     is kept."""
-
-
-class BatchRamp:
-    """GPT-3's batch-size ramp with static shapes: each step feeds the full batch, of which
-    only the first `rows(step)` rows are real data; the rest are padding, masked out."""
-
-    def __init__(self, opt_cfg: OptimizerConfig, train_cfg: TrainConfig):
-        self.opt_cfg, self.train_cfg = opt_cfg, train_cfg
-        self.enabled = opt_cfg.batch_ramp_tokens > 0
-        self._rows: list[int] = []  # rows used at each step, from step 0 (cheap to replay)
-        self._rows_seen = 0  # sum(self._rows), kept so each new step costs O(1)
-
-    def rows(self, step: int) -> int:
-        """Real rows of the global batch at `step` (0-based): all of them without a ramp."""
-        if not self.enabled:
-            return self.train_cfg.batch_size
-        full_tokens = self.train_cfg.batch_size * self.train_cfg.seq_len
-        while len(self._rows) <= step:
-            seen = self._rows_seen * self.train_cfg.seq_len
-            self._rows.append(batch_size_at(seen, self.opt_cfg, full_tokens,
-                                            self.train_cfg.seq_len))
-            self._rows_seen += self._rows[-1]
-        return self._rows[step]
-
-    def tokens(self, start: int, end: int) -> int:
-        """Real tokens trained on over steps [start, end)."""
-        return sum(self.rows(s) for s in range(start, end)) * self.train_cfg.seq_len
-
-
-def mask_padding(local: dict, real_rows: int) -> dict:
-    """Zero the loss mask of a local batch's padding rows (rows >= real_rows), multiplying any
-    mask the batch already has (a task dataset's answer mask), never replacing it."""
-    if real_rows == family.batch_rows(local):  # every row real (any family's batch)
-        return local
-    b, t_plus_1 = local["tokens"].shape
-    rows_B1 = (np.arange(b) < real_rows)[:, None].astype(np.float32)
-    mask_BT = np.asarray(local.get("loss_mask", np.ones((b, t_plus_1 - 1), np.float32)))
-    return {**local, "loss_mask": mask_BT.astype(np.float32) * rows_B1}
 
 
 def setup_compilation_cache(path: str | None) -> None:
@@ -107,75 +67,12 @@ def _save_run_files(workdir: str, configs: dict) -> None:
                    **{k: dataclasses.asdict(v) for k, v in configs.items()}}, f, indent=2)
 
 
-def objective_key(seed: int, step: int) -> jax.Array:
-    """The key of the host-side objective of step `step`'s batch (BERT's masks), per process.
-
-    Eval batch i uses step EVAL_KEY_OFFSET + i, so every eval sees the same masks.
-    """
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), jax.process_index()),
-                              step)
-
-
-@dataclasses.dataclass
-class RunData:
-    """A run's batches, global and in the family's objective: train batches under the batch
-    ramp (only `ramp.rows(step)` rows are data, the rest masked padding) and eval batches."""
-
-    model_cfg: ModelConfig
-    tokenizer: Tokenizer
-    train_iter: Any
-    eval_factory: Callable[[], Iterator[dict]]
-    ramp: BatchRamp
-    seed: int
-    mesh: Any
-    rules: Any
-
-    def prepare(self, step: int, local: dict) -> dict:
-        """The family's objective from a corpus batch (BERT masking is keyed by the step)."""
-        return family.from_windows(self.model_cfg, local, self.tokenizer,
-                                   objective_key(self.seed, step))
-
-    def train_batch(self, step: int) -> dict:
-        """The global batch of `step` (0-based), taken from the train iterator."""
-        local, real = self.train_iter.take(self.ramp.rows(step))
-        return sharding.make_global_batch(mask_padding(self.prepare(step, local), real),
-                                          self.mesh, self.rules)
-
-    def eval_batches(self) -> Iterator[dict]:
-        """One in-order pass over the validation split, global batches (the same masks at
-        every eval)."""
-        for i, local in enumerate(self.eval_factory()):
-            yield sharding.make_global_batch(self.prepare(EVAL_KEY_OFFSET + i, local),
-                                             self.mesh, self.rules)
-
-
 def evaluate(trainer: Trainer, params, batches: Iterable[dict],
              n_batches: int) -> dict[str, float]:
     """Token-weighted mean eval loss and perplexity over up to `n_batches` global batches
     (`weighted_mean_loss` over `Trainer.eval_step`)."""
     out = weighted_mean_loss(lambda batch: trainer.eval_step(params, batch), batches, n_batches)
     return {"eval/loss": out["loss"], "eval/perplexity": out["perplexity"]}
-
-
-def _prepare_data(workdir: str, model_cfg: ModelConfig, data_cfg: DataConfig,
-                  train_cfg: TrainConfig, primary: bool):
-    """(tokenizer, train iterator, eval factory) of the run.
-
-    Process 0 builds the dataset, tokenizer and token cache first; the others wait at the
-    barrier and then read what it wrote (a shared data_dir and workdir), so they never race.
-    """
-    multi = jax.process_count() > 1
-    if multi and not primary:
-        multihost_utils.sync_global_devices("gptjax_prepare_data")
-    tokenizer = workdir_tokenizer(workdir, data_cfg, save=primary)
-    check_vocab(tokenizer, model_cfg.vocab_size)
-    train_iter, eval_factory = run_datasets(
-        data_cfg, tokenizer, task_format=family.family_of(model_cfg).task_format,
-        seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    if multi and primary:
-        multihost_utils.sync_global_devices("gptjax_prepare_data")
-    return tokenizer, train_iter, eval_factory
 
 
 def _restore(manager: ckpt_lib.CheckpointManager, trainer: Trainer, train_iter,
@@ -226,7 +123,7 @@ class _Run:
     model_cfg: ModelConfig
     train_cfg: TrainConfig
     trainer: Trainer
-    data: RunData
+    data: batches.RunData
     manager: ckpt_lib.CheckpointManager
     writer: metrics_lib.MetricWriter
     hooks: Sequence[Hook]
@@ -283,6 +180,11 @@ def _log_row(run: _Run, step: int, metrics: dict) -> None:
                         **({} if mfu is None else {"mfu": f"{mfu:.1%}"}))
 
 
+def _show(name: str, value: float) -> str:
+    """A hook's metric for the console: fractions (exact match, accuracy) as percents."""
+    return f"{value:.1%}" if name.endswith(("exact_match", "accuracy")) else f"{value:.4g}"
+
+
 def _eval(run: _Run, step: int) -> dict[str, float]:
     """Eval loss and perplexity, then each hook's metrics and text (shown, and written as the
     step's sample)."""
@@ -293,7 +195,7 @@ def _eval(run: _Run, step: int) -> dict[str, float]:
         metrics, text = hook(step, params)
         ev |= metrics
         texts.append(text)
-    extras = "".join(f", {k.removeprefix('eval/').replace('_', ' ')} {v:.4g}"
+    extras = "".join(f", {k.removeprefix('eval/').replace('_', ' ')} {_show(k, v)}"
                      for k, v in ev.items() if k not in ("eval/loss", "eval/perplexity"))
     text = "\n".join(t for t in texts if t)
     run.say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f})"
@@ -379,11 +281,11 @@ def _start(workdir: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
            hooks: MakeHooks | None, stop_after: int | None) -> _Run:
     """Data, hooks, the run files and the restored (or fresh) state of one invocation."""
     primary = jax.process_index() == 0
-    ramp = BatchRamp(opt_cfg, train_cfg)
+    ramp = batches.BatchRamp(opt_cfg, train_cfg)
     if ramp.enabled and not family.family_of(model_cfg).causal_lm:
         raise ValueError("OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
                          "models; set it to 0 for encoder and seq2seq runs.")
-    tokenizer, train_iter, eval_factory = _prepare_data(workdir, model_cfg, data_cfg, train_cfg,
+    tokenizer, train_iter, eval_factory = batches.prepare_data(workdir, model_cfg, data_cfg, train_cfg,
                                                         primary)
     if primary:
         _save_run_files(workdir, {"model": model_cfg, "train": train_cfg, "optimizer": opt_cfg,
@@ -395,7 +297,7 @@ def _start(workdir: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
     return _Run(
         workdir=workdir, model_cfg=model_cfg, train_cfg=train_cfg, trainer=trainer,
-        data=RunData(model_cfg, tokenizer, train_iter, eval_factory, ramp, train_cfg.seed,
+        data=batches.RunData(model_cfg, tokenizer, train_iter, eval_factory, ramp, train_cfg.seed,
                      trainer.mesh, trainer.rules),
         manager=manager, writer=metrics_lib.MetricWriter(workdir, enabled=primary),
         hooks=run_hooks, state=state, start=start, end=end, skipped=skipped,
