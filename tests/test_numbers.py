@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gptjax.data import numbers
-from gptjax.data.numbers import Specials, format_batch, make_task_datasets, number_to_words
+from gptjax.data.tokenizer import Specials
+from gptjax.data.numbers import format_batch, make_task_datasets, number_to_words
 from gptjax.data.tokenizer import ByteTokenizer, CharTokenizer
 
 # --- words ---------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_pairs_and_texts():
 
 # --- batch formats -------------------------------------------------------------------------
 
-SP = Specials(pad_id=1, eos_id=2, start_id=3, delimiter_id=4, mask_id=5)
+SP = Specials(pad_id=1, eos_id=2, start_id=3, delimiter_id=4, extract_id=6, mask_id=5)
 EXAMPLES = [([10, 11, 12], [20, 21]), ([13], [22, 23, 24])]
 
 

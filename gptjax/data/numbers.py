@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gptjax.data import pipeline
+from gptjax.data.tokenizer import Specials
 
 ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
         "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
@@ -173,21 +174,6 @@ def min_seq_len(fmt: str, task: str, tokenizer, max_number: int = 10_000) -> int
 # ---------------------------------------------------------------------------- batch formats
 
 
-@dataclasses.dataclass(frozen=True)
-class Specials:
-    """The special ids the formats use; any tokenizer has the same attributes."""
-
-    pad_id: int
-    eos_id: int
-    start_id: int
-    delimiter_id: int
-    mask_id: int
-
-    @classmethod
-    def of(cls, tokenizer) -> Specials:
-        return cls(**{f.name: int(getattr(tokenizer, f.name)) for f in dataclasses.fields(cls)})
-
-
 _NEEDED = {  # the seq_len one example needs in each format (causal rows are seq_len + 1 tokens)
     "causal": lambda src, tgt, slots: src + tgt + 2,  # [start] s [delim] t [eos]
     "slots": lambda src, tgt, slots: src + 2 + slots,  # [start] s [delim] + slots
@@ -303,7 +289,7 @@ def format_batch(fmt: str, examples: Sequence[tuple[Sequence[int], Sequence[int]
       ValueError: naming ``seq_len`` (and the length needed) when an example does not fit.
     """
     check_fits(fmt, examples, seq_len, tgt_len)
-    sp = specials if isinstance(specials, Specials) else Specials.of(specials)
+    sp = Specials.of(specials)
     return _FORMATTERS[fmt](examples, sp, seq_len, tgt_len)
 
 
@@ -326,7 +312,7 @@ class TaskBatchIterator(pipeline.TokenBatchIterator):
             raise ValueError(f"only {len(examples)} examples, fewer than one global batch of "
                              f"{global_batch_size}; lower the batch size or raise max_number")
         self.examples, self.fmt = list(examples), fmt
-        self.specials = specials if isinstance(specials, Specials) else Specials.of(specials)
+        self.specials = Specials.of(specials)
         self.seq_len, self.tgt_len = seq_len, tgt_len
         super().__init__(np.arange(len(examples))[:, None], global_batch_size, **kwargs)
 

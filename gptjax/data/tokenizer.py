@@ -14,6 +14,7 @@ Saved forms: sentencepiece as ``tokenizer.model`` (its serialised proto), byte a
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,6 +29,25 @@ JSON_FILENAME = "tokenizer.json"
 # sentencepiece uses U+2581 as its internal space marker, so a literal one decodes as " ".
 # We encode it as its three UTF-8 byte pieces instead, which decode back to the character.
 SP_SPACE = "\u2581"
+
+
+@dataclasses.dataclass(frozen=True)
+class Specials:
+    """A tokenizer's special ids as plain values: what batch formats and task transforms read."""
+
+    pad_id: int
+    eos_id: int
+    start_id: int
+    delimiter_id: int
+    extract_id: int
+    mask_id: int
+
+    @classmethod
+    def of(cls, tokenizer) -> Specials:
+        """The special ids of a tokenizer (or a Specials, returned as it is)."""
+        if isinstance(tokenizer, Specials):
+            return tokenizer
+        return cls(**{f.name: int(getattr(tokenizer, f.name)) for f in dataclasses.fields(cls)})
 
 
 class Tokenizer(abc.ABC):

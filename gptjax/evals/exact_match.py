@@ -29,6 +29,7 @@ from gptjax.inference import sampling as sample
 
 from gptjax.inference import decoding as seq2seq_decode
 from gptjax.data import numbers
+from gptjax.data.tokenizer import Specials
 from gptjax.models import family
 
 
@@ -44,7 +45,7 @@ def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def _decoder_ids(cfg, params, sources, sp: numbers.Specials, *, prompt_len: int, tgt_len: int,
+def _decoder_ids(cfg, params, sources, sp: Specials, *, prompt_len: int, tgt_len: int,
                  **_):
     """Generated ids (B, tgt_len) after left-padded ``[start] s [delim]`` prompts."""
     prompts = [[sp.start_id, *s, sp.delimiter_id] for s in sources]
@@ -55,7 +56,7 @@ def _decoder_ids(cfg, params, sources, sp: numbers.Specials, *, prompt_len: int,
     return np.asarray(out.tokens)[:, prompt_len:]
 
 
-def _encoder_ids(cfg, params, sources, sp: numbers.Specials, *, seq_len: int, tgt_len: int,
+def _encoder_ids(cfg, params, sources, sp: Specials, *, seq_len: int, tgt_len: int,
                  **_):
     """Argmax ids (B, tgt_len) at the mask slots after ``[start] s [delim]``."""
     numbers.check_fits("slots", [(s, [0] * (tgt_len - 1)) for s in sources], seq_len, tgt_len)
@@ -65,7 +66,7 @@ def _encoder_ids(cfg, params, sources, sp: numbers.Specials, *, seq_len: int, tg
                      for i, s in enumerate(sources)])
 
 
-def _seq2seq_ids(cfg, params, sources, sp: numbers.Specials, *, seq_len: int, tgt_len: int,
+def _seq2seq_ids(cfg, params, sources, sp: Specials, *, seq_len: int, tgt_len: int,
                  **_):
     """Greedy target ids (B, tgt_len) for sources ``s [eos]``."""
     numbers.check_fits("pair", [(s, [0] * (tgt_len - 1)) for s in sources], seq_len, tgt_len)
@@ -84,7 +85,7 @@ def predict_ids(cfg, params, tokenizer, srcs: Sequence[str], *, task: str, seq_l
     """Greedy target ids per source, cut before the first eos (see `predict`)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    sp = numbers.Specials.of(tokenizer)
+    sp = Specials.of(tokenizer)
     max_src, max_tgt = numbers.task_lengths(task, tokenizer, max_number)
     sources = tokenizer.encode_batch(list(srcs))
     widths = dict(seq_len=seq_len, tgt_len=max_tgt + 1,  # the decoder's prompt: one shape per task
