@@ -22,7 +22,6 @@ Pure Python / numpy: nothing here needs jax.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 
