@@ -6,18 +6,17 @@ heads on the encoder (BERT: [CLS] state, token types, padding mask) and the enco
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from gptjax.config import EncoderConfig, ModelConfig, Seq2SeqConfig
 from gptjax.models import bert as encoder
-
 from gptjax.models import gpt as model
-
 from gptjax.models import transformer as seq2seq
+from gptjax.parallel import mesh as sharding
 from gptjax.research import finetune as ft
-from gptjax.config import ModelConfig
-from gptjax.config import EncoderConfig
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
-from gptjax.config import Seq2SeqConfig
+from gptjax.training.step import place_state
 
 SP = ft.Specials(start=4, delim=5, extract=6, pad=0)
 # Unrolled layers: eager calls then reuse per-op compilations (a scan re-traces every call).
@@ -25,6 +24,21 @@ CFG = ModelConfig(n_layers=2, d_model=20, n_heads=5, d_ff=28, vocab_size=31, max
                   scan_layers=False)
 GPT = model.init_params(CFG, jax.random.key(0))
 HIDDEN = jax.jit(lambda tokens: model.hidden_states(CFG, GPT, tokens))
+
+
+def _mesh(shape: dict, rules: str = "dp"):
+    n = int(np.prod(list(shape.values())))
+    return (sharding.make_mesh(sharding.MeshConfig(shape=shape), jax.devices()[:n]),
+            sharding.logical_axis_rules(rules))
+
+
+ONE_DEVICE = _mesh({"data": 1})
+
+
+def _train_step(cfg, kind, fc, optimizer, params, mesh_rules=ONE_DEVICE, seed=0):
+    """(jitted step, its step-0 state): `ft.make_train_step` as `finetune` builds it."""
+    step, shards = ft.make_train_step(cfg, kind, fc, optimizer, params, *mesh_rules)
+    return step, place_state(optimizer, params, jax.random.key(seed), shards)
 
 
 def test_input_transforms_frame_segments_with_the_special_tokens():
@@ -126,16 +140,39 @@ def test_finetune_step_fits_one_batch():
     kind = "entailment"
     fc = ft.FinetuneConfig(task="line_follows", steps=20, clf_dropout=0.0)
     optimizer = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=1, decay="linear"), 20)
-    step, logits_fn = ft._make_step(CFG, kind, fc, optimizer)
-    params = jax.tree.map(jnp.copy, {"gpt": GPT, "head": ft.init_head(kind, 20, 2,
-                                                                      jax.random.key(1))})
+    step, state = _train_step(CFG, kind, fc, optimizer,
+                              {"gpt": GPT, "head": ft.init_head(kind, 20, 2, jax.random.key(1))})
     batch = ft.make_batch(kind, EXAMPLES[kind] * 2, SP, CFG.max_len)
-    opt_state, losses = optimizer.init(params), []
-    for s in range(20):
-        params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(s))
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, batch)
         losses.append(float(metrics["clf_loss"]))
     assert losses[-1] < 0.2 * losses[0]
-    assert ft.accuracy(logits_fn, params, [batch])[0] == 1.0
+    assert ft.accuracy(ft.make_logits(CFG, kind), state.params, [batch])[0] == 1.0
+
+
+def test_finetune_step_on_8_devices_equals_one_device():
+    """Rows over data x fsdp, trunk and head `embed` dimensions over fsdp (the head by
+    HEAD_AXES): the same metrics and updated params as on one device. (SGD with lr 1, so the
+    params move by the gradient; Adam's first step, ±lr, would flip with the sign of the
+    tiniest gradients.)"""
+    kind = "entailment"
+    fc = ft.FinetuneConfig(task="line_follows", batch_size=8, clf_dropout=0.0)
+    optimizer = optax.sgd(1.0)
+    params = {"gpt": GPT, "head": ft.init_head(kind, 20, 2, jax.random.key(1))}
+    batch = ft.make_batch(kind, EXAMPLES[kind] * 4, SP, CFG.max_len)
+    out = []
+    for mesh_rules in (ONE_DEVICE, _mesh({"data": 2, "fsdp": 4}, "fsdp")):
+        step, state = _train_step(CFG, kind, fc, optimizer, params, mesh_rules)
+        with sharding.use_mesh(*mesh_rules):
+            state, metrics = step(state, sharding.make_global_batch(batch, *mesh_rules))
+        out.append((jax.device_get(metrics), jax.device_get(state.params)))
+    head_spec = state.params["head"]["kernel"].sharding.spec
+    assert head_spec[0] == "fsdp" and len(state.params["gpt"]["wte"].sharding.device_set) == 8
+    for k in ("loss", "clf_loss", "lm_loss", "grad_norm"):
+        np.testing.assert_allclose(out[1][0][k], out[0][0][k], rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_demo_tasks_have_their_kinds_and_valid_labels():
@@ -273,13 +310,14 @@ def test_short_finetune_learns_a_toy_task(fam):
     kind, steps, bs = "classification", 80, 32
     optimizer = make_optimizer(OptimizerConfig(peak_lr=3e-3, warmup_steps=10, decay="linear"),
                                steps)
-    step, _ = ft._make_step(cfg, kind, ft.FinetuneConfig(steps=steps, clf_dropout=0.1), optimizer)
     params = {"gpt": init(cfg, jax.random.key(7)), "head": ft.init_head(kind, 20, 2,
                                                                         jax.random.key(8))}
-    data, opt_state, accs = _contains_task(steps * bs, seed=0), optimizer.init(params), []
+    step, state = _train_step(cfg, kind, ft.FinetuneConfig(steps=steps, clf_dropout=0.1),
+                              optimizer, params)
+    data, accs = _contains_task(steps * bs, seed=0), []
     for s in range(steps):
         batch = ft.make_batch(kind, data[s * bs:(s + 1) * bs], SP, 8)
-        params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(s))
+        state, metrics = step(state, batch)
         accs.append(float(metrics["accuracy"]))
     print(f"{fam}: held-out accuracy, first 10 batches {np.mean(accs[:10]):.3f}, "
           f"last 20 batches {np.mean(accs[-20:]):.3f} (chance 0.5)")

@@ -1,4 +1,5 @@
-"""Reward model: head init, scores at the last real token, K-way rankings, normalisation, HH data."""
+"""Reward model: head init, scores at the last real token, K-way rankings, normalisation, HH
+data."""
 
 import functools
 import gzip

@@ -7,7 +7,7 @@ linear head reads the transformer's final state at `<extract>`:
     classification   <start> text <extract>                                   -> softmax(W h)
     entailment       <start> premise <delim> hypothesis <extract>            -> softmax(W h)
     similarity       <start> a <delim> b <extract>, <start> b <delim> a <extract>
-                     (no inherent order: both orderings, states summed)       -> softmax(W (h1 + h2))
+                     (no inherent order: both orderings, states summed)  -> softmax(W (h1 + h2))
     multiple choice  <start> context <delim> answer_k <extract>, k = 1..K     -> softmax_k(w h_k)
 
 The tokenizers reserve the three special ids; their embedding rows are learned in fine-tuning.
@@ -37,7 +37,7 @@ import dataclasses
 import json
 import os
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import gin
 import jax
@@ -46,16 +46,19 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from gptjax.config import ModelConfig, Seq2SeqConfig
 from gptjax.models import bert as encoder
-
+from gptjax.models import family, layers
 from gptjax.models import gpt as model
-from gptjax.models import layers
-
 from gptjax.models import transformer as seq2seq
-from gptjax.config import ModelConfig
-from gptjax.models import family
-from gptjax.training.step import make_update
-from gptjax.config import Seq2SeqConfig
+from gptjax.parallel import mesh as sharding
+from gptjax.training.step import (
+    dropout_key,
+    jit_train_step,
+    make_update,
+    place_state,
+    with_dropout_keys,
+)
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 
@@ -70,7 +73,7 @@ class Specials:
     pad: int = 0
 
     @classmethod
-    def of(cls, tokenizer) -> "Specials":
+    def of(cls, tokenizer) -> Specials:
         return cls(tokenizer.start_id, tokenizer.delimiter_id, tokenizer.extract_id,
                    tokenizer.pad_id)
 
@@ -100,8 +103,8 @@ def transform(kind: str, segments: Sequence[Sequence[int]], sp: Specials,
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r}; choose one of {KINDS}.")
     if len(segs) < 2 or (kind != "multiple_choice" and len(segs) != 2):
-        raise ValueError(f"{kind} takes {'a context and answers' if kind == 'multiple_choice' else 'two texts'}, "
-                         f"got {len(segs)} segments.")
+        wants = "a context and answers" if kind == "multiple_choice" else "two texts"
+        raise ValueError(f"{kind} takes {wants}, got {len(segs)} segments.")
     pair = lambda a, b: [sp.start, *a, sp.delim, *b, sp.extract]  # noqa: E731
     if kind == "similarity":
         orders = [(segs[0], segs[1]), (segs[1], segs[0])]
@@ -203,8 +206,8 @@ TRUNKS = {
 
 
 def trunk_states(cfg: ModelConfig, trunk: dict, tokens_NT: Int[Array, "N T"],
-                 extract_N: Int[Array, "N"], segment_NT: Int[Array, "N T"] | None = None,
-                 key: jax.Array | None = None) -> tuple[Float[Array, "N T D"], Int[Array, "N"]]:
+                 extract_N: Int[Array, " N"], segment_NT: Int[Array, "N T"] | None = None,
+                 key: jax.Array | None = None) -> tuple[Float[Array, "N T D"], Int[Array, " N"]]:
     """(final states, the position each head reads) for right-padded sequences; without
     `segment_NT` (or with one token type) the encoder sees token type 0 throughout."""
     return TRUNKS[family.family_of(cfg)].states(cfg, trunk, tokens_NT, extract_N, segment_NT,
@@ -244,7 +247,7 @@ def forward(cfg: ModelConfig, params: dict, batch: dict, kind: str, *, clf_dropo
 
 def finetune_terms(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
                    clf_dropout: float = 0.0, key: jax.Array | None = None):
-    """(sums, weights, stats) of L3 = L2 + λ·L1, in `train.make_update`'s form.
+    """(sums, weights, stats) of L3 = L2 + λ·L1, in `step.make_update`'s form.
 
     L2, the task cross-entropy, is summed over examples; λ·L1, the LM loss on the task's
     sequences, over their `lm_mask` tokens. L1 is GPT's next-token loss for the decoder-only
@@ -298,7 +301,8 @@ def _shuffle_words(line: str, rng: random.Random) -> str:
     return line[:len(line) - len(line.lstrip())] + " ".join(shuffled)
 
 
-def demo_examples(task: str, texts: Sequence[str], n: int, seed: int) -> list[tuple[tuple[str, ...], int]]:
+def demo_examples(task: str, texts: Sequence[str], n: int,
+                  seed: int) -> list[tuple[tuple[str, ...], int]]:
     """Offline labelled examples made from a corpus: (segments, label) pairs.
 
     real_or_shuffled (classification): is this line real, or its words shuffled?
@@ -348,7 +352,7 @@ class FinetuneConfig:
     demo defaults suit a nano model pretrained for a few hundred steps.
 
     seq_len: tokens per sequence, specials included (the model's max_len at most).
-    grad_accum_steps: microbatches per step (exact: `train.make_update`).
+    grad_accum_steps: microbatches per step (exact: `step.make_update`).
     """
 
     task: str = "real_or_shuffled"
@@ -382,21 +386,33 @@ def encode_examples(tokenizer, examples) -> list[tuple[list[list[int]], int]]:
     return [([tokenizer.encode(s) for s in segments], label) for segments, label in examples]
 
 
-def _make_step(cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer):
-    """The jitted fine-tuning step (`train.make_update`, state donated) and the jitted eval
-    logits. `step(params, opt_state, batch, key)`: the key seeds each row's dropout."""
+HEAD_AXES = {"kernel": ("embed", None), "bias": (None,)}  # logical axes of a task head
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
+    """The trunk sharded like pretraining (its family's logical axes), the head by HEAD_AXES."""
+    return {"gpt": sharding.param_shardings(cfg, mesh, rules),
+            "head": sharding.tree_shardings(HEAD_AXES, mesh, rules)}
+
+
+def make_train_step(cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer, params,
+                    mesh, rules):
+    """(step, state shardings): fine-tuning's `step.jit_train_step` over `step.make_update`
+    of L3, each row with its own dropout key. Rows are split over the mesh's batch axes."""
+    sharding.check_divisible(cfg, mesh, rules, ft.batch_size // ft.grad_accum_steps)
+
     def objective(params, mb):
-        key = jax.random.wrap_key_data(mb["dropout_key"][0]) if "dropout_key" in mb else None
-        return finetune_terms(cfg, params, mb, kind, ft.lm_coef, ft.clf_dropout, key)
+        return finetune_terms(cfg, params, mb, kind, ft.lm_coef, ft.clf_dropout, dropout_key(mb))
 
-    update = make_update(objective, optimizer, ft.grad_accum_steps)
+    update = with_dropout_keys(make_update(objective, optimizer, ft.grad_accum_steps),
+                               rows=lambda batch: batch["label"].shape[0])
+    return jit_train_step(update, optimizer, params, param_shardings(cfg, mesh, rules),
+                          (sharding.batch_sharding(mesh, rules, ndim=1),), mesh)
 
-    def step(params, opt_state, batch, key):
-        keys = jax.random.key_data(jax.random.split(key, batch["label"].shape[0]))
-        return update(params, opt_state, {**batch, "dropout_key": keys})
 
-    logits = lambda params, batch: forward(cfg, params, batch, kind)[0]  # noqa: E731
-    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(logits)
+def make_logits(cfg: ModelConfig, kind: str):
+    """The jitted task logits `logits_fn(params, batch)` (no dropout)."""
+    return jax.jit(lambda params, batch: forward(cfg, params, batch, kind)[0])
 
 
 def accuracy(logits_fn, params, batches: Sequence[dict]) -> tuple[float, float]:
@@ -407,27 +423,58 @@ def accuracy(logits_fn, params, batches: Sequence[dict]) -> tuple[float, float]:
     return p, float(np.sqrt(p * (1 - p) / len(hits)))
 
 
-def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = None) -> dict:
-    """Fine-tune a pretrained run on a demo task; metrics.jsonl, summary.json and the
-    fine-tuned params (orbax) go to `out_dir`."""
+def _task_data(ft: FinetuneConfig, tokenizer, data_cfg) -> tuple[Specials, dict]:
+    """The special ids and {'train', 'validation'} encoded demo examples of `ft.task`, made
+    from the pretraining corpus's splits."""
+    from gptjax.data.pipeline import corpus_texts
+
+    sp, examples = Specials.of(tokenizer), {}
+    for split, n in (("train", ft.n_train), ("validation", ft.n_eval)):
+        texts = list(corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, split,
+                                  path=data_cfg.path))
+        examples[split] = encode_examples(tokenizer, demo_examples(ft.task, texts, n, ft.seed))
+    return sp, examples
+
+
+def _train(step_fn, state, examples: list, kind: str, sp: Specials, ft: FinetuneConfig,
+           mesh, rules, writer):
+    """`ft.steps` steps on random batches of `examples`, logged under `finetune/`."""
+    rng = np.random.default_rng(ft.seed)
+    for s in range(1, ft.steps + 1):
+        rows = rng.choice(len(examples), ft.batch_size, replace=False)
+        batch = make_batch(kind, [examples[r] for r in rows], sp, ft.seq_len)
+        state, metrics = step_fn(state, sharding.make_global_batch(batch, mesh, rules))
+        if s % ft.log_every == 0 or s == ft.steps:
+            writer.write(s, {f"finetune/{k}": float(v) for k, v in metrics.items()})
+    return state
+
+
+def _save(out_dir: str, params, summary: dict) -> None:
     import orbax.checkpoint as ocp
 
-    from gptjax.data.pipeline import corpus_texts
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.abspath(os.path.join(out_dir, "params")), params, force=True)
+    ckpt.wait_until_finished()
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = None,
+             mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+    """Fine-tune a pretrained run on a demo task over the mesh of `mesh_cfg` (default: gin's
+    MeshConfig); metrics.jsonl, summary.json and the fine-tuned params (orbax) go to
+    `out_dir`."""
     from gptjax.training.metrics import MetricWriter
     from gptjax.training.optimizer import OptimizerConfig, make_optimizer
     from gptjax.training.workdir import load_run
 
-    ft = ft or FinetuneConfig()
+    ft, mesh_cfg = ft or FinetuneConfig(), mesh_cfg or sharding.MeshConfig()
     cfg, gpt_params, tokenizer, configs, step = load_run(pretrained_workdir)
     if ft.seq_len > cfg.max_len:
         raise ValueError(f"FinetuneConfig.seq_len={ft.seq_len} exceeds the model's max_len "
                          f"{cfg.max_len}.")
     kind, n_classes = TASKS[ft.task]
-    data = configs["data"]
-    sp, examples = Specials.of(tokenizer), {}
-    for split, n in (("train", ft.n_train), ("validation", ft.n_eval)):
-        texts = list(corpus_texts(data.dataset, data.resolved_data_dir, split, path=data.path))
-        examples[split] = encode_examples(tokenizer, demo_examples(ft.task, texts, n, ft.seed))
+    sp, examples = _task_data(ft, tokenizer, configs["data"])
     eval_batches = [make_batch(kind, examples["validation"][i:i + ft.batch_size], sp, ft.seq_len)
                     for i in range(0, ft.n_eval, ft.batch_size)]
     key = jax.random.key(ft.seed)
@@ -435,30 +482,23 @@ def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = 
     optimizer = make_optimizer(OptimizerConfig(
         peak_lr=ft.lr, warmup_steps=ft.warmup_steps, decay="linear", min_lr_ratio=0.0,
         weight_decay=ft.weight_decay, clip_norm=1.0), ft.steps)
-    step_fn, logits_fn = _make_step(cfg, kind, ft, optimizer)
-    before = accuracy(logits_fn, params, eval_batches)
-    opt_state, rng = optimizer.init(params), np.random.default_rng(ft.seed)
+    mesh = sharding.make_mesh(mesh_cfg)
+    rules = sharding.logical_axis_rules(mesh_cfg.rules)
+    step_fn, shards = make_train_step(cfg, kind, ft, optimizer, params, mesh, rules)
+    state, logits_fn = place_state(optimizer, params, key, shards), make_logits(cfg, kind)
+    before = accuracy(logits_fn, state.params, eval_batches)
     writer = MetricWriter(out_dir)
     try:
-        for s in range(1, ft.steps + 1):
-            rows = rng.choice(len(examples["train"]), ft.batch_size, replace=False)
-            batch = make_batch(kind, [examples["train"][r] for r in rows], sp, ft.seq_len)
-            params, opt_state, metrics = step_fn(params, opt_state, batch,
-                                                 jax.random.fold_in(key, s))
-            if s % ft.log_every == 0 or s == ft.steps:
-                writer.write(s, {f"finetune/{k}": float(v) for k, v in metrics.items()})
-        after = accuracy(logits_fn, params, eval_batches)
+        with sharding.use_mesh(mesh, rules):
+            state = _train(step_fn, state, examples["train"], kind, sp, ft, mesh, rules, writer)
+        after = accuracy(logits_fn, state.params, eval_batches)
         writer.write(ft.steps, {"eval/accuracy": after[0]})
     finally:
         writer.close()
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.abspath(os.path.join(out_dir, "params")), params, force=True)
-    ckpt.wait_until_finished()
     summary = {"task": ft.task, "kind": kind, "family": family.family_of(cfg).name,
                "pretrained": pretrained_workdir,
                "pretrained_step": step, "steps": ft.steps, "accuracy_before": before[0],
                "accuracy": after[0], "accuracy_stderr": after[1], "chance": 1 / n_classes,
                "config": dataclasses.asdict(ft)}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _save(out_dir, state.params, summary)
     return summary

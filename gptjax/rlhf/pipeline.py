@@ -18,10 +18,10 @@ import gin
 import jax
 import numpy as np
 
-from gptjax.training import metrics as metrics_lib
 from gptjax.parallel import mesh as sharding
-from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.rlhf import chat, ppo, reward, sft, tasks
+from gptjax.training import metrics as metrics_lib
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import TrainConfig, TrainState
 
 log = logging.getLogger("gptjax")
@@ -41,6 +41,63 @@ def lm_loss(cfg, params, windows: np.ndarray, batch_size: int = 32) -> float:
     return sft.masked_eval_loss(cfg, params, {"tokens": windows, "loss_mask": mask}, batch_size)
 
 
+def _ppo_iterations(fns, state, models: dict, cfg, tokenizer, task, prompts: list, ptx_train,
+                    width: int, ppo_cfg: ppo.PPOConfig, key, writer):
+    """`ppo_cfg.steps` iterations (rollout, update, KL controller), each logged; returns
+    (state, per-iteration stats, the final β)."""
+    rng = np.random.default_rng(ppo_cfg.seed)
+    controller, kl_coef = ppo_cfg.controller(), ppo_cfg.controller().init()
+    history = []
+    for it in range(1, ppo_cfg.steps + 1):
+        lo = (it - 1) * ppo_cfg.batch_size % len(prompts)
+        batch_prompts = (prompts * 2)[lo:lo + ppo_cfg.batch_size]
+        batch = ppo.rollout(cfg, state.params["policy"], tokenizer, batch_prompts, width,
+                            ppo_cfg, jax.random.fold_in(key, it))
+        ptx = None
+        if ppo_cfg.ptx_coef > 0:
+            shape = (ppo_cfg.epochs, ppo_cfg.minibatches, ppo_cfg.ptx_batch_size)
+            ptx = ptx_train[rng.integers(len(ptx_train), size=shape)]
+        t0 = time.perf_counter()
+        state, stats = ppo.iteration(fns, state, models, kl_coef, batch, ptx)
+        gold = ppo.gold_rewards(task, tokenizer, batch_prompts, batch["tokens"], width)
+        stats |= {"ppo/gold_reward": float(gold.mean()), "ppo/gold_reward_std": float(gold.std()),
+                  "time/rollout_s": batch["time"], "time/update_s": time.perf_counter() - t0}
+        kl_coef = controller.update(kl_coef, stats["objective/kl"], ppo_cfg.batch_size)
+        writer.write(it, stats)
+        history.append(stats)
+        if it % 10 == 0 or it == ppo_cfg.steps:
+            log.info("ppo %d: gold %.3f score %.3f kl %.2f beta %.4f approxkl %.4f", it,
+                     stats["ppo/gold_reward"], stats["objective/scores"], stats["objective/kl"],
+                     stats["objective/kl_coef"], stats["policy/approxkl"])
+    return state, history, kl_coef
+
+
+def _end_summary(start: dict, end: dict, history: list, kl_coef) -> dict:
+    """Gold reward at the end (and its gain in units of the start std); KL, β and RM score
+    over the last tenth of the iterations."""
+    tail = history[-max(1, len(history) // 10):]
+    return {"ppo/gold_reward_end": end["gold_reward"],
+            "ppo/gold_reward_end_std": end["gold_reward_std"],
+            "ppo/stop_rate_end": end["stop_rate"],
+            "ppo/gold_reward_gain_in_start_std": (end["gold_reward"] - start["gold_reward"])
+            / max(start["gold_reward_std"], 1e-9),
+            "ppo/kl_end": float(np.mean([h["objective/kl"] for h in tail])),
+            "ppo/kl_coef_end": float(kl_coef),
+            "ppo/score_end": float(np.mean([h["objective/scores"] for h in tail]))}
+
+
+def _save_ppo_policy(workdir: str, state, cfg, opt_cfg, tokenizer, ppo_cfg: ppo.PPOConfig,
+                     seq_len: int, task) -> None:
+    """The policy as a policy workdir (`sft.save_policy`), with a fresh optimizer state."""
+    policy = jax.device_get(state.params["policy"])
+    final = TrainState(step=state.step, params=policy,
+                       opt_state=make_optimizer(opt_cfg, ppo_cfg.steps).init(policy),
+                       rng=jax.device_get(state.rng))
+    sft.save_policy(workdir, final, cfg, opt_cfg, tokenizer,
+                    TrainConfig(steps=ppo_cfg.steps, batch_size=ppo_cfg.batch_size,
+                                seq_len=seq_len), {"stage": "ppo", "task": task.name})
+
+
 def run_ppo(workdir: str, sft_workdir: str, reward_workdir: str, *,
             ppo_cfg: ppo.PPOConfig | None = None, opt_cfg: OptimizerConfig | None = None,
             task=None, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
@@ -52,78 +109,43 @@ def run_ppo(workdir: str, sft_workdir: str, reward_workdir: str, *,
     cfg, sft_params, tokenizer = sft.load_policy(sft_workdir)
     mesh, rules = sft.stage_mesh(mesh_cfg)
     rm_cfg, rm_params, norm = reward.load_reward(reward_workdir, mesh, rules)
-    rng = np.random.default_rng(ppo_cfg.seed)
     train_prompts = tasks.prompts(task, ppo_cfg.n_prompts, ppo_cfg.seed)
     eval_prompts = tasks.prompts(task, ppo_cfg.eval_prompts, ppo_cfg.seed + 99)
     width = max(len(chat.prompt_ids(tokenizer, p)) for p in train_prompts + eval_prompts)
     seq_len = min(cfg.max_len - 1, 48)
     ptx_train, ptx_held = ptx_data(tokenizer, task, seq_len, 0)
     key = jax.random.key(ppo_cfg.seed)
-    writer = metrics_lib.MetricWriter(workdir)
+    writer, t_start = metrics_lib.MetricWriter(workdir), time.perf_counter()
     summary: dict = {"ppo/kl_target": ppo_cfg.kl_target if ppo_cfg.adaptive_kl else None,
                      "ppo/ptx_coef": ppo_cfg.ptx_coef}
-    t_start = time.perf_counter()
+
+    def evaluate(params, n: int) -> dict:
+        return ppo.evaluate(cfg, params, tokenizer, task, eval_prompts, width, ppo_cfg,
+                            jax.random.fold_in(key, n))
+
     try:
         with sharding.use_mesh(mesh, rules):
             fns = ppo.make_ppo(cfg, rm_cfg, ppo_cfg, opt_cfg, width, mesh, rules)
-            put = lambda tree, shard: jax.device_put(jax.device_get(tree), shard)
-            models = {"ref": put(sft_params, fns.state_shardings.params["policy"]),
+            models = {"ref": jax.device_put(jax.device_get(sft_params),
+                                            fns.state_shardings.params["policy"]),
                       "rm": rm_params, "norm": norm}
             state = ppo.init_state(fns, sft_params, ppo.critic_from_reward(rm_params, norm),
                                    ppo_cfg.seed)
-            start = ppo.evaluate(cfg, state.params["policy"], tokenizer, task, eval_prompts,
-                                 width, ppo_cfg, jax.random.fold_in(key, 1_000_001))
+            start = evaluate(state.params["policy"], 1_000_001)
             summary |= {"ppo/gold_reward_start": start["gold_reward"],
                         "ppo/gold_reward_start_std": start["gold_reward_std"],
                         "ppo/stop_rate_start": start["stop_rate"],
                         "ppo/ptx_lm_loss_start": lm_loss(cfg, models["ref"], ptx_held)}
-            controller, kl_coef = ppo_cfg.controller(), ppo_cfg.controller().init()
-            history = []
-            for it in range(1, ppo_cfg.steps + 1):
-                lo = (it - 1) * ppo_cfg.batch_size % len(train_prompts)
-                prompts = (train_prompts * 2)[lo:lo + ppo_cfg.batch_size]
-                batch = ppo.rollout(cfg, state.params["policy"], tokenizer, prompts, width,
-                                    ppo_cfg, jax.random.fold_in(key, it))
-                ptx = None
-                if ppo_cfg.ptx_coef > 0:
-                    shape = (ppo_cfg.epochs, ppo_cfg.minibatches, ppo_cfg.ptx_batch_size)
-                    ptx = ptx_train[rng.integers(len(ptx_train), size=shape)]
-                t0 = time.perf_counter()
-                state, stats = ppo.iteration(fns, state, models, kl_coef, batch, ptx)
-                gold = ppo.gold_rewards(task, tokenizer, prompts, batch["tokens"], width)
-                stats |= {"ppo/gold_reward": float(gold.mean()),
-                          "ppo/gold_reward_std": float(gold.std()),
-                          "time/rollout_s": batch["time"], "time/update_s": time.perf_counter() - t0}
-                kl_coef = controller.update(kl_coef, stats["objective/kl"], ppo_cfg.batch_size)
-                writer.write(it, stats)
-                history.append(stats)
-                if it % 10 == 0 or it == ppo_cfg.steps:
-                    log.info("ppo %d: gold %.3f score %.3f kl %.2f beta %.4f approxkl %.4f", it,
-                             stats["ppo/gold_reward"], stats["objective/scores"],
-                             stats["objective/kl"], stats["objective/kl_coef"],
-                             stats["policy/approxkl"])
-            end = ppo.evaluate(cfg, state.params["policy"], tokenizer, task, eval_prompts,
-                               width, ppo_cfg, jax.random.fold_in(key, 1_000_002))
+            state, history, kl_coef = _ppo_iterations(
+                fns, state, models, cfg, tokenizer, task, train_prompts, ptx_train, width,
+                ppo_cfg, key, writer)
+            end = evaluate(state.params["policy"], 1_000_002)
             summary["ppo/ptx_lm_loss_end"] = lm_loss(cfg, state.params["policy"], ptx_held)
     finally:
         writer.close()
-    tail = history[-max(1, len(history) // 10):]
-    summary |= {"ppo/gold_reward_end": end["gold_reward"],
-                "ppo/gold_reward_end_std": end["gold_reward_std"],
-                "ppo/stop_rate_end": end["stop_rate"],
-                "ppo/gold_reward_gain_in_start_std": (end["gold_reward"] - start["gold_reward"])
-                / max(start["gold_reward_std"], 1e-9),
-                "ppo/kl_end": float(np.mean([h["objective/kl"] for h in tail])),
-                "ppo/kl_coef_end": float(kl_coef),
-                "ppo/score_end": float(np.mean([h["objective/scores"] for h in tail])),
-                "ppo/steps": ppo_cfg.steps, "ppo/wall_s": time.perf_counter() - t_start}
-    policy = jax.device_get(state.params["policy"])
-    final = TrainState(step=state.step, params=policy,
-                       opt_state=make_optimizer(opt_cfg, ppo_cfg.steps).init(policy),
-                       rng=jax.device_get(state.rng))
-    sft.save_policy(workdir, final, cfg, opt_cfg, tokenizer,
-                    TrainConfig(steps=ppo_cfg.steps, batch_size=ppo_cfg.batch_size,
-                                seq_len=seq_len), {"stage": "ppo", "task": task.name})
+    summary |= _end_summary(start, end, history, kl_coef)
+    summary |= {"ppo/steps": ppo_cfg.steps, "ppo/wall_s": time.perf_counter() - t_start}
+    _save_ppo_policy(workdir, state, cfg, opt_cfg, tokenizer, ppo_cfg, seq_len, task)
     _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
@@ -137,7 +159,8 @@ def plot_ppo(ppo_workdir: str, path: str, kl_target: float | None = None) -> str
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = (("ppo/gold_reward", "gold reward (labeler program)"),
-              ("objective/scores", "RM score (normalised)"), ("objective/kl", "KL(policy‖SFT), nats"))
+              ("objective/scores", "RM score (normalised)"),
+              ("objective/kl", "KL(policy‖SFT), nats"))
     for ax, (key, title) in zip(axes, panels):
         ax.plot(steps, [r[key] for r in rows])
         ax.set_title(title)

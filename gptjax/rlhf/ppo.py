@@ -27,15 +27,13 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from gptjax.models import family
-
-from gptjax.models import gpt as model
-
-from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
-from gptjax.training.optimizer import make_optimizer
+from gptjax.models import family
+from gptjax.models import gpt as model
+from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, losses, reward
-from gptjax.training.step import TrainState, make_update
+from gptjax.training.optimizer import make_optimizer
+from gptjax.training.step import TrainState, jit_train_step, make_update, place_state
 
 log = logging.getLogger("gptjax")
 
@@ -160,7 +158,7 @@ def make_experience(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOCon
 
 def minibatch_terms(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConfig, width: int,
                     params: dict, mb: dict):
-    """PPO's loss in `train.make_update`'s form: (sums, weights, stats).
+    """PPO's loss in `step.make_update`'s form: (sums, weights, stats).
 
     The clipped policy loss and vf_coef · the clipped value loss are sums over response
     tokens; PPO-ptx adds ptx_coef · the LM loss summed over `mb['ptx_tokens']`' targets.
@@ -191,27 +189,29 @@ def minibatch_loss(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConf
     return loss, stats | {"ppo/loss/total": loss}
 
 
-def _update(cfg, rm_model_cfg, ppo_cfg, width, update, state: TrainState, exp: dict,
-            ptx_EMbT=None) -> tuple[TrainState, dict]:
-    """`epochs` shuffled passes of `minibatches` Adam steps (`update`) over one rollout batch.
+def _minibatch_stats(m: dict) -> dict:
+    stats = {k: v for k, v in m.items() if "/" in k}
+    return stats | {"ppo/loss/total": m["loss"], "ppo/grad_norm": m["grad_norm"],
+                    "ppo/update_skipped": m["update_skipped"]}
+
+
+def epochs_update(ppo_cfg: PPOConfig, update, params, opt_state, exp: dict, ptx_EMbT=None, *,
+                  key: jax.Array):
+    """`epochs` shuffled passes of `minibatches` Adam steps (`update`) over one rollout batch
+    `exp` (with PPO-ptx, pretraining rows `ptx_EMbT` for each minibatch); a `step.StepUpdate`.
 
     Returns per-minibatch stats stacked as (epochs, minibatches): [0, 0] is the first update,
     where the policy still equals the sampler (ratio 1, approxkl 0, clipfrac 0).
     """
     b, m = exp["tokens"].shape[0], ppo_cfg.minibatches
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def minibatch(carry, xs):
-        params, opt_state = carry
         idx, ptx = xs
         mb = jax.tree.map(lambda x: x[idx], exp)
         if ptx is not None:
             mb["ptx_tokens"] = ptx
-        params, opt_state, m = update(params, opt_state, mb)
-        stats = {k: v for k, v in m.items() if "/" in k}
-        stats |= {"ppo/loss/total": m["loss"], "ppo/grad_norm": m["grad_norm"],
-                  "ppo/update_skipped": m["update_skipped"]}
-        return (params, opt_state), stats
+        params, opt_state, stats = update(*carry, mb)
+        return (params, opt_state), _minibatch_stats(stats)
 
     def epoch(carry, xs):
         e, ptx_MbT = xs
@@ -219,13 +219,17 @@ def _update(cfg, rm_model_cfg, ppo_cfg, width, update, state: TrainState, exp: d
         return jax.lax.scan(minibatch, carry, (idx_MB, ptx_MbT))
 
     (params, opt_state), stats = jax.lax.scan(
-        epoch, (state.params, state.opt_state), (jnp.arange(ppo_cfg.epochs), ptx_EMbT))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+        epoch, (params, opt_state), (jnp.arange(ppo_cfg.epochs), ptx_EMbT))
+    return params, opt_state, stats
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOFunctions:
-    """The jitted pieces of a PPO run (built once by `make_ppo`)."""
+    """The jitted pieces of a PPO run (built once by `make_ppo`).
+
+    experience(models, tokens, mask, done, kl_coef) -> (experience, stats);
+    update(state, experience, ptx_EMbT or None) -> (state, stats).
+    """
 
     experience: object
     update: object
@@ -233,30 +237,29 @@ class PPOFunctions:
     state_shardings: TrainState
 
 
+def _abstract_params(cfg: ModelConfig, rm_model_cfg: ModelConfig) -> dict:
+    key = jax.random.key(0)
+    return jax.eval_shape(lambda: {
+        "policy": model.init_params(cfg, key),
+        "critic": reward.from_policy(rm_model_cfg, model.init_params(rm_model_cfg, key), key)})
+
+
 def make_ppo(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConfig, opt_cfg,
              width: int, mesh, rules) -> PPOFunctions:
-    """Jit experience scoring and the PPO update with explicit shardings and donation."""
+    """Jit experience scoring, and the PPO update as a `step.jit_train_step` (explicit
+    shardings, the state donated)."""
     optimizer = make_optimizer(opt_cfg, ppo_cfg.steps * ppo_cfg.epochs * ppo_cfg.minibatches)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_shard = {"policy": sharding.param_shardings(cfg, mesh, rules),
                "critic": reward.param_shardings(rm_model_cfg, mesh, rules)}
-    abstract = jax.eval_shape(lambda: {"policy": model.init_params(cfg, jax.random.key(0)),
-                                       "critic": reward.from_policy(
-                                           rm_model_cfg, model.init_params(
-                                               rm_model_cfg, jax.random.key(0)),
-                                           jax.random.key(0))})
-    state_shard = TrainState(step=rep, params=p_shard, rng=rep,
-                             opt_state=sharding.opt_state_shardings(optimizer, abstract, p_shard,
-                                                                    mesh))
     rows = sharding.batch_sharding(mesh, rules, ndim=1)
     experience = jax.jit(functools.partial(make_experience, cfg, rm_model_cfg, ppo_cfg, width),
                          out_shardings=(rows, rep))
     objective = functools.partial(minibatch_terms, cfg, rm_model_cfg, ppo_cfg, width)
     minibatch_update = make_update(objective, optimizer, opt_cfg.grad_accum_steps)
-    update = jax.jit(functools.partial(_update, cfg, rm_model_cfg, ppo_cfg, width,
-                                       minibatch_update),
-                     in_shardings=(state_shard, rows, rep), out_shardings=(state_shard, rep),
-                     donate_argnums=0)
+    update, state_shard = jit_train_step(
+        functools.partial(epochs_update, ppo_cfg, minibatch_update), optimizer,
+        _abstract_params(cfg, rm_model_cfg), p_shard, (rows, rep), mesh)
     return PPOFunctions(experience, update, optimizer, state_shard)
 
 
@@ -266,11 +269,8 @@ def init_state(fns: PPOFunctions, policy_params, critic_params, seed: int) -> Tr
     Params go through host memory, so the policy never shares buffers with the frozen
     reference (the update donates its state).
     """
-    params = jax.device_get({"policy": policy_params, "critic": critic_params})
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=fns.optimizer.init(params),
-                       rng=jax.random.key_data(jax.random.key(seed)))
-    return jax.device_put(state, fns.state_shardings)
+    return place_state(fns.optimizer, {"policy": policy_params, "critic": critic_params},
+                       jax.random.key(seed), fns.state_shardings)
 
 
 def gold_rewards(task, tokenizer, prompts: list, tokens: np.ndarray, width: int) -> np.ndarray:

@@ -27,15 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptjax.training import checkpoint as ckpt_lib
-from gptjax.training import metrics as metrics_lib
-from gptjax.models import gpt as model
-from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
-from gptjax.training.optimizer import OptimizerConfig, make_optimizer
+from gptjax.models import gpt as model
+from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, losses, sft, tasks
-from gptjax.training.step import TrainState, make_update
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.training import metrics as metrics_lib
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer
+from gptjax.training.step import jit_train_step, make_update, place_state
 
 log = logging.getLogger("gptjax")
 
@@ -221,19 +221,18 @@ def ranking_loss(cfg: ModelConfig, params: dict, batch: dict):
 
 
 def ranking_objective(cfg: ModelConfig):
-    """The RM's loss as `train.make_update` wants it (one term, weighted by prompts)."""
+    """The RM's loss as `step.make_update` wants it (one term, weighted by prompts)."""
     def objective(params, mb: dict):
         total, n_prompts, stats = ranking_terms(cfg, params, mb)
         return {"loss": total}, {"loss": n_prompts}, stats
     return objective
 
 
-def _train_step(update, state: TrainState, batch: dict):
-    params, opt_state, m = update(state.params, state.opt_state, batch)
+def _step_metrics(m: dict, step) -> dict:
+    """The RM's logged names: its ranking stats and the update's, under `reward/`."""
     stats = {k: v for k, v in m.items() if k.startswith("reward/")}
-    stats |= {"reward/loss": m["loss"], "reward/grad_norm": m["grad_norm"],
-              "reward/update_skipped": m["update_skipped"]}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+    return stats | {"reward/loss": m["loss"], "reward/grad_norm": m["grad_norm"],
+                    "reward/update_skipped": m["update_skipped"]}
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
@@ -245,18 +244,11 @@ def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
 
 
 def make_train_step(cfg: ModelConfig, optimizer, params, mesh, rules, grad_accum_steps: int = 1):
-    """The jitted RM step (`train.make_update`) with explicit shardings and the state donated."""
-    p_shard = param_shardings(cfg, mesh, rules)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_shard = TrainState(step=rep, params=p_shard, rng=rep,
-                             opt_state=sharding.opt_state_shardings(optimizer, params, p_shard,
-                                                                    mesh))
-    batch_shard = sharding.batch_sharding(mesh, rules, ndim=1)
+    """(step, state shardings): the RM's `step.jit_train_step` over `step.make_update`."""
     update = make_update(ranking_objective(cfg), optimizer, grad_accum_steps)
-    step = jax.jit(functools.partial(_train_step, update),
-                   in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, rep),
-                   donate_argnums=0)
-    return step, state_shard
+    return jit_train_step(lambda p, o, batch, key: update(p, o, batch), optimizer, params,
+                          param_shardings(cfg, mesh, rules),
+                          (sharding.batch_sharding(mesh, rules, ndim=1),), mesh, _step_metrics)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -314,17 +306,10 @@ def load_reward(workdir: str, mesh=None, rules=None) -> tuple[ModelConfig, dict,
     return cfg, state["params"], state["norm"]
 
 
-def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = None,
-               opt_cfg: OptimizerConfig | None = None, task=None,
-               mesh_cfg: sharding.MeshConfig | None = None) -> dict:
-    """Stage 2 end to end: label comparisons, train, held-out accuracy, normalise, save."""
-    rm_cfg, task = rm_cfg or RewardConfig(), task or tasks.make_task()
-    if opt_cfg is None:
-        with gin.config_scope("reward"):
-            opt_cfg = OptimizerConfig()
-    cfg, policy_params, tokenizer = sft.load_policy(sft_workdir)
-    mesh, rules = sft.stage_mesh(mesh_cfg)
-    key = jax.random.key(rm_cfg.seed)
+def comparison_data(cfg: ModelConfig, policy_params, tokenizer: Tokenizer, task,
+                    rm_cfg: RewardConfig, key: jax.Array) -> tuple[dict, dict, int]:
+    """(train, held-out) ranking arrays and the prompt width: HH pairs from `rm_cfg.hh_path`
+    (a tenth held out), or K policy samples per task prompt ranked by the gold reward."""
     all_prompts = tasks.prompts(task, rm_cfg.n_prompts + rm_cfg.heldout_prompts, rm_cfg.seed)
     width = max(len(chat.prompt_ids(tokenizer, p)) for p in all_prompts)
     if rm_cfg.hh_path:
@@ -336,37 +321,69 @@ def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = 
         n_held = rm_cfg.heldout_prompts
     train = {k: v[n_held:] for k, v in data.items()}
     held = {k: v[:n_held] for k, v in data.items()}
-    optimizer = make_optimizer(opt_cfg, rm_cfg.steps)
+    return train, held, width
+
+
+def init_reward(cfg: ModelConfig, policy_params, opt_cfg: OptimizerConfig, steps: int, mesh,
+                rules, key: jax.Array):
+    """(jitted step, step-0 TrainState) of an RM made from the policy's trunk."""
+    optimizer = make_optimizer(opt_cfg, steps)
+    # From host memory: the step donates its state, the sampler still needs the policy.
+    params = from_policy(cfg, jax.device_get(policy_params), jax.random.fold_in(key, 2))
+    step_fn, state_shard = make_train_step(cfg, optimizer, params, mesh, rules,
+                                           opt_cfg.grad_accum_steps)
+    return step_fn, place_state(optimizer, params, jax.random.fold_in(key, 4), state_shard)
+
+
+def train_reward(step_fn, state, train: dict, rm_cfg: RewardConfig, mesh, rules, writer):
+    """`rm_cfg.steps` RM steps on shuffled batches of `train`, logged; the final state."""
+    it = sft.batches({k: train[k] for k in ("tokens", "mask", "ranks", "valid")},
+                     rm_cfg.batch_size, rm_cfg.seed)
+    for i in range(1, rm_cfg.steps + 1):
+        state, stats = step_fn(state, sharding.make_global_batch(next(it), mesh, rules))
+        if i % rm_cfg.log_every == 0 or i == rm_cfg.steps:
+            stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+            writer.write(i, stats)
+            log.info("reward step %d: loss %.4f, accuracy %.3f", i, stats["reward/loss"],
+                     stats["reward/accuracy"])
+    return state
+
+
+def reference_norm(cfg: ModelConfig, params: dict, policy_params, tokenizer: Tokenizer, task,
+                   rm_cfg: RewardConfig, width: int, key: jax.Array) -> tuple[np.ndarray, dict]:
+    """(raw scores, norm) of the reference policy's own samples at PPO's temperature."""
+    norm_prompts = tasks.prompts(task, rm_cfg.norm_samples, rm_cfg.seed + 7)
+    ref = chat.generate_replies(
+        cfg, policy_params, tokenizer, [chat.prompt_ids(tokenizer, p) for p in norm_prompts],
+        width, key=jax.random.fold_in(key, 3), max_new_tokens=rm_cfg.max_new_tokens,
+        temperature=rm_cfg.norm_temperature, chunk=256)
+    raw = batched_raw_scores(cfg, params, ref["tokens"], ref["mask"])
+    return raw, fit_norm(raw)
+
+
+def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = None,
+               opt_cfg: OptimizerConfig | None = None, task=None,
+               mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+    """Stage 2 end to end: label comparisons, train, held-out accuracy, normalise, save."""
+    rm_cfg, task = rm_cfg or RewardConfig(), task or tasks.make_task()
+    if opt_cfg is None:
+        with gin.config_scope("reward"):
+            opt_cfg = OptimizerConfig()
+    cfg, policy_params, tokenizer = sft.load_policy(sft_workdir)
+    mesh, rules = sft.stage_mesh(mesh_cfg)
+    key = jax.random.key(rm_cfg.seed)
+    train, held, width = comparison_data(cfg, policy_params, tokenizer, task, rm_cfg, key)
     writer = metrics_lib.MetricWriter(workdir)
     summary: dict = {}
     try:
         with sharding.use_mesh(mesh, rules):
-            # From host memory: the step donates its state, the sampler still needs the policy.
-            params = from_policy(cfg, jax.device_get(policy_params), jax.random.fold_in(key, 2))
-            step_fn, state_shard = make_train_step(cfg, optimizer, params, mesh, rules,
-                                                   opt_cfg.grad_accum_steps)
-            state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                              opt_state=optimizer.init(params),
-                                              rng=jax.random.key_data(jax.random.fold_in(key, 4))), state_shard)
+            step_fn, state = init_reward(cfg, policy_params, opt_cfg, rm_cfg.steps, mesh, rules,
+                                         key)
             summary["reward/heldout_accuracy_start"] = accuracy(cfg, state.params, held)
-            it = sft.batches({k: train[k] for k in ("tokens", "mask", "ranks", "valid")},
-                             rm_cfg.batch_size, rm_cfg.seed)
-            for i in range(1, rm_cfg.steps + 1):
-                state, stats = step_fn(state, sharding.make_global_batch(next(it), mesh, rules))
-                if i % rm_cfg.log_every == 0 or i == rm_cfg.steps:
-                    stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-                    writer.write(i, stats)
-                    log.info("reward step %d: loss %.4f, accuracy %.3f", i,
-                             stats["reward/loss"], stats["reward/accuracy"])
+            state = train_reward(step_fn, state, train, rm_cfg, mesh, rules, writer)
             summary["reward/heldout_accuracy"] = accuracy(cfg, state.params, held)
-            # Normalise on the reference policy's own samples at PPO's temperature.
-            norm_prompts = tasks.prompts(task, rm_cfg.norm_samples, rm_cfg.seed + 7)
-            ref = chat.generate_replies(
-                cfg, policy_params, tokenizer, [chat.prompt_ids(tokenizer, p) for p in norm_prompts],
-                width, key=jax.random.fold_in(key, 3), max_new_tokens=rm_cfg.max_new_tokens,
-                temperature=rm_cfg.norm_temperature, chunk=256)
-            raw = batched_raw_scores(cfg, state.params, ref["tokens"], ref["mask"])
-            norm = fit_norm(raw)
+            raw, norm = reference_norm(cfg, state.params, policy_params, tokenizer, task, rm_cfg,
+                                       width, key)
     finally:
         writer.close()
     summary |= {"reward/raw_mean": float(np.mean(raw)), "reward/raw_std": float(np.std(raw)),

@@ -3,8 +3,9 @@
 The model should learn to *answer*, not to predict prompts (which the labelers did not write and
 which PPO never samples), so each example carries a `loss_mask` that is 1 exactly where the target
 is a response token (its end-of-turn included). That is all SFT adds: the jitted `train_step` of
-`train.py` already averages the cross-entropy over `loss_mask`, so SFT reuses it unchanged, with
-its shardings and donation.
+`training/step.py` already weighs the cross-entropy by `loss_mask`, so SFT reuses it unchanged,
+with its shardings and donation; its held-out loss is the one eval path,
+`eval_loss.weighted_mean_loss`.
 
 Without a pretrained workdir (`SFTConfig.init_from`), a short unmasked "pretraining" phase on the
 task's plain-text corpus runs first, so the SFT model also has an LM loss worth protecting; PPO-ptx
@@ -14,7 +15,6 @@ mixes that corpus back in.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -27,15 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from gptjax.training import checkpoint as ckpt_lib
-from gptjax.training import metrics as metrics_lib
-from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.pipeline import encode_documents, pack_windows
 from gptjax.data.tokenizer import Tokenizer, check_vocab
-from gptjax.training.optimizer import OptimizerConfig
+from gptjax.models import family
+from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, tasks
+from gptjax.training import checkpoint as ckpt_lib
+from gptjax.training import metrics as metrics_lib
+from gptjax.training.eval_loss import weighted_mean_loss
+from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, TrainState, make_trainer
 from gptjax.training.workdir import load_run
 
@@ -79,7 +81,7 @@ def stage_mesh(mesh_cfg: sharding.MeshConfig | None = None):
 
 
 def make_example(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int,
-                 pad_id: int) -> tuple[Int[Array, "T1"], Int[Array, "T"]]:
+                 pad_id: int) -> tuple[Int[Array, " T1"], Int[Array, " T"]]:
     """(tokens of T + 1, loss_mask of T): right-padded, loss only where the target is a response.
 
     A prompt that does not fit loses its oldest tokens (chat history is truncated the same way);
@@ -165,21 +167,17 @@ def _train(trainer, state, batch_iter, n_steps: int, writer, prefix: str, log_ev
     return state, loss
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _masked_loss_sum(cfg: ModelConfig, params, batch: dict) -> jax.Array:
-    from gptjax.training.step import loss_fn
-    return loss_fn(cfg, params, batch) * batch["loss_mask"].sum()
+_eval_sums = jax.jit(family.eval_sums, static_argnums=0)  # jitted once per config
 
 
-def masked_eval_loss(cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int) -> float:
-    """Mean masked loss over whole batches of `arrays` (token-weighted, like the train loss)."""
-    fn = functools.partial(_masked_loss_sum, cfg)  # jitted once per config, not per call
-    total = count = 0.0
-    for i in range(0, len(arrays["tokens"]) - batch_size + 1, batch_size):
-        b = {k: jnp.asarray(v[i:i + batch_size]) for k, v in arrays.items()}
-        total += float(fn(params, b))
-        count += float(b["loss_mask"].sum())
-    return total / max(count, 1.0)
+def masked_eval_loss(cfg: ModelConfig, params, arrays: dict[str, np.ndarray],
+                     batch_size: int) -> float:
+    """Mean masked loss over whole batches of `arrays` (`eval_loss.weighted_mean_loss`:
+    token-weighted, like the train loss)."""
+    n = len(arrays["tokens"]) // batch_size
+    batches = ({k: jnp.asarray(v[i * batch_size:(i + 1) * batch_size]) for k, v in arrays.items()}
+               for i in range(n))
+    return weighted_mean_loss(lambda b: _eval_sums(cfg, params, b), batches)["loss"]
 
 
 def run_sft(workdir: str, *, model_cfg: ModelConfig | None = None,

@@ -44,7 +44,7 @@ class OptimizerConfig:
     b1, b2, eps: Adam moments; b2=0.95 (not 0.999) is GPT-3's choice for large-batch stability.
     weight_decay: decoupled (AdamW) decay on matrices only, see `weight_decay_mask`.
     clip_norm: global gradient-norm clip; None or 0 turns clipping off.
-    grad_accum_steps: microbatches per step (`train.make_update` accumulates them exactly).
+    grad_accum_steps: microbatches per step (`step.make_update` accumulates them exactly).
     batch_ramp_tokens: ramp the batch over this many tokens (GPT-3: 4-12B); 0 = no ramp.
     batch_ramp_start: the batch size, in tokens, at the start of the ramp (GPT-3: 32k).
     """
@@ -150,8 +150,8 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
 
     optax's AdamW multiplies the decay by the scheduled lr (p -= lr * (adam + wd * p)), as
     PyTorch's AdamW does; GPT-3's 0.1 is meant in that convention. Log the learning rate with
-    `make_schedule(cfg, total_steps)(step)` and the pre-clip norm with `global_norm(grads)`;
-    pass that `schedule` in to build (and warn about) it once.
+    `make_schedule(cfg, total_steps)(step)` and pass that `schedule` in to build (and warn
+    about) it once; `step.make_update` reports the pre-clip gradient norm.
     """
     if schedule is None:
         schedule = make_schedule(cfg, total_steps)
@@ -161,11 +161,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
     if not cfg.clip_norm:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-
-
-def global_norm(grads: PyTree) -> jax.Array:
-    """The L2 norm over all leaves (before clipping), for logging; > clip_norm means clipped."""
-    return optax.tree.norm(grads)
 
 
 # ----------------------------------------------------------------------------------------------

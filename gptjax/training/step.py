@@ -7,6 +7,10 @@ Exactly three functions are jitted here, once each, with explicit shardings:
 it traces and calls them inside `sharding.use_mesh(mesh, rules)`, which is
 what the model's activation constraints read.
 
+`jit_train_step` is the one jitted, sharded, donated `train_step(state, batch)` of every
+trainer: `make_trainer` (pretraining, SFT), the reward model, fine-tuning and PPO's
+epochs of minibatch updates each hand it their update and their shardings.
+
 `make_update(loss_fn, optimizer, num_micro)` is the one grad → clip → update → apply
 of every trainer (pretraining, SFT, the reward model, fine-tuning, PPO's minibatches).
 Its losses are weighted *sums* with their *weights*, divided once by the weights of
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import gin
@@ -28,10 +33,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax.models import family
-
-from gptjax.parallel import mesh as sharding
 from gptjax.config import ModelConfig
+from gptjax.models import family
+from gptjax.parallel import mesh as sharding
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
 
 # loss_fn(params, batch) -> (sums, weights, aux): see `weighted_loss_and_grads`.
@@ -101,8 +105,7 @@ def family_objective(cfg: ModelConfig) -> LossFn:
     """The family's training loss as `make_update` wants it: one term, summed over the
     scored tokens of a (micro)batch, with the dropout key its rows carry."""
     def objective(params, mb: dict):
-        key = jax.random.wrap_key_data(mb["dropout_key"][0]) if "dropout_key" in mb else None
-        total, weight = family.loss_sums(cfg, params, mb, key)
+        total, weight = family.loss_sums(cfg, params, mb, dropout_key(mb))
         return {"loss": total}, {"loss": weight}, {}
     return objective
 
@@ -196,6 +199,83 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, num_mi
     return update
 
 
+# ------------------------------------------------------------------------------ the step
+
+# update(params, opt_state, *batch, key=key) -> (params, opt_state, metrics): what a train
+# step runs on its batch arguments, with that step's key (e.g. `make_update`'s update under
+# `with_dropout_keys`).
+StepUpdate = Callable[..., tuple[Any, Any, dict]]
+
+
+def with_dropout_keys(update, rows: Callable[[dict], int] = family.batch_rows) -> StepUpdate:
+    """`update(params, opt_state, batch)` as a `StepUpdate` that hands each batch row its own
+    dropout key, split from the step's key.
+
+    The keys ride along as a per-row batch leaf `dropout_key`, so the microbatch split gives
+    each microbatch its own; the objective reads it with `dropout_key(mb)`.
+    """
+    def keyed(params, opt_state, batch: dict, *, key: jax.Array):
+        keys = jax.random.key_data(jax.random.split(key, rows(batch)))
+        return update(params, opt_state, {**batch, "dropout_key": keys})
+    return keyed
+
+
+def dropout_key(mb: dict) -> jax.Array | None:
+    """The dropout key of a (micro)batch built by `with_dropout_keys`: its first row's."""
+    return jax.random.wrap_key_data(mb["dropout_key"][0]) if "dropout_key" in mb else None
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params, param_shardings,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+    """Shardings of a TrainState over `params` (arrays or ShapeDtypeStructs): the params as
+    given, the optimizer moments like their params, step and rng replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return TrainState(step=replicated, params=param_shardings, rng=replicated,
+                      opt_state=sharding.opt_state_shardings(optimizer, params, param_shardings,
+                                                             mesh))
+
+
+def place_state(optimizer: optax.GradientTransformation, params, key: jax.Array,
+                shardings: TrainState) -> TrainState:
+    """A step-0 TrainState of `params`, fresh optimizer state and `key`, on `shardings`.
+
+    The params go through host memory, so the state never shares buffers with arrays the
+    caller keeps (a reference model, a sampler's policy): the train step donates it.
+    """
+    params = jax.device_get(params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=optimizer.init(params), rng=jax.random.key_data(key))
+    return jax.device_put(state, shardings)
+
+
+def jit_train_step(update: StepUpdate, optimizer: optax.GradientTransformation, params,
+                   param_shardings, batch_shardings: tuple, mesh: jax.sharding.Mesh,
+                   metrics: Callable[[dict, jax.Array], dict] | None = None):
+    """(train_step, state shardings): the one jitted, sharded, donated step of every trainer.
+
+    `train_step(state, *batch) -> (state, metrics)` runs `update(params, opt_state, *batch,
+    key=key)` with the step's key (the run's key folded with the step count), advances the
+    step count and returns `metrics(update's metrics, step)` (default: as they are),
+    replicated. It is jitted once, with the state's shardings (`state_shardings` over
+    `params`, which may be abstract) in and out, `batch_shardings` (one per batch argument,
+    each a prefix of its pytree) in, and the state donated.
+    """
+    shardings = state_shardings(optimizer, params, param_shardings, mesh)
+
+    def train_step(state: TrainState, *batch) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        new_params, opt_state, m = update(state.params, state.opt_state, *batch, key=key)
+        m = m if metrics is None else metrics(m, state.step)
+        return state.replace(step=state.step + 1, params=new_params, opt_state=opt_state), m
+
+    step = jax.jit(train_step, in_shardings=(shardings, *batch_shardings),
+                   out_shardings=(shardings, shardings.step), donate_argnums=0)
+    return step, shardings
+
+
+# ---------------------------------------------------------------------------- pretraining
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """The static pieces a run's jitted functions close over (not a pytree).
@@ -223,21 +303,11 @@ def _init(cfg: ModelConfig, optimizer, seed: int) -> TrainState:
                       opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
 
 
-def _train_step(cfg: ModelConfig, update, schedule, state: TrainState,
-                batch: dict) -> tuple[TrainState, dict]:
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    # Dropout keys ride along as a per-row batch leaf, so the microbatch
-    # split hands each microbatch its own (it reads its first row's key).
-    b = family.batch_rows(batch)
-    batch = {**batch, "dropout_key": jax.random.key_data(jax.random.split(key, b))}
-    params, opt_state, m = update(state.params, state.opt_state, batch)
-    metrics = {"train/loss": m["loss"], "grad_norm": m["grad_norm"],
-               "update_skipped": m["update_skipped"], "lr": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def _eval_step(cfg: ModelConfig, params, batch: dict) -> dict:
-    return family.eval_sums(cfg, params, batch)
+def _train_metrics(schedule):
+    def metrics(m: dict, step: jax.Array) -> dict:
+        return {"train/loss": m["loss"], "grad_norm": m["grad_norm"],
+                "update_skipped": m["update_skipped"], "lr": schedule(step)}
+    return metrics
 
 
 def make_trainer(cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
@@ -251,21 +321,18 @@ def make_trainer(cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
     sharding.check_divisible(cfg, mesh, rules, global_batch_size // opt_cfg.grad_accum_steps)
     abstract = jax.eval_shape(functools.partial(_init, cfg, optimizer), 0)
     p_shard = sharding.param_shardings(cfg, mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_shardings = TrainState(
-        step=replicated, params=p_shard, rng=replicated,
-        opt_state=sharding.opt_state_shardings(optimizer, abstract.params, p_shard, mesh))
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    init = jax.jit(functools.partial(_init, cfg, optimizer), static_argnums=0,
-                   out_shardings=state_shardings)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     update = make_update(family_objective(cfg), optimizer, opt_cfg.grad_accum_steps)
-    step = jax.jit(functools.partial(_train_step, cfg, update, schedule),
-                   in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-    evaluate = jax.jit(functools.partial(_eval_step, cfg),
+    step, state_shards = jit_train_step(with_dropout_keys(update), optimizer, abstract.params,
+                                        p_shard, (batch_sharding,), mesh,
+                                        _train_metrics(schedule))
+    init = jax.jit(functools.partial(_init, cfg, optimizer), static_argnums=0,
+                   out_shardings=state_shards)
+    evaluate = jax.jit(functools.partial(family.eval_sums, cfg),
                        in_shardings=(p_shard, batch_sharding), out_shardings=replicated)
     return Trainer(cfg=cfg, optimizer=optimizer, schedule=schedule, mesh=mesh, rules=rules,
-                   state_shardings=state_shardings, batch_sharding=batch_sharding,
+                   state_shardings=state_shards, batch_sharding=batch_sharding,
                    init_train_state=init, train_step=step, eval_step=evaluate)
 
 
