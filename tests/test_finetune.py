@@ -14,11 +14,13 @@ from gptjax.models import bert as encoder
 from gptjax.models import gpt as model
 from gptjax.models import transformer as seq2seq
 from gptjax.parallel import mesh as sharding
+from gptjax.data.tokenizer import Specials
 from gptjax.research import finetune as ft
+from gptjax.research import gpt1_tasks
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import place_state
 
-SP = ft.Specials(start=4, delim=5, extract=6, pad=0)
+SP = Specials(pad_id=0, eos_id=1, start_id=4, delimiter_id=5, extract_id=6, mask_id=7)
 # Unrolled layers: eager calls then reuse per-op compilations (a scan re-traces every call).
 CFG = ModelConfig(n_layers=2, d_model=20, n_heads=5, d_ff=28, vocab_size=31, max_len=16,
                   scan_layers=False)
@@ -42,26 +44,26 @@ def _train_step(cfg, kind, fc, optimizer, params, mesh_rules=ONE_DEVICE, seed=0)
 
 
 def test_input_transforms_frame_segments_with_the_special_tokens():
-    assert ft.transform("classification", [[10, 11]], SP, 8) == [[4, 10, 11, 6]]
-    assert ft.transform("entailment", [[10, 11], [20]], SP, 8) == [[4, 10, 11, 5, 20, 6]]
-    assert ft.transform("similarity", [[10], [20, 21]], SP, 8) == [[4, 10, 5, 20, 21, 6],
+    assert gpt1_tasks.transform("classification", [[10, 11]], SP, 8) == [[4, 10, 11, 6]]
+    assert gpt1_tasks.transform("entailment", [[10, 11], [20]], SP, 8) == [[4, 10, 11, 5, 20, 6]]
+    assert gpt1_tasks.transform("similarity", [[10], [20, 21]], SP, 8) == [[4, 10, 5, 20, 21, 6],
                                                                   [4, 20, 21, 5, 10, 6]]
-    assert ft.transform("multiple_choice", [[10], [20], [21, 22]], SP, 8) == [
+    assert gpt1_tasks.transform("multiple_choice", [[10], [20], [21, 22]], SP, 8) == [
         [4, 10, 5, 20, 6], [4, 10, 5, 21, 22, 6]]
     # too long: the premise loses its oldest tokens first, then the hypothesis its end
-    assert ft.transform("entailment", [[10, 11, 12, 13], [20, 21]], SP, 7) == [
+    assert gpt1_tasks.transform("entailment", [[10, 11, 12, 13], [20, 21]], SP, 7) == [
         [4, 12, 13, 5, 20, 21, 6]]
-    assert ft.transform("entailment", [[10], [20, 21, 22, 23, 24]], SP, 6) == [
+    assert gpt1_tasks.transform("entailment", [[10], [20, 21, 22, 23, 24]], SP, 6) == [
         [4, 5, 20, 21, 22, 6]]
-    assert ft.transform("classification", [list(range(10, 20))], SP, 5) == [[4, 10, 11, 12, 6]]
+    assert gpt1_tasks.transform("classification", [list(range(10, 20))], SP, 5) == [[4, 10, 11, 12, 6]]
     with pytest.raises(ValueError, match="unknown task kind"):
-        ft.transform("regression", [[1], [2]], SP, 8)
+        gpt1_tasks.transform("regression", [[1], [2]], SP, 8)
     with pytest.raises(ValueError, match="two texts"):
-        ft.transform("similarity", [[1]], SP, 8)
+        gpt1_tasks.transform("similarity", [[1]], SP, 8)
 
 
 def test_batch_pads_right_and_marks_extract_and_lm_targets():
-    batch = ft.make_batch("entailment", [([[10, 11], [20]], 1), ([[12], [21]], 0)], SP, 8)
+    batch = gpt1_tasks.make_batch("entailment", [([[10, 11], [20]], 1), ([[12], [21]], 0)], SP, 8)
     np.testing.assert_array_equal(batch["tokens"][:, 0], [[4, 10, 11, 5, 20, 6, 0, 0],
                                                           [4, 12, 5, 21, 6, 0, 0, 0]])
     np.testing.assert_array_equal(batch["extract"], [[5], [4]])
@@ -69,7 +71,7 @@ def test_batch_pads_right_and_marks_extract_and_lm_targets():
                                                            [1, 1, 1, 1, 0, 0, 0]])
     np.testing.assert_array_equal(batch["segment"][:, 0], [[0, 0, 0, 0, 1, 1, 0, 0],
                                                            [0, 0, 0, 1, 1, 0, 0, 0]])
-    one = ft.make_batch("classification", [([[10, 11]], 0)], SP, 6)
+    one = gpt1_tasks.make_batch("classification", [([[10, 11]], 0)], SP, 6)
     np.testing.assert_array_equal(one["segment"], np.zeros((1, 1, 6)))
     np.testing.assert_array_equal(batch["label"], [1, 0])
 
@@ -86,7 +88,7 @@ def _direct_loss(kind, head, examples, lm_coef):
     """L2 + λ·L1 from the trunk run on each unpadded sequence separately, by hand."""
     clf_losses, lm_sum, lm_count = [], 0.0, 0
     for segments, label in examples:
-        states, seqs = [], ft.transform(kind, segments, SP, CFG.max_len)
+        states, seqs = [], gpt1_tasks.transform(kind, segments, SP, CFG.max_len)
         for ids in seqs:
             x = HIDDEN(jnp.array([ids]))
             states.append(np.asarray(x[0, -1], np.float64))  # <extract> is the last token
@@ -102,11 +104,11 @@ def _direct_loss(kind, head, examples, lm_coef):
     return np.mean(clf_losses) + lm_coef * lm_sum / lm_count, np.mean(clf_losses)
 
 
-@pytest.mark.parametrize("kind", ft.KINDS)
+@pytest.mark.parametrize("kind", gpt1_tasks.KINDS)
 def test_head_loss_equals_direct_computation(kind):
     head = ft.init_head(kind, CFG.d_model, 3, jax.random.key(1))
     head = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), head)
-    batch = ft.make_batch(kind, EXAMPLES[kind], SP, CFG.max_len)
+    batch = gpt1_tasks.make_batch(kind, EXAMPLES[kind], SP, CFG.max_len)
     loss, metrics = ft.finetune_loss(CFG, {"gpt": GPT, "head": head}, batch, kind, lm_coef=0.5)
     expected, expected_clf = _direct_loss(kind, head, EXAMPLES[kind], 0.5)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
@@ -118,8 +120,8 @@ def test_head_loss_equals_direct_computation(kind):
 def test_similarity_is_symmetric_in_its_two_texts():
     head = ft.init_head("similarity", CFG.d_model, 2, jax.random.key(1))
     params = {"gpt": GPT, "head": head}
-    ab = ft.make_batch("similarity", [([[10, 11, 12], [20]], 0)], SP, CFG.max_len)
-    ba = ft.make_batch("similarity", [([[20], [10, 11, 12]], 0)], SP, CFG.max_len)
+    ab = gpt1_tasks.make_batch("similarity", [([[10, 11, 12], [20]], 0)], SP, CFG.max_len)
+    ba = gpt1_tasks.make_batch("similarity", [([[20], [10, 11, 12]], 0)], SP, CFG.max_len)
     np.testing.assert_allclose(ft.forward(CFG, params, ab, "similarity")[0],
                                ft.forward(CFG, params, ba, "similarity")[0], rtol=1e-6)
 
@@ -129,8 +131,8 @@ def test_multiple_choice_logits_follow_the_options():
     params = {"gpt": GPT, "head": head}
     options = [[20], [21, 22], [23], [24, 25, 26]]
     perm = [2, 0, 3, 1]
-    a = ft.make_batch("multiple_choice", [([[10, 11], *options], 0)], SP, CFG.max_len)
-    b = ft.make_batch("multiple_choice", [([[10, 11], *[options[p] for p in perm]], 0)], SP,
+    a = gpt1_tasks.make_batch("multiple_choice", [([[10, 11], *options], 0)], SP, CFG.max_len)
+    b = gpt1_tasks.make_batch("multiple_choice", [([[10, 11], *[options[p] for p in perm]], 0)], SP,
                       CFG.max_len)
     la, lb = (np.asarray(ft.forward(CFG, params, x, "multiple_choice")[0][0]) for x in (a, b))
     np.testing.assert_allclose(lb, la[perm], rtol=1e-5)
@@ -142,7 +144,7 @@ def test_finetune_step_fits_one_batch():
     optimizer = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=1, decay="linear"), 20)
     step, state = _train_step(CFG, kind, fc, optimizer,
                               {"gpt": GPT, "head": ft.init_head(kind, 20, 2, jax.random.key(1))})
-    batch = ft.make_batch(kind, EXAMPLES[kind] * 2, SP, CFG.max_len)
+    batch = gpt1_tasks.make_batch(kind, EXAMPLES[kind] * 2, SP, CFG.max_len)
     losses = []
     for _ in range(20):
         state, metrics = step(state, batch)
@@ -160,7 +162,7 @@ def test_finetune_step_on_8_devices_equals_one_device():
     fc = ft.FinetuneConfig(task="line_follows", batch_size=8, clf_dropout=0.0)
     optimizer = optax.sgd(1.0)
     params = {"gpt": GPT, "head": ft.init_head(kind, 20, 2, jax.random.key(1))}
-    batch = ft.make_batch(kind, EXAMPLES[kind] * 4, SP, CFG.max_len)
+    batch = gpt1_tasks.make_batch(kind, EXAMPLES[kind] * 4, SP, CFG.max_len)
     out = []
     for mesh_rules in (ONE_DEVICE, _mesh({"data": 2, "fsdp": 4}, "fsdp")):
         step, state = _train_step(CFG, kind, fc, optimizer, params, mesh_rules)
@@ -178,15 +180,15 @@ def test_finetune_step_on_8_devices_equals_one_device():
 def test_demo_tasks_have_their_kinds_and_valid_labels():
     texts = [f"def f{i}(a, b):\n    x = a + b * {i}\n    y = x - a * b\n    return x * y + {i}\n"
              f"print(f{i}(1, 2), 'done')\n" for i in range(6)]
-    for task, (kind, n_classes) in ft.TASKS.items():
-        examples = ft.demo_examples(task, texts, 20, seed=0)
+    for task, (kind, n_classes) in gpt1_tasks.TASKS.items():
+        examples = gpt1_tasks.demo_examples(task, texts, 20, seed=0)
         assert len(examples) == 20 and {lbl for _, lbl in examples} <= set(range(n_classes))
         n_segments = {"classification": 1, "multiple_choice": 5}.get(kind, 2)
         assert all(len(segments) == n_segments for segments, _ in examples)
-    for (line,), label in ft.demo_examples("real_or_shuffled", texts, 30, seed=1):
+    for (line,), label in gpt1_tasks.demo_examples("real_or_shuffled", texts, 30, seed=1):
         assert (line in "".join(texts)) == (label == 0)
     with pytest.raises(ValueError, match="unknown fine-tuning task"):
-        ft.demo_examples("sentiment", texts, 5, 0)
+        gpt1_tasks.demo_examples("sentiment", texts, 5, 0)
     with pytest.raises(ValueError, match="FinetuneConfig.task"):
         ft.FinetuneConfig(task="sentiment")
 
@@ -214,8 +216,8 @@ TRUNKS = {"decoder": (CFG, GPT),
 def _encoder_cls_state(ids):
     """BERT by hand: the unpadded sequence, token types 1 after the first <delim>, [CLS]."""
     seg = [0] * len(ids)
-    if SP.delim in ids:
-        seg[ids.index(SP.delim) + 1:] = [1] * (len(ids) - ids.index(SP.delim) - 1)
+    if SP.delimiter_id in ids:
+        seg[ids.index(SP.delimiter_id) + 1:] = [1] * (len(ids) - ids.index(SP.delimiter_id) - 1)
     cfg, p = TRUNKS["encoder"]
     return encoder.hidden_states(cfg, p, jnp.array([ids]), segment_ids=jnp.array([seg]))[0, 0]
 
@@ -248,7 +250,7 @@ def _direct_logits(kind, head, examples, state_fn):
     out = []
     for segments, _ in examples:
         states = [np.asarray(state_fn(ids), np.float64)
-                  for ids in ft.transform(kind, segments, SP, 16)]
+                  for ids in gpt1_tasks.transform(kind, segments, SP, 16)]
         out.append(np.array([h @ w[:, 0] + b[0] for h in states]) if kind == "multiple_choice"
                    else sum(states) @ w + b)
     return np.stack(out)
@@ -261,9 +263,9 @@ def _head(kind):
 @pytest.mark.parametrize("fam", ["decoder", "encoder", "seq2seq"])
 def test_right_padding_changes_no_task_logit(fam):
     cfg, trunk = TRUNKS[fam]
-    for kind in ft.KINDS:  # the longest sequence in FOUR has 7 tokens
+    for kind in gpt1_tasks.KINDS:  # the longest sequence in FOUR has 7 tokens
         params = {"gpt": trunk, "head": _head(kind)}
-        tight, padded = (ft.forward(cfg, params, ft.make_batch(kind, FOUR[kind], SP, t),
+        tight, padded = (ft.forward(cfg, params, gpt1_tasks.make_batch(kind, FOUR[kind], SP, t),
                                     kind)[0] for t in (7, 16))
         np.testing.assert_allclose(padded, tight, rtol=1e-5, atol=1e-6, err_msg=kind)
 
@@ -272,9 +274,9 @@ def test_right_padding_changes_no_task_logit(fam):
                                           ("seq2seq", _seq2seq_extract_state)])
 def test_task_logits_equal_direct_path_without_padding(fam, state_fn):
     cfg, trunk = TRUNKS[fam]
-    for kind in ft.KINDS:
+    for kind in gpt1_tasks.KINDS:
         params = {"gpt": trunk, "head": _head(kind)}
-        batch = ft.make_batch(kind, FOUR[kind], SP, 16)
+        batch = gpt1_tasks.make_batch(kind, FOUR[kind], SP, 16)
         logits, lm_logits = ft.forward(cfg, params, batch, kind)
         np.testing.assert_allclose(logits, _direct_logits(kind, params["head"], FOUR[kind],
                                                           state_fn), rtol=1e-4, atol=1e-5)
@@ -282,7 +284,7 @@ def test_task_logits_equal_direct_path_without_padding(fam, state_fn):
         assert float(metrics["lm_loss"]) == 0.0  # no auxiliary LM loss for these families
         assert float(loss) == pytest.approx(float(metrics["clf_loss"]), rel=1e-6)
         if fam == "seq2seq" and kind == "entailment":  # every real position's LM logits
-            ids = ft.transform(kind, FOUR[kind][1][0], SP, 16)[0]
+            ids = gpt1_tasks.transform(kind, FOUR[kind][1][0], SP, 16)[0]
             direct = seq2seq.forward(cfg, trunk, jnp.array([ids]), jnp.array([ids]))[0]
             np.testing.assert_allclose(lm_logits[1, 0, :len(ids)], direct, rtol=1e-4, atol=1e-5)
 
@@ -316,7 +318,7 @@ def test_short_finetune_learns_a_toy_task(fam):
                               optimizer, params)
     data, accs = _contains_task(steps * bs, seed=0), []
     for s in range(steps):
-        batch = ft.make_batch(kind, data[s * bs:(s + 1) * bs], SP, 8)
+        batch = gpt1_tasks.make_batch(kind, data[s * bs:(s + 1) * bs], SP, 8)
         state, metrics = step(state, batch)
         accs.append(float(metrics["accuracy"]))
     print(f"{fam}: held-out accuracy, first 10 batches {np.mean(accs[:10]):.3f}, "

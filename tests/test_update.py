@@ -16,7 +16,9 @@ import numpy as np
 import optax
 
 from gptjax.models import family
+from gptjax.data.tokenizer import Specials
 from gptjax.research import finetune as ft
+from gptjax.research import gpt1_tasks
 from gptjax.rlhf import ppo, reward, sft
 from gptjax.training.step import family_objective, make_update, weighted_loss_and_grads
 from tests.rlhf_fixtures import CFG, TOK, params
@@ -85,11 +87,11 @@ def test_reward_model_loss_is_weighted_by_prompts_with_a_pair():
 
 
 def test_finetune_loss_weighs_examples_and_lm_tokens_separately():
-    sp = ft.Specials(start=4, delim=5, extract=6, pad=0)
+    sp = Specials(pad_id=0, eos_id=1, start_id=4, delimiter_id=5, extract_id=6, mask_id=7)
     rng = np.random.default_rng(2)
     examples = [([rng.integers(10, 200, 12 if i % 4 == 0 else 1).tolist()], i % 2)
                 for i in range(8)]
-    batch = ft.make_batch("classification", examples, sp, 16)
+    batch = gpt1_tasks.make_batch("classification", examples, sp, 16)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     p = {"gpt": params(0), "head": ft.init_head("classification", CFG.d_model, 2,
                                                 jax.random.key(3))}

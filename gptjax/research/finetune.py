@@ -1,4 +1,4 @@
-"""GPT-1 fine-tuning: input transforms, linear task heads, L3 = L2 + λ·L1, for all 3 families.
+"""GPT-1 fine-tuning: linear task heads on any family's trunk, L3 = L2 + λ·L1.
 
 Radford et al. 2018, section 3.3: every task becomes one or more token sequences framed by
 learned special tokens — `<start>`, `<delim>` between segments, `<extract>` at the end — and a
@@ -10,7 +10,8 @@ linear head reads the transformer's final state at `<extract>`:
                      (no inherent order: both orderings, states summed)  -> softmax(W (h1 + h2))
     multiple choice  <start> context <delim> answer_k <extract>, k = 1..K     -> softmax_k(w h_k)
 
-The tokenizers reserve the three special ids; their embedding rows are learned in fine-tuning.
+The transforms and demo tasks are in `gptjax.research.gpt1_tasks`. The tokenizers reserve the
+three special ids; their embedding rows are learned in fine-tuning.
 The loss adds the language-model loss on the same sequences, L3 = L2 + λ·L1 with λ = 0.5,
 which GPT-1 found improves generalisation and speeds convergence.
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 from collections.abc import Callable, Sequence
 
 import gin
@@ -51,7 +51,14 @@ from gptjax.models import bert as encoder
 from gptjax.models import family, layers
 from gptjax.models import gpt as model
 from gptjax.models import transformer as seq2seq
+from gptjax.data.tokenizer import Specials
 from gptjax.parallel import mesh as sharding
+from gptjax.research.gpt1_tasks import (
+    TASKS,
+    demo_examples,
+    encode_examples,
+    make_batch,
+)
 from gptjax.training.step import (
     dropout_key,
     jit_train_step,
@@ -59,82 +66,6 @@ from gptjax.training.step import (
     place_state,
     with_dropout_keys,
 )
-
-KINDS = ("classification", "entailment", "similarity", "multiple_choice")
-
-
-@dataclasses.dataclass(frozen=True)
-class Specials:
-    """The ids of GPT-1's task tokens (a tokenizer's start_id, delimiter_id, extract_id)."""
-
-    start: int
-    delim: int
-    extract: int
-    pad: int = 0
-
-    @classmethod
-    def of(cls, tokenizer) -> Specials:
-        return cls(tokenizer.start_id, tokenizer.delimiter_id, tokenizer.extract_id,
-                   tokenizer.pad_id)
-
-
-# ------------------------------------------------------------ input transforms
-
-
-def _fit(first: list[int], second: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Cut a pair to `budget` tokens: the first segment loses its start (a context's oldest
-    tokens matter least), then the second its end."""
-    first = first[max(0, len(first) + len(second) - budget):]
-    return first, second[:budget - len(first)]
-
-
-def transform(kind: str, segments: Sequence[Sequence[int]], sp: Specials,
-              max_len: int) -> list[list[int]]:
-    """GPT-1's input transform: the token sequences one example becomes (C of them).
-
-    `segments` is (text,) for classification, (premise, hypothesis) for entailment, (a, b) for
-    similarity and (context, answer_1, ..., answer_K) for multiple choice.
-    """
-    segs = [list(s) for s in segments]
-    if kind == "classification":
-        if len(segs) != 1:
-            raise ValueError(f"classification takes one text, got {len(segs)}.")
-        return [[sp.start] + segs[0][:max_len - 2] + [sp.extract]]
-    if kind not in KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; choose one of {KINDS}.")
-    if len(segs) < 2 or (kind != "multiple_choice" and len(segs) != 2):
-        wants = "a context and answers" if kind == "multiple_choice" else "two texts"
-        raise ValueError(f"{kind} takes {wants}, got {len(segs)} segments.")
-    pair = lambda a, b: [sp.start, *a, sp.delim, *b, sp.extract]  # noqa: E731
-    if kind == "similarity":
-        orders = [(segs[0], segs[1]), (segs[1], segs[0])]
-    else:  # entailment: one (premise, hypothesis); multiple choice: (context, answer_k) each
-        orders = [(segs[0], answer) for answer in segs[1:]]
-    return [pair(*_fit(a, b, max_len - 3)) for a, b in orders]
-
-
-def make_batch(kind: str, examples: Sequence[tuple[Sequence[Sequence[int]], int]],
-               sp: Specials, max_len: int) -> dict[str, np.ndarray]:
-    """Transform and right-pad a list of (segments, label) into the arrays the loss takes."""
-    seqs = [transform(kind, segments, sp, max_len) for segments, _ in examples]
-    b, c = len(seqs), len(seqs[0])
-    if any(len(s) != c for s in seqs):
-        raise ValueError("every example in a batch needs the same number of answers.")
-    tokens = np.full((b, c, max_len), sp.pad, np.int32)
-    extract = np.zeros((b, c), np.int32)
-    segment = np.zeros((b, c, max_len), np.int32)
-    lm_mask = np.zeros((b, c, max_len - 1), np.float32)
-    for i, example_seqs in enumerate(seqs):
-        for j, ids in enumerate(example_seqs):
-            tokens[i, j, :len(ids)] = ids
-            extract[i, j] = len(ids) - 1
-            if sp.delim in ids:  # BERT's token types: 1 after the first <delim>, pads 0
-                segment[i, j, ids.index(sp.delim) + 1:len(ids)] = 1
-            lm_mask[i, j, :len(ids) - 1] = 1.0  # every real next token, the specials included
-    label = np.array([lbl for _, lbl in examples], np.int32)
-    return {"tokens": tokens, "extract": extract, "segment": segment, "lm_mask": lm_mask,
-            "label": label}
-
 
 # ---------------------------------------------------------------------- heads
 
@@ -280,67 +211,6 @@ def finetune_loss(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coe
     return loss, {"loss": loss, **stats}
 
 
-# ------------------------------------------------------------------ demo tasks
-
-
-def _doc_lines(texts: Sequence[str]) -> list[list[str]]:
-    """Each document's code lines worth a question: 8-100 characters, not comments."""
-    docs = []
-    for text in texts:
-        lines = [x.rstrip() for x in text.split("\n")]
-        docs.append([x for x in lines if 8 <= len(x.strip()) <= 100
-                     and not x.strip().startswith("#")])
-    return [d for d in docs if len(d) >= 4]
-
-
-def _shuffle_words(line: str, rng: random.Random) -> str:
-    words = line.split()
-    shuffled = words[:]
-    while shuffled == words and len(set(words)) > 1:
-        rng.shuffle(shuffled)
-    return line[:len(line) - len(line.lstrip())] + " ".join(shuffled)
-
-
-def demo_examples(task: str, texts: Sequence[str], n: int,
-                  seed: int) -> list[tuple[tuple[str, ...], int]]:
-    """Offline labelled examples made from a corpus: (segments, label) pairs.
-
-    real_or_shuffled (classification): is this line real, or its words shuffled?
-    line_follows (entailment): does the hypothesis line come right after the premise line?
-    same_file (similarity): are the two lines from the same file?
-    next_line (multiple choice): which of 4 lines follows the 2-line context?
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}.")
-    rng = random.Random(seed)
-    docs = _doc_lines(texts)
-    if len(docs) < 2:
-        raise ValueError("the corpus has too few documents with usable lines for a demo task.")
-    out = []
-    for _ in range(n):
-        d = rng.randrange(len(docs))
-        lines, other = docs[d], docs[(d + rng.randrange(1, len(docs))) % len(docs)]
-        i = rng.randrange(2, len(lines) - 1)
-        label = rng.randrange(2)
-        if task == "real_or_shuffled":
-            line = lines[i] if len(set(lines[i].split())) > 1 else lines[i] + " = 0"
-            out.append(((_shuffle_words(line, rng) if label else line,), label))
-        elif task == "line_follows":
-            out.append(((lines[i], lines[i + 1] if label else rng.choice(other)), label))
-        elif task == "same_file":
-            out.append(((lines[i], rng.choice(lines if label else other)), label))
-        else:
-            options = [lines[i]] + [rng.choice(docs[rng.randrange(len(docs))]) for _ in range(3)]
-            order = rng.sample(range(4), 4)
-            out.append((("\n".join(lines[i - 2:i]), *[options[k] for k in order]),
-                        order.index(0)))
-    return out
-
-
-TASKS = {"real_or_shuffled": ("classification", 2), "line_follows": ("entailment", 2),
-         "same_file": ("similarity", 2), "next_line": ("multiple_choice", 4)}
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -380,10 +250,6 @@ class FinetuneConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"FinetuneConfig.batch_size={self.batch_size} is not divisible by "
                              f"grad_accum_steps={self.grad_accum_steps}.")
-
-
-def encode_examples(tokenizer, examples) -> list[tuple[list[list[int]], int]]:
-    return [([tokenizer.encode(s) for s in segments], label) for segments, label in examples]
 
 
 HEAD_AXES = {"kernel": ("embed", None), "bias": (None,)}  # logical axes of a task head

@@ -63,7 +63,7 @@ class Sweep:
       baseline: the variant the others are compared with (default: the first).
       metric: the metrics.jsonl key compared across variants (its final value).
       fit_scaling_law: fit L(N) = a * N^-b + c over non-embedding parameters (size sweeps).
-      finetune: GPT-1 fine-tuning tasks (`finetune.TASKS`) run on every trained run.
+      finetune: GPT-1 fine-tuning tasks (`gpt1_tasks.TASKS`) run on every trained run.
       finetune_bindings: gin bindings for those fine-tunes (e.g. 'FinetuneConfig.steps = 200').
       extra_metrics: more metrics (metrics.jsonl keys or 'finetune/<task>') tabulated per variant.
     """
