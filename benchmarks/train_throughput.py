@@ -87,16 +87,18 @@ def bench_one(cfg, batch_size: int, args) -> dict:
     from gptjax.training import metrics
 
     from gptjax.parallel import mesh as sharding
+
+    from gptjax.parallel import logical
     from gptjax.training.optimizer import OptimizerConfig
     from gptjax.training.step import abstract_state, make_trainer
 
     device = jax.local_devices()[0]
     mesh = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1}), devices=[device])
-    rules = sharding.logical_axis_rules("dp")
+    rules = logical.logical_axis_rules("dp")
     trainer = make_trainer(cfg, OptimizerConfig(warmup_steps=10), 10_000, mesh, rules,
                            batch_size)
     tokens_per_step = batch_size * args.seq_len
-    with sharding.use_mesh(mesh, rules):
+    with logical.use_mesh(mesh, rules):
         # Several random batches rotate, so no step reuses its predecessor's input.
         rng = np.random.default_rng(0)
         batches = [jax.device_put({"tokens": rng.integers(0, cfg.vocab_size, (

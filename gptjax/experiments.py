@@ -13,18 +13,18 @@ import tokenize
 
 import gin
 
+# Each import registers its module's gin configurables before a file is parsed.
+from gptjax import config  # noqa: F401
+from gptjax.data import config as data_config  # noqa: F401
+from gptjax.parallel import mesh  # noqa: F401
+from gptjax.training import optimizer, step  # noqa: F401
+
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "experiments")
 
 
 def parse_gin(files: list[str], bindings: list[str]) -> None:
     """Parse experiment files; `include`s resolve against experiments/ and the cwd."""
-    from gptjax import config
-    from gptjax.training import optimizer
-    from gptjax.parallel import mesh as sharding
-    from gptjax.training import step as train  # noqa: F401  (register configurables)
-    from gptjax.data import config as data_config  # noqa: F401
-
     for path in (EXPERIMENTS_DIR, os.getcwd()):
         if path not in gin.config._LOCATION_PREFIXES:
             gin.add_config_file_search_path(path)

@@ -16,7 +16,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax.training import checkpoint as ck  # A restore that fails part-way leaves orbax read coroutines to be garbage-collected later.
+from gptjax.training import checkpoint as ck
+
+# A restore that fails part-way leaves orbax read coroutines to be garbage-collected later.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.models import bert as encoder  # Odd sizes so a wrong transpose or axis cannot pass.
+from gptjax.models import bert as encoder
 from gptjax.config import PRESETS, EncoderConfig, get_preset
+
+# Odd sizes so a wrong transpose or axis cannot pass.
 CFG = EncoderConfig(n_layers=3, d_model=35, n_heads=5, d_ff=47, vocab_size=97,
                             max_len=29, type_vocab_size=3)
 

@@ -14,8 +14,11 @@ from jax.sharding import NamedSharding
 from gptjax.models import bert as encoder
 
 from gptjax.models import transformer as seq2seq
-from gptjax.parallel import mesh as S  # Odd factors (7, 11, 13) that still divide every mesh below: d_model by fsdp=8,
+from gptjax.parallel import mesh as S
+from gptjax.parallel import logical
 from gptjax.config import EncoderConfig, Seq2SeqConfig
+
+# Odd factors (7, 11, 13) that still divide every mesh below: d_model by fsdp=8,
 # heads, d_ff and vocab by tensor=4.
 ENC = EncoderConfig(n_layers=2, d_model=56, n_heads=4, d_ff=44, vocab_size=52,
                             max_len=16, type_vocab_size=3)
@@ -122,10 +125,10 @@ def test_sharded_forward_and_gradients_equal_one_device(reference, preset):
     S.check_divisible(cfg, mesh, preset, global_batch_size=B)
     shardings = S.tree_shardings(module.param_axes(cfg), mesh, preset)
     sharded = jax.device_put(params, shardings)
-    with S.use_mesh(mesh, preset):
+    with logical.use_mesh(mesh, preset):
         (_, logits), grads = _loss_and_grads(family)(sharded, S.make_global_batch(
             batch, mesh, preset))
-    want = NamedSharding(mesh, S.logical_to_spec(("batch", "seq", "vocab"), preset))
+    want = NamedSharding(mesh, logical.logical_to_spec(("batch", "seq", "vocab"), preset))
     assert logits.sharding.is_equivalent_to(want, 3), (logits.sharding, want)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
     jax.tree.map_with_path(

@@ -14,6 +14,7 @@ from gptjax.models import bert as encoder
 from gptjax.models import gpt as model
 from gptjax.models import transformer as seq2seq
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.data.tokenizer import Specials
 from gptjax.research import finetune as ft
 from gptjax.research import gpt1_tasks
@@ -31,7 +32,7 @@ HIDDEN = jax.jit(lambda tokens: model.hidden_states(CFG, GPT, tokens))
 def _mesh(shape: dict, rules: str = "dp"):
     n = int(np.prod(list(shape.values())))
     return (sharding.make_mesh(sharding.MeshConfig(shape=shape), jax.devices()[:n]),
-            sharding.logical_axis_rules(rules))
+            logical.logical_axis_rules(rules))
 
 
 ONE_DEVICE = _mesh({"data": 1})
@@ -166,7 +167,7 @@ def test_finetune_step_on_8_devices_equals_one_device():
     out = []
     for mesh_rules in (ONE_DEVICE, _mesh({"data": 2, "fsdp": 4}, "fsdp")):
         step, state = _train_step(CFG, kind, fc, optimizer, params, mesh_rules)
-        with sharding.use_mesh(*mesh_rules):
+        with logical.use_mesh(*mesh_rules):
             state, metrics = step(state, sharding.make_global_batch(batch, *mesh_rules))
         out.append((jax.device_get(metrics), jax.device_get(state.params)))
     head_spec = state.params["head"]["kernel"].sharding.spec

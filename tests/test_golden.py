@@ -23,6 +23,7 @@ import pytest
 
 from gptjax.config import EncoderConfig, ModelConfig, Seq2SeqConfig
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.rlhf import ppo, reward
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import TrainState, make_trainer
@@ -61,7 +62,7 @@ def _compiled(jitted, *args):
 
 def _mesh():
     mesh_cfg = sharding.MeshConfig(shape={"data": 1, "fsdp": 1, "tensor": 1})
-    return sharding.make_mesh(mesh_cfg, jax.devices()[:1]), sharding.logical_axis_rules("dp")
+    return sharding.make_mesh(mesh_cfg, jax.devices()[:1]), logical.logical_axis_rules("dp")
 
 
 def _ragged_mask(lengths, t: int) -> np.ndarray:
@@ -109,7 +110,7 @@ def _trainer(name: str, grad_accum_steps: int = 1):
 def _initial_state(name: str) -> TrainState:
     """`init_train_state(SEED)` of the family's trainer, on the host (steps donate theirs)."""
     trainer = _trainer(name)
-    with sharding.use_mesh(trainer.mesh, trainer.rules):
+    with logical.use_mesh(trainer.mesh, trainer.rules):
         return jax.device_get(_compiled(trainer.init_train_state, SEED)())
 
 
@@ -119,7 +120,7 @@ def family_step(name: str, grad_accum_steps: int = 1) -> dict:
     trainer = _trainer(name, grad_accum_steps)
     state = jax.device_put(_initial_state(name), trainer.state_shardings)
     batch = {k: jnp.asarray(v) for k, v in family_batch(name).items()}
-    with sharding.use_mesh(trainer.mesh, trainer.rules):
+    with logical.use_mesh(trainer.mesh, trainer.rules):
         return _step_twice(trainer.train_step, state, (batch,), "train/loss", "grad_norm")
 
 
@@ -156,7 +157,7 @@ def reward_step() -> dict:
     state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=rm,
                                       opt_state=optimizer.init(rm),
                                       rng=jax.random.key_data(jax.random.key(SEED))), shard)
-    with sharding.use_mesh(mesh, rules):
+    with logical.use_mesh(mesh, rules):
         return _step_twice(step, state, (batch,), "reward/loss", "reward/grad_norm")
 
 
@@ -183,7 +184,7 @@ def ppo_step() -> dict:
     policy, rm = _policy_and_rm()
     state = ppo.init_state(fns, policy, ppo.critic_from_reward(rm, reward.identity_norm()), SEED)
     exp = {k: jnp.asarray(v) for k, v in ppo_batch().items()}
-    with sharding.use_mesh(mesh, rules):
+    with logical.use_mesh(mesh, rules):
         return _step_twice(fns.update, state, (exp, None), "ppo/loss/total", "ppo/grad_norm")
 
 

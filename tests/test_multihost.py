@@ -21,6 +21,7 @@ import pytest
 
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.training.loop import train
@@ -144,7 +145,7 @@ def test_two_processes_equal_one_process_with_eight_devices(data, tmp_path):
     cfgs = _configs(data)
     mesh = sharding.make_mesh(cfgs["mesh_cfg"])
     trainer = make_trainer(cfgs["model_cfg"], cfgs["opt_cfg"], TRAIN["steps"], mesh,
-                           sharding.logical_axis_rules(MESH["rules"]), TRAIN["batch_size"])
+                           logical.logical_axis_rules(MESH["rules"]), TRAIN["batch_size"])
     for step in (3, 6):
         got_step, got, meta = _restore(multi, trainer, step)
         assert got_step == step and meta["data"]["window"] == step * TRAIN["batch_size"]

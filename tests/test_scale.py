@@ -23,6 +23,7 @@ from gptjax import config as config_lib
 from gptjax.models import family as family_lib
 from gptjax.training import metrics as metrics_lib
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig, workdir_tokenizer
 from gptjax.data.pipeline import make_datasets
@@ -67,7 +68,7 @@ def _continue_on_one_device(workdir, cfgs):
     """Resume `workdir` on a 1-device dp mesh with the trainer API (loop.train always uses all
     devices of the process) and run the remaining steps on the checkpoint's data position."""
     mesh = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1}), devices=jax.devices()[:1])
-    rules = sharding.logical_axis_rules("dp")
+    rules = logical.logical_axis_rules("dp")
     train_cfg, data_cfg = cfgs["train_cfg"], cfgs["data_cfg"]
     trainer = make_trainer(MODEL, cfgs["opt_cfg"], train_cfg.steps, mesh, rules,
                            train_cfg.batch_size)
@@ -80,7 +81,7 @@ def _continue_on_one_device(workdir, cfgs):
                                   data_cfg.resolved_data_dir, seed=train_cfg.seed,
                                   state=meta["data"])
     losses = []
-    with sharding.use_mesh(mesh, rules):
+    with logical.use_mesh(mesh, rules):
         for _ in range(END - STOP):
             batch = sharding.make_global_batch(next(train_iter), mesh, rules)
             state, metrics = trainer.train_step(state, batch)
@@ -106,7 +107,7 @@ def test_checkpoint_restores_on_another_mesh_and_training_continues(corpus, tmp_
     got, state = _continue_on_one_device(single, _configs(corpus, tmp_path, FSDP))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # And the parameters after the continued steps agree across meshes.
-    rules = sharding.logical_axis_rules("fsdp")
+    rules = logical.logical_axis_rules("fsdp")
     trainer = make_trainer(MODEL, _configs(corpus, tmp_path, FSDP)["opt_cfg"], 50,
                            sharding.make_mesh(FSDP), rules, 8)
     with ckpt_lib.CheckpointManager(saved, read_only=True) as manager:
@@ -142,7 +143,7 @@ def test_dry_run_reports_per_device_memory_and_flops(tmp_path):
     assert _live_bytes() - before < 2**20  # nothing of the state was allocated
     assert not os.path.exists(tmp_path / "dry" / "checkpoints")
     assert out["devices"] == 8 and out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
-    mesh, rules = sharding.make_mesh(FSDP_TP), sharding.logical_axis_rules("fsdp_tp")
+    mesh, rules = sharding.make_mesh(FSDP_TP), logical.logical_axis_rules("fsdp_tp")
     trainer = make_trainer(cfg, opt, train_cfg.steps, mesh, rules, 8)
     batch_bytes = 8 * 33 * 4 // 4  # int32 tokens, batch split over fsdp=4
     assert out["argument_size_gib"] * 2**30 == pytest.approx(
@@ -153,7 +154,7 @@ def test_dry_run_reports_per_device_memory_and_flops(tmp_path):
     assert 0.8 < out["xla_flops_per_device"] * 8 / model_flops < 2.0
 
     batch = {"tokens": jax.ShapeDtypeStruct((8, 33), np.int32, sharding=trainer.batch_sharding)}
-    with sharding.use_mesh(mesh, rules):
+    with logical.use_mesh(mesh, rules):
         mem = trainer.train_step.lower(abstract_state(trainer), batch).compile().memory_analysis()
     assert out["temp_size_gib"] * 2**30 == mem.temp_size_in_bytes, (
         "the dry run compiled another program than the loop's (trace it under use_mesh)")

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from gptjax.models import gpt as model
 from gptjax.parallel import mesh as S
+from gptjax.parallel import logical
 from gptjax.config import ModelConfig
 
 CFG = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=128, max_len=32)
@@ -43,7 +44,7 @@ def test_eight_devices():
 
 def test_make_mesh_fills_minus_one_and_uses_auto_axes():
     mesh = S.make_mesh(S.MeshConfig())
-    assert mesh.axis_names == S.MESH_AXES
+    assert mesh.axis_names == logical.MESH_AXES
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     mesh = S.make_mesh(S.MeshConfig(shape={"fsdp": -1, "tensor": 2}))
@@ -97,17 +98,17 @@ def test_mesh_config_from_gin(clean_gin):
 
 def test_a_mesh_axis_is_used_once_first_rule_wins():
     rules = (("batch", "fsdp"), ("embed", "fsdp"))
-    assert S.logical_to_spec(("batch", "embed"), rules) == P("fsdp", None)
-    assert S.logical_to_spec(("embed",), rules) == P("fsdp")
+    assert logical.logical_to_spec(("batch", "embed"), rules) == P("fsdp", None)
+    assert logical.logical_to_spec(("embed",), rules) == P("fsdp")
     # Activations under fsdp: the batch takes fsdp, the residual stream stays whole.
-    assert S.logical_to_spec(("batch", "seq", "embed"), "fsdp") == P(("data", "fsdp"), None, None)
-    assert S.logical_to_spec(("batch", "seq", "vocab"), "fsdp_tp") == P(
+    assert logical.logical_to_spec(("batch", "seq", "embed"), "fsdp") == P(("data", "fsdp"), None, None)
+    assert logical.logical_to_spec(("batch", "seq", "vocab"), "fsdp_tp") == P(
         ("data", "fsdp"), None, "tensor")
 
 
 def test_unknown_logical_name_raises():
     with pytest.raises(ValueError, match=r"Unknown logical axis names \['embd'\]"):
-        S.logical_to_spec(("batch", "embd"), "dp")
+        logical.logical_to_spec(("batch", "embd"), "dp")
 
 
 R = None  # replicated dimension, for the tables below
@@ -132,7 +133,7 @@ EXPECTED = {  # preset -> parameter -> PartitionSpec
 }
 
 
-@pytest.mark.parametrize("preset", list(S.PRESETS))
+@pytest.mark.parametrize("preset", list(logical.PRESETS))
 def test_param_specs_follow_the_rules(preset):
     sh = S.param_shardings(CFG, mesh_for(preset), preset)
     h = sh["h"]
@@ -177,7 +178,7 @@ def test_batch_sharding():
 
 
 def test_check_divisible_accepts_fitting_meshes():
-    for preset in S.PRESETS:
+    for preset in logical.PRESETS:
         S.check_divisible(CFG, mesh_for(preset), preset, global_batch_size=BATCH)
 
 
@@ -210,12 +211,12 @@ def test_check_divisible_batch_vs_data_fsdp():
 
 
 def _double(x):
-    return S.constrain(x * 2, ("batch", "embed"))
+    return logical.constrain(x * 2, ("batch", "embed"))
 
 
 def test_constrain_is_a_noop_outside_use_mesh():
     x = jnp.ones((8, 64))
-    assert S.active_rules() is None
+    assert logical.active_rules() is None
     out = jax.jit(_double)(x)
     assert isinstance(out.sharding, SingleDeviceSharding)
     np.testing.assert_array_equal(out, 2 * x)
@@ -224,14 +225,14 @@ def test_constrain_is_a_noop_outside_use_mesh():
 def test_constrain_applies_inside_use_mesh():
     mesh = mesh_for("fsdp")
     x = jnp.ones((8, 64))
-    with S.use_mesh(mesh, "fsdp"):
+    with logical.use_mesh(mesh, "fsdp"):
         out = jax.jit(_double)(x)
-        assert S.active_rules() == (mesh, S.PRESETS["fsdp"])
+        assert logical.active_rules() == (mesh, logical.PRESETS["fsdp"])
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None)), 2)
     np.testing.assert_array_equal(out, 2 * x)
-    assert S.active_rules() is None
-    with S.use_mesh(mesh, "fsdp"), pytest.raises(ValueError, match="2 names"):
-        S.constrain(jnp.ones((2, 3, 4)), ("batch", "embed"))
+    assert logical.active_rules() is None
+    with logical.use_mesh(mesh, "fsdp"), pytest.raises(ValueError, match="2 names"):
+        logical.constrain(jnp.ones((2, 3, 4)), ("batch", "embed"))
 
 
 # --------------------------------------------------------------- input batches
@@ -254,7 +255,7 @@ def test_make_global_batch_one_process():
 
 def _loss(params, tokens_BT1):
     logits_BTV = model.forward(CFG, params, tokens_BT1[:, :-1])
-    logits_BTV = S.constrain(logits_BTV, ("batch", "seq", "vocab"))  # no-op unsharded
+    logits_BTV = logical.constrain(logits_BTV, ("batch", "seq", "vocab"))  # no-op unsharded
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:]).mean()
 
 
@@ -317,12 +318,12 @@ def test_sharded_init_equals_unsharded(reference):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), reference[1])
 
 
-@pytest.mark.parametrize("preset", list(S.PRESETS))
+@pytest.mark.parametrize("preset", list(logical.PRESETS))
 def test_sharded_steps_equal_unsharded(preset, reference):
     tokens, params0, ref_losses, ref_params = reference
     mesh = mesh_for(preset)
     S.check_divisible(CFG, mesh, preset, global_batch_size=BATCH)
-    with S.use_mesh(mesh, preset):
+    with logical.use_mesh(mesh, preset):
         losses, params = _train(params0, tokens, mesh, preset)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     # The parameters really are laid out as the rules say.

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gptjax.cli import main as main_lib
+from gptjax.research import stats
 from gptjax.research import sweep as sw
 from gptjax.training.metrics import read_metrics
 
@@ -56,34 +57,34 @@ def test_unknown_baseline_names_the_variants():
 
 
 def test_t_distribution_p_values_match_known_values():
-    assert sw.t_two_sided_p(1.0, 1.0) == pytest.approx(0.5, abs=1e-12)  # Cauchy: P(|T|>1)
-    assert sw.t_two_sided_p(2.0, 10.0) == pytest.approx(0.073388, abs=1e-6)
-    assert sw.t_two_sided_p(2.2281388519649385, 10.0) == pytest.approx(0.05, abs=1e-9)
-    assert sw.t_two_sided_p(1.959963984540054, 1e7) == pytest.approx(0.05, abs=1e-6)
-    assert sw.t_two_sided_p(0.0, 3.0) == pytest.approx(1.0)
-    assert sw.t_two_sided_p(12.706204736174698, 1.0) == pytest.approx(0.05, abs=1e-9)
+    assert stats.t_two_sided_p(1.0, 1.0) == pytest.approx(0.5, abs=1e-12)  # Cauchy: P(|T|>1)
+    assert stats.t_two_sided_p(2.0, 10.0) == pytest.approx(0.073388, abs=1e-6)
+    assert stats.t_two_sided_p(2.2281388519649385, 10.0) == pytest.approx(0.05, abs=1e-9)
+    assert stats.t_two_sided_p(1.959963984540054, 1e7) == pytest.approx(0.05, abs=1e-6)
+    assert stats.t_two_sided_p(0.0, 3.0) == pytest.approx(1.0)
+    assert stats.t_two_sided_p(12.706204736174698, 1.0) == pytest.approx(0.05, abs=1e-9)
 
 
 def test_welch_t_test_matches_hand_computation_and_scipy():
     a, b = np.array([3.1, 3.3, 3.2, 3.6]), np.array([3.5, 3.9, 3.7])
-    t, p = sw.welch_t_test(a, b)
+    t, p = stats.welch_t_test(a, b)
     va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 3
     assert t == pytest.approx((a.mean() - b.mean()) / math.sqrt(va + vb))
     df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
-    assert p == pytest.approx(sw.t_two_sided_p(t, df))
+    assert p == pytest.approx(stats.t_two_sided_p(t, df))
     stats = pytest.importorskip("scipy.stats")
     ref = stats.ttest_ind(a, b, equal_var=False)
     assert (t, p) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-9)
-    assert math.isnan(sw.welch_t_test([1.0], [2.0, 3.0])[1])
-    assert sw.welch_t_test([1.0, 1.0], [1.0, 1.0])[1] == 1.0
-    assert math.isnan(sw.welch_t_test([1.0, 1.0], [2.0, 2.0])[1])  # no variance: undefined
+    assert math.isnan(stats.welch_t_test([1.0], [2.0, 3.0])[1])
+    assert stats.welch_t_test([1.0, 1.0], [1.0, 1.0])[1] == 1.0
+    assert math.isnan(stats.welch_t_test([1.0, 1.0], [2.0, 2.0])[1])  # no variance: undefined
 
 
 def test_power_law_fit_recovers_its_parameters():
     n = np.array([1e4, 3e4, 1e5, 3e5, 1e6, 3e6])
-    fit = sw.fit_power_law(n, 20.0 * n ** -0.3 + 1.5)
+    fit = stats.fit_power_law(n, 20.0 * n ** -0.3 + 1.5)
     assert (fit["a"], fit["b"], fit["c"]) == pytest.approx((20.0, 0.3, 1.5), rel=0.05)
-    line = sw.fit_power_law(n[:2], 5.0 * n[:2] ** -0.1)  # two sizes: a log-log line
+    line = stats.fit_power_law(n[:2], 5.0 * n[:2] ** -0.1)  # two sizes: a log-log line
     assert (line["b"], line["c"]) == pytest.approx((0.1, 0.0), abs=1e-9)
 
 
@@ -145,7 +146,7 @@ def test_two_variant_sweep_writes_results_table_and_plots(base_gin, tmp_path):
         assert row["bindings"] == f"OptimizerConfig.peak_lr = {lr}"
     assert runs[names[0], 0] != runs[names[0], 1]  # the seed binding reached the run
     assert table[0]["p_value"] == ""  # the baseline
-    expected = sw.welch_t_test([runs[names[1], s][0] for s in (0, 1)],
+    expected = stats.welch_t_test([runs[names[1], s][0] for s in (0, 1)],
                                [runs[names[0], s][0] for s in (0, 1)])[1]
     assert float(table[1]["p_value"]) == pytest.approx(expected, rel=1e-4)
     for name in ("runs.csv", "loss_curves.png", "final_metric.png"):

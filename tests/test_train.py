@@ -11,6 +11,7 @@ import pytest
 
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig, run_datasets
 from gptjax.evals.hooks import train_with_defaults
@@ -190,7 +191,7 @@ def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(corpus,
     assert rows[8]["skipped_updates"] == 1 and summary["skipped_updates"] == 1
     assert summary["end_step"] == 8
     trainer = make_trainer(MODEL, cfgs["opt_cfg"], 8, sharding.make_mesh(ALL_DEVICES),
-                           sharding.logical_axis_rules("dp"), 8)
+                           logical.logical_axis_rules("dp"), 8)
     manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
     (_, s2, _), (_, s3, _) = (manager.restore(abstract_state(trainer), step=k) for k in (2, 3))
     manager.close()
@@ -221,7 +222,7 @@ def test_tokens_per_s_at_an_eval_step_excludes_the_eval(corpus, tmp_path, monkey
 
 def test_gradient_accumulation_equals_the_large_batch():
     mesh = sharding.make_mesh(ONE_DEVICE, devices=jax.devices()[:1])
-    rules = sharding.logical_axis_rules("dp")
+    rules = logical.logical_axis_rules("dp")
     batch = {"tokens": jax.random.randint(jax.random.key(0), (8, 17), 0, MODEL.vocab_size)}
     results = []
     for accum in (1, 4):
@@ -292,7 +293,7 @@ def test_batch_ramp_start_logs_the_true_loss_under_accumulation(corpus, tmp_path
     assert summary["tokens_trained"] == 2 * 16
     logged = _losses(workdir)[1]
     trainer = make_trainer(MODEL, cfgs["opt_cfg"], 4, sharding.make_mesh(
-        ONE_DEVICE, devices=jax.devices()[:1]), sharding.logical_axis_rules("dp"), 8)
+        ONE_DEVICE, devices=jax.devices()[:1]), logical.logical_axis_rules("dp"), 8)
     params = trainer.init_train_state(cfgs["train_cfg"].seed).params
     tokenizer = workdir_tokenizer(workdir, cfgs["data_cfg"])
     train_cfg = cfgs["train_cfg"]

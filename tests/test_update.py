@@ -125,6 +125,7 @@ def test_trainers_thread_grad_accum_steps_into_their_steps():
     """The jitted steps of the reward model and fine-tuning really accumulate: one step with 1
     and with 4 microbatches gives the same loss and gradient norm on a ragged batch."""
     from gptjax.parallel import mesh as sharding
+    from gptjax.parallel import logical
     from gptjax.training.step import TrainState
     mesh, rules = sft.stage_mesh(sharding.MeshConfig(shape={"data": 1}))
     b, k, t = 8, 2, 12
@@ -140,7 +141,7 @@ def test_trainers_thread_grad_accum_steps_into_their_steps():
         state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=rm,
                                           opt_state=opt.init(rm),
                                           rng=jax.random.key_data(jax.random.key(0))), shard)
-        with sharding.use_mesh(mesh, rules):
+        with logical.use_mesh(mesh, rules):
             _, stats = step(state, batch)
         out.append((float(stats["reward/loss"]), float(stats["reward/grad_norm"])))
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6)

@@ -152,11 +152,12 @@ import jax, numpy as np
 print(jax.devices())"""),
 ("code", """from gptjax.models import gpt
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.config import ModelConfig
 
 cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256, vocab_size=128, max_len=32)
 mesh = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1, "fsdp": 4, "tensor": 2}, rules="fsdp_tp"))
-rules = sharding.logical_axis_rules("fsdp_tp")
+rules = logical.logical_axis_rules("fsdp_tp")
 print(mesh)
 for name, rule in rules: print(f"{name:>8} -> {rule}")"""),
 ("md", "Each parameter's logical names and the PartitionSpec the rules give it:"),
@@ -171,12 +172,12 @@ jax.debug.visualize_array_sharding(params["h"]["mlp"]["c_fc"]["kernel"][0])"""),
 ("md", "A mesh that does not divide the model fails before anything compiles, saying what to change:"),
 ("code", """try:
     bad = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1, "fsdp": 1, "tensor": 8}, rules="tp"))
-    sharding.check_divisible(cfg, bad, sharding.logical_axis_rules("tp"), 8)
+    sharding.check_divisible(cfg, bad, logical.logical_axis_rules("tp"), 8)
 except ValueError as e:
     print(e)"""),
 ("md", "Sharded equals unsharded: the same forward pass on the mesh and on one device."),
 ("code", """tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
-with sharding.use_mesh(mesh, rules):
+with logical.use_mesh(mesh, rules):
     sharded = jax.jit(lambda p, t: gpt.forward(cfg, p, t))(params, tokens)
 single = gpt.forward(cfg, jax.device_get(params), tokens)
 print("max difference:", float(abs(sharded - single).max()))

@@ -250,7 +250,7 @@ _token_logprobs = jax.jit(token_logprobs, static_argnums=0)
 
 
 def score_requests(cfg: ModelConfig, params, requests: Sequence[tuple[list[int], int]],
-                   batch_size: int = 16) -> tuple[Float[np.ndarray, "R"], Int[np.ndarray, "R"]]:
+                   batch_size: int = 16) -> tuple[Float[np.ndarray, " R"], Int[np.ndarray, " R"]]:
     """Summed log-likelihood of each request's last `n` tokens, and `n`.
 
     Rows are right-padded to a multiple of 32 tokens (few distinct shapes, few compiles) and

@@ -57,7 +57,7 @@ def is_stop(tok, stop_tokens: Sequence[int]):
     return jnp.isin(tok, jnp.asarray(stop_tokens))
 
 
-def reorder(tree, parent_R: Int[Array, "R"], axis: int = 0):
+def reorder(tree, parent_R: Int[Array, " R"], axis: int = 0):
     """Every array of `tree` with its beam rows (on `axis`) gathered from `parent_R`."""
     return jax.tree.map(lambda a: jnp.take(a, parent_R, axis=axis), tree)
 
@@ -94,7 +94,7 @@ class Beams:
 
 def step(beams: Beams, logits_RV: Float[Array, "R V"], i, *, stop_tokens: Sequence[int],
          pad_id: int, length_penalty, length_penalty_kind: str
-         ) -> tuple[Beams, Int[Array, "R"]]:
+         ) -> tuple[Beams, Int[Array, " R"]]:
     """One beam step: the K best one-token continuations per source, written at index `i`.
 
     Returns the new beams and each new row's parent row (to `reorder` caches by).
@@ -130,8 +130,8 @@ class Best(NamedTuple):
     tokens: Int[Array, "B N"]
     logprobs: Float[Array, "B N"]
     mask: Int[Array, "B N"]
-    done: Bool[Array, "B"]
-    score: Float[Array, "B"]
+    done: Bool[Array, " B"]
+    score: Float[Array, " B"]
 
 
 # advance(beams, cache, i) -> (logits_RV, cache): the next-token logits after the tokens

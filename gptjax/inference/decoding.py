@@ -66,7 +66,7 @@ class BeamOutput(NamedTuple):
 
     tokens: Int[Array, "B T"]
     logprobs: Float[Array, "B T"]
-    scores: Float[Array, "B"]
+    scores: Float[Array, " B"]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "max_len", "start_id",

@@ -23,7 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 _MASK_VALUE = -1e30
 
 
-def make_mask(q_slot_T: Int[Array, "T"], kv_valid_BS: Bool[Array, "B S"],
+def make_mask(q_slot_T: Int[Array, " T"], kv_valid_BS: Bool[Array, "B S"],
               window: int | None = None) -> Bool[Array, "B 1 T S"]:
     """Causal (and optionally banded) mask over a buffer of S slots.
 

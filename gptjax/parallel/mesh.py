@@ -36,9 +36,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.models import family
 from gptjax.config import ModelConfig
-from gptjax.parallel.logical import (BATCH_AXES, LOGICAL_AXES, MESH_AXES, PRESETS, Rules,  # noqa: F401
-                            _as_rules, active_rules, constrain, logical_axis_rules,
-                            logical_to_spec, use_mesh)
+from gptjax.parallel.logical import (
+    BATCH_AXES,
+    MESH_AXES,
+    Rules,
+    _as_rules,
+    logical_axis_rules,
+    logical_to_spec,
+)
 
 # Config fields behind each logical axis, for error messages that say what to change.
 _CONFIG_FIELD = {"vocab": "vocab_size", "embed": "d_model", "layers": "n_layers",

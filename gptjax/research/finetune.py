@@ -53,6 +53,7 @@ from gptjax.models import gpt as model
 from gptjax.models import transformer as seq2seq
 from gptjax.data.tokenizer import Specials
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.research.gpt1_tasks import (
     TASKS,
     demo_examples,
@@ -349,13 +350,13 @@ def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = 
         peak_lr=ft.lr, warmup_steps=ft.warmup_steps, decay="linear", min_lr_ratio=0.0,
         weight_decay=ft.weight_decay, clip_norm=1.0), ft.steps)
     mesh = sharding.make_mesh(mesh_cfg)
-    rules = sharding.logical_axis_rules(mesh_cfg.rules)
+    rules = logical.logical_axis_rules(mesh_cfg.rules)
     step_fn, shards = make_train_step(cfg, kind, ft, optimizer, params, mesh, rules)
     state, logits_fn = place_state(optimizer, params, key, shards), make_logits(cfg, kind)
     before = accuracy(logits_fn, state.params, eval_batches)
     writer = MetricWriter(out_dir)
     try:
-        with sharding.use_mesh(mesh, rules):
+        with logical.use_mesh(mesh, rules):
             state = _train(step_fn, state, examples["train"], kind, sp, ft, mesh, rules, writer)
         after = accuracy(logits_fn, state.params, eval_batches)
         writer.write(ft.steps, {"eval/accuracy": after[0]})

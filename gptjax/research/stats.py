@@ -54,7 +54,7 @@ def t_two_sided_p(t: float, df: float) -> float:
     return betainc(df / 2.0, 0.5, df / (df + t * t))
 
 
-def welch_t_test(a: Float[np.ndarray, "n"], b: Float[np.ndarray, "m"]) -> tuple[float, float]:
+def welch_t_test(a: Float[np.ndarray, " n"], b: Float[np.ndarray, " m"]) -> tuple[float, float]:
     """(t, two-sided p) of Welch's unequal-variance t-test; NaN when a side has < 2 values.
 
     Welch, not Student: seeds of two architectures need not have equal variance. With no
@@ -73,7 +73,7 @@ def welch_t_test(a: Float[np.ndarray, "n"], b: Float[np.ndarray, "m"]) -> tuple[
     return t, t_two_sided_p(t, df)
 
 
-def fit_power_law(n: Float[np.ndarray, "k"], loss: Float[np.ndarray, "k"]) -> dict[str, float]:
+def fit_power_law(n: Float[np.ndarray, " k"], loss: Float[np.ndarray, " k"]) -> dict[str, float]:
     """L(N) = a * N^-b + c by least squares (c on a grid, a and b by log-log regression).
 
     With fewer than 4 points the offset is not identifiable and c = 0 (a log-log line).

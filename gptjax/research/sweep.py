@@ -40,11 +40,18 @@ from typing import Any, Sequence
 import gin
 import numpy as np
 
-from gptjax.research.stats import (betainc, fit_power_law, plot_curves, plot_final,  # noqa: F401
-                                plot_scaling, t_two_sided_p, welch_t_test)
+from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin
+from gptjax.research.finetune import TASKS as FINETUNE_TASKS  # registers FinetuneConfig early
+from gptjax.research.stats import (
+    betainc,
+    fit_power_law,
+    plot_curves,
+    plot_final,
+    plot_scaling,
+    t_two_sided_p,
+    welch_t_test,
+)
 
-from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin  # noqa: E402
-from gptjax.research.finetune import TASKS as FINETUNE_TASKS  # noqa: E402  (registers FinetuneConfig early)
 _BINDING_KEY = re.compile(r"^[A-Za-z_][\w.]*(/[\w.]+)*$")
 
 

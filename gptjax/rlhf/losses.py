@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-Mask = Bool[Array, "..."] | Float[Array, "..."]
+Mask = Bool[Array, " ..."] | Float[Array, " ..."]
 Scalar = Float[Array, ""]
 Stats = dict[str, Scalar]
 
@@ -40,7 +40,7 @@ def _safe_div(num: Array, den: Array) -> Array:
 # ----------------------------------------------------------------------------- masked statistics
 
 
-def masked_mean(x: Float[Array, "..."], mask: Mask, axis: int | None = None) -> Float[Array, "..."]:
+def masked_mean(x: Float[Array, " ..."], mask: Mask, axis: int | None = None) -> Float[Array, " ..."]:
     """sum(x * mask) / sum(mask); garbage under the mask is dropped, an empty mask gives 0."""
     _check_shapes("masked_mean", x, mask)
     m = jnp.asarray(mask).astype(jnp.result_type(x, jnp.float32))
@@ -48,7 +48,7 @@ def masked_mean(x: Float[Array, "..."], mask: Mask, axis: int | None = None) -> 
     return _safe_div(total, jnp.sum(m, axis=axis))
 
 
-def masked_var(x: Float[Array, "..."], mask: Mask, unbiased: bool = True) -> Scalar:
+def masked_var(x: Float[Array, " ..."], mask: Mask, unbiased: bool = True) -> Scalar:
     """Variance over valid entries only; `unbiased` applies Bessel's n / (n - 1), as trl does."""
     x = jnp.where(jnp.asarray(mask) != 0, x, 0)  # inf under the mask would NaN the gradient
     mean = masked_mean(x, mask)
@@ -60,8 +60,8 @@ def masked_var(x: Float[Array, "..."], mask: Mask, unbiased: bool = True) -> Sca
 
 
 def masked_whiten(
-    x: Float[Array, "..."], mask: Mask, shift_mean: bool = True
-) -> Float[Array, "..."]:
+    x: Float[Array, " ..."], mask: Mask, shift_mean: bool = True
+) -> Float[Array, " ..."]:
     """(x - mean) / std over valid entries; 0 where masked.
 
     Padding must not enter the statistics, or short responses would shift everyone's advantages.
@@ -119,7 +119,7 @@ def gae(
 # ----------------------------------------------------------------------------- PPO
 
 
-def masked_sum(x: Float[Array, "..."], mask: Mask) -> tuple[Scalar, Scalar]:
+def masked_sum(x: Float[Array, " ..."], mask: Mask) -> tuple[Scalar, Scalar]:
     """(sum(x * mask), sum(mask)) over valid entries: a masked mean before its division."""
     _check_shapes("masked_sum", x, mask)
     m = jnp.asarray(mask).astype(jnp.result_type(x, jnp.float32))
@@ -285,7 +285,7 @@ def pairwise_loss(
 # ----------------------------------------------------------------------------- KL penalty
 
 
-def kl_k1(logprobs: Float[Array, "..."], ref_logprobs: Float[Array, "..."]) -> Float[Array, "..."]:
+def kl_k1(logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]) -> Float[Array, " ..."]:
     """log p - log q: unbiased for KL(p||q) under samples from p, but high variance and can be < 0.
 
     The per-token penalty of InstructGPT and lm-human-preferences; see Schulman, "Approximating
@@ -294,12 +294,12 @@ def kl_k1(logprobs: Float[Array, "..."], ref_logprobs: Float[Array, "..."]) -> F
     return logprobs - ref_logprobs
 
 
-def kl_k2(logprobs: Float[Array, "..."], ref_logprobs: Float[Array, "..."]) -> Float[Array, "..."]:
+def kl_k2(logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]) -> Float[Array, " ..."]:
     """0.5 (log p - log q)^2: biased but low variance, always >= 0; what `policy/approxkl` uses."""
     return 0.5 * jnp.square(logprobs - ref_logprobs)
 
 
-def kl_k3(logprobs: Float[Array, "..."], ref_logprobs: Float[Array, "..."]) -> Float[Array, "..."]:
+def kl_k3(logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]) -> Float[Array, " ..."]:
     """(r - 1) - log r with r = q/p: unbiased and always >= 0 (since log r <= r - 1).
 
     Written as expm1(log r) - log r so that near r = 1 the two nearly-equal terms do not cancel.
@@ -312,8 +312,8 @@ _KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def kl_estimate(
-    logprobs: Float[Array, "..."], ref_logprobs: Float[Array, "..."], kind: str = "k1"
-) -> Float[Array, "..."]:
+    logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."], kind: str = "k1"
+) -> Float[Array, " ..."]:
     """Per-token estimate of KL(policy || ref) from the sampled tokens' log-probs; kind k1|k2|k3."""
     if kind not in _KL_ESTIMATORS:
         raise ValueError(f"kl_estimate: kind must be one of {sorted(_KL_ESTIMATORS)}, got {kind!r}")

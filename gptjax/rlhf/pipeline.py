@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from gptjax.parallel import mesh as sharding
+
+from gptjax.parallel import logical
 from gptjax.rlhf import chat, ppo, reward, sft, tasks
 from gptjax.training import metrics as metrics_lib
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
@@ -124,7 +126,7 @@ def run_ppo(workdir: str, sft_workdir: str, reward_workdir: str, *,
                             jax.random.fold_in(key, n))
 
     try:
-        with sharding.use_mesh(mesh, rules):
+        with logical.use_mesh(mesh, rules):
             fns = ppo.make_ppo(cfg, rm_cfg, ppo_cfg, opt_cfg, width, mesh, rules)
             models = {"ref": jax.device_put(jax.device_get(sft_params),
                                             fns.state_shardings.params["policy"]),

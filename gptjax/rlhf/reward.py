@@ -31,6 +31,7 @@ from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.models import gpt as model
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.rlhf import chat, losses, sft, tasks
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
@@ -376,7 +377,7 @@ def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = 
     writer = metrics_lib.MetricWriter(workdir)
     summary: dict = {}
     try:
-        with sharding.use_mesh(mesh, rules):
+        with logical.use_mesh(mesh, rules):
             step_fn, state = init_reward(cfg, policy_params, opt_cfg, rm_cfg.steps, mesh, rules,
                                          key)
             summary["reward/heldout_accuracy_start"] = accuracy(cfg, state.params, held)

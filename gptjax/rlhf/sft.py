@@ -33,6 +33,7 @@ from gptjax.data.pipeline import encode_documents, pack_windows
 from gptjax.data.tokenizer import Tokenizer, check_vocab
 from gptjax.models import family
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.rlhf import chat, tasks
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
@@ -77,7 +78,7 @@ def stage_mesh(mesh_cfg: sharding.MeshConfig | None = None):
     mesh_cfg = mesh_cfg or sharding.MeshConfig()
     sizes = list(mesh_cfg.shape.values())
     devices = None if -1 in sizes else jax.devices()[:math.prod(sizes)]
-    return sharding.make_mesh(mesh_cfg, devices), sharding.logical_axis_rules(mesh_cfg.rules)
+    return sharding.make_mesh(mesh_cfg, devices), logical.logical_axis_rules(mesh_cfg.rules)
 
 
 def make_example(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int,
@@ -206,7 +207,7 @@ def run_sft(workdir: str, *, model_cfg: ModelConfig | None = None,
     summary: dict = {"sft/steps": sft_cfg.steps, "sft/pretrain_steps": pretrain}
     writer = metrics_lib.MetricWriter(workdir)
     try:
-        with sharding.use_mesh(mesh, rules):
+        with logical.use_mesh(mesh, rules):
             state = trainer.init_train_state(sft_cfg.seed)
             if params is not None:
                 state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))

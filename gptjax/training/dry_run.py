@@ -13,6 +13,7 @@ import numpy as np
 
 from gptjax.training import metrics as metrics_lib
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.training.step import TrainConfig, Trainer, abstract_state
 
 _GIB = 1024 ** 3
@@ -26,7 +27,7 @@ def report(trainer: Trainer, train_cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     # Trace under the mesh and rules, as the loop does: the model's activation constraints
     # read them at trace time, and without them XLA compiles (and sizes) another program.
-    with sharding.use_mesh(trainer.mesh, trainer.rules):
+    with logical.use_mesh(trainer.mesh, trainer.rules):
         compiled = trainer.train_step.lower(state, batch).compile()
     out = {"compile_s": time.perf_counter() - t0, "devices": jax.device_count(),
            "mesh": dict(trainer.mesh.shape)}

@@ -30,6 +30,7 @@ from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.models import family
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.training import batches
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
@@ -326,7 +327,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     os.makedirs(workdir, exist_ok=True)
     setup_compilation_cache(train_cfg.compilation_cache_dir)
     mesh = sharding.make_mesh(mesh_cfg)
-    rules = sharding.logical_axis_rules(mesh_cfg.rules)
+    rules = logical.logical_axis_rules(mesh_cfg.rules)
     trainer = make_trainer(model_cfg, opt_cfg, train_cfg.steps, mesh, rules,
                            train_cfg.batch_size)
     if train_cfg.seq_len > model_cfg.max_len:
@@ -337,7 +338,7 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
         return report(trainer, train_cfg)
     run = _start(workdir, model_cfg, train_cfg, opt_cfg, data_cfg, trainer, hooks, stop_after)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(sharding.use_mesh(mesh, rules))
+        stack.enter_context(logical.use_mesh(mesh, rules))
         handler = stack.enter_context(ckpt_lib.install_preemption_handler())
         stack.callback(run.writer.close)
         stack.callback(run.manager.close)

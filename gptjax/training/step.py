@@ -4,7 +4,7 @@ Exactly three functions are jitted here, once each, with explicit shardings:
 `init_train_state` (eval_shape → shardings → jit(init, out_shardings)),
 `train_step(state, batch) -> (state, metrics)` with the state donated, and
 `eval_step(params, batch) -> sums`. The loop that drives them is in `loop.py`;
-it traces and calls them inside `sharding.use_mesh(mesh, rules)`, which is
+it traces and calls them inside `logical.use_mesh(mesh, rules)`, which is
 what the model's activation constraints read.
 
 `jit_train_step` is the one jitted, sharded, donated `train_step(state, batch)` of every
@@ -36,6 +36,7 @@ import optax
 from gptjax.config import ModelConfig
 from gptjax.models import family
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
 
 # loss_fn(params, batch) -> (sums, weights, aux): see `weighted_loss_and_grads`.

@@ -14,6 +14,7 @@ import jax
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.models import family
 from gptjax.parallel import mesh as sharding
+from gptjax.parallel import logical
 from gptjax.data.config import DataConfig, workdir_tokenizer
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, abstract_state, make_trainer
@@ -42,7 +43,7 @@ def load_run(workdir: str, mesh_cfg: sharding.MeshConfig | None = None):
         mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:1])
     else:
         mesh = sharding.make_mesh(mesh_cfg)
-    rules = sharding.logical_axis_rules(mesh_cfg.rules)
+    rules = logical.logical_axis_rules(mesh_cfg.rules)
     trainer = make_trainer(cfg, configs["optimizer"], train_cfg.steps, mesh, rules,
                            train_cfg.batch_size)
     manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
