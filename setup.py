@@ -1,5 +1,7 @@
 """gptjax: the GPT family and the InstructGPT pipeline in JAX/Flax."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 # Bounds admit both CI (Python 3.11: jax 0.10.2, flax 0.12.8) and the GPU image
@@ -44,7 +46,7 @@ setup(
     name="gptjax",
     version="0.1.0",
     description="GPT-1/2/3 and the InstructGPT pipeline as pure JAX functions.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["gptjax", "gptjax.*"]),

@@ -1,4 +1,4 @@
-"""Generation throughput with the KV cache: `gptjax.inference.sampling.generate`, greedy, one device.
+"""Generation throughput with the KV cache (`gptjax.inference.sampling.generate`), greedy, 1 device.
 
 Prefill of a `--prompt_len` prompt plus `--new_tokens` decode steps, all inside the one jitted
 `generate` (a `lax.while_loop` over a preallocated cache); no stop tokens, so every row runs
@@ -28,15 +28,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    p.add_argument("--param_dtype", default="bfloat16",
-                   help="weights as stored; bf16 halves the bytes each decode step reads")
+    p.add_argument(
+        "--param_dtype",
+        default="bfloat16",
+        help="weights as stored; bf16 halves the bytes each decode step reads",
+    )
     p.add_argument("--attention", default="xla", help="xla|fused|cudnn")
     p.add_argument("--layers", default="scan", help="scan|unrolled")
     p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is kept")
     p.add_argument("--results", default="benchmarks/results/sample_throughput.jsonl")
-    p.add_argument("--hbm_tb_s", type=float, default=3.0,
-                   help="memory bandwidth for the roofline column (H100 SXM ~3.0 measured)")
+    p.add_argument(
+        "--hbm_tb_s",
+        type=float,
+        default=3.0,
+        help="memory bandwidth for the roofline column (H100 SXM ~3.0 measured)",
+    )
     p.add_argument("--tiny", action="store_true", help="2-layer model, short lengths: CPU smoke")
     args = p.parse_args(argv)
     if args.tiny:
@@ -48,11 +55,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def model_config(name: str, args):
     from gptjax.config import PRESETS, ModelConfig
-    base = (ModelConfig(n_layers=2, d_model=128, n_heads=4, vocab_size=4096, max_len=128)
-            if name == "tiny" else PRESETS[name])
-    return base.replace(dtype=args.dtype, param_dtype=args.param_dtype,
-                        attention_impl=args.attention, scan_layers=args.layers == "scan",
-                        embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+
+    base = (
+        ModelConfig(n_layers=2, d_model=128, n_heads=4, vocab_size=4096, max_len=128)
+        if name == "tiny"
+        else PRESETS[name]
+    )
+    return base.replace(
+        dtype=args.dtype,
+        param_dtype=args.param_dtype,
+        attention_impl=args.attention,
+        scan_layers=args.layers == "scan",
+        embd_dropout=0.0,
+        attn_dropout=0.0,
+        resid_dropout=0.0,
+    )
 
 
 def roofline_tokens_s(cfg, batch: int, args) -> float:
@@ -60,10 +77,18 @@ def roofline_tokens_s(cfg, batch: int, args) -> float:
     import numpy as np
 
     from gptjax.models.family import param_count
+
     weight_bytes = param_count(cfg) * np.dtype(cfg.param_dtype).itemsize
     length = args.prompt_len + args.new_tokens
-    mean_cache_bytes = (2 * cfg.n_layers * batch * cfg.d_model * np.dtype(cfg.dtype).itemsize
-                        * (args.prompt_len + length) / 2)
+    mean_cache_bytes = (
+        2
+        * cfg.n_layers
+        * batch
+        * cfg.d_model
+        * np.dtype(cfg.dtype).itemsize
+        * (args.prompt_len + length)
+        / 2
+    )
     return batch * args.hbm_tb_s * 1e12 / (weight_bytes + mean_cache_bytes)
 
 
@@ -71,9 +96,9 @@ def bench_one(cfg, batch: int, args) -> dict:
     import jax
     import numpy as np
 
+    from gptjax.inference import sampling as sample
     from gptjax.models import gpt as model
 
-    from gptjax.inference import sampling as sample
     device = jax.local_devices()[0]
     params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -82,8 +107,15 @@ def bench_one(cfg, batch: int, args) -> dict:
         return rng.integers(0, cfg.vocab_size, (batch, args.prompt_len), dtype=np.int32)
 
     def call():
-        out = sample.generate(cfg, params, prompt(), key=jax.random.key(0),
-                              max_new_tokens=args.new_tokens, greedy=True, stop_tokens=())
+        out = sample.generate(
+            cfg,
+            params,
+            prompt(),
+            key=jax.random.key(0),
+            max_new_tokens=args.new_tokens,
+            greedy=True,
+            stop_tokens=(),
+        )
         return out.tokens.block_until_ready()
 
     t0 = time.perf_counter()
@@ -97,10 +129,14 @@ def bench_one(cfg, batch: int, args) -> dict:
         times.append(time.perf_counter() - t0)
     call_s = statistics.median(times)
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return {"tokens_per_s": batch * args.new_tokens / call_s, "call_ms": call_s * 1e3,
-            "call_ms_spread": (max(times) - min(times)) * 1e3, "first_call_s": first_s,
-            "peak_mem_gib": (stats or {}).get("peak_bytes_in_use", 0) / 2**30 if stats else None,
-            "roofline_tokens_per_s": roofline_tokens_s(cfg, batch, args)}
+    return {
+        "tokens_per_s": batch * args.new_tokens / call_s,
+        "call_ms": call_s * 1e3,
+        "call_ms_spread": (max(times) - min(times)) * 1e3,
+        "first_call_s": first_s,
+        "peak_mem_gib": (stats or {}).get("peak_bytes_in_use", 0) / 2**30 if stats else None,
+        "roofline_tokens_per_s": roofline_tokens_s(cfg, batch, args),
+    }
 
 
 def main(argv=None) -> int:
@@ -110,16 +146,30 @@ def main(argv=None) -> int:
     import jax
 
     device = jax.local_devices()[0]
-    env = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-           "xla_flags": os.environ.get("XLA_FLAGS", ""), "prompt_len": args.prompt_len,
-           "new_tokens": args.new_tokens, "dtype": args.dtype, "param_dtype": args.param_dtype,
-           "attention": args.attention, "layers": args.layers,
-           "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    print(f"# {env['device']} ({env['platform']}), jax {env['jax']}, prompt {args.prompt_len} "
-          f"+ {args.new_tokens} new, greedy, {args.dtype} compute / {args.param_dtype} weights, "
-          f"{args.layers} layers, attention {args.attention}", flush=True)
-    print("| model | batch | tokens/s | ms per call | roofline tokens/s | first call s |\n"
-          "|---|---|---|---|---|---|", flush=True)
+    env = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "dtype": args.dtype,
+        "param_dtype": args.param_dtype,
+        "attention": args.attention,
+        "layers": args.layers,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    print(
+        f"# {env['device']} ({env['platform']}), jax {env['jax']}, prompt {args.prompt_len} "
+        f"+ {args.new_tokens} new, greedy, {args.dtype} compute / {args.param_dtype} weights, "
+        f"{args.layers} layers, attention {args.attention}",
+        flush=True,
+    )
+    print(
+        "| model | batch | tokens/s | ms per call | roofline tokens/s | first call s |\n"
+        "|---|---|---|---|---|---|",
+        flush=True,
+    )
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     for name in args.models:
         cfg = model_config(name, args)
@@ -127,9 +177,12 @@ def main(argv=None) -> int:
             record = {**env, "model": name, "batch_size": batch}
             try:
                 record |= bench_one(cfg, batch, args)
-                print(f"| {name} | {batch} | {record['tokens_per_s']:,.0f} | "
-                      f"{record['call_ms']:.1f} | {record['roofline_tokens_per_s']:,.0f} | "
-                      f"{record['first_call_s']:.1f} |", flush=True)
+                print(
+                    f"| {name} | {batch} | {record['tokens_per_s']:,.0f} | "
+                    f"{record['call_ms']:.1f} | {record['roofline_tokens_per_s']:,.0f} | "
+                    f"{record['first_call_s']:.1f} |",
+                    flush=True,
+                )
             except Exception as e:  # OOM or a missing kernel: record and go on
                 record["error"] = f"{type(e).__name__}: {str(e).strip()[:160]}"
                 print(f"| {name} | {batch} | {record['error']} | | | |", flush=True)

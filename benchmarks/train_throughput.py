@@ -1,7 +1,7 @@
 """Training throughput: tokens/s, MFU and peak memory of gptjax's real train step on one device.
 
-Runs `gptjax.training.step.make_trainer(...).train_step` (AdamW + clipping, donation, the same jitted
-function `gptjax train` runs) on random tokens for every combination of the knobs given, and
+Runs `gptjax.training.step.make_trainer(...).train_step` (AdamW + clipping, donation, the same
+jitted function `gptjax train` runs) on random tokens for every combination of the knobs given, and
 prints one markdown table row per configuration; each row is also appended as a JSON line to
 `--results`. XLA flags apply to the whole process (set before JAX starts), so compare flag sets
 in separate invocations.
@@ -30,8 +30,12 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--models", type=csv, default=["gpt2_small"],
-                   help="presets: gpt2_small,gpt2_medium,gpt2_large,gpt2_xl (comma list)")
+    p.add_argument(
+        "--models",
+        type=csv,
+        default=["gpt2_small"],
+        help="presets: gpt2_small,gpt2_medium,gpt2_large,gpt2_xl (comma list)",
+    )
     p.add_argument("--batch_sizes", type=lambda s: [int(x) for x in csv(s)], default=[16])
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
@@ -43,15 +47,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the compile")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is kept")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="peak per device for MFU (default: gptjax.training.metrics table, H100 989)")
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="peak per device for MFU (default: gptjax.training.metrics table, H100 989)",
+    )
     p.add_argument("--results", default="benchmarks/results/train_throughput.jsonl")
-    p.add_argument("--profile", default=None,
-                   help="write a jax.profiler trace of 3 timed steps of each config here")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="write a jax.profiler trace of 3 timed steps of each config here",
+    )
     p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--tiny", action="store_true",
-                   help="a 2-layer model at seq 128 on whatever device: a smoke test for CPU")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a 2-layer model at seq 128 on whatever device: a smoke test for CPU",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.models, args.seq_len = ["tiny"], min(args.seq_len, 128)
@@ -64,13 +78,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def model_config(name: str, seq_len: int, args, layers: str, remat: str, attention: str):
     from gptjax.config import PRESETS, ModelConfig
-    base = (ModelConfig(n_layers=2, d_model=128, n_heads=4, vocab_size=4096, max_len=seq_len)
-            if name == "tiny" else PRESETS[name])
+
+    base = (
+        ModelConfig(n_layers=2, d_model=128, n_heads=4, vocab_size=4096, max_len=seq_len)
+        if name == "tiny"
+        else PRESETS[name]
+    )
     # Dropout off, as in nanoGPT's bench.py: it costs RNG work and is not what we compare.
-    return base.replace(max_len=max(base.max_len, seq_len), dtype=args.dtype,
-                        param_dtype=args.param_dtype, scan_layers=layers == "scan", remat=remat,
-                        attention_impl=attention, embd_dropout=0.0, attn_dropout=0.0,
-                        resid_dropout=0.0)
+    return base.replace(
+        max_len=max(base.max_len, seq_len),
+        dtype=args.dtype,
+        param_dtype=args.param_dtype,
+        scan_layers=layers == "scan",
+        remat=remat,
+        attention_impl=attention,
+        embd_dropout=0.0,
+        attn_dropout=0.0,
+        resid_dropout=0.0,
+    )
 
 
 def peak_memory_gib(device) -> float | None:
@@ -84,26 +109,31 @@ def bench_one(cfg, batch_size: int, args) -> dict:
     import jax
     import numpy as np
 
-    from gptjax.training import metrics
-
-    from gptjax.parallel import mesh as sharding
-
     from gptjax.parallel import logical
+    from gptjax.parallel import mesh as sharding
+    from gptjax.training import metrics
     from gptjax.training.optimizer import OptimizerConfig
     from gptjax.training.step import abstract_state, make_trainer
 
     device = jax.local_devices()[0]
     mesh = sharding.make_mesh(sharding.MeshConfig(shape={"data": 1}), devices=[device])
     rules = logical.logical_axis_rules("dp")
-    trainer = make_trainer(cfg, OptimizerConfig(warmup_steps=10), 10_000, mesh, rules,
-                           batch_size)
+    trainer = make_trainer(cfg, OptimizerConfig(warmup_steps=10), 10_000, mesh, rules, batch_size)
     tokens_per_step = batch_size * args.seq_len
     with logical.use_mesh(mesh, rules):
         # Several random batches rotate, so no step reuses its predecessor's input.
         rng = np.random.default_rng(0)
-        batches = [jax.device_put({"tokens": rng.integers(0, cfg.vocab_size, (
-            batch_size, args.seq_len + 1), dtype=np.int32)}, trainer.batch_sharding)
-            for _ in range(4)]
+        batches = [
+            jax.device_put(
+                {
+                    "tokens": rng.integers(
+                        0, cfg.vocab_size, (batch_size, args.seq_len + 1), dtype=np.int32
+                    )
+                },
+                trainer.batch_sharding,
+            )
+            for _ in range(4)
+        ]
         t0 = time.perf_counter()
         compiled = trainer.train_step.lower(abstract_state(trainer), batches[0]).compile()
         compile_s = time.perf_counter() - t0
@@ -141,25 +171,32 @@ def bench_one(cfg, batch_size: int, args) -> dict:
         "compiled_temp_gib": None if mem is None else mem.temp_size_in_bytes / 2**30,
         "compile_s": compile_s,
         "loss": loss,
-        "model_tflops_per_step": metrics.flops_per_token(cfg, args.seq_len) * tokens_per_step
-                                 / 1e12,
+        "model_tflops_per_step": metrics.flops_per_token(cfg, args.seq_len)
+        * tokens_per_step
+        / 1e12,
         "peak_tflops": None if peak is None else peak / 1e12,
     }
 
 
-HEADER = ("| model | batch | layers | remat | attention | dtype | tokens/s | MFU | step ms "
-          "| peak mem GiB | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| model | batch | layers | remat | attention | dtype | tokens/s | MFU | step ms "
+    "| peak mem GiB | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def row(r: dict) -> str:
     if "error" in r:
-        return (f"| {r['model']} | {r['batch_size']} | {r['layers']} | {r['remat']} | "
-                f"{r['attention']} | {r['dtype']} | {r['error']} | | | | |")
+        return (
+            f"| {r['model']} | {r['batch_size']} | {r['layers']} | {r['remat']} | "
+            f"{r['attention']} | {r['dtype']} | {r['error']} | | | | |"
+        )
     mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
-    return (f"| {r['model']} | {r['batch_size']} | {r['layers']} | {r['remat']} | "
-            f"{r['attention']} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {mfu} | "
-            f"{r['step_ms']:.1f} | {mem} | {r['compile_s']:.0f} |")
+    return (
+        f"| {r['model']} | {r['batch_size']} | {r['layers']} | {r['remat']} | "
+        f"{r['attention']} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+        f"{r['step_ms']:.1f} | {mem} | {r['compile_s']:.0f} |"
+    )
 
 
 def child(args) -> dict:
@@ -170,12 +207,22 @@ def child(args) -> dict:
     name, batch, layers = args.models[0], args.batch_sizes[0], args.layers[0]
     remat, attention = args.remat[0], args.attention[0]
     cfg = model_config(name, args.seq_len, args, layers, remat, attention)
-    record = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "seq_len": args.seq_len,
-              "model": name, "batch_size": batch, "layers": layers, "remat": remat,
-              "attention": attention, "dtype": args.dtype, "param_dtype": args.param_dtype,
-              "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "config": dataclasses.asdict(cfg)}
+    record = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "seq_len": args.seq_len,
+        "model": name,
+        "batch_size": batch,
+        "layers": layers,
+        "remat": remat,
+        "attention": attention,
+        "dtype": args.dtype,
+        "param_dtype": args.param_dtype,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+    }
     try:
         record |= bench_one(cfg, batch, args)
     except Exception as e:  # OOM, or an attention impl this device lacks: record it, go on
@@ -195,25 +242,51 @@ def main(argv=None) -> int:
         return 0
     # Each configuration runs in a fresh process: the device's peak-memory counter cannot be
     # reset, an OOM can leave the allocator fragmented, and compiled programs pile up.
-    print(f"# seq {args.seq_len}, dtype {args.dtype}, extra XLA flags '{args.xla_flags}'"
-          f" (device and versions are in {args.results})", flush=True)
+    print(
+        f"# seq {args.seq_len}, dtype {args.dtype}, extra XLA flags '{args.xla_flags}'"
+        f" (device and versions are in {args.results})",
+        flush=True,
+    )
     print(HEADER, flush=True)
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     for name, batch, layers, remat, attention in itertools.product(
-            args.models, args.batch_sizes, args.layers, args.remat, args.attention):
-        one = [f"--models={name}", f"--batch_sizes={batch}", f"--layers={layers}",
-               f"--remat={remat}", f"--attention={attention}", "--child"]
+        args.models, args.batch_sizes, args.layers, args.remat, args.attention
+    ):
+        one = [
+            f"--models={name}",
+            f"--batch_sizes={batch}",
+            f"--layers={layers}",
+            f"--remat={remat}",
+            f"--attention={attention}",
+            "--child",
+        ]
         try:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, *one],
-                                  capture_output=True, text=True, timeout=args.timeout)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            record = (json.loads(lines[-1][7:]) if lines else
-                      {"error": f"exit {proc.returncode}: "
-                                f"{(proc.stderr.strip().splitlines() or [''])[-1][:160]}"})
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *argv, *one],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            record = (
+                json.loads(lines[-1][7:])
+                if lines
+                else {
+                    "error": f"exit {proc.returncode}: "
+                    f"{(proc.stderr.strip().splitlines() or [''])[-1][:160]}"
+                }
+            )
         except subprocess.TimeoutExpired:
             record = {"error": f"timeout after {args.timeout}s"}
-        record = {"model": name, "batch_size": batch, "layers": layers, "remat": remat,
-                  "attention": attention, "dtype": args.dtype, **record}
+        record = {
+            "model": name,
+            "batch_size": batch,
+            "layers": layers,
+            "remat": remat,
+            "attention": attention,
+            "dtype": args.dtype,
+            **record,
+        }
         if args.tiny:
             record["model"] = "tiny"
         print(row(record), flush=True)

@@ -91,7 +91,7 @@ class ModelConfig:
     def weight_dtype(self) -> Any:
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -108,7 +108,8 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.d_model % cfg.n_heads:
         raise ValueError(
             f"ModelConfig.n_heads={cfg.n_heads} does not divide d_model={cfg.d_model}; "
-            f"choose n_heads among the divisors of d_model (head_dim = d_model / n_heads).")
+            f"choose n_heads among the divisors of d_model (head_dim = d_model / n_heads)."
+        )
     if cfg.pos_embedding == "rope" and cfg.head_dim % 2:
         raise ValueError(f"rotary positions need an even head_dim, got {cfg.head_dim}.")
     _check_choice("ln_placement", cfg.ln_placement, LN_PLACEMENTS)
@@ -124,7 +125,8 @@ def validate(cfg: ModelConfig) -> None:
         if cfg.scan_layers and cfg.n_layers % 2:
             raise ValueError(
                 "gpt3_sparse alternates dense and banded layers; with scan_layers=True "
-                f"n_layers must be even (got {cfg.n_layers}); set scan_layers=False otherwise.")
+                f"n_layers must be even (got {cfg.n_layers}); set scan_layers=False otherwise."
+            )
     for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(cfg, name)}.")
@@ -169,24 +171,36 @@ class EncoderConfig(ModelConfig):
         if self.type_vocab_size <= 0:
             raise ValueError(f"type_vocab_size must be positive, got {self.type_vocab_size}.")
         if self.attention != "dense":
-            raise ValueError("the encoder's attention is bidirectional; banded 'gpt3_sparse' "
-                             "layers are causal by construction "
-                             f"(got attention={self.attention!r}).")
+            raise ValueError(
+                "the encoder's attention is bidirectional; banded 'gpt3_sparse' "
+                "layers are causal by construction "
+                f"(got attention={self.attention!r})."
+            )
 
 
 def _bert(n_layers, d_model, n_heads) -> EncoderConfig:
-    return EncoderConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=30522,
-                         max_len=512, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+    return EncoderConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        vocab_size=30522,
+        max_len=512,
+        embd_dropout=0.1,
+        attn_dropout=0.1,
+        resid_dropout=0.1,
+    )
 
 
 _ENCODER_PRESETS: dict[str, ModelConfig] = {
     "bert_base": _bert(12, 768, 12),  # 109,514,298 params (BertForMaskedLM, tied)
     "bert_large": _bert(24, 1024, 16),  # 335,174,458
     # Nano sizes for CPU work and tests (vocab matches a 4k BPE tokenizer).
-    "nano_bert_tiny": EncoderConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=4096,
-                                    max_len=128),
-    "nano_bert_small": EncoderConfig(n_layers=4, d_model=128, n_heads=4, vocab_size=4096,
-                                     max_len=256),
+    "nano_bert_tiny": EncoderConfig(
+        n_layers=2, d_model=64, n_heads=4, vocab_size=4096, max_len=128
+    ),
+    "nano_bert_small": EncoderConfig(
+        n_layers=4, d_model=128, n_heads=4, vocab_size=4096, max_len=256
+    ),
 }
 
 
@@ -215,8 +229,10 @@ class Seq2SeqConfig(ModelConfig):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if self.pos_embedding not in ("sinusoidal", "learned"):
-            raise ValueError("seq2seq positions are 'sinusoidal' or 'learned', got "
-                             f"{self.pos_embedding!r} (rotary has no meaning across attention).")
+            raise ValueError(
+                "seq2seq positions are 'sinusoidal' or 'learned', got "
+                f"{self.pos_embedding!r} (rotary has no meaning across attention)."
+            )
         if self.attention != "dense":
             raise ValueError(f"seq2seq attention must be 'dense', got {self.attention!r}.")
         if self.decoder_layers <= 0:
@@ -234,17 +250,35 @@ class Seq2SeqConfig(ModelConfig):
 _SEQ2SEQ_PRESETS: dict[str, ModelConfig] = {
     # Transformer base (Vaswani et al. 2017, Table 3): 6+6 layers, 512 wide, 8 heads, d_ff
     # 2048, P_drop 0.1, a shared 37k BPE vocabulary.      63,119,496 params (paper: 65M)
-    "transformer_base": Seq2SeqConfig(n_layers=6, d_model=512, n_heads=8, d_ff=2048,
-                                      vocab_size=37000, max_len=512, embd_dropout=0.1,
-                                      attn_dropout=0.1, resid_dropout=0.1),
-    "transformer_big": Seq2SeqConfig(n_layers=6, d_model=1024, n_heads=16, d_ff=4096,
-                                     vocab_size=37000, max_len=512, embd_dropout=0.3,
-                                     attn_dropout=0.3, resid_dropout=0.3),  # 214,282,376
+    "transformer_base": Seq2SeqConfig(
+        n_layers=6,
+        d_model=512,
+        n_heads=8,
+        d_ff=2048,
+        vocab_size=37000,
+        max_len=512,
+        embd_dropout=0.1,
+        attn_dropout=0.1,
+        resid_dropout=0.1,
+    ),
+    "transformer_big": Seq2SeqConfig(
+        n_layers=6,
+        d_model=1024,
+        n_heads=16,
+        d_ff=4096,
+        vocab_size=37000,
+        max_len=512,
+        embd_dropout=0.3,
+        attn_dropout=0.3,
+        resid_dropout=0.3,
+    ),  # 214,282,376
     # Nano sizes for CPU work and tests.
-    "nano_transformer_tiny": Seq2SeqConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256,
-                                           vocab_size=4096, max_len=128),  # 499,712
-    "nano_transformer_small": Seq2SeqConfig(n_layers=3, d_model=128, n_heads=4, d_ff=512,
-                                            vocab_size=4096, max_len=256),  # 1,916,928
+    "nano_transformer_tiny": Seq2SeqConfig(
+        n_layers=2, d_model=64, n_heads=4, d_ff=256, vocab_size=4096, max_len=128
+    ),  # 499,712
+    "nano_transformer_small": Seq2SeqConfig(
+        n_layers=3, d_model=128, n_heads=4, d_ff=512, vocab_size=4096, max_len=256
+    ),  # 1,916,928
 }
 
 
@@ -252,23 +286,46 @@ _SEQ2SEQ_PRESETS: dict[str, ModelConfig] = {
 
 
 def _gpt2(n_layers, d_model, n_heads) -> ModelConfig:
-    return ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=50257,
-                       max_len=1024, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+    return ModelConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        vocab_size=50257,
+        max_len=1024,
+        embd_dropout=0.1,
+        attn_dropout=0.1,
+        resid_dropout=0.1,
+    )
 
 
 def _gpt3(n_layers, d_model, n_heads) -> ModelConfig:
     # Dropout: the GPT-3 paper does not state it; modern large-scale practice is 0.
     # local_window: the paper cites the Sparse Transformer without the band
     # width; 256 is our choice (an eighth of the 2048 context).
-    return ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, vocab_size=50257,
-                       max_len=2048, attention="gpt3_sparse", local_window=256)
+    return ModelConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        vocab_size=50257,
+        max_len=2048,
+        attention="gpt3_sparse",
+        local_window=256,
+    )
 
 
 PRESETS: dict[str, ModelConfig] = {
     # GPT-1: post-LN, BPE vocab 40,478, 512 context.                 116,534,784 params
-    "gpt1": ModelConfig(n_layers=12, d_model=768, n_heads=12, vocab_size=40478, max_len=512,
-                        ln_placement="post", embd_dropout=0.1, attn_dropout=0.1,
-                        resid_dropout=0.1),
+    "gpt1": ModelConfig(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        vocab_size=40478,
+        max_len=512,
+        ln_placement="post",
+        embd_dropout=0.1,
+        attn_dropout=0.1,
+        resid_dropout=0.1,
+    ),
     "gpt2_small": _gpt2(12, 768, 12),  # 124,439,808 params
     "gpt2_medium": _gpt2(24, 1024, 16),  # 354,823,168
     "gpt2_large": _gpt2(36, 1280, 20),  # 774,030,080
@@ -296,7 +353,10 @@ PRESETS: dict[str, ModelConfig] = {
 
 @gin.configurable
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """A preset by name (any family), with optional field overrides (`get_preset('gpt2_small', dtype='bfloat16')`)."""
+    """A preset by name (any family), with optional field overrides.
+
+    `get_preset('gpt2_small', dtype='bfloat16')`; `get_preset('bert_base')` is an EncoderConfig.
+    """
     if name not in PRESETS:
         raise ValueError(f"Unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}.")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -19,8 +19,9 @@ from gptjax.data import config as data_config  # noqa: F401
 from gptjax.parallel import mesh  # noqa: F401
 from gptjax.training import optimizer, step  # noqa: F401
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
+EXPERIMENTS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
 
 
 def parse_gin(files: list[str], bindings: list[str]) -> None:
@@ -33,15 +34,22 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     try:
         gin.parse_config_files_and_bindings(files, bindings)
     except tokenize.TokenError as e:  # an unclosed bracket: gin does not say where
-        raise SyntaxError(f"{e.args[0]} in {', '.join(files) or 'the --gin_bindings'}: "
-                          "check for an unclosed bracket or quote") from e
+        raise SyntaxError(
+            f"{e.args[0]} in {', '.join(files) or 'the --gin_bindings'}: "
+            "check for an unclosed bracket or quote"
+        ) from e
 
 
 def find_gin_file(path: str) -> str:
     """A gin file as given, or relative to experiments/ or to the repository root."""
-    for candidate in (path, os.path.join(EXPERIMENTS_DIR, path),
-                      os.path.join(os.path.dirname(EXPERIMENTS_DIR), path)):
+    for candidate in (
+        path,
+        os.path.join(EXPERIMENTS_DIR, path),
+        os.path.join(os.path.dirname(EXPERIMENTS_DIR), path),
+    ):
         if os.path.exists(candidate):
             return candidate
-    raise FileNotFoundError(f"gin file {path!r} not found (looked in the cwd and "
-                            f"{EXPERIMENTS_DIR}); see experiments/ for examples.")
+    raise FileNotFoundError(
+        f"gin file {path!r} not found (looked in the cwd and "
+        f"{EXPERIMENTS_DIR}); see experiments/ for examples."
+    )

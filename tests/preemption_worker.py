@@ -16,11 +16,13 @@ import time
 import jax
 
 from gptjax.training import checkpoint as ckpt_lib
+
 MAX_STEPS = 40
 
 
-def main(port: str, process_id: str, check_every: str, signal_process: str,
-         signal_step: str) -> None:
+def main(
+    port: str, process_id: str, check_every: str, signal_process: str, signal_step: str
+) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id))
     stopped = None
     with ckpt_lib.install_preemption_handler(check_every=int(check_every)) as handler:
@@ -31,8 +33,17 @@ def main(port: str, process_id: str, check_every: str, signal_process: str,
                 stopped = step
                 break
             time.sleep(0.02)  # a "train step"; process 0 is not slowed down on purpose
-    print(json.dumps({"process": jax.process_index(), "stop_step": stopped,
-                      "requested": handler.requested, "signum": handler.signum}), flush=True)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "stop_step": stopped,
+                "requested": handler.requested,
+                "signum": handler.signum,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def _ln(x, p, eps):
 
 
 def _gelu(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _sinusoidal(t, d):
@@ -31,7 +31,7 @@ def _sinusoidal(t, d):
 
 def _rope(x_TH, base=10000.0):
     t, h = x_TH.shape
-    z = x_TH[:, : h // 2] + 1j * x_TH[:, h // 2:]
+    z = x_TH[:, : h // 2] + 1j * x_TH[:, h // 2 :]
     theta = np.array([[pos / base ** (2 * i / h) for i in range(h // 2)] for pos in range(t)])
     z = z * np.exp(1j * theta)
     return np.concatenate([z.real, z.imag], axis=-1)
@@ -65,8 +65,9 @@ def _attention(cfg, p, x, local):
     t = x.shape[0]
     out = np.zeros_like(x)
     for head in range(cfg.n_heads):
-        q, k, v = (x @ p["c_attn"]["kernel"][:, c, head] + p["c_attn"]["bias"][c, head]
-                   for c in range(3))
+        q, k, v = (
+            x @ p["c_attn"]["kernel"][:, c, head] + p["c_attn"]["bias"][c, head] for c in range(3)
+        )
         if cfg.pos_embedding == "rope":
             q, k = _rope(q), _rope(k)
         scores = q @ k.T / math.sqrt(cfg.head_dim)

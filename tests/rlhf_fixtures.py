@@ -13,9 +13,9 @@ import functools
 
 import jax
 
-from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.models import gpt as model
 
 TOK = ByteTokenizer()
 CFG = ModelConfig(n_layers=1, d_model=32, n_heads=2, vocab_size=TOK.vocab_size, max_len=48)
@@ -38,8 +38,12 @@ def compilation_cache(path: str):
     different Python functions compile once.
     """
     from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {n: getattr(jax.config, n) for n in names}
     for n, v in zip(names, (path, 0.0, 0)):
         jax.config.update(n, v)
@@ -50,4 +54,3 @@ def compilation_cache(path: str):
         for n, v in old.items():
             jax.config.update(n, v)
         cc.reset_cache()
-

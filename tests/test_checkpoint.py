@@ -6,6 +6,7 @@ The multi-process preemption agreement is tested in test_preemption.py.
 import json
 import logging
 import os
+import pathlib
 import signal
 
 import jax
@@ -14,7 +15,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gptjax.training import checkpoint as ck
 
@@ -25,21 +27,27 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 def _state(seed: int):
     """A train-state-like tree: params, adam state, int step, PRNG key data."""
     rng = np.random.default_rng(seed)
-    params = {"wte": jnp.asarray(rng.normal(size=(50, 8)), jnp.float32),  # random: incompressible
-              "h": {"ln_1": {"scale": jnp.ones((2, 8)), "bias": jnp.zeros((2, 8))},
-                    "attn": {"c_attn": {"kernel": jnp.asarray(rng.normal(size=(2, 8, 24)),
-                                                              jnp.float32)}}}}
+    params = {
+        "wte": jnp.asarray(rng.normal(size=(50, 8)), jnp.float32),  # random: incompressible
+        "h": {
+            "ln_1": {"scale": jnp.ones((2, 8)), "bias": jnp.zeros((2, 8))},
+            "attn": {"c_attn": {"kernel": jnp.asarray(rng.normal(size=(2, 8, 24)), jnp.float32)}},
+        },
+    }
     tx = optax.adam(1e-3)
     opt_state = tx.init(params)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
     _, opt_state = tx.update(grads, opt_state, params)  # non-zero moments
-    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(seed, jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed))}
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.asarray(seed, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
 
 
 def _abstract(state, sharding=None):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        state)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
 def _assert_tree_equal(a, b):
@@ -58,16 +66,23 @@ def _save_steps(workdir, steps, max_to_keep=5):
 
 def _data_files(step_dir):
     """The array data files of a step (ocdbt `d/` directories), largest first."""
-    out = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state")
-           if os.path.basename(r) == "d" for f in fs]
+    out = [
+        os.path.join(r, f)
+        for r, _, fs in os.walk(step_dir / "state")
+        if os.path.basename(r) == "d"
+        for f in fs
+    ]
     assert out, f"no data files under {step_dir}"
     return sorted(out, key=os.path.getsize, reverse=True)
 
 
 def test_round_trip_state_and_meta(tmp_path):
     state = _state(3)
-    meta = {"data_position": {"epoch": 1, "index": 12345}, "config": "a = 1\nb = 'x'",
-            "shards": [0, 1]}
+    meta = {
+        "data_position": {"epoch": 1, "index": 12345},
+        "config": "a = 1\nb = 'x'",
+        "shards": [0, 1],
+    }
     with ck.CheckpointManager(tmp_path, checkpoint_every=1) as mgr:
         assert mgr.restore(_abstract(state)) is None  # nothing saved yet
         assert mgr.save(7, state, meta)
@@ -94,7 +109,11 @@ def test_should_save_is_the_loops_checkpoint_policy(tmp_path):
     a step already on disk, never when read-only."""
     with ck.CheckpointManager(tmp_path, checkpoint_every=10) as mgr:
         assert [mgr.should_save(s, last_step=25) for s in (9, 10, 24, 25)] == [
-            False, True, False, True]
+            False,
+            True,
+            False,
+            True,
+        ]
         assert mgr.should_save(13, last_step=25, preempted=True)
         assert mgr.save(13, _state(13), {}, force=True)
         assert not mgr.should_save(13, preempted=True) and not mgr.should_save(10)
@@ -112,10 +131,12 @@ def test_restore_a_given_step(tmp_path):
 
 
 def _restore_expecting_fallback(tmp_path, caplog, broken, good):
-    with caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"):
-        with ck.CheckpointManager(tmp_path) as mgr:
-            step, state, meta = mgr.restore(_abstract(_state(0)))
-            remaining = mgr.all_steps()
+    with (
+        caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"),
+        ck.CheckpointManager(tmp_path) as mgr,
+    ):
+        step, state, meta = mgr.restore(_abstract(_state(0)))
+        remaining = mgr.all_steps()
     assert step == good and meta["data_position"] == 10 * good
     _assert_tree_equal(state, _state(good))
     warning = next(r.getMessage() for r in caplog.records if f"step {broken} " in r.getMessage())
@@ -133,19 +154,21 @@ def _flip_bytes_silently(step_dir, abstract, reference):
     are tried largest first; a file that orbax never reads (ocdbt may keep a copy) is put back.
     """
     for path in _data_files(step_dir):
-        original = open(path, "rb").read()
+        original = pathlib.Path(path).read_bytes()
         for frac in np.linspace(0.5, 0.9, 9):
             data = bytearray(original)
             data[int(frac * len(data))] ^= 0x5A
-            open(path, "wb").write(bytes(data))
+            pathlib.Path(path).write_bytes(bytes(data))
             try:
                 got = ocp.StandardCheckpointer().restore(step_dir / "state", abstract)
             except Exception:  # noqa: BLE001 - a loud failure: try another position
                 continue
-            if any(not np.array_equal(x, y) for x, y in
-                   zip(jax.tree.leaves(got), jax.tree.leaves(reference))):
+            if any(
+                not np.array_equal(x, y)
+                for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(reference))
+            ):
                 return
-        open(path, "wb").write(original)
+        pathlib.Path(path).write_bytes(original)
     pytest.fail(f"no byte of the data files in {step_dir} flipped into a silent corruption")
 
 
@@ -173,9 +196,11 @@ def test_checkpoint_without_meta_checksum_still_restores(tmp_path, caplog):
     path = tmp_path / "checkpoints" / "1" / "checksums" / "metadata"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({"version": 1, "leaves": record["leaves"]}))
-    with caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"):
-        with ck.CheckpointManager(tmp_path) as mgr:
-            step, state, meta = mgr.restore(_abstract(_state(0)))
+    with (
+        caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"),
+        ck.CheckpointManager(tmp_path) as mgr,
+    ):
+        step, state, meta = mgr.restore(_abstract(_state(0)))
     assert step == 1 and meta["data_position"] == 10
     _assert_tree_equal(state, _state(1))
     assert any("meta is not verified" in r.getMessage() for r in caplog.records)
@@ -183,17 +208,27 @@ def test_checkpoint_without_meta_checksum_still_restores(tmp_path, caplog):
 
 def _cast_floats(tree, dtype):
     return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
-@pytest.mark.parametrize("saved, restored", [(jnp.float32, jnp.bfloat16),
-                                             (jnp.bfloat16, jnp.float32)])
+@pytest.mark.parametrize(
+    "saved, restored", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)]
+)
 def test_cross_dtype_restore_is_verified_then_cast(tmp_path, caplog, saved, restored):
     """Orbax casts to the target dtype; the bits are checked in the saved dtype first."""
     # A leaf over 1 kB in either dtype: smaller values are inlined in ocdbt's b-tree nodes,
     # whose CRCs make any flipped byte loud, so only larger ones can be silently corrupted.
-    states = {s: _cast_floats({**_state(s), "big": jnp.asarray(
-        np.random.default_rng(s).normal(size=(40, 32)), jnp.float32)}, saved) for s in (1, 2)}
+    states = {
+        s: _cast_floats(
+            {
+                **_state(s),
+                "big": jnp.asarray(np.random.default_rng(s).normal(size=(40, 32)), jnp.float32),
+            },
+            saved,
+        )
+        for s in (1, 2)
+    }
     with ck.CheckpointManager(tmp_path, checkpoint_every=1) as mgr:
         for s, state in states.items():
             assert mgr.save(s, state, {"data_position": 10 * s})
@@ -204,13 +239,17 @@ def test_cross_dtype_restore_is_verified_then_cast(tmp_path, caplog, saved, rest
     _assert_tree_equal(got, _cast_floats(states[2], restored))
 
     _flip_bytes_silently(tmp_path / "checkpoints" / "2", _abstract(states[2]), states[2])
-    with caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"):
-        with ck.CheckpointManager(tmp_path) as mgr:
-            step, got, meta = mgr.restore(target)
+    with (
+        caplog.at_level(logging.WARNING, logger="gptjax.training.checkpoint"),
+        ck.CheckpointManager(tmp_path) as mgr,
+    ):
+        step, got, meta = mgr.restore(target)
     assert step == 1 and meta["data_position"] == 10
     _assert_tree_equal(got, _cast_floats(states[1], restored))
-    assert any("step 2 " in r.getMessage() and "checksum mismatch" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "step 2 " in r.getMessage() and "checksum mismatch" in r.getMessage()
+        for r in caplog.records
+    )
     assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
 
 
@@ -223,10 +262,10 @@ def test_verify_refuses_a_leaf_in_another_dtype():
 def test_loudly_broken_data_falls_back(tmp_path, caplog):
     _save_steps(tmp_path, [1, 2])
     path = _data_files(tmp_path / "checkpoints" / "2")[0]
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(pathlib.Path(path).read_bytes())
     for i in range(0, len(data), 7):  # headers too: orbax itself raises (or checksums catch it)
         data[i] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    pathlib.Path(path).write_bytes(bytes(data))
     _restore_expecting_fallback(tmp_path, caplog, broken=2, good=1)
 
 
@@ -274,9 +313,11 @@ def test_read_only_never_writes_or_moves(tmp_path):
 
 
 def test_meta_must_be_json(tmp_path):
-    with ck.CheckpointManager(tmp_path, checkpoint_every=1) as mgr:
-        with pytest.raises(TypeError, match="JSON serializable"):
-            mgr.save(1, _state(1), {"array": np.zeros(2)})
+    with (
+        ck.CheckpointManager(tmp_path, checkpoint_every=1) as mgr,
+        pytest.raises(TypeError, match="JSON serializable"),
+    ):
+        mgr.save(1, _state(1), {"array": np.zeros(2)})
 
 
 def test_all_steps_broken_raise_clear_error(tmp_path):
@@ -294,10 +335,10 @@ def test_restore_with_named_sharding(tmp_path):
     _save_steps(tmp_path, [4])
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     state = _state(4)
-    shardings = jax.tree.map(
-        lambda x: NamedSharding(mesh, P("data") if x.ndim else P()), state)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, shardings)
+    shardings = jax.tree.map(lambda x: NamedSharding(mesh, P("data") if x.ndim else P()), state)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
     with ck.CheckpointManager(tmp_path) as mgr:
         step, restored, _ = mgr.restore(abstract)
     assert step == 4

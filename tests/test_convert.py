@@ -10,25 +10,37 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gptjax import hf as convert
-
+from gptjax.inference import sampling as sample  # noqa: E402
 from gptjax.models import gpt as model
 
-from gptjax.inference import sampling as sample  # noqa: E402
-
 # (layers, width, heads, d_ff or None, vocab, context, tied): odd sizes on purpose.
-SIZES = [(3, 35, 5, 51, 97, 23, True), (2, 24, 3, None, 61, 17, True),
-         (2, 21, 7, 33, 89, 19, False)]
+SIZES = [
+    (3, 35, 5, 51, 97, 23, True),
+    (2, 24, 3, None, 61, 17, True),
+    (2, 21, 7, 33, 89, 19, False),
+]
 
 
 def _hf_gpt2(layers, width, heads, d_ff, vocab, ctx, tied, seed=0):
     torch.manual_seed(seed)
-    hf_cfg = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, n_inner=d_ff,
-                                     vocab_size=vocab, n_positions=ctx, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                     eos_token_id=0, pad_token_id=0, tie_word_embeddings=tied)
+    hf_cfg = transformers.GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=heads,
+        n_inner=d_ff,
+        vocab_size=vocab,
+        n_positions=ctx,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=tied,
+    )
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     with torch.no_grad():  # non-trivial LayerNorms and biases, larger weights
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             p.add_(0.3 * torch.randn_like(p)) if p.ndim == 1 else p.mul_(8.0)
     return hf, hf_cfg
 
@@ -72,11 +84,17 @@ def test_greedy_continuation_matches_hf_generate():
     hf, hf_cfg = _hf_gpt2(*SIZES[0])
     cfg, params = convert.from_hf_gpt2(_state_dict(hf), hf_cfg.to_dict())
     prompt = _tokens(cfg.vocab_size, (2, 6), seed=3)
-    hf_tokens = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(2, 6, dtype=torch.long),
-                            do_sample=False, max_new_tokens=10, min_new_tokens=10,
-                            pad_token_id=0).numpy()
-    ours = sample.generate(cfg, params, prompt, key=jax.random.key(0), max_new_tokens=10,
-                           greedy=True)
+    hf_tokens = hf.generate(
+        torch.tensor(prompt),
+        attention_mask=torch.ones(2, 6, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=10,
+        min_new_tokens=10,
+        pad_token_id=0,
+    ).numpy()
+    ours = sample.generate(
+        cfg, params, prompt, key=jax.random.key(0), max_new_tokens=10, greedy=True
+    )
     np.testing.assert_array_equal(ours.tokens, hf_tokens)
 
 
@@ -85,8 +103,15 @@ def test_left_padded_batch_matches_hf_with_attention_mask():
     cfg, params = convert.from_hf_gpt2(_state_dict(hf), hf_cfg.to_dict())
     tokens, mask = sample.left_pad([[5, 9, 2, 7, 1, 3], [8, 4, 4]])
     position_ids = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    ref = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask),
-             position_ids=torch.tensor(position_ids)).logits.detach().numpy()
+    ref = (
+        hf(
+            torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(position_ids),
+        )
+        .logits.detach()
+        .numpy()
+    )
     ours = model.forward(cfg, params, tokens, mask=mask)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(ours)[real], ref[real], rtol=1e-4, atol=1e-4)
@@ -105,8 +130,9 @@ def test_export_import_round_trip_is_exact(size, tmp_path):
     convert.save_hf_gpt2(str(tmp_path), cfg, params)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
     tokens = torch.tensor(_tokens(size[4]))
-    np.testing.assert_array_equal(reloaded(tokens).logits.detach().numpy(),
-                                  hf(tokens).logits.detach().numpy())
+    np.testing.assert_array_equal(
+        reloaded(tokens).logits.detach().numpy(), hf(tokens).logits.detach().numpy()
+    )
     cfg3, params3 = convert.load_hf_gpt2(str(tmp_path))
     assert cfg3 == cfg
     for a, b in zip(jax.tree.leaves(params3), jax.tree.leaves(params)):
@@ -119,16 +145,27 @@ def test_pytorch_bin_directory_loads(tmp_path):
     (tmp_path / "config.json").write_text(hf_cfg.to_json_string())
     cfg, params = convert.load_hf_gpt2(str(tmp_path))
     tokens = _tokens(cfg.vocab_size)
-    np.testing.assert_allclose(model.forward(cfg, params, tokens),
-                               hf(torch.tensor(tokens)).logits.detach().numpy(),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        model.forward(cfg, params, tokens),
+        hf(torch.tensor(tokens)).logits.detach().numpy(),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_gpt1_post_ln_matches_hf_openai_gpt():
     torch.manual_seed(0)
-    hf_cfg = transformers.OpenAIGPTConfig(n_layer=2, n_embd=28, n_head=4, vocab_size=67,
-                                          n_positions=16, afn="gelu", resid_pdrop=0.0,
-                                          embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_cfg = transformers.OpenAIGPTConfig(
+        n_layer=2,
+        n_embd=28,
+        n_head=4,
+        vocab_size=67,
+        n_positions=16,
+        afn="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     hf = transformers.OpenAIGPTLMHeadModel(hf_cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -137,8 +174,9 @@ def test_gpt1_post_ln_matches_hf_openai_gpt():
     assert cfg.ln_placement == "post"
     tokens = _tokens(67)
     ref = hf(torch.tensor(tokens)).logits.detach().numpy()
-    np.testing.assert_allclose(model.forward(cfg, params, tokens), ref, rtol=1e-4,
-                               atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(
+        model.forward(cfg, params, tokens), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()
+    )
 
 
 def test_conversion_errors_are_clear(tmp_path):

@@ -9,17 +9,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gptjax import hf as convert
-
+from gptjax.config import PRESETS, EncoderConfig
+from gptjax.inference import decoding as seq2seq_decode  # noqa: E402
 from gptjax.models import bert as encoder
-
 from gptjax.models import transformer as seq2seq
 
-from gptjax.inference import decoding as seq2seq_decode  # noqa: E402
-from gptjax.config import PRESETS, EncoderConfig
-
 # (layers, width, heads, d_ff, vocab, positions, token types, activation, tied): odd sizes.
-BERT_SIZES = [(3, 35, 5, 51, 97, 23, 3, "gelu", True),
-              (2, 21, 7, 33, 89, 19, 2, "relu", False)]
+BERT_SIZES = [(3, 35, 5, 51, 97, 23, 3, "gelu", True), (2, 21, 7, 33, 89, 19, 2, "relu", False)]
 
 
 def _perturb(hf, seed):
@@ -38,10 +34,19 @@ def _state_dict(hf):
 def _hf_bert(layers, width, heads, d_ff, vocab, ctx, types, act, tied, seed=0):
     torch.manual_seed(seed)
     hf_cfg = transformers.BertConfig(
-        num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
-        intermediate_size=d_ff, vocab_size=vocab, max_position_embeddings=ctx,
-        type_vocab_size=types, hidden_act=act, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, tie_word_embeddings=tied, pad_token_id=0)
+        num_hidden_layers=layers,
+        hidden_size=width,
+        num_attention_heads=heads,
+        intermediate_size=d_ff,
+        vocab_size=vocab,
+        max_position_embeddings=ctx,
+        type_vocab_size=types,
+        hidden_act=act,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+    )
     return _perturb(transformers.BertForMaskedLM(hf_cfg).eval(), seed + 1), hf_cfg
 
 
@@ -62,36 +67,57 @@ def test_mlm_logits_match_hf_bert_with_padding_and_segments(size):
     segments = np.minimum(segments * rng.integers(1, size[6], (b, 1)), size[6] - 1)
     mask = (np.arange(t)[None] < np.array([[t], [t - 5], [9]])).astype(np.int64)
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(segments),
-                 attention_mask=torch.tensor(mask)).logits.numpy()
-    ours = encoder.forward(cfg, params, jnp.asarray(tokens), segment_ids=jnp.asarray(segments),
-                           mask=jnp.asarray(mask))
+        ref = hf(
+            input_ids=torch.tensor(tokens),
+            token_type_ids=torch.tensor(segments),
+            attention_mask=torch.tensor(mask),
+        ).logits.numpy()
+    ours = encoder.forward(
+        cfg, params, jnp.asarray(tokens), segment_ids=jnp.asarray(segments), mask=jnp.asarray(mask)
+    )
     # Padded queries are garbage in both models but see the same keys: compare everything.
     _close(ours, ref)
 
 
 @pytest.mark.parametrize("size", BERT_SIZES)
 def test_bert_export_import_round_trip_is_exact(size):
-    cfg = EncoderConfig(n_layers=size[0], d_model=size[1], n_heads=size[2],
-                                d_ff=size[3], vocab_size=size[4], max_len=size[5],
-                                type_vocab_size=size[6], activation=size[7],
-                                tie_embeddings=size[8])
+    cfg = EncoderConfig(
+        n_layers=size[0],
+        d_model=size[1],
+        n_heads=size[2],
+        d_ff=size[3],
+        vocab_size=size[4],
+        max_len=size[5],
+        type_vocab_size=size[6],
+        activation=size[7],
+        tie_embeddings=size[8],
+    )
     params = jax.tree.map(np.asarray, encoder.init_params(cfg, jax.random.key(1)))
     sd, hf_config = convert.to_hf_bert(cfg, params)
     hf = transformers.BertForMaskedLM(transformers.BertConfig(**hf_config)).eval()
     hf_keys = set(hf.state_dict())
-    assert set(sd) == hf_keys, (set(sd) ^ hf_keys)
-    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in sd.items()},
-                                             strict=True)
+    assert set(sd) == hf_keys, set(sd) ^ hf_keys
+    missing, unexpected = hf.load_state_dict(
+        {k: torch.tensor(v) for k, v in sd.items()}, strict=True
+    )
     cfg2, params2 = convert.from_hf_bert(_state_dict(hf), hf.config.to_dict())
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
 def test_bert_presets_match_hf_parameter_counts():
-    for name, kwargs in (("bert_base", {}), ("bert_large", dict(
-            num_hidden_layers=24, hidden_size=1024, num_attention_heads=16,
-            intermediate_size=4096))):
+    for name, kwargs in (
+        ("bert_base", {}),
+        (
+            "bert_large",
+            dict(
+                num_hidden_layers=24,
+                hidden_size=1024,
+                num_attention_heads=16,
+                intermediate_size=4096,
+            ),
+        ),
+    ):
         with torch.device("meta"):
             hf = transformers.BertForMaskedLM(transformers.BertConfig(**kwargs))
         expected = sum(p.numel() for p in hf.parameters())  # tied decoder counted once
@@ -100,20 +126,37 @@ def test_bert_presets_match_hf_parameter_counts():
 
 # (enc layers, dec layers, width, heads, d_ff, vocab, activation, scale_embedding, tied);
 # head_dim 7. d_model is even: Marian's sinusoidal layout for odd widths differs.
-MARIAN_SIZES = [(2, 3, 42, 6, 37, 61, "gelu", True, True),
-                (3, 2, 30, 5, 29, 53, "swish", False, False)]
+MARIAN_SIZES = [
+    (2, 3, 42, 6, 37, 61, "gelu", True, True),
+    (3, 2, 30, 5, 29, 53, "swish", False, False),
+]
 
 
-def _hf_marian(enc, dec, width, heads, d_ff, vocab, act, scale, tied, seed=0, init_std=0.02,
-               perturb=True):
+def _hf_marian(
+    enc, dec, width, heads, d_ff, vocab, act, scale, tied, seed=0, init_std=0.02, perturb=True
+):
     torch.manual_seed(seed)
     hf_cfg = transformers.MarianConfig(
-        vocab_size=vocab, d_model=width, encoder_layers=enc, decoder_layers=dec,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=d_ff,
-        decoder_ffn_dim=d_ff, max_position_embeddings=40, pad_token_id=0,
-        decoder_start_token_id=0, eos_token_id=1, activation_function=act,
-        scale_embedding=scale, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        tie_word_embeddings=tied, init_std=init_std)
+        vocab_size=vocab,
+        d_model=width,
+        encoder_layers=enc,
+        decoder_layers=dec,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=d_ff,
+        decoder_ffn_dim=d_ff,
+        max_position_embeddings=40,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        activation_function=act,
+        scale_embedding=scale,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        tie_word_embeddings=tied,
+        init_std=init_std,
+    )
     hf = transformers.MarianMTModel(hf_cfg).eval()
     torch.manual_seed(seed + 1)
     with torch.no_grad():  # perturb everything but the fixed sinusoidal tables
@@ -136,10 +179,14 @@ def test_translation_logits_match_hf_marian_with_source_padding(size):
     src, tgt = rng.integers(2, size[5], (3, 11)), rng.integers(2, size[5], (3, 7))
     src_mask = (np.arange(11)[None] < np.array([[11], [8], [5]])).astype(np.int64)
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(src), attention_mask=torch.tensor(src_mask),
-                 decoder_input_ids=torch.tensor(tgt)).logits.numpy()
-    ours = seq2seq.forward(cfg, params, jnp.asarray(src), jnp.asarray(tgt),
-                           src_mask=jnp.asarray(src_mask))
+        ref = hf(
+            input_ids=torch.tensor(src),
+            attention_mask=torch.tensor(src_mask),
+            decoder_input_ids=torch.tensor(tgt),
+        ).logits.numpy()
+    ours = seq2seq.forward(
+        cfg, params, jnp.asarray(src), jnp.asarray(tgt), src_mask=jnp.asarray(src_mask)
+    )
     _close(ours, ref)
 
 
@@ -150,12 +197,22 @@ def test_cached_greedy_matches_hf_marian_generate():
     src = np.random.default_rng(1).integers(2, cfg.vocab_size, (3, 9))
     src_mask = (np.arange(9)[None] < np.array([[9], [7], [4]])).astype(np.int64)
     with torch.no_grad():
-        ref = hf.generate(input_ids=torch.tensor(src), attention_mask=torch.tensor(src_mask),
-                          do_sample=False, num_beams=1, max_new_tokens=12, min_new_tokens=12,
-                          bad_words_ids=None, forced_eos_token_id=None).numpy()
+        ref = hf.generate(
+            input_ids=torch.tensor(src),
+            attention_mask=torch.tensor(src_mask),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            bad_words_ids=None,
+            forced_eos_token_id=None,
+        ).numpy()
     ref = ref[:, 1:]  # drop the start token
-    ours = np.asarray(seq2seq_decode.greedy(cfg, params, jnp.asarray(src), jnp.asarray(src_mask),
-                                     start_id=0, eos_id=1, max_len=12))
+    ours = np.asarray(
+        seq2seq_decode.greedy(
+            cfg, params, jnp.asarray(src), jnp.asarray(src_mask), start_id=0, eos_id=1, max_len=12
+        )
+    )
     assert len(np.unique(ref)) >= 3, "degenerate continuation: the test would prove little"
     np.testing.assert_array_equal(ours, ref)
 
@@ -163,8 +220,12 @@ def test_cached_greedy_matches_hf_marian_generate():
 def test_marian_import_refuses_what_it_cannot_represent():
     hf, hf_cfg = _hf_marian(*MARIAN_SIZES[1])
     sd = _state_dict(hf)
-    bad = dict(sd, **{"model.encoder.embed_positions.weight":
-                      sd["model.encoder.embed_positions.weight"] + 0.1})
+    bad = dict(
+        sd,
+        **{
+            "model.encoder.embed_positions.weight": sd["model.encoder.embed_positions.weight"] + 0.1
+        },
+    )
     with pytest.raises(ValueError, match="sinusoidal"):
         convert.from_hf_marian(bad, hf_cfg.to_dict())
     with pytest.raises(ValueError, match="share"):
@@ -187,8 +248,9 @@ def test_directory_round_trip_through_hf_from_pretrained(family, tmp_path):
         else:
             hf, hf_cfg = _hf_marian(*MARIAN_SIZES[0][:-1], tied)
             cfg, params = convert.from_hf_marian(_state_dict(hf), hf_cfg.to_dict())
-            inputs = dict(input_ids=torch.tensor([[5, 9, 2, 7]]),
-                          decoder_input_ids=torch.tensor([[0, 3, 8]]))
+            inputs = dict(
+                input_ids=torch.tensor([[5, 9, 2, 7]]), decoder_input_ids=torch.tensor([[0, 3, 8]])
+            )
         path = str(tmp_path / f"{family}_{tied}")
         convert.save_hf(path, cfg, params)
         reloaded = type(hf).from_pretrained(path).eval()

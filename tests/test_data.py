@@ -11,8 +11,9 @@ from gptjax.data import builders, pipeline
 from gptjax.data.pipeline import TokenBatchIterator, make_datasets, pack_windows
 from gptjax.data.tokenizer import ByteTokenizer, CharTokenizer, train_sentencepiece
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                           "tinyshakespeare", "input.txt")
+SHAKESPEARE = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare", "input.txt"
+)
 
 
 def texts_of(builder, split):
@@ -160,7 +161,7 @@ def test_iterator_epochs_are_permutations_and_seeded():
     batches = take(it, 10)
     assert batches[0]["tokens"].shape == (BATCH, SEQ_LEN + 1)
     assert batches[0]["tokens"].dtype == np.int32
-    epochs = [sum((window_ids(b) for b in batches[e * 5:(e + 1) * 5]), []) for e in (0, 1)]
+    epochs = [sum((window_ids(b) for b in batches[e * 5 : (e + 1) * 5]), []) for e in (0, 1)]
     for ids in epochs:
         assert len(set(ids)) == 40 and set(ids) <= set(range(NUM_WINDOWS))
     assert epochs[0] != epochs[1], "each epoch has its own order"
@@ -178,12 +179,12 @@ def test_resume_equals_uninterrupted(steps_before_save):
     state = json.loads(json.dumps(it.get_state()))
     # The epoch advances lazily: after exactly 5 batches the state is (epoch 0, window 5 B).
     epoch = max(steps_before_save - 1, 0) // 5
-    assert state == {"epoch": epoch, "window": (steps_before_save - 5 * epoch) * BATCH,
-                     "seed": 7}
+    assert state == {"epoch": epoch, "window": (steps_before_save - 5 * epoch) * BATCH, "seed": 7}
     legacy = {"epoch": epoch, "position": steps_before_save - 5 * epoch, "seed": 7}
     np.testing.assert_array_equal(  # a state saved before the row cursor still resumes
         next(TokenBatchIterator(windows(), BATCH, state=legacy))["tokens"],
-        reference[steps_before_save]["tokens"])
+        reference[steps_before_save]["tokens"],
+    )
     resumed = TokenBatchIterator(windows(), BATCH, seed=0, state=state)  # seed comes from state
     rest = take(resumed, 16 - steps_before_save)
     for a, b in zip(reference[steps_before_save:], rest):
@@ -199,8 +200,10 @@ def test_take_hands_out_only_real_rows_and_skips_no_data(process_count):
     windows of the epoch order, in every process's share, so no window is skipped; the
     padding rows repeat a real one and are reported as padding."""
     sizes = [1, 3, 8, 5, 2, 8]
-    its = [TokenBatchIterator(windows(), BATCH, seed=3, process_index=p,
-                              process_count=process_count) for p in range(process_count)]
+    its = [
+        TokenBatchIterator(windows(), BATCH, seed=3, process_index=p, process_count=process_count)
+        for p in range(process_count)
+    ]
     order = its[0].epoch_order(0)
     got, local = [], BATCH // process_count
     for n in sizes:
@@ -209,7 +212,7 @@ def test_take_hands_out_only_real_rows_and_skips_no_data(process_count):
             assert batch["tokens"].shape == (local, windows().shape[1])
             assert real == int(np.clip(n - p * local, 0, local))
         got += sum((window_ids({"tokens": b["tokens"][:r]}) for b, r in parts), [])
-    assert got == [int(i) for i in order[:sum(sizes)]]  # consecutive: nothing skipped
+    assert got == [int(i) for i in order[: sum(sizes)]]  # consecutive: nothing skipped
     assert its[0].get_state() == {"epoch": 0, "window": sum(sizes), "seed": 3}
     with pytest.raises(ValueError, match="take"):
         its[0].take(BATCH + 1)
@@ -226,9 +229,15 @@ def test_eval_iterator_is_one_ordered_pass():
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_split_the_global_batch(process_count):
     whole = take(TokenBatchIterator(windows(), BATCH, seed=3), 12)
-    parts = [take(TokenBatchIterator(windows(), BATCH, seed=3, process_index=p,
-                                     process_count=process_count), 12)
-             for p in range(process_count)]
+    parts = [
+        take(
+            TokenBatchIterator(
+                windows(), BATCH, seed=3, process_index=p, process_count=process_count
+            ),
+            12,
+        )
+        for p in range(process_count)
+    ]
     for step, global_batch in enumerate(whole):
         local = [part[step]["tokens"] for part in parts]
         assert all(x.shape == (BATCH // process_count, SEQ_LEN + 1) for x in local)
@@ -276,8 +285,15 @@ def test_token_cache_reuse_and_invalidation(corpus_glob, tmp_path, monkeypatch):
 
 def test_make_datasets_end_to_end(corpus_glob, tmp_path):
     tok = ByteTokenizer()
-    train, eval_factory = make_datasets(corpus_glob, tok, seq_len=16, global_batch_size=4,
-                                        data_dir=tmp_path, seed=5, eval_batch_size=2)
+    train, eval_factory = make_datasets(
+        corpus_glob,
+        tok,
+        seq_len=16,
+        global_batch_size=4,
+        data_dir=tmp_path,
+        seed=5,
+        eval_batch_size=2,
+    )
     batch = next(train)["tokens"]
     assert batch.shape == (4, 17) and batch.dtype == np.int32
     all_windows = {tuple(w) for w in np.asarray(train.windows)}
@@ -305,8 +321,15 @@ def test_make_datasets_errors(corpus_glob, tmp_path):
 
 def test_make_datasets_stdlib_default(stdlib_dir):
     tok = ByteTokenizer()
-    train, eval_factory = make_datasets("stdlib", tok, seq_len=256, global_batch_size=8,
-                                        data_dir=stdlib_dir, process_index=1, process_count=2)
+    train, eval_factory = make_datasets(
+        "stdlib",
+        tok,
+        seq_len=256,
+        global_batch_size=8,
+        data_dir=stdlib_dir,
+        process_index=1,
+        process_count=2,
+    )
     assert train.batches_per_epoch > 1000
     assert next(train)["tokens"].shape == (4, 257)
     assert next(eval_factory())["tokens"].shape == (4, 257)

@@ -7,19 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.models import bert as encoder
 from gptjax.config import PRESETS, EncoderConfig, get_preset
+from gptjax.models import bert as encoder
 
 # Odd sizes so a wrong transpose or axis cannot pass.
-CFG = EncoderConfig(n_layers=3, d_model=35, n_heads=5, d_ff=47, vocab_size=97,
-                            max_len=29, type_vocab_size=3)
+CFG = EncoderConfig(
+    n_layers=3, d_model=35, n_heads=5, d_ff=47, vocab_size=97, max_len=29, type_vocab_size=3
+)
 
 
 # Jitted once per shape: eager calls would recompile the layer scan every time.
 forward = jax.jit(encoder.forward, static_argnums=0)
 
 
-@functools.lru_cache(maxsize=None)  # init is eager (per-shape compiles): once per config
+@functools.cache  # init is eager (per-shape compiles): once per config
 def _params(cfg=CFG, seed=0):
     """Random init, perturbed (numpy) so LayerNorms and biases are non-trivial."""
     params = jax.tree.map(np.asarray, encoder.init_params(cfg, jax.random.key(seed)))
@@ -60,13 +61,25 @@ def test_padded_batch_equals_unpadded_rows():
     segments = jnp.asarray([[0] * 6 + [1] * 5])
     ref = forward(CFG, params, tokens, segment_ids=segments)
     padded = jnp.pad(tokens, ((0, 0), (0, 6)), constant_values=5)
-    out = forward(CFG, params, padded, segment_ids=jnp.pad(segments, ((0, 0), (0, 6))),
-                          mask=(jnp.arange(17) < 11)[None].astype(jnp.int32))
+    out = forward(
+        CFG,
+        params,
+        padded,
+        segment_ids=jnp.pad(segments, ((0, 0), (0, 6))),
+        mask=(jnp.arange(17) < 11)[None].astype(jnp.int32),
+    )
     np.testing.assert_allclose(out[:, :11], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat="full"),
-                                     dict(attention_impl="fused"), dict(ln_placement="pre")])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(scan_layers=False),
+        dict(remat="full"),
+        dict(attention_impl="fused"),
+        dict(ln_placement="pre"),
+    ],
+)
 def test_variants_agree(changes):
     cfg = CFG.replace(**changes)
     params = _params(cfg)
@@ -80,7 +93,7 @@ def test_variants_agree(changes):
 def test_param_axes_cover_every_parameter_with_matching_rank():
     for ln in ("post", "pre"):
         cfg = CFG.replace(ln_placement=ln, tie_embeddings=ln == "post")
-        shapes = jax.eval_shape(lambda k: encoder.init_params(cfg, k), jax.random.key(0))
+        shapes = jax.eval_shape(lambda k, cfg=cfg: encoder.init_params(cfg, k), jax.random.key(0))
         axes = encoder.param_axes(cfg)
         is_axes = lambda x: isinstance(x, tuple)
         assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=is_axes)
@@ -104,8 +117,12 @@ def test_mask_tokens_rates_and_specials():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 1000, (400, 512))
     tokens[:, 0], tokens[:, -40:] = 1, 0  # [CLS] = 1, padding = 0
-    inputs, targets, loss_mask = map(np.asarray, encoder.mask_tokens(
-        jnp.asarray(tokens), jax.random.key(0), mask_id=2, vocab_size=1000, special_ids=(0, 1)))
+    inputs, targets, loss_mask = map(
+        np.asarray,
+        encoder.mask_tokens(
+            jnp.asarray(tokens), jax.random.key(0), mask_id=2, vocab_size=1000, special_ids=(0, 1)
+        ),
+    )
     np.testing.assert_array_equal(targets, tokens)
     chosen = loss_mask.astype(bool)
     assert not chosen[:, 0].any() and not chosen[:, -40:].any(), "specials are never chosen"
@@ -121,8 +138,9 @@ def test_mask_tokens_rates_and_specials():
 
 def test_mlm_loss_touches_only_chosen_positions():
     params, tokens = _params(), _tokens()
-    inputs, targets, loss_mask = encoder.mask_tokens(tokens, jax.random.key(1), mask_id=3,
-                                                     vocab_size=CFG.vocab_size, rate=0.3)
+    inputs, targets, loss_mask = encoder.mask_tokens(
+        tokens, jax.random.key(1), mask_id=3, vocab_size=CFG.vocab_size, rate=0.3
+    )
     logits = forward(CFG, params, inputs)
     g = np.asarray(jax.grad(encoder.mlm_loss)(logits, targets, loss_mask))
     touched = np.abs(g).sum(-1) > 0
@@ -151,6 +169,7 @@ def test_model_gin_file_equals_preset(name):
     import gin
 
     from gptjax.cli import main as cli
+
     fname = name if name.startswith("bert") else "bert_" + name.replace("nano_bert_", "nano_")
     gin.clear_config()
     try:
@@ -176,16 +195,19 @@ def assert_grads_match_hf(ours: dict, ref: dict, rtol: float = 1e-4) -> None:
         if name.endswith(("key.bias", "k_proj.bias")):
             assert max(np.abs(got).max(), np.abs(want).max()) < 1e-6 * scale, name
             continue
-        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(),
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got, want, rtol=rtol, atol=rtol * np.abs(want).max(), err_msg=name
+        )
 
 
 def hf_grads(hf, loss) -> tuple[dict, set]:
     """({name: gradient} of HF's parameters after `loss.backward()`, {names without one})."""
     loss.backward()
     named = dict(hf.named_parameters())  # a tied tensor appears once, with the summed gradient
-    return ({n: p.grad.numpy() for n, p in named.items() if p.grad is not None},
-            {n for n, p in named.items() if p.grad is None})
+    return (
+        {n: p.grad.numpy() for n, p in named.items() if p.grad is not None},
+        {n for n, p in named.items() if p.grad is None},
+    )
 
 
 def test_mlm_gradients_match_hf_bert():
@@ -202,14 +224,25 @@ def test_mlm_gradients_match_hf_bert():
     tokens, weights = rng.integers(1, v, (b, t)), rng.normal(size=(b, t, v)).astype(np.float32)
     segments = (np.arange(t)[None] >= rng.integers(3, t, (b, 1))).astype(np.int64)
     mask = (np.arange(t)[None] < np.array([[t], [t - 4], [7]])).astype(np.int64)
-    logits = hf(input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(segments),
-                attention_mask=torch.tensor(mask)).logits
+    logits = hf(
+        input_ids=torch.tensor(tokens),
+        token_type_ids=torch.tensor(segments),
+        attention_mask=torch.tensor(mask),
+    ).logits
     ref, unused = hf_grads(hf, (logits * torch.tensor(weights)).sum())
     assert not unused
 
     def loss(p):  # every logit gets its own cotangent
-        return (encoder.forward(cfg, p, jnp.asarray(tokens), segment_ids=jnp.asarray(segments),
-                                mask=jnp.asarray(mask)) * weights).sum()
+        return (
+            encoder.forward(
+                cfg,
+                p,
+                jnp.asarray(tokens),
+                segment_ids=jnp.asarray(segments),
+                mask=jnp.asarray(mask),
+            )
+            * weights
+        ).sum()
 
     grads = jax.jit(jax.grad(loss))(params)
     assert_grads_match_hf(convert_family.to_hf_bert(cfg, grads)[0], ref)

@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax.evals import in_context as ev
-from gptjax.models import gpt as model
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.evals import in_context as ev
+from gptjax.models import gpt as model
 
 TOK = ByteTokenizer()
 # Prime-ish sizes so a wrong axis cannot pass; vocab covers the byte tokenizer's 263 ids.
@@ -32,11 +32,16 @@ def _direct_score(prompt: str, candidate: str) -> float:
     return sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1 - n, len(ids) - 1))
 
 
-TASK = ev.Task("toy", examples=(ev.Example("1+1=", ("2", "11"), 0),
-                                ev.Example("a b ", ("c", "z z"), 0),
-                                ev.Example("x", ("yy", "y"), 1)),
-               demos=(ev.Example("2+2=", ("4", "22"), 0), ev.Example("p q ", ("z", "r"), 1)),
-               separator="\n")
+TASK = ev.Task(
+    "toy",
+    examples=(
+        ev.Example("1+1=", ("2", "11"), 0),
+        ev.Example("a b ", ("c", "z z"), 0),
+        ev.Example("x", ("yy", "y"), 1),
+    ),
+    demos=(ev.Example("2+2=", ("4", "22"), 0), ev.Example("p q ", ("z", "r"), 1)),
+    separator="\n",
+)
 
 
 def test_prompt_is_demonstrations_with_answers_then_context():
@@ -66,9 +71,11 @@ def _hits_by_hand(scores, candidates, label, uncond=None):
     """Which rules pick `label`, in plain python: sum, per token, per character, minus the
     unconditional log-likelihood."""
     n_tok = [len(TOK.encode(c)) for c in candidates]
-    rules = {"acc": list(scores),
-             "acc_per_token": [s / n for s, n in zip(scores, n_tok)],
-             "acc_per_char": [s / len(c) for s, c in zip(scores, candidates)]}
+    rules = {
+        "acc": list(scores),
+        "acc_per_token": [s / n for s, n in zip(scores, n_tok)],
+        "acc_per_char": [s / len(c) for s, c in zip(scores, candidates)],
+    }
     if uncond is not None:
         rules["acc_uncond"] = [s - u for s, u in zip(scores, uncond)]
     return {k: max(range(len(v)), key=v.__getitem__) == label for k, v in rules.items()}
@@ -76,11 +83,24 @@ def _hits_by_hand(scores, candidates, label, uncond=None):
 
 def test_accuracy_is_argmax_of_each_rule_over_model_scores():
     # "é" is two byte tokens but one character, so per-token and per-character differ.
-    task = ev.Task("toy", examples=TASK.examples + (ev.Example("q", ("éé", "ab", "a"), 0),),
-                   demos=TASK.demos, separator="\n")
+    task = ev.Task(
+        "toy",
+        examples=TASK.examples + (ev.Example("q", ("éé", "ab", "a"), 0),),
+        demos=TASK.demos,
+        separator="\n",
+    )
     for shots in (0, 2):
-        out = ev.evaluate_task(CFG, PARAMS, TOK, task, shots=shots, seed=0, batch_size=4,
-                               unconditional=True, uncond_prompt="A:")
+        out = ev.evaluate_task(
+            CFG,
+            PARAMS,
+            TOK,
+            task,
+            shots=shots,
+            seed=0,
+            batch_size=4,
+            unconditional=True,
+            uncond_prompt="A:",
+        )
         rng, hits = random.Random(0), []
         for i, example in enumerate(task.examples):
             prompt = ev.build_prompt(task, example, ev.choose_demos(task, i, shots, rng))
@@ -107,10 +127,14 @@ def test_accuracy_is_argmax_of_each_rule_over_model_scores():
 #   "bcdefg" -4.2   -0.7    -0.7   -4.2 - -5.0 = 0.8   <- acc_per_char picks "bcdefg"
 #   "xy"     -3.0   -1.5    -1.5   -3.0 - -10  = 7.0   <- acc_uncond picks "xy"
 FAKE_LOGP = {
-    ("cond", "a"): [-1.0], ("cond", "éé"): [-0.3, -0.9, -0.5, -0.7],
-    ("cond", "bcdefg"): [-0.2, -1.0, -0.5, -0.9, -0.6, -1.0], ("cond", "xy"): [-2.0, -1.0],
-    ("uncond", "a"): [-1.5], ("uncond", "éé"): [-1.0, -0.5, -1.0, -0.5],
-    ("uncond", "bcdefg"): [-0.5, -1.0, -1.0, -1.0, -1.0, -0.5], ("uncond", "xy"): [-6.0, -4.0],
+    ("cond", "a"): [-1.0],
+    ("cond", "éé"): [-0.3, -0.9, -0.5, -0.7],
+    ("cond", "bcdefg"): [-0.2, -1.0, -0.5, -0.9, -0.6, -1.0],
+    ("cond", "xy"): [-2.0, -1.0],
+    ("uncond", "a"): [-1.5],
+    ("uncond", "éé"): [-1.0, -0.5, -1.0, -0.5],
+    ("uncond", "bcdefg"): [-0.5, -1.0, -1.0, -1.0, -1.0, -0.5],
+    ("uncond", "xy"): [-6.0, -4.0],
 }
 FAKE_CANDIDATES = ("a", "éé", "bcdefg", "xy")
 
@@ -134,8 +158,9 @@ def _fake_scorer(seen_prompts):
 def test_four_rules_pick_four_different_candidates(monkeypatch):
     # 1, 2, 3, 4 examples whose answer is the pick of acc, per token, per char, uncond.
     labels = [0] + [1] * 2 + [2] * 3 + [3] * 4
-    task = ev.Task("fake", tuple(ev.Example(f"Q{i}:", FAKE_CANDIDATES, y)
-                                 for i, y in enumerate(labels)))
+    task = ev.Task(
+        "fake", tuple(ev.Example(f"Q{i}:", FAKE_CANDIDATES, y) for i, y in enumerate(labels))
+    )
     seen = []
     monkeypatch.setattr(ev, "score_requests", _fake_scorer(seen))
     out = ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True, uncond_prompt="Answer:")
@@ -144,8 +169,12 @@ def test_four_rules_pick_four_different_candidates(monkeypatch):
         scores = [sum(FAKE_LOGP[("cond", c)]) for c in FAKE_CANDIDATES]
         uncond = [sum(FAKE_LOGP[("uncond", c)]) for c in FAKE_CANDIDATES]
         by_hand.append(_hits_by_hand(scores, FAKE_CANDIDATES, y, uncond))
-    for key, want in (("acc", 0.1), ("acc_per_token", 0.2), ("acc_per_char", 0.3),
-                      ("acc_uncond", 0.4)):
+    for key, want in (
+        ("acc", 0.1),
+        ("acc_per_token", 0.2),
+        ("acc_per_char", 0.3),
+        ("acc_uncond", 0.4),
+    ):
         assert out[key] == pytest.approx(want) == np.mean([h[key] for h in by_hand]), key
         assert out[f"{key}_stderr"] == pytest.approx(math.sqrt(want * (1 - want) / 10)), key
     # Each candidate's unconditional score is computed once, not once per example.
@@ -164,8 +193,9 @@ def test_unconditional_prompt_is_configurable_and_off_by_default(monkeypatch):
     seen.clear()
     out = ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True, uncond_prompt="A: ")
     assert out["acc_uncond"] == 1.0 and set(seen) == {"Q:", "A: "}
-    assert ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True)["uncond_prompt"] == \
-        "Answer:"
+    assert (
+        ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True)["uncond_prompt"] == "Answer:"
+    )
     with pytest.raises(ValueError, match="uncond_prompt must be a string"):
         ev.evaluate_task(CFG, PARAMS, TOK, task, unconditional=True, uncond_prompt=None)
 
@@ -179,21 +209,27 @@ def test_demonstrations_are_dropped_to_fit_the_context():
 
 def test_jsonl_tasks_load_and_bad_lines_say_where(tmp_path):
     good = tmp_path / "mine.jsonl"
-    lines = [{"context": "1+1=", "candidates": ["2", "3"], "label": 0},
-             {"context": "2+2=", "candidates": ["4", "5"], "label": 0, "split": "demo"}, {}]
+    lines = [
+        {"context": "1+1=", "candidates": ["2", "3"], "label": 0},
+        {"context": "2+2=", "candidates": ["4", "5"], "label": 0, "split": "demo"},
+        {},
+    ]
     good.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n")
     task = ev.get_task(str(good))
     assert task.name == "mine" and len(task.examples) == 1 and len(task.demos) == 1
     assert ev.evaluate_task(CFG, PARAMS, TOK, task, shots=1)["examples"] == 1
     bad = tmp_path / "bad.jsonl"
     for content, message in [
-        ('{"context": "a", "candidates": ["b", "c"], "label": 0}\n{oops', "bad.jsonl:2: not valid JSON"),
+        (
+            '{"context": "a", "candidates": ["b", "c"], "label": 0}\n{oops',
+            "bad.jsonl:2: not valid JSON",
+        ),
         ('{"context": "a", "candidates": ["b", "c"], "label": 2}', "'label' 2 is not an index"),
         ('{"context": "a", "candidates": ["b"], "label": 0}', "at least two"),
         ('{"context": "a", "label": 0}', r"missing field\(s\) \['candidates'\]"),
-        ('[1, 2]', "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
         ('{"context": "a", "candidates": ["b", "c"], "label": 0, "split": "x"}', "'split'"),
-        ('', "no examples"),
+        ("", "no examples"),
     ]:
         bad.write_text(content)
         with pytest.raises(ValueError, match=message):
@@ -205,8 +241,11 @@ def test_jsonl_tasks_load_and_bad_lines_say_where(tmp_path):
 
 
 def test_builtin_tasks_from_texts_are_well_formed():
-    texts = [f"def f{i}(a, b, c):\n    x = a + b * c - {i}\n    y = x * x + a\n"
-             f"    return x + y + {i}\n" * 3 for i in range(12)]
+    texts = [
+        f"def f{i}(a, b, c):\n    x = a + b * c - {i}\n    y = x * x + a\n"
+        f"    return x + y + {i}\n" * 3
+        for i in range(12)
+    ]
     for builder in ev.TASKS.values():
         task = builder(texts, 10, seed=1)
         assert len(task.examples) == 10 and len(task.demos) == 10
@@ -222,9 +261,12 @@ def test_perplexity_equals_mean_cross_entropy():
     rng = np.random.default_rng(0)
     batches = [{"tokens": rng.integers(0, 262, (3, 17))} for _ in range(2)]
     out = ev.perplexity(CFG, PARAMS, batches, max_batches=5)
-    losses = [optax.softmax_cross_entropy_with_integer_labels(
-        FORWARD(b["tokens"][:, :-1]), b["tokens"][:, 1:]).mean()
-        for b in batches]
+    losses = [
+        optax.softmax_cross_entropy_with_integer_labels(
+            FORWARD(b["tokens"][:, :-1]), b["tokens"][:, 1:]
+        ).mean()
+        for b in batches
+    ]
     assert out["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(out["loss"]))
     assert out["tokens"] == 2 * 3 * 16

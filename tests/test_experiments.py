@@ -7,12 +7,12 @@ import os
 import gin
 import pytest
 
-from gptjax.models import family
 from gptjax.cli import main as cli
 from gptjax.config import PRESETS, ModelConfig, get_preset
 from gptjax.data.config import DataConfig
-from gptjax.training.optimizer import OptimizerConfig
+from gptjax.models import family
 from gptjax.parallel.mesh import MeshConfig
+from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig
 
 EXPERIMENTS = cli.EXPERIMENTS_DIR
@@ -29,22 +29,27 @@ def clean_gin():
 def test_model_gin_file_equals_preset(name):
     cli.parse_gin([f"models/{name}.gin"], [])
     # Numerics and performance knobs are run choices, not part of the model files.
-    runtime = dict(dtype="float32", param_dtype="float32", remat="none", scan_layers=True,
-                   attention_impl="xla")
+    runtime = dict(
+        dtype="float32", param_dtype="float32", remat="none", scan_layers=True, attention_impl="xla"
+    )
     assert ModelConfig() == get_preset(name, **runtime)
 
 
 def _experiment_files():
     files = glob.glob(os.path.join(EXPERIMENTS, "*.gin"))
     files += glob.glob(os.path.join(EXPERIMENTS, "runs", "*.gin"))
-    return sorted(os.path.relpath(f, EXPERIMENTS) for f in files
-                  if not f.endswith(("pretrain.gin",)))
+    return sorted(
+        os.path.relpath(f, EXPERIMENTS) for f in files if not f.endswith(("pretrain.gin",))
+    )
 
 
 @pytest.mark.parametrize("path", _experiment_files())
 def test_experiment_file_builds_every_config(path):
-    macros = ["STEPS = 10", "BATCH_SIZE = 8", "SEQ_LEN = 16", "PEAK_LR = 1e-3",
-              "WARMUP_STEPS = 1"] if path.startswith("runs/") else []
+    macros = (
+        ["STEPS = 10", "BATCH_SIZE = 8", "SEQ_LEN = 16", "PEAK_LR = 1e-3", "WARMUP_STEPS = 1"]
+        if path.startswith("runs/")
+        else []
+    )
     cli.parse_gin([path], macros)
     family.model_config(), TrainConfig(), OptimizerConfig(), DataConfig(), MeshConfig()
 
@@ -58,20 +63,33 @@ def test_quickstart_is_a_cpu_sized_run():
 
 
 def test_bindings_override_files():
-    cli.parse_gin(["quickstart.gin"], ["TrainConfig.steps = 7", "ModelConfig.dtype = 'bfloat16'",
-                                       "MeshConfig.rules = 'fsdp'"])
+    cli.parse_gin(
+        ["quickstart.gin"],
+        ["TrainConfig.steps = 7", "ModelConfig.dtype = 'bfloat16'", "MeshConfig.rules = 'fsdp'"],
+    )
     assert TrainConfig().steps == 7 and ModelConfig().dtype == "bfloat16"
     assert MeshConfig().rules == "fsdp"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--workdir=/tmp/x", "--gin_file=missing.gin"], "gin file 'missing.gin' not found"),
-    (["train", "--workdir=/tmp/x", "--gin_bindings=Nope.steps = 1"], "No configurable matching"),
-    (["train", "--workdir=/tmp/x", "--gin_bindings=TrainConfig.steps = = 1"], "parse"),
-    (["train", "--workdir=/tmp/x", "--gin_bindings=ModelConfig.ln_placement = 'mid'"],
-     "not one of"),
-    (["sample", "--workdir=/nonexistent/run"], "no config.json"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--workdir=/tmp/x", "--gin_file=missing.gin"],
+            "gin file 'missing.gin' not found",
+        ),
+        (
+            ["train", "--workdir=/tmp/x", "--gin_bindings=Nope.steps = 1"],
+            "No configurable matching",
+        ),
+        (["train", "--workdir=/tmp/x", "--gin_bindings=TrainConfig.steps = = 1"], "parse"),
+        (
+            ["train", "--workdir=/tmp/x", "--gin_bindings=ModelConfig.ln_placement = 'mid'"],
+            "not one of",
+        ),
+        (["sample", "--workdir=/nonexistent/run"], "no config.json"),
+    ],
+)
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     assert cli.main(argv) == 1
     err = capsys.readouterr().err

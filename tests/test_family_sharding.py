@@ -11,22 +11,34 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from gptjax.models import bert as encoder
-
-from gptjax.models import transformer as seq2seq
-from gptjax.parallel import mesh as S
-from gptjax.parallel import logical
 from gptjax.config import EncoderConfig, Seq2SeqConfig
+from gptjax.models import bert as encoder
+from gptjax.models import transformer as seq2seq
+from gptjax.parallel import logical
+from gptjax.parallel import mesh as S
 
 # Odd factors (7, 11, 13) that still divide every mesh below: d_model by fsdp=8,
 # heads, d_ff and vocab by tensor=4.
-ENC = EncoderConfig(n_layers=2, d_model=56, n_heads=4, d_ff=44, vocab_size=52,
-                            max_len=16, type_vocab_size=3)
-S2S = Seq2SeqConfig(n_layers=2, n_decoder_layers=1, d_model=56, n_heads=4, d_ff=44,
-                            vocab_size=52, max_len=16, activation="gelu")
+ENC = EncoderConfig(
+    n_layers=2, d_model=56, n_heads=4, d_ff=44, vocab_size=52, max_len=16, type_vocab_size=3
+)
+S2S = Seq2SeqConfig(
+    n_layers=2,
+    n_decoder_layers=1,
+    d_model=56,
+    n_heads=4,
+    d_ff=44,
+    vocab_size=52,
+    max_len=16,
+    activation="gelu",
+)
 FAMILIES = {"encoder": (encoder, ENC), "seq2seq": (seq2seq, S2S)}
-MESHES = {"dp": {"data": 8}, "fsdp": {"fsdp": 8}, "tp": {"data": 2, "tensor": 4},
-          "fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2}}
+MESHES = {
+    "dp": {"data": 8},
+    "fsdp": {"fsdp": 8},
+    "tp": {"data": 2, "tensor": 4},
+    "fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2},
+}
 # Each sharded compile costs ~10 s of CPU here; fsdp_tp on 2x2x2 uses every mesh axis and
 # every rule at once. All four presets pass (grads within 3e-6 of their largest entry).
 NUMERIC_PRESETS = ("fsdp_tp",)
@@ -39,9 +51,11 @@ def _is_names(x):
 
 def _variants(cfg):
     """The config and the layout switches that add or drop parameters."""
-    return [cfg, cfg.replace(ln_placement="pre", tie_embeddings=False),
-            cfg.replace(pos_embedding="sinusoidal" if cfg.pos_embedding == "learned"
-                        else "learned")]
+    return [
+        cfg,
+        cfg.replace(ln_placement="pre", tie_embeddings=False),
+        cfg.replace(pos_embedding="sinusoidal" if cfg.pos_embedding == "learned" else "learned"),
+    ]
 
 
 @pytest.mark.parametrize("preset", list(MESHES))
@@ -66,20 +80,25 @@ def _batch(family):
     lengths = rng.integers(4, T + 1, (B, 1))
     batch = {"weights": rng.normal(size=(B, T, v)).astype(np.float32)}
     if family == "encoder":
-        batch.update(tokens=rng.integers(1, v, (B, T)).astype(np.int32),
-                     segments=(np.arange(T)[None] >= lengths // 2).astype(np.int32),
-                     mask=(np.arange(T)[None] < lengths).astype(np.int32))
+        batch.update(
+            tokens=rng.integers(1, v, (B, T)).astype(np.int32),
+            segments=(np.arange(T)[None] >= lengths // 2).astype(np.int32),
+            mask=(np.arange(T)[None] < lengths).astype(np.int32),
+        )
     else:
-        batch.update(src=rng.integers(2, v, (B, S_LEN)).astype(np.int32),
-                     src_mask=(np.arange(S_LEN)[None] < lengths - 2).astype(np.int32),
-                     tgt=rng.integers(2, v, (B, T)).astype(np.int32))
+        batch.update(
+            src=rng.integers(2, v, (B, S_LEN)).astype(np.int32),
+            src_mask=(np.arange(S_LEN)[None] < lengths - 2).astype(np.int32),
+            tgt=rng.integers(2, v, (B, T)).astype(np.int32),
+        )
     return batch
 
 
 def _logits(family, params, batch):
     if family == "encoder":
-        return encoder.forward(ENC, params, batch["tokens"], segment_ids=batch["segments"],
-                               mask=batch["mask"])
+        return encoder.forward(
+            ENC, params, batch["tokens"], segment_ids=batch["segments"], mask=batch["mask"]
+        )
     return seq2seq.forward(S2S, params, batch["src"], batch["tgt"], src_mask=batch["src_mask"])
 
 
@@ -126,13 +145,20 @@ def test_sharded_forward_and_gradients_equal_one_device(reference, preset):
     shardings = S.tree_shardings(module.param_axes(cfg), mesh, preset)
     sharded = jax.device_put(params, shardings)
     with logical.use_mesh(mesh, preset):
-        (_, logits), grads = _loss_and_grads(family)(sharded, S.make_global_batch(
-            batch, mesh, preset))
+        (_, logits), grads = _loss_and_grads(family)(
+            sharded, S.make_global_batch(batch, mesh, preset)
+        )
     want = NamedSharding(mesh, logical.logical_to_spec(("batch", "seq", "vocab"), preset))
     assert logits.sharding.is_equivalent_to(want, 3), (logits.sharding, want)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
     jax.tree.map_with_path(
         lambda path, got, ref: np.testing.assert_allclose(
-            np.asarray(got), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
-            err_msg=jax.tree_util.keystr(path)),
-        grads, ref_grads)
+            np.asarray(got),
+            ref,
+            rtol=1e-5,
+            atol=1e-5 * np.abs(ref).max(),
+            err_msg=jax.tree_util.keystr(path),
+        ),
+        grads,
+        ref_grads,
+    )

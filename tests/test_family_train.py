@@ -8,29 +8,25 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax.models import bert as encoder
-
-from gptjax.models import family
-
-from gptjax.models import transformer as seq2seq
-
-from gptjax.parallel import mesh as sharding
-from gptjax.config import ModelConfig
+from gptjax.config import EncoderConfig, ModelConfig, Seq2SeqConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.evals.hooks import train_with_defaults
 from gptjax.evals.in_context import split_perplexity
+from gptjax.models import bert as encoder
+from gptjax.models import family
+from gptjax.models import transformer as seq2seq
+from gptjax.parallel import mesh as sharding
 from gptjax.training.metrics import read_metrics
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, loss_fn
 from gptjax.training.workdir import load_run
-from gptjax.config import EncoderConfig, Seq2SeqConfig
 from tests.reference import decoder_param_count
-from tests.test_train import corpus  # noqa: F401  (the stdlib-files fixture)
 
 ENC = EncoderConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=300, max_len=32)
-S2S = Seq2SeqConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=300,
-                            max_len=32, n_decoder_layers=1)
+S2S = Seq2SeqConfig(
+    n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=300, max_len=32, n_decoder_layers=1
+)
 ALL_DEVICES = sharding.MeshConfig(shape={"data": 2, "fsdp": 2, "tensor": 2}, rules="fsdp_tp")
 
 
@@ -90,29 +86,47 @@ def test_loop_trains_resumes_and_reloads_each_family(corpus, tmp_path, cfg):
     losses as an uninterrupted one (its masks are keyed by the step), and load_run gives
     back the family's config and parameter tree; `gptjax eval`'s perplexity at the loop's
     eval batches (the same masks) is the loop's eval loss."""
+
     def run(workdir, stop_after=None):
-        train_cfg = TrainConfig(steps=12, batch_size=8, seq_len=32, log_every=1, eval_every=6,
-                                eval_batches=2, checkpoint_every=3, sample_tokens=8,
-                                sample_prompt="def ",
-                                compilation_cache_dir=str(tmp_path / "jax_cache"))
-        return train_with_defaults(str(workdir), model_cfg=cfg, train_cfg=train_cfg,
-                                   opt_cfg=OptimizerConfig(peak_lr=3e-3, warmup_steps=2),
-                                   data_cfg=DataConfig(dataset=corpus, tokenizer="byte",
-                                                       data_dir=str(tmp_path / "data")),
-                                   mesh_cfg=ALL_DEVICES, stop_after=stop_after)
+        train_cfg = TrainConfig(
+            steps=12,
+            batch_size=8,
+            seq_len=32,
+            log_every=1,
+            eval_every=6,
+            eval_batches=2,
+            checkpoint_every=3,
+            sample_tokens=8,
+            sample_prompt="def ",
+            compilation_cache_dir=str(tmp_path / "jax_cache"),
+        )
+        return train_with_defaults(
+            str(workdir),
+            model_cfg=cfg,
+            train_cfg=train_cfg,
+            opt_cfg=OptimizerConfig(peak_lr=3e-3, warmup_steps=2),
+            data_cfg=DataConfig(dataset=corpus, tokenizer="byte", data_dir=str(tmp_path / "data")),
+            mesh_cfg=ALL_DEVICES,
+            stop_after=stop_after,
+        )
 
     summary = run(tmp_path / "a")
-    losses = {r["step"]: r["train/loss"] for r in read_metrics(str(tmp_path / "a"))
-              if "train/loss" in r}
+    losses = {
+        r["step"]: r["train/loss"] for r in read_metrics(str(tmp_path / "a")) if "train/loss" in r
+    }
     assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
     assert np.isfinite(summary["eval/loss"]) and summary["sample"]
     if family.family_of(cfg) is family.ENCODER:  # masks are keyed by step: a resume is exact
         run(tmp_path / "b", stop_after=5)
         run(tmp_path / "b")
-        resumed = {r["step"]: r["train/loss"] for r in read_metrics(str(tmp_path / "b"))
-                   if "train/loss" in r}
-        np.testing.assert_allclose([resumed[s] for s in range(6, 13)],
-                                   [losses[s] for s in range(6, 13)], rtol=1e-4)
+        resumed = {
+            r["step"]: r["train/loss"]
+            for r in read_metrics(str(tmp_path / "b"))
+            if "train/loss" in r
+        }
+        np.testing.assert_allclose(
+            [resumed[s] for s in range(6, 13)], [losses[s] for s in range(6, 13)], rtol=1e-4
+        )
     loaded_cfg, params, tokenizer, configs, _ = load_run(str(tmp_path / "a"))
     assert loaded_cfg == cfg
     out = split_perplexity(loaded_cfg, params, tokenizer, configs, batch_size=8, max_batches=2)
@@ -120,7 +134,8 @@ def test_loop_trains_resumes_and_reloads_each_family(corpus, tmp_path, cfg):
     with open(tmp_path / "a" / "config.json") as f:
         assert json.load(f)["family"] == family.family_of(cfg).name
     assert jax.tree.structure(params) == jax.tree.structure(
-        family.init_params(cfg, jax.random.key(0)))
+        family.init_params(cfg, jax.random.key(0))
+    )
 
 
 @pytest.mark.parametrize("vocab", [400, 4096])
@@ -129,11 +144,14 @@ def test_the_study_families_are_matched_in_size(vocab):
     import gin
 
     from gptjax.experiments import parse_gin
+
     counts = {}
     try:
         for name in family.FAMILIES:
-            parse_gin(["models/families.gin"], [f"VOCAB = {vocab}", "MAX_LEN = 64",
-                                                f"model_config.family = {name!r}"])
+            parse_gin(
+                ["models/families.gin"],
+                [f"VOCAB = {vocab}", "MAX_LEN = 64", f"model_config.family = {name!r}"],
+            )
             cfg = family.model_config()
             assert family.family_of(cfg).name == name
             counts[name] = family.param_count(cfg)
@@ -148,24 +166,39 @@ def test_cli_trains_the_numbers_task_and_decodes_it(tmp_path, capsys):
     import gin
 
     from gptjax.cli.main import main
+
     work = tmp_path / "numbers"
-    short = ["STEPS = 40", "WARMUP_STEPS = 5", "BATCH_SIZE = 32", "TrainConfig.eval_every = 40",
-             "TrainConfig.checkpoint_every = 40", "TrainConfig.eval_batches = 2",
-             f"TrainConfig.compilation_cache_dir = '{tmp_path / 'cache'}'",
-             f"DataConfig.data_dir = '{tmp_path / 'data'}'"]
+    short = [
+        "STEPS = 40",
+        "WARMUP_STEPS = 5",
+        "BATCH_SIZE = 32",
+        "TrainConfig.eval_every = 40",
+        "TrainConfig.checkpoint_every = 40",
+        "TrainConfig.eval_batches = 2",
+        f"TrainConfig.compilation_cache_dir = '{tmp_path / 'cache'}'",
+        f"DataConfig.data_dir = '{tmp_path / 'data'}'",
+    ]
     try:
-        assert main(["train", "--gin_file=experiments/seq2seq_numbers.gin", f"--workdir={work}",
-                     *(f"--gin_bindings={b}" for b in short)]) in (0, None)
+        assert main(
+            [
+                "train",
+                "--gin_file=experiments/seq2seq_numbers.gin",
+                f"--workdir={work}",
+                *(f"--gin_bindings={b}" for b in short),
+            ]
+        ) in (0, None)
     finally:
         gin.clear_config()
     rows = read_metrics(str(work))
     assert 0.0 <= rows[-1]["eval/exact_match"] <= 1.0 and rows[-1]["eval/loss"] < 3.0
     capsys.readouterr()
-    assert main(["sample", f"--workdir={work}", "--prompt=forty-two", "--num_beams=2",
-                 "--max_new_tokens=6"]) in (0, None)
+    assert main(
+        ["sample", f"--workdir={work}", "--prompt=forty-two", "--num_beams=2", "--max_new_tokens=6"]
+    ) in (0, None)
     assert "forty-two" in capsys.readouterr().out
     loaded_cfg, *_ = load_run(str(work))
     assert family.family_of(loaded_cfg) is family.SEQ2SEQ
     from gptjax.cli.main import _sample_family
+
     with pytest.raises(ValueError, match="does not generate"):
         _sample_family(None, ENC, None, None, 0)

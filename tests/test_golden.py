@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from gptjax.config import EncoderConfig, ModelConfig, Seq2SeqConfig
-from gptjax.parallel import mesh as sharding
 from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import ppo, reward
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import TrainState, make_trainer
@@ -37,16 +37,30 @@ GOLDEN = {
     "ppo": {"loss": 0.9464496, "grad_norm": 15.635916, "loss_after": 0.6440459},
 }
 RTOL = 1e-5
-HOW_TO_UPDATE = ("golden values from the tree at commit 843ec9f; if a change alters them on "
-                 "purpose, rerun `python tests/test_golden.py --print` and paste the new values, "
-                 "saying why in the commit")
+HOW_TO_UPDATE = (
+    "golden values from the tree at commit 843ec9f; if a change alters them on "
+    "purpose, rerun `python tests/test_golden.py --print` and paste the new values, "
+    "saying why in the commit"
+)
 
 B, T, S, V = 4, 8, 6, 64  # rows, target length, seq2seq source length, vocab
-SIZE = {"n_layers": 2, "d_model": 32, "n_heads": 4, "vocab_size": V, "max_len": 16,
-        "embd_dropout": 0.0, "attn_dropout": 0.0, "resid_dropout": 0.0, "dtype": "float32",
-        "param_dtype": "float32"}
-CONFIGS = {"decoder": ModelConfig(**SIZE), "encoder": EncoderConfig(**SIZE),
-           "seq2seq": Seq2SeqConfig(**SIZE)}
+SIZE = {
+    "n_layers": 2,
+    "d_model": 32,
+    "n_heads": 4,
+    "vocab_size": V,
+    "max_len": 16,
+    "embd_dropout": 0.0,
+    "attn_dropout": 0.0,
+    "resid_dropout": 0.0,
+    "dtype": "float32",
+    "param_dtype": "float32",
+}
+CONFIGS = {
+    "decoder": ModelConfig(**SIZE),
+    "encoder": EncoderConfig(**SIZE),
+    "seq2seq": Seq2SeqConfig(**SIZE),
+}
 OPT = OptimizerConfig(peak_lr=1e-3, warmup_steps=0, decay="constant")  # AdamW, wd 0.1, clip 1
 SEED = 0
 # XLA's CPU backend at -O0: these steps compile in less than half the time, and their numbers
@@ -83,8 +97,13 @@ def family_batch(name: str) -> dict:
         return {"tokens": tokens, "targets": targets, "loss_mask": chosen.astype(np.float32)}
     src, tgt = ints(B, S), ints(B, T)
     tgt_in = np.concatenate([np.ones((B, 1), np.int32), tgt[:, :-1]], 1)
-    return {"src": src, "src_mask": _ragged_mask([6, 4, 6, 2], S).astype(np.int32),
-            "tgt_in": tgt_in, "tgt": tgt, "tgt_mask": _ragged_mask([8, 6, 2, 7], T)}
+    return {
+        "src": src,
+        "src_mask": _ragged_mask([6, 4, 6, 2], S).astype(np.int32),
+        "tgt_in": tgt_in,
+        "tgt": tgt,
+        "tgt_mask": _ragged_mask([8, 6, 2, 7], T),
+    }
 
 
 def _step_twice(step, state, batch: tuple, loss_key: str, norm_key: str) -> dict:
@@ -95,8 +114,11 @@ def _step_twice(step, state, batch: tuple, loss_key: str, norm_key: str) -> dict
     state, first = step(state, *batch)
     _, second = step(state, *batch)
     value = lambda m, k: np.asarray(m[k]).item()  # noqa: E731
-    return {"loss": value(first, loss_key), "grad_norm": value(first, norm_key),
-            "loss_after": value(second, loss_key)}
+    return {
+        "loss": value(first, loss_key),
+        "grad_norm": value(first, norm_key),
+        "loss_after": value(second, loss_key),
+    }
 
 
 @functools.lru_cache
@@ -154,9 +176,15 @@ def reward_step() -> dict:
     rm = _policy_and_rm()[1]
     step, shard = reward.make_train_step(RLHF_CFG, optimizer, rm, mesh, rules)
     batch = {k: jnp.asarray(v) for k, v in reward_batch().items()}
-    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=rm,
-                                      opt_state=optimizer.init(rm),
-                                      rng=jax.random.key_data(jax.random.key(SEED))), shard)
+    state = jax.device_put(
+        TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=rm,
+            opt_state=optimizer.init(rm),
+            rng=jax.random.key_data(jax.random.key(SEED)),
+        ),
+        shard,
+    )
     with logical.use_mesh(mesh, rules):
         return _step_twice(step, state, (batch,), "reward/loss", "reward/grad_norm")
 
@@ -169,9 +197,15 @@ def ppo_batch() -> dict:
     resp_mask = _ragged_mask([6, 2, 4, 1], r)
     mask = np.concatenate([np.ones((B, WIDTH)), resp_mask], 1).astype(np.int32)
     f = lambda: rng.normal(size=(B, r)).astype(np.float32)  # noqa: E731
-    return {"tokens": (rng.randint(1, V, (B, L)) * mask).astype(np.int32), "mask": mask,
-            "resp_mask": resp_mask, "logprobs": f() - 4.0, "values": f(), "advantages": f(),
-            "returns": f()}
+    return {
+        "tokens": (rng.randint(1, V, (B, L)) * mask).astype(np.int32),
+        "mask": mask,
+        "resp_mask": resp_mask,
+        "logprobs": f() - 4.0,
+        "values": f(),
+        "advantages": f(),
+        "returns": f(),
+    }
 
 
 def ppo_step() -> dict:
@@ -202,8 +236,9 @@ CASES = {
 def test_one_step_metrics_equal_the_golden_values(case):
     got = CASES[case]()
     for metric, want in GOLDEN[case].items():
-        np.testing.assert_allclose(got[metric], want, rtol=RTOL,
-                                   err_msg=f"{case} {metric}: {HOW_TO_UPDATE}")
+        np.testing.assert_allclose(
+            got[metric], want, rtol=RTOL, err_msg=f"{case} {metric}: {HOW_TO_UPDATE}"
+        )
 
 
 def _print_golden() -> None:

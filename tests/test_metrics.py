@@ -14,12 +14,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from gptjax.config import PRESETS, EncoderConfig, ModelConfig, Seq2SeqConfig
 from gptjax.models import family
-
 from gptjax.training import metrics
-from gptjax.config import PRESETS, ModelConfig
-from gptjax.config import EncoderConfig
-from gptjax.config import Seq2SeqConfig
 
 L, D, N, F, V = 2, 12, 3, 20, 50  # layers, model, heads, feed-forward, vocab
 SMALL = dict(n_layers=L, d_model=D, n_heads=N, d_ff=F, vocab_size=V, max_len=16)
@@ -66,13 +63,16 @@ def test_every_row_of_the_peak_table(kind, platform, peak):
     assert metrics.peak_flops(_device(kind, platform)) == pytest.approx(peak, rel=1e-3)
 
 
-@pytest.mark.parametrize("kind,expected,not_this", [
-    ("NVIDIA L40S", 362e12, 121e12),  # L40S is not an L4 (the old table read it as one)
-    ("TPU v5", 459e12, 197e12),  # JAX's "TPU v5" is the v5p, not the v5e
-    ("TPU v5 lite", 197e12, 459e12),
-    ("NVIDIA H100 PCIe", 756e12, 989e12),  # PCIe is not the SXM
-    ("NVIDIA H100 80GB HBM3", 989e12, 756e12),
-])
+@pytest.mark.parametrize(
+    "kind,expected,not_this",
+    [
+        ("NVIDIA L40S", 362e12, 121e12),  # L40S is not an L4 (the old table read it as one)
+        ("TPU v5", 459e12, 197e12),  # JAX's "TPU v5" is the v5p, not the v5e
+        ("TPU v5 lite", 197e12, 459e12),
+        ("NVIDIA H100 PCIe", 756e12, 989e12),  # PCIe is not the SXM
+        ("NVIDIA H100 80GB HBM3", 989e12, 756e12),
+    ],
+)
 def test_similar_names_get_their_own_peak(kind, expected, not_this):
     got = metrics.peak_flops(_device(kind, "tpu" if kind.startswith("TPU") else "gpu"))
     assert got == pytest.approx(expected, rel=1e-3) and got != pytest.approx(not_this, rel=1e-3)
@@ -83,8 +83,9 @@ def test_device_kind_matches_case_insensitively_after_stripping():
     assert metrics.peak_flops(_device("tpu V5 LITE", "tpu")) == pytest.approx(197e12)
 
 
-@pytest.mark.parametrize("kind", ["NVIDIA L4 Ultra", "TPU v5 lite pod", "H100", "NVIDIA A100",
-                                  "NVIDIA GeForce RTX 4090"])
+@pytest.mark.parametrize(
+    "kind", ["NVIDIA L4 Ultra", "TPU v5 lite pod", "H100", "NVIDIA A100", "NVIDIA GeForce RTX 4090"]
+)
 def test_no_substring_matching_unknown_kinds_have_no_peak(kind):
     assert metrics.peak_flops(_device(kind)) is None
 
@@ -182,13 +183,22 @@ def test_seq2seq_hand_count_with_cross_attention():
     "a token" is one of the 9, so tokens/s x FLOPs/token is the loop's FLOP/s."""
     seq_len, s, u, l_enc, l_dec = 9, 4, 5, 2, 3
     cfg = Seq2SeqConfig(**SMALL | {"n_layers": l_enc}, n_decoder_layers=l_dec)
-    enc_layer = (2 * s * D * 3 * D + 2 * s * s * D + 2 * s * s * D + 2 * s * D * D
-                 + 2 * s * D * F + 2 * s * F * D)
+    enc_layer = (
+        2 * s * D * 3 * D
+        + 2 * s * s * D
+        + 2 * s * s * D
+        + 2 * s * D * D
+        + 2 * s * D * F
+        + 2 * s * F * D
+    )
     dec_self = 2 * u * D * 3 * D + 2 * u * u * D + 2 * u * u * D + 2 * u * D * D
-    dec_cross = (2 * u * D * D  # q from the decoder
-                 + 2 * s * D * 2 * D  # k, v from the encoder output, once per source
-                 + 2 * u * s * D + 2 * u * s * D  # scores, values over the S source keys
-                 + 2 * u * D * D)  # c_proj
+    dec_cross = (
+        2 * u * D * D  # q from the decoder
+        + 2 * s * D * 2 * D  # k, v from the encoder output, once per source
+        + 2 * u * s * D
+        + 2 * u * s * D  # scores, values over the S source keys
+        + 2 * u * D * D
+    )  # c_proj
     dec_mlp = 2 * u * D * F + 2 * u * F * D
     logits = 2 * u * D * V  # shared embedding as the output projection, target side only
     forward = l_enc * enc_layer + l_dec * (dec_self + dec_cross + dec_mlp) + logits
@@ -236,8 +246,9 @@ def test_counts_agree_with_xla_cost_analysis(name):
     """A second, independent check: XLA's FLOPs for the real gradient program exceed
     ours only by what we leave out on purpose (softmax, LayerNorm, activations, the loss)."""
     b, t = 2, 32
-    shape = dict(n_layers=1, d_model=128, n_heads=4, d_ff=320, vocab_size=512, max_len=64,
-                 scan_layers=False)
+    shape = dict(
+        n_layers=1, d_model=128, n_heads=4, d_ff=320, vocab_size=512, max_len=64, scan_layers=False
+    )
     ones = lambda *s: jnp.ones(s, jnp.int32)  # noqa: E731
     if name == "decoder":
         cfg, batch = ModelConfig(**shape, tie_embeddings=False), {"tokens": ones(b, t + 1)}
@@ -246,7 +257,12 @@ def test_counts_agree_with_xla_cost_analysis(name):
         batch = {"tokens": ones(b, t), "targets": ones(b, t), "loss_mask": ones(b, t)}
     else:
         cfg, (s, u) = Seq2SeqConfig(**shape, n_decoder_layers=2), (t // 2, t - t // 2)
-        batch = {"src": ones(b, s), "src_mask": ones(b, s), "tgt_in": ones(b, u),
-                 "tgt": ones(b, u), "tgt_mask": ones(b, u)}
+        batch = {
+            "src": ones(b, s),
+            "src_mask": ones(b, s),
+            "tgt_in": ones(b, u),
+            "tgt": ones(b, u),
+            "tgt_mask": ones(b, u),
+        }
     ratio = _xla_training_flops(cfg, batch) / (metrics.flops_per_token(cfg, t) * b * t)
     assert 1.0 <= ratio < 1.1, ratio

@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
+from gptjax.config import PRESETS, ModelConfig, get_preset
 from gptjax.models import attention as attn_lib
 from gptjax.models import gpt as model
 from gptjax.models import layers
-from gptjax.config import PRESETS, ModelConfig, get_preset
 from tests.reference import decoder_param_count as param_count
 from tests.reference import reference_logits
 
@@ -21,8 +21,9 @@ def _randomize(params, key, std=0.3):
     """Non-trivial values everywhere (init zeroes biases and sets LN scales to 1)."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [x + std * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+    return jax.tree.unflatten(
+        tree, [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
 
 
 def _setup(seed=0, **overrides):
@@ -73,34 +74,47 @@ def test_causality_by_gradient(variant):
 
     def logits_at(x_TD, pos):
         h = x_TD[None]
-        h, _ = layers.run_layers(cfg, params["h"], h, {}, lambda p, x, e, is_local: (
-            model.block(cfg, p, x, jnp.arange(t)[None], None, is_local=is_local)[0], None))
+        h, _ = layers.run_layers(
+            cfg,
+            params["h"],
+            h,
+            {},
+            lambda p, x, e, is_local: (
+                model.block(cfg, p, x, jnp.arange(t)[None], None, is_local=is_local)[0],
+                None,
+            ),
+        )
         return model.unembed(cfg, params, h)[0, pos].sum()
 
     for pos in (0, 5, t - 1):
         g_TD = jax.grad(logits_at)(x_TD, pos)
         norms = jnp.abs(g_TD).sum(-1)
-        assert float(norms[pos + 1:].max(initial=0.0)) == 0.0
+        assert float(norms[pos + 1 :].max(initial=0.0)) == 0.0
         assert float(norms[: pos + 1].min()) > 0.0
 
 
 def test_causality_of_full_forward_via_position_table():
     cfg, params, tokens = _setup()
     for pos in (2, 9):
-        g = jax.grad(lambda wpe: model.forward(cfg, {**params, "wpe": wpe}, tokens)[:, pos].sum())(
-            params["wpe"])
+        g = jax.grad(
+            lambda wpe, pos=pos: model.forward(cfg, {**params, "wpe": wpe}, tokens)[:, pos].sum()
+        )(params["wpe"])
         rows = jnp.abs(g).sum(-1)
-        assert float(rows[pos + 1:].max()) == 0.0 and float(rows[: pos + 1].min()) > 0
+        assert float(rows[pos + 1 :].max()) == 0.0 and float(rows[: pos + 1].min()) > 0
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "gpt3_sparse", "gpt1_post_ln"])
 def test_scan_equals_unrolled_and_remat_equals_plain(variant):
     cfg, params, tokens = _setup(**VARIANTS[variant])
     ref_loss, ref_grads = jax.value_and_grad(lambda p: _loss(cfg, p, tokens))(params)
-    for change in (dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
-                   dict(remat="dots_no_batch", scan_layers=False)):
+    for change in (
+        dict(scan_layers=False),
+        dict(remat="full"),
+        dict(remat="dots"),
+        dict(remat="dots_no_batch", scan_layers=False),
+    ):
         c = cfg.replace(**change)
-        loss, grads = jax.jit(jax.value_and_grad(lambda p: _loss(c, p, tokens)))(params)
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, c=c: _loss(c, p, tokens)))(params)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -113,11 +127,11 @@ def test_left_padding_scores_exactly_like_unpadded(variant):
     padded = np.zeros((3, 13), np.int32)
     mask = np.zeros((3, 13), np.int32)
     for i, n in enumerate(lengths):
-        padded[i, 13 - n:], mask[i, 13 - n:] = tokens[i, :n], 1
+        padded[i, 13 - n :], mask[i, 13 - n :] = tokens[i, :n], 1
     logits = model.forward(cfg, params, jnp.asarray(padded), mask=jnp.asarray(mask))
     for i, n in enumerate(lengths):
-        alone = model.forward(cfg, params, tokens[i:i + 1, :n])[0]
-        np.testing.assert_allclose(logits[i, 13 - n:], alone, rtol=1e-5, atol=1e-5)
+        alone = model.forward(cfg, params, tokens[i : i + 1, :n])[0]
+        np.testing.assert_allclose(logits[i, 13 - n :], alone, rtol=1e-5, atol=1e-5)
     assert np.isfinite(np.asarray(logits)).all()  # pad rows are finite too
 
 
@@ -129,16 +143,30 @@ def test_kv_cache_decoding_equals_full_forward(variant):
     cache = layers.init_cache(cfg, b, t)
     valid = jnp.zeros((b, t), bool).at[:, :prompt].set(True)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, cache = model.forward_cached(cfg, params, tokens[:, :prompt], cache,
-                                         positions_BT=pos[:, :prompt], kv_valid_BS=valid,
-                                         cache_index=0)
+    logits, cache = model.forward_cached(
+        cfg,
+        params,
+        tokens[:, :prompt],
+        cache,
+        positions_BT=pos[:, :prompt],
+        kv_valid_BS=valid,
+        cache_index=0,
+    )
     np.testing.assert_allclose(logits, full[:, :prompt], rtol=1e-5, atol=1e-5)
-    step = jax.jit(lambda tok, cache, valid, i: model.forward_cached(
-        cfg, params, tok, cache, positions_BT=jnp.full((b, 1), i), kv_valid_BS=valid,
-        cache_index=i))
+    step = jax.jit(
+        lambda tok, cache, valid, i: model.forward_cached(
+            cfg,
+            params,
+            tok,
+            cache,
+            positions_BT=jnp.full((b, 1), i),
+            kv_valid_BS=valid,
+            cache_index=i,
+        )
+    )
     for i in range(prompt, t):
         valid = valid.at[:, i].set(True)
-        logits, cache = step(tokens[:, i:i + 1], cache, valid, i)
+        logits, cache = step(tokens[:, i : i + 1], cache, valid, i)
         np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5)
 
 
@@ -151,9 +179,12 @@ def test_fused_attention_matches_einsum_reference():
         np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)
     valid = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7], bool)
     mask = attn_lib.make_mask(jnp.arange(7), valid, window=4)
-    np.testing.assert_allclose(attn_lib.attention(q, k, v, mask, impl="fused")[:, 2:],
-                               attn_lib.attention(q, k, v, mask, impl="xla")[:, 2:],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        attn_lib.attention(q, k, v, mask, impl="fused")[:, 2:],
+        attn_lib.attention(q, k, v, mask, impl="xla")[:, 2:],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_dropout_is_driven_by_the_key():
@@ -164,8 +195,15 @@ def test_dropout_is_driven_by_the_key():
     c = model.forward(cfg, params, tokens, key=jax.random.key(2))
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - clean).max()) > 1e-3 and float(jnp.abs(a - c).max()) > 1e-3
-    np.testing.assert_array_equal(clean, model.forward(cfg.replace(
-        embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0), params, tokens, key=jax.random.key(1)))
+    np.testing.assert_array_equal(
+        clean,
+        model.forward(
+            cfg.replace(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0),
+            params,
+            tokens,
+            key=jax.random.key(1),
+        ),
+    )
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():
@@ -174,8 +212,12 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
     bf = model.forward(cfg.replace(dtype="bfloat16"), params, tokens)
     assert bf.dtype == jnp.float32
     assert float(jnp.abs(bf - ref).max()) < 0.1 * float(jnp.abs(ref).max())
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
-        model.init_params(cfg.replace(dtype="bfloat16"), jax.random.key(0))))
+    assert all(
+        x.dtype == jnp.float32
+        for x in jax.tree.leaves(
+            model.init_params(cfg.replace(dtype="bfloat16"), jax.random.key(0))
+        )
+    )
 
 
 def test_init_statistics_follow_gpt2():
@@ -197,20 +239,33 @@ def test_preset_param_counts_and_axes(name):
     assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == param_count(cfg)
     axes = model.param_axes(cfg)
     assert jax.tree.structure(shapes) == jax.tree.structure(
-        axes, is_leaf=lambda x: isinstance(x, tuple))
-    for shape, names in zip(jax.tree.leaves(shapes),
-                            jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+        axes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    for shape, names in zip(
+        jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    ):
         assert len(shape.shape) == len(names)
 
 
 def test_known_parameter_counts():
-    expected = {"gpt2_small": 124_439_808, "gpt2_medium": 354_823_168,
-                "gpt2_large": 774_030_080, "gpt2_xl": 1_557_611_200,
-                "gpt3_175b": 174_604_259_328}
+    expected = {
+        "gpt2_small": 124_439_808,
+        "gpt2_medium": 354_823_168,
+        "gpt2_large": 774_030_080,
+        "gpt2_xl": 1_557_611_200,
+        "gpt3_175b": 174_604_259_328,
+    }
     for name, count in expected.items():
         assert param_count(get_preset(name)) == count, name
-    gpt3 = {"gpt3_small": 125e6, "gpt3_medium": 350e6, "gpt3_large": 760e6, "gpt3_xl": 1.3e9,
-            "gpt3_2.7b": 2.7e9, "gpt3_6.7b": 6.7e9, "gpt3_13b": 13.0e9}
+    gpt3 = {
+        "gpt3_small": 125e6,
+        "gpt3_medium": 350e6,
+        "gpt3_large": 760e6,
+        "gpt3_xl": 1.3e9,
+        "gpt3_2.7b": 2.7e9,
+        "gpt3_6.7b": 6.7e9,
+        "gpt3_13b": 13.0e9,
+    }
     for name, approx in gpt3.items():  # the paper's rounded sizes
         assert abs(param_count(get_preset(name)) / approx - 1) < 0.03, name
     assert get_preset("gpt1").ln_placement == "post" and get_preset("gpt1").max_len == 512

@@ -13,28 +13,35 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 
 import jax
 import numpy as np
 import pytest
 
-from gptjax.training import checkpoint as ckpt_lib
-from gptjax.parallel import mesh as sharding
-from gptjax.parallel import logical
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
+from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
+from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training.loop import train
 from gptjax.training.metrics import read_metrics
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, abstract_state, make_trainer
+from tests.conftest import copy_stdlib
 
 # One set of values, used both as dataclass fields (reference run) and as gin bindings (CLI).
 MODEL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=300, max_len=32)
 # Every run stops early (`stop_after`), so no run reaches `steps`: that keeps the final eval and
 # sample preview (tested in test_train.py) out of this test's time budget.
-TRAIN = dict(steps=50, batch_size=8, seq_len=16, log_every=1, eval_every=1000,
-             checkpoint_every=3, compilation_cache_dir=None)
+TRAIN = dict(
+    steps=50,
+    batch_size=8,
+    seq_len=16,
+    log_every=1,
+    eval_every=1000,
+    checkpoint_every=3,
+    compilation_cache_dir=None,
+)
 OPT = dict(peak_lr=3e-3, warmup_steps=2)
 MESH = dict(shape={"data": 2, "fsdp": 4, "tensor": 1}, rules="fsdp")
 N_PROCESSES, LOCAL_DEVICES = 2, 4
@@ -45,16 +52,22 @@ TIMEOUT_S = 150  # per invocation; a healthy one takes ~15-30 s on 2 loaded core
 def data(tmp_path_factory):
     """A real corpus (20 stdlib modules as text files) and a data_dir shared by all runs."""
     root = tmp_path_factory.mktemp("mh_corpus")
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:20]
-    for f in files:
-        (root / (os.path.basename(f) + ".txt")).write_text(open(f, encoding="utf-8").read())
-    return {"dataset": str(root / "*.txt"), "tokenizer": "byte",
-            "data_dir": str(tmp_path_factory.mktemp("mh_data"))}
+    copy_stdlib(root, 20)
+    return {
+        "dataset": str(root / "*.txt"),
+        "tokenizer": "byte",
+        "data_dir": str(tmp_path_factory.mktemp("mh_data")),
+    }
 
 
 def _bindings(data: dict) -> list[str]:
-    groups = {"ModelConfig": MODEL, "TrainConfig": TRAIN, "OptimizerConfig": OPT,
-              "MeshConfig": MESH, "DataConfig": data}
+    groups = {
+        "ModelConfig": MODEL,
+        "TrainConfig": TRAIN,
+        "OptimizerConfig": OPT,
+        "MeshConfig": MESH,
+        "DataConfig": data,
+    }
     return [f"{name}.{k} = {v!r}" for name, kw in groups.items() for k, v in kw.items()]
 
 
@@ -71,14 +84,32 @@ def _launch(workdir: str, data: dict, extra: list[str]) -> list[str]:
     blocked in a collective (its peer died) cannot hang the test suite.
     """
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
-    args = [sys.executable, "-m", "gptjax", "train", f"--workdir={workdir}",
-            f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={N_PROCESSES}"]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "gptjax",
+        "train",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={N_PROCESSES}",
+    ]
     args += [f"--gin_bindings={b}" for b in _bindings(data)] + extra
-    procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for i in range(N_PROCESSES)]
+    procs = [
+        subprocess.Popen(
+            args + [f"--process_id={i}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(N_PROCESSES)
+    ]
     outputs = [""] * N_PROCESSES
     try:
         for i, p in enumerate(procs):
@@ -93,15 +124,20 @@ def _launch(workdir: str, data: dict, extra: list[str]) -> list[str]:
             rest, _ = p.communicate()
             outputs[i] += rest or ""
     for i, p in enumerate(procs):
-        assert p.returncode == 0, (f"process {i} exited with {p.returncode} (timeout "
-                                   f"{TIMEOUT_S}s):\n{outputs[i][-3000:]}")
+        assert p.returncode == 0, (
+            f"process {i} exited with {p.returncode} (timeout {TIMEOUT_S}s):\n{outputs[i][-3000:]}"
+        )
     return outputs
 
 
 def _configs(data: dict) -> dict:
-    return dict(model_cfg=ModelConfig(**MODEL), train_cfg=TrainConfig(**TRAIN),
-                opt_cfg=OptimizerConfig(**OPT), data_cfg=DataConfig(**data),
-                mesh_cfg=sharding.MeshConfig(**MESH))
+    return dict(
+        model_cfg=ModelConfig(**MODEL),
+        train_cfg=TrainConfig(**TRAIN),
+        opt_cfg=OptimizerConfig(**OPT),
+        data_cfg=DataConfig(**data),
+        mesh_cfg=sharding.MeshConfig(**MESH),
+    )
 
 
 def _train_losses(workdir: str) -> list[tuple[int, float]]:
@@ -132,7 +168,7 @@ def test_two_processes_equal_one_process_with_eight_devices(data, tmp_path):
     # Only process 0 logs: a second writer would duplicate every row of the shared workdir.
     losses = _train_losses(multi)
     assert [s for s, _ in losses] == list(range(1, 7)), losses
-    np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-5)
+    np.testing.assert_allclose([x for _, x in losses], [x for _, x in ref_losses], rtol=1e-5)
     assert len(glob.glob(os.path.join(multi, "tensorboard", "events.*"))) == 2  # one per run
     for name in ("config.json", "config.gin", "summary.json", "tokenizer.json"):
         assert os.path.exists(os.path.join(multi, name)), name
@@ -144,13 +180,20 @@ def test_two_processes_equal_one_process_with_eight_devices(data, tmp_path):
     assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["3", "6"]
     cfgs = _configs(data)
     mesh = sharding.make_mesh(cfgs["mesh_cfg"])
-    trainer = make_trainer(cfgs["model_cfg"], cfgs["opt_cfg"], TRAIN["steps"], mesh,
-                           logical.logical_axis_rules(MESH["rules"]), TRAIN["batch_size"])
+    trainer = make_trainer(
+        cfgs["model_cfg"],
+        cfgs["opt_cfg"],
+        TRAIN["steps"],
+        mesh,
+        logical.logical_axis_rules(MESH["rules"]),
+        TRAIN["batch_size"],
+    )
     for step in (3, 6):
         got_step, got, meta = _restore(multi, trainer, step)
         assert got_step == step and meta["data"]["window"] == step * TRAIN["batch_size"]
     _, want, _ = _restore(ref, trainer, 6)
-    for a, b in zip(jax.tree.leaves(jax.device_get(got.params)),
-                    jax.tree.leaves(jax.device_get(want.params))):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(got.params)), jax.tree.leaves(jax.device_get(want.params))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert int(got.step) == 6

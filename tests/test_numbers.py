@@ -6,25 +6,42 @@ import numpy as np
 import pytest
 
 from gptjax.data import numbers
-from gptjax.data.tokenizer import Specials
 from gptjax.data.numbers import format_batch, make_task_datasets, number_to_words
-from gptjax.data.tokenizer import ByteTokenizer, CharTokenizer
+from gptjax.data.tokenizer import ByteTokenizer, CharTokenizer, Specials
 
 # --- words ---------------------------------------------------------------------------------
 
-HAND = {0: "zero", 7: "seven", 10: "ten", 15: "fifteen", 19: "nineteen", 20: "twenty",
-        42: "forty-two", 99: "ninety-nine", 100: "one hundred", 101: "one hundred one",
-        110: "one hundred ten", 342: "three hundred forty-two", 1000: "one thousand",
-        1001: "one thousand one", 7019: "seven thousand nineteen",
-        12345: "twelve thousand three hundred forty-five", 100000: "one hundred thousand",
-        342105: "three hundred forty-two thousand one hundred five",
-        999999: "nine hundred ninety-nine thousand nine hundred ninety-nine"}
+HAND = {
+    0: "zero",
+    7: "seven",
+    10: "ten",
+    15: "fifteen",
+    19: "nineteen",
+    20: "twenty",
+    42: "forty-two",
+    99: "ninety-nine",
+    100: "one hundred",
+    101: "one hundred one",
+    110: "one hundred ten",
+    342: "three hundred forty-two",
+    1000: "one thousand",
+    1001: "one thousand one",
+    7019: "seven thousand nineteen",
+    12345: "twelve thousand three hundred forty-five",
+    100000: "one hundred thousand",
+    342105: "three hundred forty-two thousand one hundred five",
+    999999: "nine hundred ninety-nine thousand nine hundred ninety-nine",
+}
 
-SMALL = {w: i for i, w in enumerate(
+_SMALL_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen".split())}
-TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety"
-                                        .split(), start=2)}
+    "fifteen sixteen seventeen eighteen nineteen"
+)
+SMALL = {w: i for i, w in enumerate(_SMALL_WORDS.split())}  # noqa: SIM905
+TENS = {
+    w: 10 * i
+    for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)  # noqa: SIM905
+}
 
 
 def _group(words: list[str]) -> int:
@@ -53,7 +70,7 @@ def words_to_number(text: str) -> int:
     words = text.split(" ")
     if "thousand" in words:
         i = words.index("thousand")
-        high, words = _group(words[:i]), words[i + 1:]
+        high, words = _group(words[:i]), words[i + 1 :]
         return 1000 * high + (_group(words) if words else 0)
     return _group(words)
 
@@ -111,7 +128,8 @@ def test_pairs_and_texts():
     texts = numbers.texts("numbers", "all", 30)
     assert len(texts) == 60 and "twenty-nine" in texts and "29" in texts
     assert set("".join(numbers.texts("numbers", "train"))) == set(
-        "".join(numbers.texts("numbers", "all")))
+        "".join(numbers.texts("numbers", "all"))
+    )
     with pytest.raises(ValueError, match="unknown task"):
         numbers.pairs("letters", "train")
     with pytest.raises(ValueError, match="unknown split"):
@@ -135,9 +153,16 @@ def _check(batch, expected):
 
 def test_decoder_format():
     batch = format_batch("causal", EXAMPLES, SP, seq_len=8, tgt_len=4)
-    _check(batch, {
-        "tokens": (np.int32, [[3, 10, 11, 12, 4, 20, 21, 2, 1], [3, 13, 4, 22, 23, 24, 2, 1, 1]]),
-        "loss_mask": (np.float32, [[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 0, 0]])})
+    _check(
+        batch,
+        {
+            "tokens": (
+                np.int32,
+                [[3, 10, 11, 12, 4, 20, 21, 2, 1], [3, 13, 4, 22, 23, 24, 2, 1, 1]],
+            ),
+            "loss_mask": (np.float32, [[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 0, 0]]),
+        },
+    )
     # The scored next-token targets are exactly t then eos.
     targets = batch["tokens"][:, 1:]
     for row, (_, t) in enumerate(EXAMPLES):
@@ -146,21 +171,29 @@ def test_decoder_format():
 
 def test_encoder_format():
     batch = format_batch("slots", EXAMPLES, SP, seq_len=9, tgt_len=4)
-    _check(batch, {
-        "tokens": (np.int32, [[3, 10, 11, 12, 4, 5, 5, 5, 5], [3, 13, 4, 5, 5, 5, 5, 1, 1]]),
-        "targets": (np.int32, [[0, 0, 0, 0, 0, 20, 21, 2, 1], [0, 0, 0, 22, 23, 24, 2, 0, 0]]),
-        "loss_mask": (np.float32, [[0, 0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 0, 0]]),
-        "mask": (np.int32, [[1] * 9, [1, 1, 1, 1, 1, 1, 1, 0, 0]])})
+    _check(
+        batch,
+        {
+            "tokens": (np.int32, [[3, 10, 11, 12, 4, 5, 5, 5, 5], [3, 13, 4, 5, 5, 5, 5, 1, 1]]),
+            "targets": (np.int32, [[0, 0, 0, 0, 0, 20, 21, 2, 1], [0, 0, 0, 22, 23, 24, 2, 0, 0]]),
+            "loss_mask": (np.float32, [[0, 0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 0, 0]]),
+            "mask": (np.int32, [[1] * 9, [1, 1, 1, 1, 1, 1, 1, 0, 0]]),
+        },
+    )
 
 
 def test_seq2seq_format():
     batch = format_batch("pair", EXAMPLES, SP, seq_len=5, tgt_len=4)
-    _check(batch, {
-        "src": (np.int32, [[10, 11, 12, 2, 1], [13, 2, 1, 1, 1]]),
-        "src_mask": (np.int32, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]),
-        "tgt_in": (np.int32, [[3, 20, 21, 1, 1], [3, 22, 23, 24, 1]]),
-        "tgt": (np.int32, [[20, 21, 2, 1, 1], [22, 23, 24, 2, 1]]),
-        "tgt_mask": (np.float32, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])})
+    _check(
+        batch,
+        {
+            "src": (np.int32, [[10, 11, 12, 2, 1], [13, 2, 1, 1, 1]]),
+            "src_mask": (np.int32, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]),
+            "tgt_in": (np.int32, [[3, 20, 21, 1, 1], [3, 22, 23, 24, 1]]),
+            "tgt": (np.int32, [[20, 21, 2, 1, 1], [22, 23, 24, 2, 1]]),
+            "tgt_mask": (np.float32, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]),
+        },
+    )
     # tgt_in is tgt shifted right behind start, wherever the target is real.
     shifted = np.concatenate([np.full((2, 1), SP.start_id), batch["tgt"][:, :-1]], axis=1)
     real = batch["tgt_mask"] == 1
@@ -174,13 +207,16 @@ def test_format_takes_a_tokenizer_as_specials():
     np.testing.assert_array_equal(batch["tgt_in"], [[tok.start_id, 66, tok.pad_id]])
 
 
-@pytest.mark.parametrize("family,seq_len,tgt_len,match", [
-    ("causal", 6, 4, "seq_len=6 is too small for the 'causal' format.*needs seq_len >= 7"),
-    ("slots", 8, 4, "seq_len=8 is too small for the 'slots' format.*needs seq_len >= 9"),
-    ("slots", 20, 3, "needs tgt_len >= 4, got tgt_len=3"),
-    ("pair", 3, 4, "seq_len=3 is too small for the 'pair' format.*needs seq_len >= 4"),
-    ("bert", 20, 4, "unknown batch format 'bert'"),
-])
+@pytest.mark.parametrize(
+    "family,seq_len,tgt_len,match",
+    [
+        ("causal", 6, 4, "seq_len=6 is too small for the 'causal' format.*needs seq_len >= 7"),
+        ("slots", 8, 4, "seq_len=8 is too small for the 'slots' format.*needs seq_len >= 9"),
+        ("slots", 20, 3, "needs tgt_len >= 4, got tgt_len=3"),
+        ("pair", 3, 4, "seq_len=3 is too small for the 'pair' format.*needs seq_len >= 4"),
+        ("bert", 20, 4, "unknown batch format 'bert'"),
+    ],
+)
 def test_rows_that_do_not_fit_raise(family, seq_len, tgt_len, match):
     with pytest.raises(ValueError, match=match):
         format_batch(family, EXAMPLES, SP, seq_len=seq_len, tgt_len=tgt_len)
@@ -225,13 +261,14 @@ def _texts_of_row(family, batch, row, tok):
 @pytest.mark.parametrize("task", numbers.TASKS)
 @pytest.mark.parametrize("family", numbers.FORMATS)
 def test_eval_pass_holds_the_validation_pairs_in_order(family, task, tok):
-    train_iter, eval_factory = make_task_datasets(task, family, tok, SEQ, BATCH,
-                                                  max_number=MAX, eval_batch_size=16)
+    train_iter, eval_factory = make_task_datasets(
+        task, family, tok, SEQ, BATCH, max_number=MAX, eval_batch_size=16
+    )
     val = numbers.pairs(task, "validation", MAX)
     batches = list(eval_factory())
     assert len(batches) == len(val) // 16  # the last partial batch is dropped
     got = [_texts_of_row(family, b, r, tok) for b in batches for r in range(16)]
-    assert got == val[:len(got)]
+    assert got == val[: len(got)]
     train = set(numbers.pairs(task, "train", MAX))
     batch = next(train_iter)
     assert {_texts_of_row(family, batch, r, tok) for r in range(BATCH)} <= train
@@ -252,34 +289,51 @@ def _assert_same(batches_a, batches_b):
 
 @pytest.mark.parametrize("family,steps", [("causal", 0), ("slots", 5), ("pair", 30)])
 def test_resume_gives_the_same_next_batches(family, steps, tok):
-    reference = _take(make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=3,
-                                         max_number=MAX)[0], steps + 4)
+    reference = _take(
+        make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=3, max_number=MAX)[0], steps + 4
+    )
     it = make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=3, max_number=MAX)[0]
     _take(it, steps)
     state = json.loads(json.dumps(it.get_state()))
-    resumed = make_task_datasets("numbers", family, tok, SEQ, BATCH, max_number=MAX,
-                                 state=state)[0]
+    resumed = make_task_datasets("numbers", family, tok, SEQ, BATCH, max_number=MAX, state=state)[0]
     _assert_same(_take(resumed, 4), reference[steps:])
     fresh = make_task_datasets("numbers", family, tok, SEQ, BATCH, max_number=MAX)[0]
     fresh.set_state(state)
-    _assert_same(_take(fresh, 1), reference[steps:steps + 1])
+    _assert_same(_take(fresh, 1), reference[steps : steps + 1])
     other = make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=4, max_number=MAX)[0]
-    assert not np.array_equal(next(other)[next(iter(reference[0]))],
-                              reference[0][next(iter(reference[0]))])
+    assert not np.array_equal(
+        next(other)[next(iter(reference[0]))], reference[0][next(iter(reference[0]))]
+    )
 
 
 @pytest.mark.parametrize("family", numbers.FORMATS)
 def test_two_processes_concatenate_to_one(family, tok):
-    whole = _take(make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=1,
-                                     max_number=MAX)[0], 30)
-    parts = [_take(make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=1,
-                                      process_index=p, process_count=2, max_number=MAX)[0], 30)
-             for p in (0, 1)]
+    whole = _take(
+        make_task_datasets("numbers", family, tok, SEQ, BATCH, seed=1, max_number=MAX)[0], 30
+    )
+    parts = [
+        _take(
+            make_task_datasets(
+                "numbers",
+                family,
+                tok,
+                SEQ,
+                BATCH,
+                seed=1,
+                process_index=p,
+                process_count=2,
+                max_number=MAX,
+            )[0],
+            30,
+        )
+        for p in (0, 1)
+    ]
     for step, batch in enumerate(whole):
         for key, value in batch.items():
             assert parts[0][step][key].shape[0] == BATCH // 2
             np.testing.assert_array_equal(
-                np.concatenate([parts[0][step][key], parts[1][step][key]]), value)
+                np.concatenate([parts[0][step][key], parts[1][step][key]]), value
+            )
 
 
 def test_dataset_errors_are_clear(tok):

@@ -40,12 +40,14 @@ def test_linear_constant_and_decay_steps():
     np.testing.assert_allclose(lin(600), 0.55 * PEAK, rtol=1e-5)
     np.testing.assert_allclose(lin(1100), 0.1 * PEAK, rtol=1e-5)
     const = opt.make_schedule(_cfg(decay="constant"), total_steps=1100)
-    np.testing.assert_allclose([const(50), const(100), const(1100)], [PEAK / 2, PEAK, PEAK],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [const(50), const(100), const(1100)], [PEAK / 2, PEAK, PEAK], rtol=1e-6
+    )
     # GPT-3: decay over 260B of 300B tokens, then hold at 10%.
     early = opt.make_schedule(_cfg(decay_steps=600), total_steps=1100)
-    np.testing.assert_allclose([early(350), early(600), early(1000)],
-                               [0.55 * PEAK, 0.1 * PEAK, 0.1 * PEAK], rtol=1e-5)
+    np.testing.assert_allclose(
+        [early(350), early(600), early(1000)], [0.55 * PEAK, 0.1 * PEAK, 0.1 * PEAK], rtol=1e-5
+    )
     nowarm = opt.make_schedule(_cfg(warmup_steps=0), total_steps=1000)
     np.testing.assert_allclose([nowarm(0), nowarm(1000)], [PEAK, 0.1 * PEAK], rtol=1e-5)
 
@@ -79,10 +81,15 @@ def _stacked_params(L=3, D=5, V=11, T=7):
     lin = lambda i, o: {"kernel": z(L, i, o), "bias": z(L, o)}
     ln = lambda *lead: {"scale": z(*lead, D), "bias": z(*lead, D)}
     return {
-        "wte": z(V, D), "wpe": z(T, D), "ln_f": ln(),
-        "h": {"ln_1": ln(L), "ln_2": ln(L),
-              "attn": {"c_attn": lin(D, 3 * D), "c_proj": lin(D, D)},
-              "mlp": {"c_fc": lin(D, 4 * D), "c_proj": lin(4 * D, D)}},
+        "wte": z(V, D),
+        "wpe": z(T, D),
+        "ln_f": ln(),
+        "h": {
+            "ln_1": ln(L),
+            "ln_2": ln(L),
+            "attn": {"c_attn": lin(D, 3 * D), "c_proj": lin(D, D)},
+            "mlp": {"c_fc": lin(D, 4 * D), "c_proj": lin(4 * D, D)},
+        },
     }
 
 
@@ -90,10 +97,16 @@ def test_weight_decay_mask_on_stacked_tree():
     mask = opt.weight_decay_mask(_stacked_params())
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
     decayed = sorted(k for k, m in flat.items() if m)
-    assert decayed == sorted([
-        "['wte']", "['wpe']", "['h']['attn']['c_attn']['kernel']",
-        "['h']['attn']['c_proj']['kernel']", "['h']['mlp']['c_fc']['kernel']",
-        "['h']['mlp']['c_proj']['kernel']"])
+    assert decayed == sorted(
+        [
+            "['wte']",
+            "['wpe']",
+            "['h']['attn']['c_attn']['kernel']",
+            "['h']['attn']['c_proj']['kernel']",
+            "['h']['mlp']['c_fc']['kernel']",
+            "['h']['mlp']['c_proj']['kernel']",
+        ]
+    )
     # The per-layer LayerNorm scales are 2-D (L, D) and 1-D biases are (L, D) too: not decayed.
     assert not flat["['h']['ln_1']['scale']"] and not flat["['h']['mlp']['c_fc']['bias']"]
     # Works on abstract params (what optax sees under jit).
@@ -112,8 +125,13 @@ def _numpy_adamw(p, g, lr, b1, b2, eps, wd, decay):
 
 def test_one_adamw_step_matches_numpy():
     rng = np.random.default_rng(0)
-    params = {"wte": rng.normal(size=(7, 3)), "h": {"ln_1": {"scale": rng.normal(size=(2, 3))},
-              "c_fc": {"kernel": rng.normal(size=(2, 3, 5)), "bias": rng.normal(size=(2, 5))}}}
+    params = {
+        "wte": rng.normal(size=(7, 3)),
+        "h": {
+            "ln_1": {"scale": rng.normal(size=(2, 3))},
+            "c_fc": {"kernel": rng.normal(size=(2, 3, 5)), "bias": rng.normal(size=(2, 5))},
+        },
+    }
     grads = jax.tree.map(lambda x: rng.normal(size=x.shape) * 1e-2, params)
     params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     grads32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads)
@@ -124,18 +142,28 @@ def test_one_adamw_step_matches_numpy():
     new = jax.tree.map(lambda p, u: p + u, params32, updates)
     mask = opt.weight_decay_mask(params)
     want = jax.tree.map(
-        lambda p, g, d: _numpy_adamw(p, g, 1e-2, 0.9, 0.95, 1e-8, 0.1, d), params, grads, mask)
+        lambda p, g, d: _numpy_adamw(p, g, 1e-2, 0.9, 0.95, 1e-8, 0.1, d), params, grads, mask
+    )
     for got, exp in zip(jax.tree.leaves(new), jax.tree.leaves(want)):
         np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-7)
     # Decay really applied to the kernel and not to the scale: differs from the no-decay answer.
-    no_decay = _numpy_adamw(params["h"]["c_fc"]["kernel"], grads["h"]["c_fc"]["kernel"],
-                            1e-2, 0.9, 0.95, 1e-8, 0.0, False)
+    no_decay = _numpy_adamw(
+        params["h"]["c_fc"]["kernel"],
+        grads["h"]["c_fc"]["kernel"],
+        1e-2,
+        0.9,
+        0.95,
+        1e-8,
+        0.0,
+        False,
+    )
     assert np.abs(np.asarray(new["h"]["c_fc"]["kernel"]) - no_decay).max() > 1e-4
 
 
 def _adam_mu(state):
-    return [s.mu for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu"))
-            if hasattr(s, "mu")][0]
+    return [
+        s.mu for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")
+    ][0]
 
 
 def test_clipping_kicks_in_above_clip_norm():
@@ -153,7 +181,7 @@ def test_clipping_kicks_in_above_clip_norm():
 
 
 def test_batch_ramp():
-    seq, full = 1024, 2 ** 19  # GPT-3 Small: 0.5M tokens = 512 sequences of 1024
+    seq, full = 1024, 2**19  # GPT-3 Small: 0.5M tokens = 512 sequences of 1024
     off = opt.OptimizerConfig()
     assert opt.batch_size_at(0, off, full, seq) == 512
     cfg = opt.OptimizerConfig(batch_ramp_tokens=4_000_000_000, batch_ramp_start=32768)
@@ -161,9 +189,9 @@ def test_batch_ramp():
     # Halfway: (32768 + 524288) / 2 tokens = 278528 tokens = 272 sequences.
     assert opt.batch_size_at(2_000_000_000, cfg, full, seq) == 272
     assert opt.batch_size_at(4_000_000_000, cfg, full, seq) == 512
-    assert opt.batch_size_at(10 ** 12, cfg, full, seq) == 512
+    assert opt.batch_size_at(10**12, cfg, full, seq) == 512
     # Never below one sequence, even when the start is smaller than a sequence.
     tiny = opt.OptimizerConfig(batch_ramp_tokens=1000, batch_ramp_start=10)
     assert opt.batch_size_at(0, tiny, 64 * 16, 64) == 1
-    sizes = [opt.batch_size_at(t, cfg, full, seq) for t in range(0, 5_000_000_000, 10 ** 8)]
+    sizes = [opt.batch_size_at(t, cfg, full, seq) for t in range(0, 5_000_000_000, 10**8)]
     assert sizes == sorted(sizes)  # monotone

@@ -8,20 +8,19 @@ step is saved by both, both exit 0, and a rerun resumes from it and reproduces a
 run's losses exactly. Every subprocess is bounded by a timeout, so a hang fails the test.
 """
 
-import glob
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 
 import pytest
 
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training.metrics import read_metrics
+from tests.conftest import copy_stdlib
 
 N_PROCESSES = 2
 WORKER = os.path.join(os.path.dirname(__file__), "preemption_worker.py")
@@ -30,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `gptjax train` end to end: a tiny model, its params sharded over both processes (fsdp=2).
 MODEL = dict(n_layers=1, d_model=16, n_heads=2, d_ff=32, vocab_size=300, max_len=16)
 # Neither `steps` nor checkpoint_every is reached: the only checkpoint is the preemption's.
-TRAIN = dict(steps=10_000, batch_size=8, seq_len=8, log_every=1, eval_every=10**6,
-             checkpoint_every=10**6)
+TRAIN = dict(
+    steps=10_000, batch_size=8, seq_len=8, log_every=1, eval_every=10**6, checkpoint_every=10**6
+)
 OPT = dict(peak_lr=3e-3, warmup_steps=2)  # so the compared steps really update the params
 MESH = dict(shape={"data": 1, "fsdp": 2, "tensor": 1}, rules="fsdp")
 LOCAL_DEVICES = 1
@@ -49,8 +49,13 @@ def _free_port() -> int:
 def _env(local_devices: int) -> dict:
     """CPU only, N fake devices, and this checkout's gptjax (also for the worker script)."""
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": path,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
+    }
 
 
 class Job:
@@ -60,16 +65,18 @@ class Job:
     blocked in a collective (its peer gone, or the two disagreeing on a step) fails the test.
     """
 
-    def __init__(self, argv: list[str], tmp_path, name: str, local_devices: int,
-                 timeout_s: float):
+    def __init__(self, argv: list[str], tmp_path, name: str, local_devices: int, timeout_s: float):
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
         self.logs = [tmp_path / f"{name}.{i}.log" for i in range(N_PROCESSES)]
         self.procs = []
         for i, log in enumerate(self.logs):
             with open(log, "w") as out:
-                self.procs.append(subprocess.Popen(
-                    argv(i), env=_env(local_devices), stdout=out, stderr=subprocess.STDOUT))
+                self.procs.append(
+                    subprocess.Popen(
+                        argv(i), env=_env(local_devices), stdout=out, stderr=subprocess.STDOUT
+                    )
+                )
 
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
@@ -88,8 +95,10 @@ class Job:
                     p.wait()
         outputs = [log.read_text() for log in self.logs]
         for i, p in enumerate(self.procs):
-            assert p.returncode == 0, (f"process {i} exited with {p.returncode} (timeout "
-                                       f"{self.timeout_s}s):\n{outputs[i][-3000:]}")
+            assert p.returncode == 0, (
+                f"process {i} exited with {p.returncode} (timeout "
+                f"{self.timeout_s}s):\n{outputs[i][-3000:]}"
+            )
         return outputs
 
     def kill(self) -> None:
@@ -111,8 +120,13 @@ def _last_json(output: str) -> dict:
 def test_one_signalled_process_stops_both_at_the_same_step(tmp_path, check_every, want_stop):
     """Process 1 signals itself at step 3; with check_every=k both stop at the next multiple."""
     port = _free_port()
-    job = Job(lambda i: [sys.executable, WORKER, str(port), str(i), str(check_every), "1", "3"],
-              tmp_path, "handler", local_devices=2, timeout_s=60)
+    job = Job(
+        lambda i: [sys.executable, WORKER, str(port), str(i), str(check_every), "1", "3"],
+        tmp_path,
+        "handler",
+        local_devices=2,
+        timeout_s=60,
+    )
     results = [_last_json(out) for out in job.wait()]
     assert [r["stop_step"] for r in results] == [want_stop] * N_PROCESSES, results
     assert [r["requested"] for r in results] == [False, True]  # the flag stays per process
@@ -127,24 +141,36 @@ def test_one_signalled_process_stops_both_at_the_same_step(tmp_path, check_every
 def data(tmp_path_factory):
     """A small real corpus (stdlib modules as text, byte tokens) and a shared data_dir."""
     root = tmp_path_factory.mktemp("preempt_corpus")
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:10]
-    for f in files:
-        (root / (os.path.basename(f) + ".txt")).write_text(open(f, encoding="utf-8").read())
-    return {"dataset": str(root / "*.txt"), "tokenizer": "byte",
-            "data_dir": str(tmp_path_factory.mktemp("preempt_data"))}
+    copy_stdlib(root, 10)
+    return {
+        "dataset": str(root / "*.txt"),
+        "tokenizer": "byte",
+        "data_dir": str(tmp_path_factory.mktemp("preempt_data")),
+    }
 
 
 def _train(workdir, data: dict, tmp_path, name: str, extra: list[str]) -> Job:
     """Start `gptjax train` as the two processes of one job (returns at once)."""
-    groups = {"ModelConfig": MODEL, "OptimizerConfig": OPT, "MeshConfig": MESH, "DataConfig": data,
-              "TrainConfig": {**TRAIN, "compilation_cache_dir": str(tmp_path / "jax_cache")}}
+    groups = {
+        "ModelConfig": MODEL,
+        "OptimizerConfig": OPT,
+        "MeshConfig": MESH,
+        "DataConfig": data,
+        "TrainConfig": {**TRAIN, "compilation_cache_dir": str(tmp_path / "jax_cache")},
+    }
     bindings = [f"{g}.{k} = {v!r}" for g, kw in groups.items() for k, v in kw.items()]
     port = _free_port()
-    argv = [sys.executable, "-m", "gptjax", "train", f"--workdir={workdir}",
-            f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={N_PROCESSES}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gptjax",
+        "train",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={N_PROCESSES}",
+    ]
     argv += [f"--gin_bindings={b}" for b in bindings] + extra
-    return Job(lambda i: argv + [f"--process_id={i}"], tmp_path, name, LOCAL_DEVICES,
-               TIMEOUT_S)
+    return Job(lambda i: argv + [f"--process_id={i}"], tmp_path, name, LOCAL_DEVICES, TIMEOUT_S)
 
 
 def _signal_once_training(job: Job, workdir, process: int, min_step: int) -> int:
@@ -166,12 +192,13 @@ def _signal_once_training(job: Job, workdir, process: int, min_step: int) -> int
 
 def _rows(workdir) -> list[dict]:
     """metrics.jsonl without the timing columns, which differ between runs."""
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
-            for r in read_metrics(str(workdir))]
+    return [
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
+        for r in read_metrics(str(workdir))
+    ]
 
 
-def test_train_preempted_on_one_process_saves_one_agreed_step_and_resumes_exactly(
-        data, tmp_path):
+def test_train_preempted_on_one_process_saves_one_agreed_step_and_resumes_exactly(data, tmp_path):
     run = tmp_path / "preempted"
     job = _train(run, data, tmp_path, "preempted", [f"--stop_after={SAFETY_STOP}"])
     seen = _signal_once_training(job, run, process=1, min_step=3)

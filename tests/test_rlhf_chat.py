@@ -8,8 +8,10 @@ from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.rlhf import chat
 from tests.rlhf_fixtures import CFG, params
 
-HH = ("\n\nHuman: what are some pranks with a pen i can do?\n\nAssistant: Are you looking for "
-      "practical joke ideas?\n\nHuman: yep\n\nAssistant: Ok, here are two:\n\n1. Draw.\n\n2. Hide.")
+HH = (
+    "\n\nHuman: what are some pranks with a pen i can do?\n\nAssistant: Are you looking for "
+    "practical joke ideas?\n\nHuman: yep\n\nAssistant: Ok, here are two:\n\n1. Draw.\n\n2. Hide."
+)
 
 
 def test_parse_dialogue_keeps_blank_lines_inside_turns_and_round_trips():
@@ -39,8 +41,9 @@ def test_assistant_turns_end_with_the_end_of_turn_id():
 
 def test_truncation_drops_the_oldest_turns_first():
     tok = ByteTokenizer()
-    turns = [("Human", f"question {i}") if i % 2 == 0 else ("Assistant", f"answer {i}")
-             for i in range(7)]
+    turns = [
+        ("Human", f"question {i}") if i % 2 == 0 else ("Assistant", f"answer {i}") for i in range(7)
+    ]
     full = len(chat.prompt_ids(tok, turns))
     budget = len(chat.prompt_ids(tok, turns[-3:]))  # room for exactly the last three turns
     kept, ids = chat.truncate_history(tok, turns, budget)
@@ -61,8 +64,7 @@ def test_chat_loop_reads_piped_lines_and_keeps_the_transcript():
     # Both prompts are over 32 bytes, so both are padded to the 40-byte budget (one compile);
     # the second history no longer fits and keeps only the newest turn.
     lines = io.StringIO("hello there!\n\nhow are you?\n")
-    transcript = chat.chat_loop(CFG, params(0), tok, lines, out, max_new_tokens=8,
-                                temperature=1.0)
+    transcript = chat.chat_loop(CFG, params(0), tok, lines, out, max_new_tokens=8, temperature=1.0)
     printed = out.getvalue()  # a random model may well emit newline bytes
     assert printed.startswith("Assistant: ") and printed.count("Assistant: ") == 2
     assert [r for r, _ in transcript] == ["Human", "Assistant", "Human", "Assistant"]

@@ -20,23 +20,51 @@ from gptjax.cli import main as main_lib
 from tests.rlhf_fixtures import compilation_cache
 
 TINY = [
-    "ModelConfig.n_layers = 1", "ModelConfig.d_model = 32", "ModelConfig.n_heads = 2",
-    "ModelConfig.vocab_size = 512", "ModelConfig.max_len = 40",
-    "SFTConfig.pretrain_steps = 2", "SFTConfig.steps = 2", "SFTConfig.batch_size = 8",
-    "SFTConfig.seq_len = 39", "SFTConfig.n_demonstrations = 16", "SFTConfig.log_every = 1",
+    "ModelConfig.n_layers = 1",
+    "ModelConfig.d_model = 32",
+    "ModelConfig.n_heads = 2",
+    "ModelConfig.vocab_size = 512",
+    "ModelConfig.max_len = 40",
+    "SFTConfig.pretrain_steps = 2",
+    "SFTConfig.steps = 2",
+    "SFTConfig.batch_size = 8",
+    "SFTConfig.seq_len = 39",
+    "SFTConfig.n_demonstrations = 16",
+    "SFTConfig.log_every = 1",
     "SFTConfig.tokenizer_vocab_size = 400",
-    "RewardConfig.k = 4", "RewardConfig.n_prompts = 2", "RewardConfig.heldout_prompts = 2",
-    "RewardConfig.steps = 2", "RewardConfig.batch_size = 2", "RewardConfig.norm_samples = 16",
-    "RewardConfig.max_new_tokens = 12", "RewardConfig.seed = 0",
-    "PPOConfig.steps = 2", "PPOConfig.batch_size = 16", "PPOConfig.minibatches = 2",
-    "PPOConfig.epochs = 1", "PPOConfig.n_prompts = 16", "PPOConfig.eval_prompts = 16",
-    "PPOConfig.max_new_tokens = 12", "PPOConfig.kl_target = 3.0",
-    "OptimizerConfig.warmup_steps = 1", "OptimizerConfig.decay = 'constant'",
+    "RewardConfig.k = 4",
+    "RewardConfig.n_prompts = 2",
+    "RewardConfig.heldout_prompts = 2",
+    "RewardConfig.steps = 2",
+    "RewardConfig.batch_size = 2",
+    "RewardConfig.norm_samples = 16",
+    "RewardConfig.max_new_tokens = 12",
+    "RewardConfig.seed = 0",
+    "PPOConfig.steps = 2",
+    "PPOConfig.batch_size = 16",
+    "PPOConfig.minibatches = 2",
+    "PPOConfig.epochs = 1",
+    "PPOConfig.n_prompts = 16",
+    "PPOConfig.eval_prompts = 16",
+    "PPOConfig.max_new_tokens = 12",
+    "PPOConfig.kl_target = 3.0",
+    "OptimizerConfig.warmup_steps = 1",
+    "OptimizerConfig.decay = 'constant'",
     "MeshConfig.shape = {'data': 1, 'fsdp': 1, 'tensor': 1}",
 ]
-SUMMARY_KEYS = ("reward/heldout_accuracy", "ppo/gold_reward_start", "ppo/gold_reward_start_std",
-                "ppo/gold_reward_end", "ppo/kl_end", "ppo/kl_target", "ppo/ptx_lm_loss_start",
-                "ppo/ptx_lm_loss_end", "sft/loss", "sft/heldout_loss", "pretrain/loss")
+SUMMARY_KEYS = (
+    "reward/heldout_accuracy",
+    "ppo/gold_reward_start",
+    "ppo/gold_reward_start_std",
+    "ppo/gold_reward_end",
+    "ppo/kl_end",
+    "ppo/kl_target",
+    "ppo/ptx_lm_loss_start",
+    "ppo/ptx_lm_loss_end",
+    "sft/loss",
+    "sft/heldout_loss",
+    "pretrain/loss",
+)
 
 
 def _clear_gin():
@@ -91,8 +119,16 @@ def test_rlhf_writes_a_finite_summary_and_a_plot(run):
 def test_ppo_starts_at_the_reference_policy(run):
     rows = _rows(os.path.join(run, "ppo"))
     assert [r["step"] for r in rows] == [1, 2]
-    for name in ("objective/kl", "objective/scores", "objective/kl_coef", "policy/approxkl",
-                 "policy/clipfrac", "val/clipfrac", "ppo/returns/mean", "ppo/gold_reward"):
+    for name in (
+        "objective/kl",
+        "objective/scores",
+        "objective/kl_coef",
+        "policy/approxkl",
+        "policy/clipfrac",
+        "val/clipfrac",
+        "ppo/returns/mean",
+        "ppo/gold_reward",
+    ):
         assert name in rows[0], name
         assert all(math.isfinite(r[name]) for r in rows), name
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
@@ -113,11 +149,23 @@ def test_chat_with_the_ppo_policy(run, monkeypatch, capsys, clean_gin):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, clean_gin):
-    code = main_lib.main(["ppo", f"--workdir={tmp_path}/p", f"--sft_workdir={tmp_path}/none",
-                          f"--reward_workdir={tmp_path}/none"])
+    code = main_lib.main(
+        [
+            "ppo",
+            f"--workdir={tmp_path}/p",
+            f"--sft_workdir={tmp_path}/none",
+            f"--reward_workdir={tmp_path}/none",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "gptjax ppo: error: no config.json" in err
     _clear_gin()  # main() locks the gin config it parsed
-    code = main_lib.main(["reward", f"--workdir={tmp_path}/r", f"--sft_workdir={tmp_path}",
-                          "--gin_bindings=RewardConfig.k = 1"])
+    code = main_lib.main(
+        [
+            "reward",
+            f"--workdir={tmp_path}/r",
+            f"--sft_workdir={tmp_path}",
+            "--gin_bindings=RewardConfig.k = 1",
+        ]
+    )
     assert code == 1 and "at least 2 responses" in capsys.readouterr().err

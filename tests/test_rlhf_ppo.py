@@ -13,15 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.training.optimizer import OptimizerConfig
-from gptjax.rlhf import chat, losses, ppo, reward, sft
 from gptjax.parallel.mesh import MeshConfig
+from gptjax.rlhf import chat, losses, ppo, reward, sft
+from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import loss_fn
 from tests.rlhf_fixtures import CFG, TOK, params
 
 WIDTH = 5
-PPO = ppo.PPOConfig(batch_size=4, minibatches=2, epochs=2, max_new_tokens=7, temperature=1.0,
-                    ptx_coef=2.0, ptx_batch_size=3)
+PPO = ppo.PPOConfig(
+    batch_size=4,
+    minibatches=2,
+    epochs=2,
+    max_new_tokens=7,
+    temperature=1.0,
+    ptx_coef=2.0,
+    ptx_batch_size=3,
+)
 PROMPTS = [[72, 105], [1, 2, 3, 4, 5], [9], [40, 41, 42]]
 
 
@@ -40,16 +47,28 @@ def models(fns):
     rm = reward.from_policy(CFG, params(1), jax.random.key(2))
     norm = reward.identity_norm()
     put = lambda tree, s: jax.device_put(jax.device_get(tree), s)  # noqa: E731
-    return {"policy": put(policy, shard["policy"]), "ref": put(policy, shard["policy"]),
-            "rm": put(rm, shard["critic"]), "norm": put(norm, fns.state_shardings.step),
-            "critic": put(ppo.critic_from_reward(rm, norm), shard["critic"])}
+    return {
+        "policy": put(policy, shard["policy"]),
+        "ref": put(policy, shard["policy"]),
+        "rm": put(rm, shard["critic"]),
+        "norm": put(norm, fns.state_shardings.step),
+        "critic": put(ppo.critic_from_reward(rm, norm), shard["critic"]),
+    }
 
 
 @pytest.fixture(scope="module")
 def batch(models):
     """Replies of the policy to PROMPTS, left-padded to WIDTH."""
-    return chat.generate_replies(CFG, models["policy"], TOK, PROMPTS, WIDTH, key=jax.random.key(3),
-                                 max_new_tokens=PPO.max_new_tokens, temperature=PPO.temperature)
+    return chat.generate_replies(
+        CFG,
+        models["policy"],
+        TOK,
+        PROMPTS,
+        WIDTH,
+        key=jax.random.key(3),
+        max_new_tokens=PPO.max_new_tokens,
+        temperature=PPO.temperature,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +100,17 @@ def test_kl_is_zero_before_the_first_update_and_no_stop_is_penalised(fns, models
     # A random byte model rarely emits the end-of-turn byte: force one row done, one not.
     done = np.array([True, False, True, False])
     _, stats = fns.experience(models, batch["tokens"], batch["mask"], done, 0.0)
-    rm = jax.jit(functools.partial(reward.scores, CFG))(models["rm"], models["norm"],
-                                                         batch["tokens"], batch["mask"])
+    rm = jax.jit(functools.partial(reward.scores, CFG))(
+        models["rm"], models["norm"], batch["tokens"], batch["mask"]
+    )
     want = np.where(done, rm, PPO.no_stop_penalty).mean()
     assert float(stats["objective/scores"]) == pytest.approx(float(want), rel=1e-5)
     assert float(stats["objective/rm_scores"]) == pytest.approx(float(np.mean(rm)), rel=1e-5)
 
 
-def test_first_minibatch_has_ratio_1_ptx_is_added_and_the_update_moves_the_policy(fns, models,
-                                                                                  batch):
+def test_first_minibatch_has_ratio_1_ptx_is_added_and_the_update_moves_the_policy(
+    fns, models, batch
+):
     state = ppo.init_state(fns, models["policy"], models["critic"], 0)
     shape = (PPO.epochs, PPO.minibatches, PPO.ptx_batch_size, 9)
     ptx = np.random.default_rng(0).integers(0, 256, size=shape).astype(np.int32)
@@ -102,16 +123,18 @@ def test_first_minibatch_has_ratio_1_ptx_is_added_and_the_update_moves_the_polic
     assert stats["policy/approxkl"] > 0  # later minibatches see a moved policy
     # PPO-ptx: total = policy + vf_coef * value + ptx_coef * LM loss, minibatch by minibatch
     # (so also in the means), and the LM loss is that of the pretraining rows.
-    want = (stats["policy/loss"] + PPO.vf_coef * stats["val/loss"]
-            + PPO.ptx_coef * stats["ptx/loss"])
+    want = stats["policy/loss"] + PPO.vf_coef * stats["val/loss"] + PPO.ptx_coef * stats["ptx/loss"]
     assert stats["ppo/loss/total"] == pytest.approx(want, rel=1e-5)
-    first = float(jax.jit(functools.partial(loss_fn, CFG))(models["policy"],
-                                                           {"tokens": ptx[0, 0]}))
+    first = float(jax.jit(functools.partial(loss_fn, CFG))(models["policy"], {"tokens": ptx[0, 0]}))
     assert first > 1.0 and stats["ptx/loss"] == pytest.approx(first, rel=0.2)
     # The reference stayed frozen: policy and reference now differ, so KL > 0 somewhere.
-    _, after = fns.experience(frozen | {"policy": state.params["policy"],
-                                        "critic": state.params["critic"]},
-                              batch["tokens"], batch["mask"], batch["done"], 0.1)
+    _, after = fns.experience(
+        frozen | {"policy": state.params["policy"], "critic": state.params["critic"]},
+        batch["tokens"],
+        batch["mask"],
+        batch["done"],
+        0.1,
+    )
     assert abs(float(after["objective/kl"])) > 0
 
 

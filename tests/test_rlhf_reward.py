@@ -16,10 +16,14 @@ from gptjax.rlhf import losses, reward
 from tests.rlhf_fixtures import CFG, params
 
 HH_LINES = [
-    {"chosen": "\n\nHuman: hi\n\nAssistant: Hello! How can I help?",
-     "rejected": "\n\nHuman: hi\n\nAssistant: Go away."},
-    {"chosen": "\n\nHuman: Is it safe?\n\nAssistant: Yes.\n\nHuman: Sure?\n\nAssistant: Quite.",
-     "rejected": "\n\nHuman: Is it safe?\n\nAssistant: Yes.\n\nHuman: Sure?\n\nAssistant: No."},
+    {
+        "chosen": "\n\nHuman: hi\n\nAssistant: Hello! How can I help?",
+        "rejected": "\n\nHuman: hi\n\nAssistant: Go away.",
+    },
+    {
+        "chosen": "\n\nHuman: Is it safe?\n\nAssistant: Yes.\n\nHuman: Sure?\n\nAssistant: Quite.",
+        "rejected": "\n\nHuman: Is it safe?\n\nAssistant: Yes.\n\nHuman: Sure?\n\nAssistant: No.",
+    },
 ]
 
 
@@ -56,8 +60,9 @@ def test_score_lands_on_the_last_real_token(rm_params):
 
 
 def test_rank_by_reward_is_dense_with_ties():
-    np.testing.assert_array_equal(reward.rank_by_reward([[0.5, -1.0, 0.5], [0.0, 1.0, 2.0]]),
-                                  [[0, 1, 0], [2, 1, 0]])
+    np.testing.assert_array_equal(
+        reward.rank_by_reward([[0.5, -1.0, 0.5], [0.0, 1.0, 2.0]]), [[0, 1, 0], [2, 1, 0]]
+    )
 
 
 def test_k3_ranking_loss_by_hand():
@@ -72,12 +77,16 @@ def test_k3_ranking_loss_by_hand():
 
 def test_ranking_loss_through_the_model_matches_scores(rm_params):
     rng = np.random.default_rng(1)
-    batch = {"tokens": rng.integers(0, 256, size=(2, 3, 9)).astype(np.int32),
-             "mask": np.ones((2, 3, 9), np.int32), "ranks": np.array([[0, 1, 2], [1, 0, 1]]),
-             "valid": np.ones((2, 3), np.int32)}
+    batch = {
+        "tokens": rng.integers(0, 256, size=(2, 3, 9)).astype(np.int32),
+        "mask": np.ones((2, 3, 9), np.int32),
+        "ranks": np.array([[0, 1, 2], [1, 0, 1]]),
+        "valid": np.ones((2, 3), np.int32),
+    }
     loss, _ = jax.jit(functools.partial(reward.ranking_loss, CFG))(rm_params, batch)
-    s = raw_scores(rm_params, batch["tokens"].reshape(6, 9),
-                          batch["mask"].reshape(6, 9)).reshape(2, 3)
+    s = raw_scores(rm_params, batch["tokens"].reshape(6, 9), batch["mask"].reshape(6, 9)).reshape(
+        2, 3
+    )
     want, _ = losses.reward_ranking_loss(s, batch["ranks"], batch["valid"])
     assert float(loss) == pytest.approx(float(want), rel=1e-6)
 
@@ -100,8 +109,9 @@ def _write(path, lines, gz=False):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_hh_jsonl_parsing(tmp_path, gz):
-    path = _write(tmp_path / ("hh.jsonl.gz" if gz else "hh.jsonl"),
-                  [json.dumps(x) for x in HH_LINES], gz)
+    path = _write(
+        tmp_path / ("hh.jsonl.gz" if gz else "hh.jsonl"), [json.dumps(x) for x in HH_LINES], gz
+    )
     pairs = reward.load_hh_jsonl(path)
     assert pairs[1] == (HH_LINES[1]["chosen"], HH_LINES[1]["rejected"])
     tok = ByteTokenizer()

@@ -8,12 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax.models import gpt as model
 from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.models import gpt as model
 from gptjax.rlhf import chat, sft
 from gptjax.training.step import loss_fn
-from tests.rlhf_fixtures import CFG, params as init_params
-
+from tests.rlhf_fixtures import CFG
+from tests.rlhf_fixtures import params as init_params
 
 forward = jax.jit(functools.partial(model.forward, CFG))  # eager ops are slow on CPU
 lm_loss = jax.jit(functools.partial(loss_fn, CFG))

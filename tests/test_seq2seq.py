@@ -9,25 +9,31 @@ import numpy as np
 import optax
 import pytest
 
+from gptjax.config import PRESETS, Seq2SeqConfig, get_preset
+from gptjax.inference import decoding as seq2seq_decode
 from gptjax.models import bert as encoder
 from gptjax.models import layers
-
 from gptjax.models import transformer as seq2seq
-
-from gptjax.inference import decoding as seq2seq_decode
-from gptjax.config import PRESETS, Seq2SeqConfig, get_preset
 from tests.test_encoder import assert_grads_match_hf, hf_grads
 
 # Odd sizes; head_dim 7; 2 encoder and 3 decoder layers so the two depths cannot be swapped.
-CFG = Seq2SeqConfig(n_layers=2, n_decoder_layers=3, d_model=42, n_heads=6, d_ff=37,
-                            vocab_size=61, max_len=40, activation="swish")
+CFG = Seq2SeqConfig(
+    n_layers=2,
+    n_decoder_layers=3,
+    d_model=42,
+    n_heads=6,
+    d_ff=37,
+    vocab_size=61,
+    max_len=40,
+    activation="swish",
+)
 PAD, START, EOS = 0, 0, 1
 # Jitted once per shape: eager calls would recompile the layer scan every time.
 forward = jax.jit(seq2seq.forward, static_argnums=0)
 decode = jax.jit(seq2seq.decode, static_argnums=0)
 
 
-@functools.lru_cache(maxsize=None)  # init is eager (per-shape compiles): once per config
+@functools.cache  # init is eager (per-shape compiles): once per config
 def _params(cfg=CFG, seed=0):
     """Random init, perturbed (numpy) so LayerNorms and biases are non-trivial."""
     params = jax.tree.map(np.asarray, seq2seq.init_params(cfg, jax.random.key(seed)))
@@ -41,7 +47,7 @@ def _params(cfg=CFG, seed=0):
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _varied_params(vocab_size=CFG.vocab_size):
     """`_params` with plain LayerNorms, zero biases and 5x the weights, for decoding
     tests: random post-LN models repeat one token (the LN biases dominate), these vary
@@ -50,8 +56,13 @@ def _varied_params(vocab_size=CFG.vocab_size):
 
     def reset(path, x):
         where = jax.tree_util.keystr(path)
-        return (jnp.ones_like(x) if "scale" in where else jnp.zeros_like(x) if "bias" in where
-                else x * 5.0)
+        return (
+            jnp.ones_like(x)
+            if "scale" in where
+            else jnp.zeros_like(x)
+            if "bias" in where
+            else x * 5.0
+        )
 
     params = jax.tree_util.tree_map_with_path(reset, _params())
     params["wte"] = params["wte"][:vocab_size]
@@ -83,15 +94,15 @@ def test_cross_attention_equals_einsum_reference():
     q = np.einsum("btd,dnh->btnh", x, p["q"]["kernel"]) + p["q"]["bias"]
     k = np.einsum("bsd,dnh->bsnh", enc, p["kv"]["kernel"][:, 0]) + p["kv"]["bias"][0]
     v = np.einsum("bsd,dnh->bsnh", enc, p["kv"]["kernel"][:, 1]) + p["kv"]["bias"][1]
-    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(7) + np.where(valid, 0, -np.inf)[:, None,
-                                                                                     None]
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(7) + np.where(valid, 0, -np.inf)[:, None, None]
     w = np.exp(s - s.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     expected = np.einsum("bnts,bsnh,nhd->btd", w, v, p["c_proj"]["kernel"]) + p["c_proj"]["bias"]
     p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
     kv = seq2seq.cross_kv(CFG, p32, jnp.asarray(enc, jnp.float32))
-    out = seq2seq.cross_attention(CFG, p32, jnp.asarray(x, jnp.float32), *kv,
-                                  encoder.padding_mask(jnp.asarray(valid), 5))
+    out = seq2seq.cross_attention(
+        CFG, p32, jnp.asarray(x, jnp.float32), *kv, encoder.padding_mask(jnp.asarray(valid), 5)
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
@@ -110,14 +121,23 @@ def test_cached_decoding_equals_full_forward_at_every_step():
     source = seq2seq_decode.prepare(CFG, params, src, src_mask)
     cache = layers.init_cache(CFG, 3, 8, CFG.decoder_layers)
     for i in range(8):
-        step, cache = decode(CFG, params, tgt[:, i:i + 1], source["cross"],
-                                     source["src_valid"], cache=cache, cache_index=i)
+        step, cache = decode(
+            CFG,
+            params,
+            tgt[:, i : i + 1],
+            source["cross"],
+            source["src_valid"],
+            cache=cache,
+            cache_index=i,
+        )
         np.testing.assert_allclose(step[:, 0], full[:, i], rtol=1e-5, atol=1e-5, err_msg=str(i))
 
 
 def test_greedy_equals_uncached_argmax_loop():
     params, src = _params(), _ints((3, 9), 6)
-    out = np.asarray(seq2seq_decode.greedy(CFG, params, src, start_id=START, eos_id=EOS, max_len=10))
+    out = np.asarray(
+        seq2seq_decode.greedy(CFG, params, src, start_id=START, eos_id=EOS, max_len=10)
+    )
     tgt = jnp.full((3, 11), START)  # causal: the zeros after position i do not matter
     for i in range(10):
         tgt = tgt.at[:, i + 1].set(jnp.argmax(forward(CFG, params, src, tgt)[:, i], -1))
@@ -136,14 +156,16 @@ def _teacher_forced(cfg, params, src, src_mask, tokens, eos, length_penalty, kin
     after), and the beam score: sum / length**length_penalty ("hf") or
     sum / ((5 + length) / 6)**length_penalty ("gnmt"), `eos` counted in the length."""
     tokens = np.asarray(tokens)
-    logits = forward(cfg, params, src, seq2seq.shift_right(jnp.asarray(tokens), START),
-                     src_mask=src_mask)
-    logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), tokens[..., None],
-                              -1)[..., 0]
+    logits = forward(
+        cfg, params, src, seq2seq.shift_right(jnp.asarray(tokens), START), src_mask=src_mask
+    )
+    logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), tokens[..., None], -1)[
+        ..., 0
+    ]
     is_eos = tokens == eos
     length = np.where(is_eos.any(1), is_eos.argmax(1) + 1, tokens.shape[1])
     logp = np.where(np.arange(tokens.shape[1])[None] < length[:, None], logp, 0.0)
-    penalty = length ** length_penalty if kind == "hf" else ((5 + length) / 6) ** length_penalty
+    penalty = length**length_penalty if kind == "hf" else ((5 + length) / 6) ** length_penalty
     return logp, logp.sum(1) / penalty, length
 
 
@@ -151,16 +173,20 @@ SRC_MASK = (jnp.arange(9)[None] < jnp.array([[9], [6], [3]])).astype(jnp.int32)
 
 
 def _greedy(params, src, eos, max_len=8):
-    return np.asarray(seq2seq_decode.greedy(CFG, params, src, SRC_MASK, start_id=START, eos_id=eos,
-                                     max_len=max_len))
+    return np.asarray(
+        seq2seq_decode.greedy(
+            CFG, params, src, SRC_MASK, start_id=START, eos_id=eos, max_len=max_len
+        )
+    )
 
 
 def test_beam_of_one_is_greedy_with_padded_sources():
     params, src = _varied_params(), _ints((3, 9), 11)
     eos = int(_greedy(params, src, EOS)[0, 1])  # ends row 0 by its second token
     greedy = _greedy(params, src, eos)
-    beam = seq2seq_decode.beam_search(CFG, params, src, SRC_MASK, num_beams=1, start_id=START,
-                               eos_id=eos, max_len=8)
+    beam = seq2seq_decode.beam_search(
+        CFG, params, src, SRC_MASK, num_beams=1, start_id=START, eos_id=eos, max_len=8
+    )
     np.testing.assert_array_equal(beam.tokens, greedy)
     ended = (greedy == eos).any(1)
     assert ended.any() and not ended.all(), "cover finished and unfinished rows"
@@ -173,44 +199,65 @@ PENALTIES = [("hf", 0.0), ("gnmt", 0.0), ("hf", 1.0), ("gnmt", 1.0), ("hf", 2.0)
 
 def test_wide_beam_equals_exhaustive_search_under_each_length_penalty():
     cfg = CFG.replace(vocab_size=5)  # 0 = start and pad (never predicted), 1 = EOS
-    params, t, n_seq = _varied_params(5), 3, 5 ** 3
+    params, t, n_seq = _varied_params(5), 3, 5**3
     src = jnp.asarray(np.random.default_rng(12).integers(2, 5, (3, 9)))
     seqs = np.array(list(itertools.product(range(5), repeat=t)))  # every target of length 3
     all_src, all_mask = (jnp.repeat(a, n_seq, axis=0) for a in (src, SRC_MASK))
     ended_early, best_of = 0, {}
     for kind, alpha in PENALTIES:
         # K = V**(t-1): no prefix is ever pruned, so the beam must find the optimum.
-        out = seq2seq_decode.beam_search(cfg, params, src, SRC_MASK, num_beams=25, start_id=START,
-                                         eos_id=EOS, max_len=t, length_penalty=alpha,
-                                         length_penalty_kind=kind)
-        _, score, length = _teacher_forced(cfg, params, all_src, all_mask,
-                                           np.tile(seqs, (3, 1)), EOS, alpha, kind)
+        out = seq2seq_decode.beam_search(
+            cfg,
+            params,
+            src,
+            SRC_MASK,
+            num_beams=25,
+            start_id=START,
+            eos_id=EOS,
+            max_len=t,
+            length_penalty=alpha,
+            length_penalty_kind=kind,
+        )
+        _, score, length = _teacher_forced(
+            cfg, params, all_src, all_mask, np.tile(seqs, (3, 1)), EOS, alpha, kind
+        )
         for b in range(3):
-            i = b * n_seq + int(np.argmax(score[b * n_seq:(b + 1) * n_seq]))
+            i = b * n_seq + int(np.argmax(score[b * n_seq : (b + 1) * n_seq]))
             best = np.where(np.arange(t) < length[i], seqs[i % n_seq], PAD)
             np.testing.assert_array_equal(out.tokens[b], best, err_msg=f"{kind} {alpha} {b}")
             np.testing.assert_allclose(out.scores[b], score[i], rtol=1e-5)
             ended_early += int(length[i] < t)
             best_of[kind, alpha, b] = tuple(best)
     assert 0 < ended_early < 3 * len(PENALTIES), "optima should end at EOS and run full length"
-    assert any(best_of["hf", a, b] != best_of["gnmt", a, b]
-               for a in (1.0, 2.0) for b in range(3)), (
-        "the two kinds should pick different optima somewhere, or this test cannot tell them apart")
+    assert any(
+        best_of["hf", a, b] != best_of["gnmt", a, b] for a in (1.0, 2.0) for b in range(3)
+    ), "the two kinds should pick different optima somewhere, or this test cannot tell them apart"
 
 
 def test_beam_logprobs_and_scores_equal_teacher_forced_forward():
     params, src = _varied_params(), _ints((3, 9), 11)
-    out = seq2seq_decode.beam_search(CFG, params, src, SRC_MASK, num_beams=4, start_id=START,
-                              eos_id=EOS, max_len=8, length_penalty=0.6)
+    out = seq2seq_decode.beam_search(
+        CFG,
+        params,
+        src,
+        SRC_MASK,
+        num_beams=4,
+        start_id=START,
+        eos_id=EOS,
+        max_len=8,
+        length_penalty=0.6,
+    )
     logp, score, _ = _teacher_forced(CFG, params, src, SRC_MASK, out.tokens, EOS, 0.6)
     np.testing.assert_allclose(out.logprobs, logp, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.scores, score, rtol=1e-5)
     assert not np.array_equal(out.tokens, _greedy(params, src, EOS)), (
-        "4 beams should change some translation")
+        "4 beams should change some translation"
+    )
 
 
-@pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat="full"),
-                                     dict(attention_impl="fused")])
+@pytest.mark.parametrize(
+    "changes", [dict(scan_layers=False), dict(remat="full"), dict(attention_impl="fused")]
+)
 def test_variants_agree(changes):
     params, src, tgt = _params(), _ints((2, 9), 7), _ints((2, 6), 8)
     mask = jnp.arange(9)[None] < jnp.array([[9], [5]])
@@ -225,8 +272,12 @@ def test_pre_ln_learned_positions_untied_build_and_axes_match():
     is_axes = lambda x: isinstance(x, tuple)
     axes = seq2seq.param_axes(cfg)
     assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=is_axes)
-    jax.tree.map(lambda a, ax: None if a.ndim == len(ax) else pytest.fail(f"{a.shape} {ax}"),
-                 params, axes, is_leaf=is_axes)
+    jax.tree.map(
+        lambda a, ax: None if a.ndim == len(ax) else pytest.fail(f"{a.shape} {ax}"),
+        params,
+        axes,
+        is_leaf=is_axes,
+    )
     out = forward(cfg, params, _ints((2, 9), 0), _ints((2, 4), 1))
     assert np.isfinite(np.asarray(out)).all() and out.shape == (2, 4, 61)
 
@@ -256,18 +307,26 @@ def test_bad_configs_and_inputs_get_clear_errors():
             Seq2SeqConfig(label_smoothing=eps)
     assert Seq2SeqConfig(label_smoothing=0.0).label_smoothing == 0.0
     with pytest.raises(ValueError, match="src_mask"):
-        forward(CFG, _params(), _ints((2, 9), 0), _ints((2, 4), 1),
-                        src_mask=jnp.ones((2, 8)))
+        forward(CFG, _params(), _ints((2, 9), 0), _ints((2, 4), 1), src_mask=jnp.ones((2, 8)))
     with pytest.raises(ValueError, match="Unknown model preset"):
         get_preset("transformer_huge")
     with pytest.raises(ValueError, match="3 target rows cannot share 2 sources"):
         seq2seq.decode(CFG, _params(), _ints((3, 1), 0), {}, jnp.ones((2, 9), bool))
     with pytest.raises(ValueError, match="num_beams"):
-        seq2seq_decode.beam_search(CFG, _params(), _ints((1, 3), 0), num_beams=0, start_id=START,
-                            eos_id=EOS, max_len=2)
+        seq2seq_decode.beam_search(
+            CFG, _params(), _ints((1, 3), 0), num_beams=0, start_id=START, eos_id=EOS, max_len=2
+        )
     with pytest.raises(ValueError, match="length_penalty_kind must be 'hf'.*'gnmt'"):
-        seq2seq_decode.beam_search(CFG, _params(), _ints((1, 3), 0), num_beams=2, start_id=START,
-                                   eos_id=EOS, max_len=2, length_penalty_kind="wu")
+        seq2seq_decode.beam_search(
+            CFG,
+            _params(),
+            _ints((1, 3), 0),
+            num_beams=2,
+            start_id=START,
+            eos_id=EOS,
+            max_len=2,
+            length_penalty_kind="wu",
+        )
 
 
 # --------------------------------------------------------------- Hugging Face Marian
@@ -277,6 +336,7 @@ def _marian_fixtures():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from tests import test_convert_family as fixtures
+
     return fixtures
 
 
@@ -285,6 +345,7 @@ def test_marian_export_is_the_exact_inverse_of_import(which):
     import torch
 
     from gptjax import hf as convert_family
+
     fx = _marian_fixtures()
     hf, hf_cfg = fx._hf_marian(*fx.MARIAN_SIZES[which])
     sd = fx._state_dict(hf)
@@ -292,8 +353,9 @@ def test_marian_export_is_the_exact_inverse_of_import(which):
     out, out_cfg = convert_family.to_hf_marian(cfg, params)
     assert set(out) == set(sd)
     for key, value in sd.items():  # positions: our float32 table, as the import check
-        np.testing.assert_allclose(out[key], value, rtol=0, atol=1e-5 if "positions" in key
-                                   else 0, err_msg=key)
+        np.testing.assert_allclose(
+            out[key], value, rtol=0, atol=1e-5 if "positions" in key else 0, err_msg=key
+        )
     # The exported config builds the same model, and re-import gives the same config.
     fresh = type(hf)(type(hf_cfg)(**out_cfg)).eval()
     fresh.load_state_dict({k: torch.tensor(v) for k, v in out.items()}, strict=True)
@@ -306,6 +368,7 @@ def test_translation_gradients_match_hf_marian():
     import torch
 
     from gptjax import hf as convert_family
+
     fx = _marian_fixtures()
     size = fx.MARIAN_SIZES[0]  # tied: one table for source, target and output
     hf, hf_cfg = fx._hf_marian(*size)
@@ -314,14 +377,21 @@ def test_translation_gradients_match_hf_marian():
     src, tgt = rng.integers(2, size[5], (3, 11)), rng.integers(2, size[5], (3, 7))
     src_mask = (np.arange(11)[None] < np.array([[11], [8], [5]])).astype(np.int64)
     weights = rng.normal(size=(3, 7, size[5])).astype(np.float32)
-    logits = hf(input_ids=torch.tensor(src), attention_mask=torch.tensor(src_mask),
-                decoder_input_ids=torch.tensor(tgt)).logits
+    logits = hf(
+        input_ids=torch.tensor(src),
+        attention_mask=torch.tensor(src_mask),
+        decoder_input_ids=torch.tensor(tgt),
+    ).logits
     ref, unused = hf_grads(hf, (logits * torch.tensor(weights)).sum())
     assert unused == {f"model.{s}.embed_positions.weight" for s in ("encoder", "decoder")}
 
     def loss(p):  # every logit gets its own cotangent
-        return (seq2seq.forward(cfg, p, jnp.asarray(src), jnp.asarray(tgt),
-                                src_mask=jnp.asarray(src_mask)) * weights).sum()
+        return (
+            seq2seq.forward(
+                cfg, p, jnp.asarray(src), jnp.asarray(tgt), src_mask=jnp.asarray(src_mask)
+            )
+            * weights
+        ).sum()
 
     grads = jax.jit(jax.grad(loss))(params)
     assert_grads_match_hf(convert_family.to_hf_marian(cfg, grads)[0], ref)
@@ -334,8 +404,12 @@ def test_model_gin_file_equals_preset(name):
     import gin
 
     from gptjax.cli import main as cli
-    fname = (name if name.startswith("transformer")
-             else "transformer_" + name.replace("nano_transformer_", "nano_"))
+
+    fname = (
+        name
+        if name.startswith("transformer")
+        else "transformer_" + name.replace("nano_transformer_", "nano_")
+    )
     gin.clear_config()
     try:
         cli.parse_gin([f"models/{fname}.gin"], [])

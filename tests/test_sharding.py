@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
-from gptjax.models import gpt as model
-from gptjax.parallel import mesh as S
-from gptjax.parallel import logical
 from gptjax.config import ModelConfig
+from gptjax.models import gpt as model
+from gptjax.parallel import logical
+from gptjax.parallel import mesh as S
 
 CFG = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=128, max_len=32)
 BATCH, SEQ = 8, 16
@@ -85,8 +86,9 @@ def clean_gin():
 
 
 def test_mesh_config_from_gin(clean_gin):
-    gin.parse_config("MeshConfig.shape = {'data': 2, 'fsdp': 4, 'tensor': 1}\n"
-                     "MeshConfig.rules = 'fsdp_tp'")
+    gin.parse_config(
+        "MeshConfig.shape = {'data': 2, 'fsdp': 4, 'tensor': 1}\nMeshConfig.rules = 'fsdp_tp'"
+    )
     mesh_cfg = S.MeshConfig()
     assert mesh_cfg.shape == {"data": 2, "fsdp": 4, "tensor": 1}
     assert mesh_cfg.rules == "fsdp_tp"
@@ -101,9 +103,12 @@ def test_a_mesh_axis_is_used_once_first_rule_wins():
     assert logical.logical_to_spec(("batch", "embed"), rules) == P("fsdp", None)
     assert logical.logical_to_spec(("embed",), rules) == P("fsdp")
     # Activations under fsdp: the batch takes fsdp, the residual stream stays whole.
-    assert logical.logical_to_spec(("batch", "seq", "embed"), "fsdp") == P(("data", "fsdp"), None, None)
+    assert logical.logical_to_spec(("batch", "seq", "embed"), "fsdp") == P(
+        ("data", "fsdp"), None, None
+    )
     assert logical.logical_to_spec(("batch", "seq", "vocab"), "fsdp_tp") == P(
-        ("data", "fsdp"), None, "tensor")
+        ("data", "fsdp"), None, "tensor"
+    )
 
 
 def test_unknown_logical_name_raises():
@@ -115,20 +120,34 @@ R = None  # replicated dimension, for the tables below
 EXPECTED = {  # preset -> parameter -> PartitionSpec
     "dp": {},
     "fsdp": {
-        "c_attn": P(R, "fsdp", R, R, R), "attn_proj": P(R, R, R, "fsdp"),
-        "c_fc": P(R, "fsdp", R), "mlp_proj": P(R, R, "fsdp"),
-        "wte": P(R, "fsdp"), "ln_1": P(R, "fsdp"), "ln_f": P("fsdp"), "c_fc_bias": P(R, R),
+        "c_attn": P(R, "fsdp", R, R, R),
+        "attn_proj": P(R, R, R, "fsdp"),
+        "c_fc": P(R, "fsdp", R),
+        "mlp_proj": P(R, R, "fsdp"),
+        "wte": P(R, "fsdp"),
+        "ln_1": P(R, "fsdp"),
+        "ln_f": P("fsdp"),
+        "c_fc_bias": P(R, R),
     },
     "fsdp_tp": {
-        "c_attn": P(R, "fsdp", R, "tensor", R), "attn_proj": P(R, "tensor", R, "fsdp"),
-        "c_fc": P(R, "fsdp", "tensor"), "mlp_proj": P(R, "tensor", "fsdp"),
-        "wte": P("tensor", "fsdp"), "ln_1": P(R, "fsdp"), "ln_f": P("fsdp"),
+        "c_attn": P(R, "fsdp", R, "tensor", R),
+        "attn_proj": P(R, "tensor", R, "fsdp"),
+        "c_fc": P(R, "fsdp", "tensor"),
+        "mlp_proj": P(R, "tensor", "fsdp"),
+        "wte": P("tensor", "fsdp"),
+        "ln_1": P(R, "fsdp"),
+        "ln_f": P("fsdp"),
         "c_fc_bias": P(R, "tensor"),
     },
     "tp": {
-        "c_attn": P(R, R, R, "tensor", R), "attn_proj": P(R, "tensor", R, R),
-        "c_fc": P(R, R, "tensor"), "mlp_proj": P(R, "tensor", R),
-        "wte": P("tensor", R), "ln_1": P(R, R), "ln_f": P(R), "c_fc_bias": P(R, "tensor"),
+        "c_attn": P(R, R, R, "tensor", R),
+        "attn_proj": P(R, "tensor", R, R),
+        "c_fc": P(R, R, "tensor"),
+        "mlp_proj": P(R, "tensor", R),
+        "wte": P("tensor", R),
+        "ln_1": P(R, R),
+        "ln_f": P(R),
+        "c_fc_bias": P(R, "tensor"),
     },
 }
 
@@ -137,10 +156,16 @@ EXPECTED = {  # preset -> parameter -> PartitionSpec
 def test_param_specs_follow_the_rules(preset):
     sh = S.param_shardings(CFG, mesh_for(preset), preset)
     h = sh["h"]
-    got = {"c_attn": h["attn"]["c_attn"]["kernel"], "attn_proj": h["attn"]["c_proj"]["kernel"],
-           "c_fc": h["mlp"]["c_fc"]["kernel"], "mlp_proj": h["mlp"]["c_proj"]["kernel"],
-           "wte": sh["wte"], "ln_1": h["ln_1"]["scale"], "ln_f": sh["ln_f"]["scale"],
-           "c_fc_bias": h["mlp"]["c_fc"]["bias"]}
+    got = {
+        "c_attn": h["attn"]["c_attn"]["kernel"],
+        "attn_proj": h["attn"]["c_proj"]["kernel"],
+        "c_fc": h["mlp"]["c_fc"]["kernel"],
+        "mlp_proj": h["mlp"]["c_proj"]["kernel"],
+        "wte": sh["wte"],
+        "ln_1": h["ln_1"]["scale"],
+        "ln_f": sh["ln_f"]["scale"],
+        "c_fc_bias": h["mlp"]["c_fc"]["bias"],
+    }
     for name, sharding in got.items():
         want = EXPECTED[preset].get(name, P(*(R,) * len(sharding.spec)))
         assert sharding.spec == want, (preset, name)
@@ -158,8 +183,10 @@ def test_opt_state_follows_params_and_scalars_are_replicated():
     psh = S.param_shardings(CFG, mesh, "fsdp_tp")
     abstract = jax.eval_shape(lambda k: model.init_params(CFG, k), jax.random.key(0))
     decay_mask = jax.tree.map(lambda a: a.ndim >= 2, abstract)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(optax.linear_schedule(0.0, 1e-3, 10), mask=decay_mask))
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(optax.linear_schedule(0.0, 1e-3, 10), mask=decay_mask),
+    )
     osh = S.opt_state_shardings(opt, abstract, psh, mesh)
     adam = osh[1][0]  # chain -> adamw chain -> ScaleByAdamState
     assert adam.mu == psh and adam.nu == psh
@@ -195,15 +222,21 @@ def test_check_divisible_heads_vs_tensor():
 
 def test_check_divisible_vocab_vs_tensor():
     mesh = S.make_mesh(S.MeshConfig(shape={"data": 2, "tensor": 4}))
-    with pytest.raises(ValueError, match=r"vocab_size=50 \(logical axis 'vocab' of wte\) is not "
-                                         r"divisible by mesh tensor=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"vocab_size=50 \(logical axis 'vocab' of wte\) is not "
+        r"divisible by mesh tensor=4",
+    ):
         S.check_divisible(CFG.replace(vocab_size=50), mesh, "fsdp_tp")
     S.check_divisible(CFG.replace(vocab_size=50), mesh, "fsdp")  # vocab is whole under fsdp
 
 
 def test_check_divisible_batch_vs_data_fsdp():
-    with pytest.raises(ValueError, match=r"global_batch_size=12 is not divisible by mesh "
-                                         r"data\*fsdp=8: use a multiple of 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size=12 is not divisible by mesh "
+        r"data\*fsdp=8: use a multiple of 8",
+    ):
         S.check_divisible(CFG, mesh_for("fsdp"), "fsdp", global_batch_size=12)
 
 
@@ -241,8 +274,10 @@ def test_constrain_applies_inside_use_mesh():
 def test_make_global_batch_one_process():
     mesh = mesh_for("fsdp_tp")
     rng = np.random.default_rng(0)
-    local = {"tokens": rng.integers(0, 128, (BATCH, SEQ + 1), dtype=np.int32),
-             "weights": np.ones((BATCH,), np.float32)}
+    local = {
+        "tokens": rng.integers(0, 128, (BATCH, SEQ + 1), dtype=np.int32),
+        "weights": np.ones((BATCH,), np.float32),
+    }
     out = S.make_global_batch(local, mesh, "fsdp_tp")
     np.testing.assert_array_equal(np.asarray(out["tokens"]), local["tokens"])
     assert out["tokens"].sharding == NamedSharding(mesh, P(("data", "fsdp"), None))
@@ -289,9 +324,12 @@ def _train(params, tokens, mesh=None, preset=None, steps=3):
         psh, osh = _shardings(mesh, preset)
         params = jax.device_put(params, psh)
         opt_init = jax.jit(OPT.init, in_shardings=(psh,), out_shardings=osh)
-        step_fn = jax.jit(_step, in_shardings=(psh, osh, S.batch_sharding(mesh, preset)),
-                          out_shardings=(psh, osh, NamedSharding(mesh, P())),
-                          donate_argnums=(0, 1))
+        step_fn = jax.jit(
+            _step,
+            in_shardings=(psh, osh, S.batch_sharding(mesh, preset)),
+            out_shardings=(psh, osh, NamedSharding(mesh, P())),
+            donate_argnums=(0, 1),
+        )
         batch = S.make_global_batch({"tokens": tokens}, mesh, preset)["tokens"]
     opt_state, losses = opt_init(params), []
     for _ in range(steps):
@@ -334,5 +372,8 @@ def test_sharded_steps_equal_unsharded(preset, reference):
     # (On some CPUs one of 16,384 MLP elements moves 1.2% of a step: XLA's CPU code differs.)
     jax.tree.map_with_path(
         lambda path, got, want: np.testing.assert_allclose(
-            np.asarray(got), want, rtol=1e-5, atol=3e-5, err_msg=jax.tree_util.keystr(path)),
-        params, ref_params)
+            np.asarray(got), want, rtol=1e-5, atol=3e-5, err_msg=jax.tree_util.keystr(path)
+        ),
+        params,
+        ref_params,
+    )

@@ -23,12 +23,39 @@ CONTROL = "".join(chr(i) for i in range(32)) + "\x7f\x85\u200b\u2028\u2029\ufeff
 # Every 251st code point (surrogates cannot be encoded as UTF-8 by sentencepiece).
 CODE_POINTS = "".join(chr(i) for i in range(1, 0x110000, 251) if not 0xD800 <= i < 0xE000)
 TEXTS = [
-    CODE, CHINESE, EMOJI, CONTROL, CODE_POINTS, "", " ", "\n", "\r\n\r\n", "  leading",
-    SPACE_MARK, f"a{SPACE_MARK}b", f"{SPACE_MARK}{SPACE_MARK} {SPACE_MARK}x{SPACE_MARK}",
-    "literal specials <s></s><pad><unk><start><delim><extract>", "digits 1234567890 3.14159",
+    CODE,
+    CHINESE,
+    EMOJI,
+    CONTROL,
+    CODE_POINTS,
+    "",
+    " ",
+    "\n",
+    "\r\n\r\n",
+    "  leading",
+    SPACE_MARK,
+    f"a{SPACE_MARK}b",
+    f"{SPACE_MARK}{SPACE_MARK} {SPACE_MARK}x{SPACE_MARK}",
+    "literal specials <s></s><pad><unk><start><delim><extract>",
+    "digits 1234567890 3.14159",
 ]
-TEXT_IDS = ["code", "chinese", "emoji", "control", "code_points", "empty", "space", "newline",
-            "crlf", "leading", "mark", "mark_inside", "marks", "specials", "digits"]
+TEXT_IDS = [
+    "code",
+    "chinese",
+    "emoji",
+    "control",
+    "code_points",
+    "empty",
+    "space",
+    "newline",
+    "crlf",
+    "leading",
+    "mark",
+    "mark_inside",
+    "marks",
+    "specials",
+    "digits",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +67,11 @@ def sp_tokenizer():
 
 
 def all_tokenizers(sp_tokenizer):
-    return {"sentencepiece": sp_tokenizer, "byte": ByteTokenizer(),
-            "char": CharTokenizer.from_texts(TEXTS)}
+    return {
+        "sentencepiece": sp_tokenizer,
+        "byte": ByteTokenizer(),
+        "char": CharTokenizer.from_texts(TEXTS),
+    }
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte", "char"])
@@ -86,13 +116,25 @@ def test_byte_tokenizer_handles_lone_surrogates_and_bad_bytes():
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte", "char"])
 def test_special_ids_distinct_in_range_and_skipped_by_decode(sp_tokenizer, kind):
     tok = all_tokenizers(sp_tokenizer)[kind]
-    specials = [tok.pad_id, tok.bos_id, tok.eos_id, tok.start_id, tok.delimiter_id, tok.extract_id,
-                tok.mask_id]
+    specials = [
+        tok.pad_id,
+        tok.bos_id,
+        tok.eos_id,
+        tok.start_id,
+        tok.delimiter_id,
+        tok.extract_id,
+        tok.mask_id,
+    ]
     assert len(set(specials)) == len(SPECIAL_TOKENS)
     assert all(0 <= i < tok.vocab_size for i in specials)
     ids = tok.encode("if")
     noisy = [tok.bos_id, tok.start_id] + ids[:1] + [tok.delimiter_id, tok.pad_id] + ids[1:]
-    noisy += [tok.extract_id, tok.mask_id, tok.eos_id, tok.vocab_size + 3]  # past the vocab: a padded model
+    noisy += [
+        tok.extract_id,
+        tok.mask_id,
+        tok.eos_id,
+        tok.vocab_size + 3,
+    ]  # past the vocab: a padded model
     assert tok.decode(noisy) == "if"
 
 
@@ -132,8 +174,9 @@ def test_train_sentencepiece_writes_model_file_and_respects_max_chars(tmp_path):
     assert isinstance(load_tokenizer(tmp_path / "sp.model"), SentencePieceTokenizer)
     assert load_tokenizer(tmp_path / "sp.model").fingerprint == tok.fingerprint
     # With a tiny budget only the first text is seen, so the second one's words are not merged.
-    small = train_sentencepiece(["aaaa bbbb " * 50, "zyxw vuts " * 500], vocab_size=400,
-                                max_chars=300)
+    small = train_sentencepiece(
+        ["aaaa bbbb " * 50, "zyxw vuts " * 500], vocab_size=400, max_chars=300
+    )
     assert len(small.encode("zyxw")) == 4
     with pytest.raises(ValueError, match="too small"):
         train_sentencepiece(["abc"], vocab_size=100)

@@ -2,19 +2,18 @@
 
 import glob
 import os
-import sysconfig
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.training import checkpoint as ckpt_lib
-from gptjax.parallel import mesh as sharding
-from gptjax.parallel import logical
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig, run_datasets
 from gptjax.evals.hooks import train_with_defaults
+from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
+from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training.loop import TrainingDivergedError, train
 from gptjax.training.metrics import read_metrics
 from gptjax.training.optimizer import OptimizerConfig
@@ -25,26 +24,30 @@ ONE_DEVICE = sharding.MeshConfig(shape={"data": 1, "fsdp": 1, "tensor": 1})
 ALL_DEVICES = sharding.MeshConfig(shape={"data": -1, "fsdp": 1, "tensor": 1})  # 8 fake CPUs
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small real corpus: 30 standard-library modules copied as text files."""
-    root = tmp_path_factory.mktemp("corpus")
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:30]
-    for f in files:
-        (root / (os.path.basename(f) + ".txt")).write_text(open(f, encoding="utf-8").read())
-    return str(root / "*.txt")
-
-
 def _configs(corpus, tmp_path, **train_kw):
-    train_cfg = TrainConfig(**{**dict(steps=8, batch_size=8, seq_len=16, log_every=1,
-                                      eval_every=4, eval_batches=2, checkpoint_every=2,
-                                      sample_tokens=8, compilation_cache_dir=str(
-                                          tmp_path.parent / "jax_cache")), **train_kw})
-    return dict(model_cfg=MODEL, train_cfg=train_cfg,
-                opt_cfg=OptimizerConfig(peak_lr=3e-3, warmup_steps=2),
-                data_cfg=DataConfig(dataset=corpus, tokenizer="byte",
-                                    data_dir=str(tmp_path / "data")),
-                mesh_cfg=ALL_DEVICES)
+    train_cfg = TrainConfig(
+        **{
+            **dict(
+                steps=8,
+                batch_size=8,
+                seq_len=16,
+                log_every=1,
+                eval_every=4,
+                eval_batches=2,
+                checkpoint_every=2,
+                sample_tokens=8,
+                compilation_cache_dir=str(tmp_path.parent / "jax_cache"),
+            ),
+            **train_kw,
+        }
+    )
+    return dict(
+        model_cfg=MODEL,
+        train_cfg=train_cfg,
+        opt_cfg=OptimizerConfig(peak_lr=3e-3, warmup_steps=2),
+        data_cfg=DataConfig(dataset=corpus, tokenizer="byte", data_dir=str(tmp_path / "data")),
+        mesh_cfg=ALL_DEVICES,
+    )
 
 
 def _losses(workdir):
@@ -74,6 +77,7 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_samples(corpus, tmp_path)
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
     from gptjax.evals.in_context import split_perplexity
     from gptjax.training.workdir import load_run
+
     cfg, params, tokenizer, configs, _ = load_run(workdir)
     out = split_perplexity(cfg, params, tokenizer, configs, batch_size=8, max_batches=2)
     np.testing.assert_allclose(out["loss"], summary["eval/loss"], rtol=1e-5)
@@ -89,6 +93,7 @@ def test_without_hooks_an_eval_is_loss_and_perplexity_only(corpus, tmp_path):
         def hook(step, params):
             seen.append(step)
             return {"eval/answer": 42.0}, f"text at {step}"
+
         return [hook]
 
     cfgs = _configs(corpus, tmp_path, steps=4, eval_every=2, checkpoint_every=100)
@@ -111,8 +116,7 @@ def test_resume_after_stop_equals_uninterrupted(corpus, tmp_path):
     assert second["start_step"] == 3 and second["end_step"] == 8
     a, b = _losses(full), _losses(parts)
     assert sorted(b) == list(range(1, 9))
-    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)],
-                               rtol=1e-6)
+    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=1e-6)
 
 
 def test_resume_from_an_older_checkpoint_after_a_crash(corpus, tmp_path):
@@ -123,33 +127,39 @@ def test_resume_from_an_older_checkpoint_after_a_crash(corpus, tmp_path):
     train(crashed, stop_after=5, **_configs(corpus, tmp_path))
     # Simulate the crash: step 5's checkpoint was never written.
     import shutil
+
     shutil.rmtree(os.path.join(crashed, "checkpoints", "5"))
     again = train(crashed, **_configs(corpus, tmp_path))
     assert again["start_step"] == 4
     rows = read_metrics(crashed)
     redo = {r["step"]: r["train/loss"] for r in rows[-12:] if "train/loss" in r}
-    np.testing.assert_allclose([redo[s] for s in range(5, 9)],
-                               [_losses(full)[s] for s in range(5, 9)], rtol=1e-6)
+    np.testing.assert_allclose(
+        [redo[s] for s in range(5, 9)], [_losses(full)[s] for s in range(5, 9)], rtol=1e-6
+    )
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(corpus, tmp_path):
     workdir = str(tmp_path / "nan")
     cfgs = _configs(corpus, tmp_path, checkpoint_every=1, eval_every=100)
     cfgs["opt_cfg"] = OptimizerConfig(peak_lr=1e25, warmup_steps=3, clip_norm=None)
-    with pytest.raises(TrainingDivergedError, match="skipped; stopped before saving. The last good"):
+    with pytest.raises(
+        TrainingDivergedError, match="skipped; stopped before saving. The last good"
+    ):
         train(workdir, **cfgs)
     manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
     steps = manager.all_steps()
     manager.close()
     assert steps, "the checkpoints written before the divergence are kept"
     from gptjax.training.workdir import load_run
+
     _, params, _, _, step = load_run(workdir)
     assert step == max(steps)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
-def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(corpus, tmp_path,
-                                                                         monkeypatch):
+def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(
+    corpus, tmp_path, monkeypatch
+):
     """Step 3's backward pass overflows (an inf gradient under a finite loss, as a bf16
     overflow would): that update is skipped and counted, step 3's checkpoint holds step 2's
     params exactly, and the run trains on to the end."""
@@ -157,6 +167,7 @@ def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(corpus,
 
     from gptjax.training import step as train_lib
     from gptjax.training.step import abstract_state
+
     calls = {"n": 0}
 
     def overflow_now():
@@ -178,25 +189,39 @@ def test_an_injected_inf_gradient_skips_that_update_and_training_goes_on(corpus,
         def objective(params, mb):
             sums, weights, aux = real(cfg)(params, mb)
             return {"loss": overflow_in_backward(sums["loss"])}, weights, aux
+
         return objective
 
     monkeypatch.setattr(train_lib, "family_objective", poisoned)
     workdir = str(tmp_path / "inf")
-    cfgs = _configs(corpus, tmp_path, checkpoint_every=1, eval_every=100, keep_checkpoints=10,
-                    compilation_cache_dir=None)
+    cfgs = _configs(
+        corpus,
+        tmp_path,
+        checkpoint_every=1,
+        eval_every=100,
+        keep_checkpoints=10,
+        compilation_cache_dir=None,
+    )
     summary = train(workdir, **cfgs)
     rows = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r}
     assert [s for s, r in rows.items() if r["update_skipped"]] == [3]
     assert np.isfinite(rows[3]["train/loss"]) and not np.isfinite(rows[3]["grad_norm"])
     assert rows[8]["skipped_updates"] == 1 and summary["skipped_updates"] == 1
     assert summary["end_step"] == 8
-    trainer = make_trainer(MODEL, cfgs["opt_cfg"], 8, sharding.make_mesh(ALL_DEVICES),
-                           logical.logical_axis_rules("dp"), 8)
+    trainer = make_trainer(
+        MODEL,
+        cfgs["opt_cfg"],
+        8,
+        sharding.make_mesh(ALL_DEVICES),
+        logical.logical_axis_rules("dp"),
+        8,
+    )
     manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
     (_, s2, _), (_, s3, _) = (manager.restore(abstract_state(trainer), step=k) for k in (2, 3))
     manager.close()
-    for a, b in zip(jax.tree.leaves((s2.params, s2.opt_state)),
-                    jax.tree.leaves((s3.params, s3.opt_state))):
+    for a, b in zip(
+        jax.tree.leaves((s2.params, s2.opt_state)), jax.tree.leaves((s3.params, s3.opt_state))
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -207,6 +232,7 @@ def test_tokens_per_s_at_an_eval_step_excludes_the_eval(corpus, tmp_path, monkey
     import time
 
     from gptjax.training import loop
+
     real = loop.evaluate
 
     def slow_evaluate(*args, **kw):
@@ -231,8 +257,13 @@ def test_gradient_accumulation_equals_the_large_batch():
         state = trainer.init_train_state(0)
         state, _ = trainer.train_step(state, batch)
         state, metrics = trainer.train_step(state, batch)
-        results.append((jax.device_get(state.params), float(metrics["train/loss"]),
-                        float(metrics["grad_norm"])))
+        results.append(
+            (
+                jax.device_get(state.params),
+                float(metrics["train/loss"]),
+                float(metrics["grad_norm"]),
+            )
+        )
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
     np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)  # the summed gradient
     # The key bias has an exactly zero true gradient (softmax ignores a shift shared by
@@ -252,16 +283,25 @@ def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="vocab"):
         train(str(tmp_path / "b"), **{**cfgs, "model_cfg": MODEL.replace(vocab_size=100)})
     with pytest.raises(FileNotFoundError, match="neither 'stdlib'"):
-        train(str(tmp_path / "c"), **{**cfgs, "data_cfg": DataConfig(
-            dataset=str(tmp_path / "missing.txt"), tokenizer="byte")})
+        train(
+            str(tmp_path / "c"),
+            **{
+                **cfgs,
+                "data_cfg": DataConfig(dataset=str(tmp_path / "missing.txt"), tokenizer="byte"),
+            },
+        )
     with pytest.raises(ValueError, match="not divisible"):
-        train(str(tmp_path / "d"), **{**cfgs, "opt_cfg": OptimizerConfig(grad_accum_steps=3, warmup_steps=1)})
+        train(
+            str(tmp_path / "d"),
+            **{**cfgs, "opt_cfg": OptimizerConfig(grad_accum_steps=3, warmup_steps=1)},
+        )
     with pytest.raises(ValueError, match="batch"):  # 8 devices cannot split a batch of 4
         train(str(tmp_path / "e"), **{**cfgs, "train_cfg": TrainConfig(batch_size=4, seq_len=16)})
 
 
 def test_batch_ramp_masks_rows_and_grows_to_full():
     from gptjax.training.batches import BatchRamp, mask_padding
+
     train_cfg = TrainConfig(batch_size=8, seq_len=4)
     ramp = BatchRamp(OptimizerConfig(batch_ramp_tokens=64, batch_ramp_start=8), train_cfg)
     rows = [ramp.rows(s) for s in range(8)]
@@ -281,25 +321,42 @@ def test_batch_ramp_start_logs_the_true_loss_under_accumulation(corpus, tmp_path
     """A ramp of 2 rows with 4 microbatches used to log (and descend) half the loss; the
     logged loss must be the mean over the 2 real rows, the data they hold the iterator's
     first 2 windows, and tokens_trained count those rows only."""
-    from gptjax.models import family
     from gptjax.data.config import workdir_tokenizer
+    from gptjax.models import family
+
     cfgs = _configs(corpus, tmp_path, steps=4, log_every=1, eval_every=100)
-    cfgs["opt_cfg"] = OptimizerConfig(peak_lr=3e-3, warmup_steps=2, grad_accum_steps=4,
-                                      batch_ramp_tokens=10**6, batch_ramp_start=2 * 16)
+    cfgs["opt_cfg"] = OptimizerConfig(
+        peak_lr=3e-3,
+        warmup_steps=2,
+        grad_accum_steps=4,
+        batch_ramp_tokens=10**6,
+        batch_ramp_start=2 * 16,
+    )
     # Microbatches of 2 rows: batch over a data axis of 2, the model over tensor 4.
     cfgs["mesh_cfg"] = sharding.MeshConfig(shape={"data": 2, "fsdp": 1, "tensor": 4}, rules="tp")
     workdir = str(tmp_path / "ramp")
     summary = train(workdir, stop_after=1, **cfgs)
     assert summary["tokens_trained"] == 2 * 16
     logged = _losses(workdir)[1]
-    trainer = make_trainer(MODEL, cfgs["opt_cfg"], 4, sharding.make_mesh(
-        ONE_DEVICE, devices=jax.devices()[:1]), logical.logical_axis_rules("dp"), 8)
+    trainer = make_trainer(
+        MODEL,
+        cfgs["opt_cfg"],
+        4,
+        sharding.make_mesh(ONE_DEVICE, devices=jax.devices()[:1]),
+        logical.logical_axis_rules("dp"),
+        8,
+    )
     params = trainer.init_train_state(cfgs["train_cfg"].seed).params
     tokenizer = workdir_tokenizer(workdir, cfgs["data_cfg"])
     train_cfg = cfgs["train_cfg"]
-    train_iter, _ = run_datasets(cfgs["data_cfg"], tokenizer, task_format="causal",
-                                 seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size,
-                                 seed=train_cfg.seed)
+    train_iter, _ = run_datasets(
+        cfgs["data_cfg"],
+        tokenizer,
+        task_format="causal",
+        seq_len=train_cfg.seq_len,
+        batch_size=train_cfg.batch_size,
+        seed=train_cfg.seed,
+    )
     local, real = train_iter.take(2)
     want = float(family.loss(MODEL, params, {"tokens": jnp.asarray(local["tokens"][:real])}))
     np.testing.assert_allclose(logged, want, rtol=1e-5)

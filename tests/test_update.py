@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax.models import family
 from gptjax.data.tokenizer import Specials
+from gptjax.models import family
 from gptjax.research import finetune as ft
 from gptjax.research import gpt1_tasks
 from gptjax.rlhf import ppo, reward, sft
@@ -29,7 +29,7 @@ ACCUM = (1, 2, 4)
 def _ragged_mask(b: int, t: int, seed: int) -> np.ndarray:
     """Right-padded (B, T) masks: row i has 1 + (i * 7 + seed) % t ones, so counts differ."""
     lengths = 1 + (np.arange(b) * 7 + seed) % t
-    lengths[:: 4] = 1  # microbatch 0 (rows 0, 4, ...) gets almost nothing
+    lengths[::4] = 1  # microbatch 0 (rows 0, 4, ...) gets almost nothing
     return (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
 
 
@@ -48,8 +48,12 @@ def _check_all_accumulations(objective, mean_loss, params_, batch):
 def _mean_of_microbatch_means(mean_loss, params_, batch, accum):
     """What accumulation computed before: the plain average of each microbatch's own mean."""
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
-    return np.mean([float(mean_loss(params_, jax.tree.map(lambda x: x[:, m], micro)))
-                    for m in range(accum)])
+    return np.mean(
+        [
+            float(mean_loss(params_, jax.tree.map(lambda x, m=m: x[:, m], micro)))
+            for m in range(accum)
+        ]
+    )
 
 
 def _assert_mean_of_means_is_off(mean_loss, params_, batch, want):
@@ -60,11 +64,19 @@ def _assert_mean_of_means_is_off(mean_loss, params_, batch, want):
 def test_pretraining_and_sft_loss_is_token_weighted():
     """The decoder objective on SFT-style prompt masks (`sft.make_example`)."""
     rng = np.random.default_rng(0)
-    rows = [sft.make_example(rng.integers(3, 200, 1 + 9 * (i % 4 == 0)).tolist(),
-                             rng.integers(3, 200, 1 + (5 * i) % 13).tolist(), 16, TOK.pad_id)
-            for i in range(8)]
-    batch = {"tokens": jnp.asarray(np.stack([t for t, _ in rows])),
-             "loss_mask": jnp.asarray(np.stack([m for _, m in rows]), jnp.float32)}
+    rows = [
+        sft.make_example(
+            rng.integers(3, 200, 1 + 9 * (i % 4 == 0)).tolist(),
+            rng.integers(3, 200, 1 + (5 * i) % 13).tolist(),
+            16,
+            TOK.pad_id,
+        )
+        for i in range(8)
+    ]
+    batch = {
+        "tokens": jnp.asarray(np.stack([t for t, _ in rows])),
+        "loss_mask": jnp.asarray(np.stack([m for _, m in rows]), jnp.float32),
+    }
     mean_loss = functools.partial(family.loss, CFG)
     want = _check_all_accumulations(family_objective(CFG), mean_loss, params(0), batch)
     _assert_mean_of_means_is_off(mean_loss, params(0), batch, want)
@@ -78,8 +90,12 @@ def test_reward_model_loss_is_weighted_by_prompts_with_a_pair():
     valid = np.ones((b, k), np.int32)
     valid[::4, 1:] = 0  # microbatch 0's prompts have one response: no pair, weight 0
     ranks[1::4] = 0  # all ties: no pair either
-    batch = {"tokens": jnp.asarray(tokens, jnp.int32), "mask": jnp.asarray(mask, jnp.int32),
-             "ranks": jnp.asarray(ranks), "valid": jnp.asarray(valid)}
+    batch = {
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "mask": jnp.asarray(mask, jnp.int32),
+        "ranks": jnp.asarray(ranks),
+        "valid": jnp.asarray(valid),
+    }
     rm = reward.from_policy(CFG, params(0), jax.random.key(5))
     mean_loss = lambda p, bt: reward.ranking_loss(CFG, p, bt)[0]  # noqa: E731
     want = _check_all_accumulations(reward.ranking_objective(CFG), mean_loss, rm, batch)
@@ -89,12 +105,15 @@ def test_reward_model_loss_is_weighted_by_prompts_with_a_pair():
 def test_finetune_loss_weighs_examples_and_lm_tokens_separately():
     sp = Specials(pad_id=0, eos_id=1, start_id=4, delimiter_id=5, extract_id=6, mask_id=7)
     rng = np.random.default_rng(2)
-    examples = [([rng.integers(10, 200, 12 if i % 4 == 0 else 1).tolist()], i % 2)
-                for i in range(8)]
+    examples = [
+        ([rng.integers(10, 200, 12 if i % 4 == 0 else 1).tolist()], i % 2) for i in range(8)
+    ]
     batch = gpt1_tasks.make_batch("classification", examples, sp, 16)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    p = {"gpt": params(0), "head": ft.init_head("classification", CFG.d_model, 2,
-                                                jax.random.key(3))}
+    p = {
+        "gpt": params(0),
+        "head": ft.init_head("classification", CFG.d_model, 2, jax.random.key(3)),
+    }
     terms = lambda q, mb: ft.finetune_terms(CFG, q, mb, "classification", 0.5)  # noqa: E731
     mean_loss = lambda q, mb: ft.finetune_loss(CFG, q, mb, "classification", 0.5)[0]  # noqa: E731
     want = _check_all_accumulations(terms, mean_loss, p, batch)
@@ -110,10 +129,16 @@ def test_ppo_minibatch_loss_is_token_weighted_with_ptx():
     mask = np.concatenate([np.ones((b, width)), resp_mask], 1).astype(np.int32)
     tokens = (rng.integers(3, 200, (b, width + r)) * mask).astype(np.int32)
     f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
-    mb = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
-          "resp_mask": jnp.asarray(resp_mask), "logprobs": f(b, r) - 5.0, "values": f(b, r),
-          "advantages": f(b, r), "returns": f(b, r),
-          "ptx_tokens": jnp.asarray(rng.integers(3, 200, (4, 13)), jnp.int32)}
+    mb = {
+        "tokens": jnp.asarray(tokens),
+        "mask": jnp.asarray(mask),
+        "resp_mask": jnp.asarray(resp_mask),
+        "logprobs": f(b, r) - 5.0,
+        "values": f(b, r),
+        "advantages": f(b, r),
+        "returns": f(b, r),
+        "ptx_tokens": jnp.asarray(rng.integers(3, 200, (4, 13)), jnp.int32),
+    }
     p = {"policy": params(0), "critic": reward.from_policy(CFG, params(1), jax.random.key(6))}
     terms = functools.partial(ppo.minibatch_terms, CFG, CFG, cfg_ppo, width)
     mean_loss = lambda q, m: ppo.minibatch_loss(CFG, CFG, cfg_ppo, width, q, m)[0]  # noqa: E731
@@ -124,23 +149,35 @@ def test_ppo_minibatch_loss_is_token_weighted_with_ptx():
 def test_trainers_thread_grad_accum_steps_into_their_steps():
     """The jitted steps of the reward model and fine-tuning really accumulate: one step with 1
     and with 4 microbatches gives the same loss and gradient norm on a ragged batch."""
-    from gptjax.parallel import mesh as sharding
     from gptjax.parallel import logical
+    from gptjax.parallel import mesh as sharding
     from gptjax.training.step import TrainState
+
     mesh, rules = sft.stage_mesh(sharding.MeshConfig(shape={"data": 1}))
     b, k, t = 8, 2, 12
     mask = _ragged_mask(b * k, t, 3).reshape(b, k, t)
-    batch = {"tokens": jnp.asarray(np.random.default_rng(7).integers(3, 200, (b, k, t)) * mask,
-                                   jnp.int32), "mask": jnp.asarray(mask, jnp.int32),
-             "ranks": jnp.asarray(np.tile([0, 1], (b, 1))), "valid": jnp.ones((b, k), jnp.int32)}
+    batch = {
+        "tokens": jnp.asarray(
+            np.random.default_rng(7).integers(3, 200, (b, k, t)) * mask, jnp.int32
+        ),
+        "mask": jnp.asarray(mask, jnp.int32),
+        "ranks": jnp.asarray(np.tile([0, 1], (b, 1))),
+        "valid": jnp.ones((b, k), jnp.int32),
+    }
     out = []
     for accum in (1, 4):
         opt = optax.sgd(0.0)
         rm = jax.device_get(reward.from_policy(CFG, params(0), jax.random.key(5)))
         step, shard = reward.make_train_step(CFG, opt, rm, mesh, rules, grad_accum_steps=accum)
-        state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=rm,
-                                          opt_state=opt.init(rm),
-                                          rng=jax.random.key_data(jax.random.key(0))), shard)
+        state = jax.device_put(
+            TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=rm,
+                opt_state=opt.init(rm),
+                rng=jax.random.key_data(jax.random.key(0)),
+            ),
+            shard,
+        )
         with logical.use_mesh(mesh, rules):
             _, stats = step(state, batch)
         out.append((float(stats["reward/loss"]), float(stats["reward/grad_norm"])))
@@ -152,9 +189,11 @@ def test_trainers_thread_grad_accum_steps_into_their_steps():
 
 def _poisoned_loss(w_ref):
     """Loss sqrt(|w - w_ref|) summed: finite (0) at w = w_ref, its gradient there is not."""
+
     def objective(p, mb):
         total = jnp.sum(jnp.sqrt(jnp.abs(p["w"] - w_ref)) * mb["x"].sum())
         return {"loss": total}, {"loss": jnp.float32(mb["x"].shape[0])}, {}
+
     return objective
 
 

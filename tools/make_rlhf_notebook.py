@@ -2,8 +2,11 @@
 
 from notebook_cells import COLAB, nb  # tools/ is on sys.path when run as a script
 
-nb([
-("md", """# 04 · RLHF: SFT → reward model → PPO, offline
+nb(
+    [
+        (
+            "md",
+            """# 04 · RLHF: SFT → reward model → PPO, offline
 
 InstructGPT's three stages on a task small enough for a CPU, with the same functions that
 `gptjax rlhf --gin_file=experiments/rlhf/quickstart.gin` runs. The "human labeler" is a program:
@@ -14,9 +17,12 @@ what RLHF is for: the gold reward rises while the KL from the SFT model stays ne
 
 Default size: `experiments/rlhf/quickstart.gin` (a 2-layer GPT; a few minutes on a laptop CPU).
 With `GPTJAX_NOTEBOOK_STEPS` set (the test suite sets 12) every stage shrinks to about a minute;
-the numbers are then noise, not results."""),
-("code", COLAB),
-("code", """import os, tempfile
+the numbers are then noise, not results.""",
+        ),
+        ("code", COLAB),
+        (
+            "code",
+            """import os, tempfile
 import jax, numpy as np
 import matplotlib.pyplot as plt
 from gptjax.cli import main as cli
@@ -43,8 +49,11 @@ cli.parse_gin(["rlhf/quickstart.gin"], bindings)
 WORKDIR = tempfile.mkdtemp(prefix="gptjax_rlhf_")
 DIRS = {stage: os.path.join(WORKDIR, stage) for stage in ("sft", "reward", "ppo")}
 task = tasks.make_task()
-print(WORKDIR)"""),
-("md", """## Stage 1 · Supervised fine-tuning
+print(WORKDIR)""",
+        ),
+        (
+            "md",
+            """## Stage 1 · Supervised fine-tuning
 
 InstructGPT fine-tuned GPT-3 on ~13k prompts with demonstrations written by labelers (16 epochs,
 cosine decay). Here a short plain-text "pretraining" phase on the task's world comes first (we
@@ -52,8 +61,11 @@ have no pretrained model to start from), then SFT on demonstrations whose adject
 uniformly, so the SFT policy starts at gold reward ≈ 0 with a wide spread: room for RLHF.
 
 The SFT loss counts **response tokens only** (a `loss_mask` over the targets): the model should
-learn to answer, not to predict prompts that PPO never samples."""),
-("code", """s_sft = sft.run_sft(DIRS["sft"])
+learn to answer, not to predict prompts that PPO never samples.""",
+        ),
+        (
+            "code",
+            """s_sft = sft.run_sft(DIRS["sft"])
 print({k: round(v, 4) for k, v in s_sft.items() if isinstance(v, float)})
 
 rows = read_metrics(DIRS["sft"])
@@ -61,8 +73,11 @@ for name in ("pretrain/loss", "sft/loss"):
     pts = [(r["step"], r[name]) for r in rows if name in r]
     plt.plot(*zip(*pts), marker=".", label=name)
 plt.xlabel("step"); plt.ylabel("loss (nats/token)"); plt.legend(); plt.title("stage 1")
-plt.show()"""),
-("md", """## Stage 2 · Reward model
+plt.show()""",
+        ),
+        (
+            "md",
+            """## Stage 2 · Reward model
 
 InstructGPT's labelers ranked K = 4…9 responses per prompt; all C(K, 2) comparisons of a prompt
 form one batch element (batch of 64 prompts), so each completion is seen once per step rather
@@ -72,8 +87,11 @@ than in many separate pairs, which overfits. The loss is
 Here the SFT policy samples K = 4 replies per prompt and the gold reward ranks them (ties form no
 pair). The RM is the SFT trunk with a scalar head read at the last real token (the end-of-turn
 token). Afterwards a gain and bias make the SFT policy's own samples score mean 0, std 1, so PPO's
-KL coefficient means the same whatever the RM's raw scale."""),
-("code", """s_rm = reward.run_reward(DIRS["reward"], DIRS["sft"])
+KL coefficient means the same whatever the RM's raw scale.""",
+        ),
+        (
+            "code",
+            """s_rm = reward.run_reward(DIRS["reward"], DIRS["sft"])
 print({k: round(v, 4) for k, v in s_rm.items() if isinstance(v, float)})
 
 rows = [r for r in read_metrics(DIRS["reward"]) if "reward/loss" in r]
@@ -87,8 +105,11 @@ axes[1].axhline(s_rm["reward/heldout_accuracy"], color="C1", ls="--", label="hel
 axes[1].set_title("pairwise accuracy"); axes[1].legend()
 for ax in axes:
     ax.set_xlabel("RM step"); ax.grid(alpha=0.3)
-plt.tight_layout(); plt.show()"""),
-("md", """## Stage 3 · PPO against the reward model
+plt.tight_layout(); plt.show()""",
+        ),
+        (
+            "md",
+            """## Stage 3 · PPO against the reward model
 
 The policy starts as the SFT model and the value function as the RM (InstructGPT). Each
 iteration samples replies (temperature 0.7, stopping at the end-of-turn token), scores them with
@@ -99,8 +120,11 @@ critic for 4 epochs per batch. (PPO-ptx, InstructGPT's γ = 27.8 pretraining ter
 `experiments/rlhf/ptx.gin`.)
 
 Watch the **gold reward** (which PPO never sees) follow the **RM score** up while the **KL**
-climbs towards its target and β adjusts."""),
-("code", """s_ppo = pipeline.run_ppo(DIRS["ppo"], DIRS["sft"], DIRS["reward"])
+climbs towards its target and β adjusts.""",
+        ),
+        (
+            "code",
+            """s_ppo = pipeline.run_ppo(DIRS["ppo"], DIRS["sft"], DIRS["reward"])
 for k in ("ppo/gold_reward_start", "ppo/gold_reward_end", "ppo/gold_reward_gain_in_start_std",
           "ppo/kl_end", "ppo/kl_target", "ppo/stop_rate_end", "ppo/wall_s"):
     print(f"{k:36} {s_ppo[k]:.3f}")
@@ -119,12 +143,18 @@ axes[0].axhline(s_ppo["ppo/gold_reward_start"], color="gray", ls=":", label="SFT
 axes[0].axhline(s_ppo["ppo/gold_reward_end"], color="C1", ls="--", label="PPO (eval)")
 axes[0].legend()
 axes[2].axhline(s_ppo["ppo/kl_target"], color="gray", ls="--", label="target"); axes[2].legend()
-plt.tight_layout(); plt.show()"""),
-("md", """## Replies before and after PPO
+plt.tight_layout(); plt.show()""",
+        ),
+        (
+            "md",
+            """## Replies before and after PPO
 
 The same prompts and the same random key, sampled at PPO's temperature from the SFT policy and
-from the PPO policy, with each reply's gold reward."""),
-("code", """ppo_cfg = ppo.PPOConfig()  # the gin-bound sampling settings PPO trained with
+from the PPO policy, with each reply's gold reward.""",
+        ),
+        (
+            "code",
+            """ppo_cfg = ppo.PPOConfig()  # the gin-bound sampling settings PPO trained with
 prompts = tasks.prompts(task, 8, seed=123)
 
 def replies(workdir):
@@ -142,11 +172,17 @@ for p, b, a in zip(prompts, before, after):
     print(f"  SFT {task.gold_reward(p, b):+.2f}  {b}")
     print(f"  PPO {task.gold_reward(p, a):+.2f}  {a}")
 gold = lambda rs: np.mean([task.gold_reward(p, r) for p, r in zip(prompts, rs)])
-print(f"mean gold reward on these prompts: SFT {gold(before):+.3f}, PPO {gold(after):+.3f}")"""),
-("md", """The PPO workdir is a normal policy workdir: talk to it with
+print(f"mean gold reward on these prompts: SFT {gold(before):+.3f}, PPO {gold(after):+.3f}")""",
+        ),
+        (
+            "md",
+            """The PPO workdir is a normal policy workdir: talk to it with
 `gptjax chat --workdir=<WORKDIR>/ppo`, or run all three stages with
 `gptjax rlhf --gin_file=experiments/rlhf/quickstart.gin --workdir=/tmp/rlhf`, which also writes
 `summary.json` and `ppo_curves.png`. Things to try: a lower `PPOConfig.kl_target` (less reward,
 less drift), `adaptive_kl = False` with InstructGPT's β = 0.02, or PPO-ptx with
-`experiments/rlhf/ptx.gin` and compare `ppo/ptx_lm_loss_end`."""),
-], "notebooks/04_rlhf.ipynb")
+`experiments/rlhf/ptx.gin` and compare `ppo/ptx_lm_loss_end`.""",
+        ),
+    ],
+    "notebooks/04_rlhf.ipynb",
+)

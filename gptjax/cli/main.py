@@ -24,6 +24,7 @@ from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin  # noqa
 def init_distributed(args) -> None:
     """Join a multi-process run: explicit flags, or JAX's cluster auto-detection."""
     import jax
+
     if args.coordinator_address:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     elif args.multihost:  # TPU pods, SLURM, ...: JAX reads the cluster environment
@@ -33,10 +34,13 @@ def init_distributed(args) -> None:
 def cmd_train(args) -> None:
     """Train (or resume) in --workdir with the default eval hooks (sample preview, exact match)."""
     from gptjax.evals.hooks import train_with_defaults
+
     summary = train_with_defaults(args.workdir, stop_after=args.stop_after, dry_run=args.dry_run)
     if not args.dry_run:
-        print(f"done: step {summary['end_step']}, train loss {summary.get('train/loss', 'n/a')}, "
-              f"eval loss {summary.get('eval/loss', 'n/a')}; workdir {args.workdir}")
+        print(
+            f"done: step {summary['end_step']}, train loss {summary.get('train/loss', 'n/a')}, "
+            f"eval loss {summary.get('eval/loss', 'n/a')}; workdir {args.workdir}"
+        )
     if args.sample_after and not args.dry_run:
         args.prompt, args.num_samples = args.prompt or "", 1
         cmd_sample(args)
@@ -57,8 +61,10 @@ def _sample_family(args, cfg, params, tokenizer, step) -> None:
 
     fam = family.family_of(cfg)
     if not fam.generates:
-        raise ValueError(f"an {fam.name}-only model (BERT) does not generate text; fine-tune it "
-                         "with `gptjax finetune` or score it with `gptjax eval`.")
+        raise ValueError(
+            f"an {fam.name}-only model (BERT) does not generate text; fine-tune it "
+            "with `gptjax finetune` or score it with `gptjax eval`."
+        )
     samplers = {family.DECODER: _sample_decoder, family.SEQ2SEQ: _sample_seq2seq}
     samplers[fam](args, cfg, params, tokenizer, step)
 
@@ -70,23 +76,37 @@ def _sample_decoder(args, cfg, params, tokenizer, step) -> None:
     from gptjax.inference import sampling as sample
 
     ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
-    ids = ids[-max(1, cfg.max_len - args.max_new_tokens):]
+    ids = ids[-max(1, cfg.max_len - args.max_new_tokens) :]
     new = min(args.max_new_tokens, cfg.max_len - len(ids))
     prompt = np.array([ids] * args.num_samples)
     stops = () if args.no_stop else (tokenizer.eos_id,)
     if args.num_beams > 1:
-        out = sample.beam_search(cfg, params, prompt, num_beams=args.num_beams,
-                                 max_new_tokens=new, stop_tokens=stops,
-                                 length_penalty=args.length_penalty,
-                                 length_penalty_kind=args.length_penalty_kind)
+        out = sample.beam_search(
+            cfg,
+            params,
+            prompt,
+            num_beams=args.num_beams,
+            max_new_tokens=new,
+            stop_tokens=stops,
+            length_penalty=args.length_penalty,
+            length_penalty_kind=args.length_penalty_kind,
+        )
     else:
-        out = sample.generate(cfg, params, prompt, key=jax.random.key(args.seed),
-                              max_new_tokens=new, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, stop_tokens=stops,
-                              greedy=args.greedy)
+        out = sample.generate(
+            cfg,
+            params,
+            prompt,
+            key=jax.random.key(args.seed),
+            max_new_tokens=new,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            stop_tokens=stops,
+            greedy=args.greedy,
+        )
     for i in range(args.num_samples):
-        text = tokenizer.decode(np.asarray(out.tokens[i, len(ids):]).tolist())
+        text = tokenizer.decode(np.asarray(out.tokens[i, len(ids) :]).tolist())
         print(f"--- sample {i} (step {step}) ---\n{args.prompt}{text}")
 
 
@@ -97,24 +117,41 @@ def _sample_seq2seq(args, cfg, params, tokenizer, step) -> None:
 
     from gptjax.inference import decoding as seq2seq_decode
 
-    src = jnp.asarray([(tokenizer.encode(args.prompt) or [tokenizer.eos_id])[:cfg.max_len]])
-    kw = dict(start_id=tokenizer.start_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-              max_len=min(args.max_new_tokens, cfg.max_len))
+    src = jnp.asarray([(tokenizer.encode(args.prompt) or [tokenizer.eos_id])[: cfg.max_len]])
+    kw = dict(
+        start_id=tokenizer.start_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        max_len=min(args.max_new_tokens, cfg.max_len),
+    )
     if args.num_beams > 1:
-        out = seq2seq_decode.beam_search(cfg, params, src, num_beams=args.num_beams,
-                                         length_penalty=args.length_penalty,
-                                         length_penalty_kind=args.length_penalty_kind,
-                                         **kw).tokens
+        out = seq2seq_decode.beam_search(
+            cfg,
+            params,
+            src,
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            length_penalty_kind=args.length_penalty_kind,
+            **kw,
+        ).tokens
     else:
         out = seq2seq_decode.greedy(cfg, params, src, **kw)
-    print(f"--- {args.prompt!r} => (step {step}, {'beam' if args.num_beams > 1 else 'greedy'}) "
-          f"---\n{tokenizer.decode(np.asarray(out[0]).tolist())}")
+    print(
+        f"--- {args.prompt!r} => (step {step}, {'beam' if args.num_beams > 1 else 'greedy'}) "
+        f"---\n{tokenizer.decode(np.asarray(out[0]).tolist())}"
+    )
 
 
 def cmd_tokenizer(args) -> None:
     from gptjax.data.config import DataConfig, build_tokenizer
-    data_cfg = DataConfig(dataset=args.dataset, path=args.path, tokenizer=args.kind,
-                          tokenizer_vocab_size=args.vocab_size, data_dir=args.data_dir)
+
+    data_cfg = DataConfig(
+        dataset=args.dataset,
+        path=args.path,
+        tokenizer=args.kind,
+        tokenizer_vocab_size=args.vocab_size,
+        data_dir=args.data_dir,
+    )
     tokenizer = build_tokenizer(data_cfg)
     path = tokenizer.save(args.out)
     print(f"{args.kind} tokenizer with {tokenizer.vocab_size} ids written to {path}")
@@ -124,8 +161,10 @@ def cmd_prepare(args) -> None:
     from gptjax.data import builders
     from gptjax.data.config import default_data_dir
     from gptjax.data.pipeline import resolve_config
-    builder = builders.prepare(resolve_config(args.dataset), args.data_dir or default_data_dir(),
-                               path=args.path)
+
+    builder = builders.prepare(
+        resolve_config(args.dataset), args.data_dir or default_data_dir(), path=args.path
+    )
     for split, info in builder.info.splits.items():
         print(f"{args.dataset} {split}: {info.num_examples} documents")
 
@@ -133,19 +172,23 @@ def cmd_prepare(args) -> None:
 def cmd_convert(args) -> None:
     """Import a Hugging Face GPT-2 directory as a gptjax workdir checkpoint, or export one."""
     from gptjax import hf as convert
+
     if args.export_to:
         from gptjax.training.workdir import load_run
+
         cfg, params, _, _, _ = load_run(args.workdir)
         convert.save_hf_gpt2(args.export_to, cfg, jax_to_numpy(params))
         print(f"wrote {args.export_to}/config.json and model.safetensors")
     else:
-        raise SystemExit("gptjax convert: pass --export_to=DIR (import is convert.load_hf_gpt2 "
-                         "in Python).")
+        raise SystemExit(
+            "gptjax convert: pass --export_to=DIR (import is convert.load_hf_gpt2 in Python)."
+        )
 
 
 def jax_to_numpy(tree):
     import jax
     import numpy as np
+
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
@@ -154,13 +197,20 @@ def common_flags(sp: argparse.ArgumentParser, workdir: bool = True) -> None:
     if workdir:
         sp.add_argument("--workdir", required=True, help="run directory")
     sp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    sp.add_argument("--gin_bindings", action="append", default=[],
-                    help="a gin binding such as \"TrainConfig.steps = 100\" (repeatable)")
+    sp.add_argument(
+        "--gin_bindings",
+        action="append",
+        default=[],
+        help='a gin binding such as "TrainConfig.steps = 100" (repeatable)',
+    )
     sp.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
     sp.add_argument("--num_processes", type=int)
     sp.add_argument("--process_id", type=int)
-    sp.add_argument("--multihost", action="store_true",
-                    help="jax.distributed.initialize() with cluster auto-detection (TPU pod)")
+    sp.add_argument(
+        "--multihost",
+        action="store_true",
+        help="jax.distributed.initialize() with cluster auto-detection (TPU pod)",
+    )
 
 
 def sampling_flags(sp: argparse.ArgumentParser) -> None:
@@ -173,10 +223,18 @@ def sampling_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--repetition_penalty", type=float, default=1.0)
     sp.add_argument("--greedy", action="store_true")
     sp.add_argument("--num_beams", type=int, default=1)
-    sp.add_argument("--length_penalty", type=float, default=1.0,
-                    help="beam ranking: sum(logprobs) / penalty(length) ** this")
-    sp.add_argument("--length_penalty_kind", default="hf", choices=("hf", "gnmt"),
-                    help="hf: length ** alpha; gnmt: ((5 + length) / 6) ** alpha")
+    sp.add_argument(
+        "--length_penalty",
+        type=float,
+        default=1.0,
+        help="beam ranking: sum(logprobs) / penalty(length) ** this",
+    )
+    sp.add_argument(
+        "--length_penalty_kind",
+        default="hf",
+        choices=("hf", "gnmt"),
+        help="hf: length ** alpha; gnmt: ((5 + length) / 6) ** alpha",
+    )
     sp.add_argument("--num_samples", type=int, default=1)
     sp.add_argument("--no_stop", action="store_true", help="do not stop at end-of-text")
     sp.add_argument("--seed", type=int, default=0)
@@ -189,10 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     common, sampling = common_flags, sampling_flags
     t = sub.add_parser("train", help="train or resume a model in --workdir")
     common(t)
-    t.add_argument("--stop_after", type=int, default=None,
-                   help="stop this invocation after N steps (checkpointed; rerun resumes)")
-    t.add_argument("--dry_run", action="store_true",
-                   help="compile for the configured mesh, report memory/FLOPs, do not train")
+    t.add_argument(
+        "--stop_after",
+        type=int,
+        default=None,
+        help="stop this invocation after N steps (checkpointed; rerun resumes)",
+    )
+    t.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="compile for the configured mesh, report memory/FLOPs, do not train",
+    )
     t.add_argument("--sample_after", action="store_true", help="print a sample when done")
     sampling(t)
     s = sub.add_parser("sample", help="generate text from a trained workdir")
@@ -225,30 +290,49 @@ def build_parser() -> argparse.ArgumentParser:
 # sampler's, and each fn takes the parsed args.
 PLUGINS = ("gptjax.cli.research", "gptjax.cli.rlhf")
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "tokenizer": cmd_tokenizer,
-            "prepare": cmd_prepare, "convert": cmd_convert}
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "tokenizer": cmd_tokenizer,
+    "prepare": cmd_prepare,
+    "convert": cmd_convert,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("gptjax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices, etc.
     # gin logs every search-path miss of an `include` at warning level; they are expected.
     logging.getLogger().addFilter(
-        lambda r: not str(r.msg).startswith(("Path not found", "system_path_file_exists")))
+        lambda r: not str(r.msg).startswith(("Path not found", "system_path_file_exists"))
+    )
     from gptjax.training.checkpoint import CheckpointError
     from gptjax.training.loop import TrainingDivergedError
+
     try:
         parse_gin(args.gin_file, args.gin_bindings)
         init_distributed(args)
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError, SyntaxError, tokenize.TokenError, OSError,
-            CheckpointError, TrainingDivergedError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        KeyError,
+        SyntaxError,
+        tokenize.TokenError,
+        OSError,
+        CheckpointError,
+        TrainingDivergedError,
+    ) as e:
         msg = str(e).strip().splitlines()
-        print(f"gptjax {args.command}: error: {msg[0] if msg else type(e).__name__}"
-              + ("".join(f"\n  {m}" for m in msg[1:4])), file=sys.stderr)
+        print(
+            f"gptjax {args.command}: error: {msg[0] if msg else type(e).__name__}"
+            + ("".join(f"\n  {m}" for m in msg[1:4])),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

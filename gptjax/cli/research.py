@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from gptjax.research import finetune as finetune_lib  # noqa: F401  (registers FinetuneConfig with gin)
 from gptjax.research import sweep as sweep_lib
+
+
 def cmd_eval(args) -> None:
     """Perplexity on the run's validation split, or few-shot accuracy on --task."""
     from gptjax.evals import in_context as evaluate
@@ -21,18 +23,39 @@ def cmd_eval(args) -> None:
 
     cfg, params, tokenizer, configs, step = load_run(args.workdir)
     if not args.task:
-        out = evaluate.split_perplexity(cfg, params, tokenizer, configs, split=args.split,
-                                        batch_size=args.batch_size, max_batches=args.max_batches)
-        print(f"step {step}: {args.split} loss {out['loss']:.4f}, perplexity "
-              f"{out['perplexity']:.2f} over {out['tokens']:,} tokens")
+        out = evaluate.split_perplexity(
+            cfg,
+            params,
+            tokenizer,
+            configs,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_batches=args.max_batches,
+        )
+        print(
+            f"step {step}: {args.split} loss {out['loss']:.4f}, perplexity "
+            f"{out['perplexity']:.2f} over {out['tokens']:,} tokens"
+        )
         return
-    task = evaluate.get_task(args.task, data_dir=configs["data"].resolved_data_dir,
-                             n_examples=args.max_examples, seed=args.seed)
+    task = evaluate.get_task(
+        args.task,
+        data_dir=configs["data"].resolved_data_dir,
+        n_examples=args.max_examples,
+        seed=args.seed,
+    )
     results = []
     for shots in _int_list(args.shots):
-        out = evaluate.evaluate_task(cfg, params, tokenizer, task, shots=shots, seed=args.seed,
-                                     batch_size=args.batch_size, unconditional=args.uncond,
-                                     uncond_prompt=args.uncond_prompt)
+        out = evaluate.evaluate_task(
+            cfg,
+            params,
+            tokenizer,
+            task,
+            shots=shots,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            unconditional=args.uncond,
+            uncond_prompt=args.uncond_prompt,
+        )
         results.append(out)
         print(evaluate.format_result(out))
     path = os.path.join(args.workdir, f"eval_{task.name}.json")
@@ -56,9 +79,11 @@ def cmd_finetune(args) -> None:
     overrides = {k: getattr(args, k) for k in ("task", "steps") if getattr(args, k) is not None}
     ft_cfg = finetune_lib.FinetuneConfig(**overrides)
     summary = finetune_lib.finetune(args.workdir, args.out, ft_cfg)
-    print(f"{ft_cfg.task} ({summary['kind']}): accuracy {summary['accuracy_before']:.3f} before, "
-          f"{summary['accuracy']:.3f} ± {summary['accuracy_stderr']:.3f} after "
-          f"{summary['steps']} steps (chance {summary['chance']:.3f}); written to {args.out}")
+    print(
+        f"{ft_cfg.task} ({summary['kind']}): accuracy {summary['accuracy_before']:.3f} before, "
+        f"{summary['accuracy']:.3f} ± {summary['accuracy_stderr']:.3f} after "
+        f"{summary['steps']} steps (chance {summary['chance']:.3f}); written to {args.out}"
+    )
 
 
 def cmd_sweep(args) -> None:
@@ -66,14 +91,18 @@ def cmd_sweep(args) -> None:
     sweep = sweep_lib.Sweep()
     if args.print_commands:
         print("\n".join(sweep_lib.print_commands(sweep, args.workdir, args.gin_bindings)))
-        print(f"# then tabulate: gptjax sweep --collect_only --gin_file={args.gin_file[0]} "
-              f"--workdir={args.workdir}", file=sys.stderr)
+        print(
+            f"# then tabulate: gptjax sweep --collect_only --gin_file={args.gin_file[0]} "
+            f"--workdir={args.workdir}",
+            file=sys.stderr,
+        )
         return
     if args.collect_only:
         rows = sweep_lib.write_report(sweep, args.workdir)
     else:
-        rows = sweep_lib.run_sweep(sweep, args.workdir, args.gin_bindings,
-                                   subprocess_mode=args.subprocess)
+        rows = sweep_lib.run_sweep(
+            sweep, args.workdir, args.gin_bindings, subprocess_mode=args.subprocess
+        )
     print(sweep_lib.markdown_table(rows))
     print(f"results: {os.path.join(args.workdir, 'results.csv')} and plots in {args.workdir}")
 
@@ -83,20 +112,27 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
     del sampling  # none of these commands samples
     e = subparsers.add_parser("eval", help="perplexity, or zero/one/few-shot accuracy on a task")
     common(e)
-    e.add_argument("--task", default=None,
-                   help="a built-in task (stdlib_next_line, stdlib_real_or_shuffled) or a "
-                        ".jsonl file of {context, candidates, label}; default: perplexity")
+    e.add_argument(
+        "--task",
+        default=None,
+        help="a built-in task (stdlib_next_line, stdlib_real_or_shuffled) or a "
+        ".jsonl file of {context, candidates, label}; default: perplexity",
+    )
     e.add_argument("--shots", default="0", help="demonstrations K, or a list such as 0,1,5")
     e.add_argument("--max_examples", type=int, default=200)
     e.add_argument("--split", default="validation", help="split for perplexity")
     e.add_argument("--batch_size", type=int, default=16)
     e.add_argument("--max_batches", type=int, default=50)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--uncond", action="store_true",
-                   help="also report acc_uncond: log P(answer | prompt) - log P(answer | "
-                        "--uncond_prompt), GPT-3's normalisation for ARC/OpenBookQA/RACE")
-    e.add_argument("--uncond_prompt", default="Answer:",
-                   help="the unconditional context for --uncond")
+    e.add_argument(
+        "--uncond",
+        action="store_true",
+        help="also report acc_uncond: log P(answer | prompt) - log P(answer | "
+        "--uncond_prompt), GPT-3's normalisation for ARC/OpenBookQA/RACE",
+    )
+    e.add_argument(
+        "--uncond_prompt", default="Answer:", help="the unconditional context for --uncond"
+    )
     f = subparsers.add_parser("finetune", help="GPT-1 fine-tuning of a pretrained workdir")
     common(f)
     f.add_argument("--out", required=True, help="directory for the fine-tuned run")
@@ -104,10 +140,19 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
     f.add_argument("--steps", type=int, default=None)
     s = subparsers.add_parser("sweep", help="run an ablation sweep defined by a gin file")
     common(s)
-    s.add_argument("--print_commands", action="store_true",
-                   help="print one `gptjax train` command per run instead of running")
-    s.add_argument("--subprocess", action="store_true",
-                   help="run each variant as a child process (else in-process, sequentially)")
-    s.add_argument("--collect_only", action="store_true",
-                   help="only rebuild results.csv and the plots from finished runs")
+    s.add_argument(
+        "--print_commands",
+        action="store_true",
+        help="print one `gptjax train` command per run instead of running",
+    )
+    s.add_argument(
+        "--subprocess",
+        action="store_true",
+        help="run each variant as a child process (else in-process, sequentially)",
+    )
+    s.add_argument(
+        "--collect_only",
+        action="store_true",
+        help="only rebuild results.csv and the plots from finished runs",
+    )
     return {"eval": cmd_eval, "finetune": cmd_finetune, "sweep": cmd_sweep}

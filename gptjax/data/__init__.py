@@ -22,7 +22,17 @@ from gptjax.data.tokenizer import (
 )
 
 __all__ = [
-    "ByteTokenizer", "CharTokenizer", "SentencePieceTokenizer", "TokenBatchIterator", "Tokenizer",
-    "check_vocab", "corpus_texts", "encode_documents", "load_tokenizer", "make_datasets",
-    "pack_windows", "token_stream", "train_sentencepiece",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "SentencePieceTokenizer",
+    "TokenBatchIterator",
+    "Tokenizer",
+    "check_vocab",
+    "corpus_texts",
+    "encode_documents",
+    "load_tokenizer",
+    "make_datasets",
+    "pack_windows",
+    "token_stream",
+    "train_sentencepiece",
 ]

@@ -15,8 +15,13 @@ import gin
 
 from gptjax.data import numbers
 from gptjax.data.pipeline import corpus_texts, make_datasets
-from gptjax.data.tokenizer import (ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer,
-                                   train_sentencepiece)
+from gptjax.data.tokenizer import (
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 TOKENIZER_KINDS = ("bpe", "byte", "char")
 
@@ -54,8 +59,9 @@ class DataConfig:
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZER_KINDS:
-            raise ValueError(f"DataConfig.tokenizer={self.tokenizer!r} is not one of "
-                             f"{TOKENIZER_KINDS}.")
+            raise ValueError(
+                f"DataConfig.tokenizer={self.tokenizer!r} is not one of {TOKENIZER_KINDS}."
+            )
 
     @property
     def resolved_data_dir(self) -> str:
@@ -78,36 +84,61 @@ def build_tokenizer(data_cfg: DataConfig) -> Tokenizer:
     if data_cfg.dataset in numbers.TASKS:
         texts = numbers.texts(data_cfg.dataset, "train", data_cfg.task_max_number)
     else:
-        texts = corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, "train",
-                             path=data_cfg.path)
+        texts = corpus_texts(
+            data_cfg.dataset, data_cfg.resolved_data_dir, "train", path=data_cfg.path
+        )
     if data_cfg.tokenizer == "char":
         return CharTokenizer.from_texts(texts)
     return train_sentencepiece(texts, data_cfg.tokenizer_vocab_size)
 
 
-def workdir_tokenizer(workdir: str, data_cfg: DataConfig | None = None,
-                      save: bool = True) -> Tokenizer:
+def workdir_tokenizer(
+    workdir: str, data_cfg: DataConfig | None = None, save: bool = True
+) -> Tokenizer:
     """The workdir's tokenizer; built from `data_cfg` and saved there if it has none."""
     path = _workdir_tokenizer(workdir)
     if path is not None:
         return load_tokenizer(path)
     if data_cfg is None:
-        raise FileNotFoundError(f"no tokenizer in {workdir!r}: is it a gptjax workdir "
-                                "(written by `gptjax train`)?")
+        raise FileNotFoundError(
+            f"no tokenizer in {workdir!r}: is it a gptjax workdir (written by `gptjax train`)?"
+        )
     tokenizer = build_tokenizer(data_cfg)
     if save:
         tokenizer.save(workdir)
     return tokenizer
 
 
-def run_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, task_format: str, seq_len: int,
-                 batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1):
+def run_datasets(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    task_format: str,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """(train iterator, eval factory) of a run: a corpus's windows, or a number task's batches
     in `task_format` (the model family's `Family.task_format`), this process's share of each."""
     shard = dict(seed=seed, process_index=process_index, process_count=process_count)
     if data_cfg.dataset in numbers.TASKS:
-        return numbers.make_task_datasets(data_cfg.dataset, task_format, tokenizer, seq_len,
-                                          batch_size, max_number=data_cfg.task_max_number,
-                                          **shard)
-    return make_datasets(data_cfg.dataset, tokenizer, seq_len, batch_size,
-                         data_cfg.resolved_data_dir, path=data_cfg.path, **shard)
+        return numbers.make_task_datasets(
+            data_cfg.dataset,
+            task_format,
+            tokenizer,
+            seq_len,
+            batch_size,
+            max_number=data_cfg.task_max_number,
+            **shard,
+        )
+    return make_datasets(
+        data_cfg.dataset,
+        tokenizer,
+        seq_len,
+        batch_size,
+        data_cfg.resolved_data_dir,
+        path=data_cfg.path,
+        **shard,
+    )

@@ -30,9 +30,28 @@ import numpy as np
 from gptjax.data import pipeline
 from gptjax.data.tokenizer import Specials
 
-ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-        "eighteen", "nineteen")
+ONES = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+)
 TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 LIMIT = 10**6  # number_to_words covers 0 <= n < LIMIT
 SPLITS = ("train", "validation")
@@ -146,8 +165,9 @@ def _token_lengths(task: str, tokenizer, max_number: int) -> np.ndarray:
     if key not in _LENGTHS:
         _check(task, "train", max_number)
         srcs, tgts = zip(*(TASKS[task](n) for n in range(max_number)))
-        _LENGTHS[key] = np.array([[len(ids) for ids in tokenizer.encode_batch(list(side))]
-                                  for side in (srcs, tgts)]).T
+        _LENGTHS[key] = np.array(
+            [[len(ids) for ids in tokenizer.encode_batch(list(side))] for side in (srcs, tgts)]
+        ).T
     return _LENGTHS[key]
 
 
@@ -190,8 +210,9 @@ def _needed(fmt: str, src_len: int, tgt_len: int, slots: int) -> int:
     return _NEEDED[fmt](src_len, tgt_len, slots)
 
 
-def check_fits(fmt: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
-               seq_len: int, tgt_len: int) -> None:
+def check_fits(
+    fmt: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, tgt_len: int
+) -> None:
     """Raise a clear ValueError when an example does not fit ``seq_len`` (or ``tgt_len``)."""
     _check_format(fmt)
     if not examples:
@@ -199,19 +220,23 @@ def check_fits(fmt: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]]
     if fmt == "slots":
         longest = max(len(t) for _, t in examples)
         if longest + 1 > tgt_len:
-            raise ValueError(f"a target of {longest} tokens plus eos needs tgt_len >= "
-                             f"{longest + 1}, got tgt_len={tgt_len}")
+            raise ValueError(
+                f"a target of {longest} tokens plus eos needs tgt_len >= "
+                f"{longest + 1}, got tgt_len={tgt_len}"
+            )
     s, t = max(examples, key=lambda e: _needed(fmt, len(e[0]), len(e[1]), tgt_len))
     need = _needed(fmt, len(s), len(t), tgt_len)
     if need > seq_len:
-        raise ValueError(f"seq_len={seq_len} is too small for the {fmt!r} format: an example "
-                         f"with a {len(s)}-token source and a {len(t)}-token target needs "
-                         f"seq_len >= {need}")
+        raise ValueError(
+            f"seq_len={seq_len} is too small for the {fmt!r} format: an example "
+            f"with a {len(s)}-token source and a {len(t)}-token target needs "
+            f"seq_len >= {need}"
+        )
 
 
 def _row(tokens: Sequence[int], width: int, fill: int) -> np.ndarray:
     out = np.full((width,), fill, np.int32)
-    out[:len(tokens)] = tokens
+    out[: len(tokens)] = tokens
     return out
 
 
@@ -222,9 +247,9 @@ def format_decoder(examples, sp: Specials, seq_len: int) -> dict[str, np.ndarray
     loss_mask = np.zeros((len(examples), seq_len), np.float32)
     for i, (s, t) in enumerate(examples):
         row = [sp.start_id, *s, sp.delimiter_id, *t, sp.eos_id]
-        tokens[i, :len(row)] = row
+        tokens[i, : len(row)] = row
         first = len(s) + 1  # input position of [delim], whose target is t[0]
-        loss_mask[i, first:first + len(t) + 1] = 1.0
+        loss_mask[i, first : first + len(t) + 1] = 1.0
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
@@ -233,18 +258,24 @@ def format_encoder(examples, sp: Specials, seq_len: int, tgt_len: int) -> dict[s
     the slots are ``t [eos]`` padded with pad_id (0 elsewhere); ``loss_mask`` 1 on the slots;
     ``mask`` 1 on every non-pad position."""
     b = len(examples)
-    out = {"tokens": np.full((b, seq_len), sp.pad_id, np.int32),
-           "targets": np.zeros((b, seq_len), np.int32),
-           "loss_mask": np.zeros((b, seq_len), np.float32),
-           "mask": np.zeros((b, seq_len), np.int32)}
+    out = {
+        "tokens": np.full((b, seq_len), sp.pad_id, np.int32),
+        "targets": np.zeros((b, seq_len), np.int32),
+        "loss_mask": np.zeros((b, seq_len), np.float32),
+        "mask": np.zeros((b, seq_len), np.int32),
+    }
     for i, (s, t) in enumerate(examples):
         first = len(s) + 2
         slots = slice(first, first + tgt_len)
-        out["tokens"][i, :first + tgt_len] = [sp.start_id, *s, sp.delimiter_id,
-                                              *[sp.mask_id] * tgt_len]
+        out["tokens"][i, : first + tgt_len] = [
+            sp.start_id,
+            *s,
+            sp.delimiter_id,
+            *[sp.mask_id] * tgt_len,
+        ]
         out["targets"][i, slots] = _row([*t, sp.eos_id], tgt_len, sp.pad_id)
         out["loss_mask"][i, slots] = 1.0
-        out["mask"][i, :first + tgt_len] = 1
+        out["mask"][i, : first + tgt_len] = 1
     return out
 
 
@@ -252,17 +283,19 @@ def format_seq2seq(examples, sp: Specials, seq_len: int) -> dict[str, np.ndarray
     """``src`` = s [eos], ``tgt`` = t [eos], ``tgt_in`` = [start] t (tgt shifted right), all
     right-padded with pad_id; ``src_mask`` / ``tgt_mask`` 1 on the real source / target."""
     b = len(examples)
-    out = {"src": np.full((b, seq_len), sp.pad_id, np.int32),
-           "src_mask": np.zeros((b, seq_len), np.int32),
-           "tgt_in": np.full((b, seq_len), sp.pad_id, np.int32),
-           "tgt": np.full((b, seq_len), sp.pad_id, np.int32),
-           "tgt_mask": np.zeros((b, seq_len), np.float32)}
+    out = {
+        "src": np.full((b, seq_len), sp.pad_id, np.int32),
+        "src_mask": np.zeros((b, seq_len), np.int32),
+        "tgt_in": np.full((b, seq_len), sp.pad_id, np.int32),
+        "tgt": np.full((b, seq_len), sp.pad_id, np.int32),
+        "tgt_mask": np.zeros((b, seq_len), np.float32),
+    }
     for i, (s, t) in enumerate(examples):
-        out["src"][i, :len(s) + 1] = [*s, sp.eos_id]
-        out["src_mask"][i, :len(s) + 1] = 1
-        out["tgt_in"][i, :len(t) + 1] = [sp.start_id, *t]
-        out["tgt"][i, :len(t) + 1] = [*t, sp.eos_id]
-        out["tgt_mask"][i, :len(t) + 1] = 1.0
+        out["src"][i, : len(s) + 1] = [*s, sp.eos_id]
+        out["src_mask"][i, : len(s) + 1] = 1
+        out["tgt_in"][i, : len(t) + 1] = [sp.start_id, *t]
+        out["tgt"][i, : len(t) + 1] = [*t, sp.eos_id]
+        out["tgt_mask"][i, : len(t) + 1] = 1.0
     return out
 
 
@@ -273,8 +306,13 @@ _FORMATTERS = {
 }
 
 
-def format_batch(fmt: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]], specials,
-                 seq_len: int, tgt_len: int) -> dict[str, np.ndarray]:
+def format_batch(
+    fmt: str,
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    specials,
+    seq_len: int,
+    tgt_len: int,
+) -> dict[str, np.ndarray]:
     """The batch dict of format ``fmt`` for tokenized ``(source ids, target ids)`` examples.
 
     Args:
@@ -304,20 +342,31 @@ class TaskBatchIterator(pipeline.TokenBatchIterator):
     examples in format ``fmt``.
     """
 
-    def __init__(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], fmt: str,
-                 specials, seq_len: int, tgt_len: int, global_batch_size: int, **kwargs):
+    def __init__(
+        self,
+        examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+        fmt: str,
+        specials,
+        seq_len: int,
+        tgt_len: int,
+        global_batch_size: int,
+        **kwargs,
+    ):
         check_fits(fmt, examples, seq_len, tgt_len)  # fail now, not at batch 10,000
         if len(examples) < global_batch_size:
-            raise ValueError(f"only {len(examples)} examples, fewer than one global batch of "
-                             f"{global_batch_size}; lower the batch size or raise max_number")
+            raise ValueError(
+                f"only {len(examples)} examples, fewer than one global batch of "
+                f"{global_batch_size}; lower the batch size or raise max_number"
+            )
         self.examples, self.fmt = list(examples), fmt
         self.specials = Specials.of(specials)
         self.seq_len, self.tgt_len = seq_len, tgt_len
         super().__init__(np.arange(len(examples))[:, None], global_batch_size, **kwargs)
 
     def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return format_batch(self.fmt, [self.examples[i] for i in rows], self.specials,
-                            self.seq_len, self.tgt_len)
+        return format_batch(
+            self.fmt, [self.examples[i] for i in rows], self.specials, self.seq_len, self.tgt_len
+        )
 
 
 def tokenize_pairs(pairs_: Sequence[tuple[str, str]], tokenizer) -> list[tuple[list, list]]:
@@ -328,11 +377,20 @@ def tokenize_pairs(pairs_: Sequence[tuple[str, str]], tokenizer) -> list[tuple[l
     return list(zip(tokenizer.encode_batch(list(srcs)), tokenizer.encode_batch(list(tgts))))
 
 
-def make_task_datasets(task: str, fmt: str, tokenizer, seq_len: int, global_batch_size: int,
-                       seed: int = 0, process_index: int = 0, process_count: int = 1,
-                       max_number: int = 10_000, eval_batch_size: int | None = None, *,
-                       state: dict | None = None
-                       ) -> tuple[TaskBatchIterator, Callable[[], TaskBatchIterator]]:
+def make_task_datasets(
+    task: str,
+    fmt: str,
+    tokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_number: int = 10_000,
+    eval_batch_size: int | None = None,
+    *,
+    state: dict | None = None,
+) -> tuple[TaskBatchIterator, Callable[[], TaskBatchIterator]]:
     """The task's train iterator and eval factory, with ``pipeline.make_datasets``' contract.
 
     Returns:
@@ -343,21 +401,34 @@ def make_task_datasets(task: str, fmt: str, tokenizer, seq_len: int, global_batc
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     tgt_len = tgt_len_of(task, tokenizer, max_number)
-    common = dict(fmt=fmt, specials=tokenizer, seq_len=seq_len, tgt_len=tgt_len,
-                  process_index=process_index, process_count=process_count)
-    train_iter = TaskBatchIterator(tokenize_pairs(pairs(task, "train", max_number), tokenizer),
-                                   global_batch_size=global_batch_size, seed=seed, state=state,
-                                   **common)
+    common = dict(
+        fmt=fmt,
+        specials=tokenizer,
+        seq_len=seq_len,
+        tgt_len=tgt_len,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    train_iter = TaskBatchIterator(
+        tokenize_pairs(pairs(task, "train", max_number), tokenizer),
+        global_batch_size=global_batch_size,
+        seed=seed,
+        state=state,
+        **common,
+    )
     eval_examples = tokenize_pairs(pairs(task, "validation", max_number), tokenizer)
     eval_batch_size = eval_batch_size or global_batch_size
     if len(eval_examples) < eval_batch_size:
-        raise ValueError(f"the {task!r} validation split has {len(eval_examples)} examples "
-                         f"(max_number={max_number}), fewer than one eval batch of "
-                         f"{eval_batch_size}; lower eval_batch_size or raise max_number")
+        raise ValueError(
+            f"the {task!r} validation split has {len(eval_examples)} examples "
+            f"(max_number={max_number}), fewer than one eval batch of "
+            f"{eval_batch_size}; lower eval_batch_size or raise max_number"
+        )
 
     def eval_iter_factory() -> TaskBatchIterator:
-        return TaskBatchIterator(eval_examples, global_batch_size=eval_batch_size,
-                                 shuffle=False, repeat=False, **common)
+        return TaskBatchIterator(
+            eval_examples, global_batch_size=eval_batch_size, shuffle=False, repeat=False, **common
+        )
 
     eval_iter_factory()
     return train_iter, eval_iter_factory

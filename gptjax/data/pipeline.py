@@ -31,8 +31,12 @@ def _stream_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def encode_documents(texts: Sequence[str] | Iterator[str], tokenizer: Tokenizer,
-                     total: int | None = None, desc: str = "tokenizing") -> np.ndarray:
+def encode_documents(
+    texts: Sequence[str] | Iterator[str],
+    tokenizer: Tokenizer,
+    total: int | None = None,
+    desc: str = "tokenizing",
+) -> np.ndarray:
     """One flat id stream: each document's ids followed by EOS, with a progress bar."""
     dtype = _stream_dtype(tokenizer.vocab_size)
     pieces, chunk = [], []
@@ -64,8 +68,9 @@ def save_atomic(path: str, array: np.ndarray) -> None:
     os.replace(tmp_path, path)
 
 
-def token_stream(builder, split: str, tokenizer: Tokenizer,
-                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+def token_stream(
+    builder, split: str, tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None
+) -> np.ndarray:
     """The split's ids, from cache (memory-mapped) or encoded now and cached.
 
     The cache lives beside the prepared split (``<builder.data_dir>/tokens``) unless
@@ -88,8 +93,10 @@ def pack_windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     num_windows = (len(stream) - 1) // seq_len
     if num_windows < 1:
-        raise ValueError(f"the corpus has {len(stream)} tokens, too few for one window of "
-                         f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or a larger corpus")
+        raise ValueError(
+            f"the corpus has {len(stream)} tokens, too few for one window of "
+            f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or a larger corpus"
+        )
     view = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)
     return view[: num_windows * seq_len : seq_len]
 
@@ -108,12 +115,23 @@ class TokenBatchIterator:
     (GPT-3's batch ramp): the cursor moves by ``n`` windows, so no data is skipped.
     """
 
-    def __init__(self, windows: np.ndarray, global_batch_size: int, *, seed: int = 0,
-                 shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-                 process_count: int = 1, state: dict | None = None):
+    def __init__(
+        self,
+        windows: np.ndarray,
+        global_batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        repeat: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        state: dict | None = None,
+    ):
         if global_batch_size <= 0 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} must be positive and "
-                             f"divisible by process_count={process_count}")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be positive and "
+                f"divisible by process_count={process_count}"
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.windows = windows
@@ -121,9 +139,11 @@ class TokenBatchIterator:
         self.local_batch_size = global_batch_size // process_count
         self.batches_per_epoch = len(windows) // global_batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(f"only {len(windows)} windows of {windows.shape[1]} tokens, "
-                             f"fewer than one global batch of {global_batch_size}; lower the "
-                             "batch size or seq_len, or use a larger corpus")
+            raise ValueError(
+                f"only {len(windows)} windows of {windows.shape[1]} tokens, "
+                f"fewer than one global batch of {global_batch_size}; lower the "
+                "batch size or seq_len, or use a larger corpus"
+            )
         self.epoch_windows = self.batches_per_epoch * global_batch_size  # the tail is dropped
         self.shuffle, self.repeat = shuffle, repeat
         self.process_index = process_index
@@ -142,8 +162,11 @@ class TokenBatchIterator:
         A state from before the row cursor (``position``, in whole batches) is read too.
         """
         epoch = int(state["epoch"])
-        window = (int(state["window"]) if "window" in state
-                  else int(state["position"]) * self.global_batch_size)
+        window = (
+            int(state["window"])
+            if "window" in state
+            else int(state["position"]) * self.global_batch_size
+        )
         if epoch < 0 or not 0 <= window <= self.epoch_windows:
             raise ValueError(f"bad iterator state {state}: {self.epoch_windows} windows/epoch")
         self.seed, self.epoch, self.window = int(state["seed"]), epoch, window
@@ -152,8 +175,11 @@ class TokenBatchIterator:
         """Window indices for ``epoch``; cached, since every batch of an epoch needs them."""
         if self._order_epoch != epoch:
             n = len(self.windows)
-            self._order = (np.random.default_rng([self.seed, epoch]).permutation(n)
-                           if self.shuffle else np.arange(n))
+            self._order = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
             self._order_epoch = epoch
         return self._order
 
@@ -174,8 +200,9 @@ class TokenBatchIterator:
         order = self.epoch_order(self.epoch)
         start = self.window + first
         pad = order[start if real else self.window]  # any window: its rows are masked out
-        rows = np.concatenate([order[start:start + real],
-                               np.full(self.local_batch_size - real, pad, order.dtype)])
+        rows = np.concatenate(
+            [order[start : start + real], np.full(self.local_batch_size - real, pad, order.dtype)]
+        )
         self.window += n_global
         return rows, real
 
@@ -200,24 +227,36 @@ def resolve_config(name_or_glob: str) -> builders.TextConfig | str:
     if name_or_glob in ("stdlib", "shakespeare"):
         return name_or_glob
     if not glob_lib.has_magic(name_or_glob) and not os.path.exists(name_or_glob):
-        raise FileNotFoundError(f"dataset {name_or_glob!r} is neither 'stdlib', 'shakespeare' nor "
-                                "an existing file or glob of text files")
+        raise FileNotFoundError(
+            f"dataset {name_or_glob!r} is neither 'stdlib', 'shakespeare' nor "
+            "an existing file or glob of text files"
+        )
     return builders.glob_config(name_or_glob)
 
 
-def corpus_texts(name_or_glob: str, data_dir: str | os.PathLike, split: str = "train",
-                 path: str | None = None) -> Iterator[str]:
+def corpus_texts(
+    name_or_glob: str, data_dir: str | os.PathLike, split: str = "train", path: str | None = None
+) -> Iterator[str]:
     """The documents of a prepared corpus split as str, e.g. to train a tokenizer on."""
     builder = builders.prepare(resolve_config(name_or_glob), data_dir, path=path)
     source = builder.as_data_source(split=split)
     return (source[i]["text"].decode("utf-8") for i in range(len(source)))
 
 
-def make_datasets(name_or_glob: str, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
-                  data_dir: str | os.PathLike, seed: int = 0, process_index: int = 0,
-                  process_count: int = 1, *, path: str | None = None,
-                  eval_batch_size: int | None = None, state: dict | None = None,
-                  ) -> tuple[TokenBatchIterator, Callable[[], TokenBatchIterator]]:
+def make_datasets(
+    name_or_glob: str,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    data_dir: str | os.PathLike,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    path: str | None = None,
+    eval_batch_size: int | None = None,
+    state: dict | None = None,
+) -> tuple[TokenBatchIterator, Callable[[], TokenBatchIterator]]:
     """Prepare, tokenize (cached) and pack a corpus; return the train iterator and an eval factory.
 
     Args:
@@ -240,14 +279,16 @@ def make_datasets(name_or_glob: str, tokenizer: Tokenizer, seq_len: int, global_
     builder = builders.prepare(resolve_config(name_or_glob), data_dir, path=path)
     shard = dict(process_index=process_index, process_count=process_count)
     train_windows = pack_windows(token_stream(builder, "train", tokenizer), seq_len)
-    train_iter = TokenBatchIterator(train_windows, global_batch_size, seed=seed, state=state,
-                                    **shard)
+    train_iter = TokenBatchIterator(
+        train_windows, global_batch_size, seed=seed, state=state, **shard
+    )
     eval_windows = pack_windows(token_stream(builder, "validation", tokenizer), seq_len)
     eval_batch_size = eval_batch_size or global_batch_size
 
     def eval_iter_factory() -> TokenBatchIterator:
-        return TokenBatchIterator(eval_windows, eval_batch_size, shuffle=False, repeat=False,
-                                  **shard)
+        return TokenBatchIterator(
+            eval_windows, eval_batch_size, shuffle=False, repeat=False, **shard
+        )
 
     eval_iter_factory()  # fail now, not at the first eval, if validation is too small
     return train_iter, eval_iter_factory

@@ -89,8 +89,17 @@ class Tokenizer(abc.ABC):
 
     @property
     def special_ids(self) -> frozenset[int]:
-        return frozenset((self.pad_id, self.bos_id, self.eos_id, self.start_id,
-                          self.delimiter_id, self.extract_id, self.mask_id))
+        return frozenset(
+            (
+                self.pad_id,
+                self.bos_id,
+                self.eos_id,
+                self.start_id,
+                self.delimiter_id,
+                self.extract_id,
+                self.mask_id,
+            )
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -124,16 +133,19 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = sp.vocab_size()
         self.pad_id, self.bos_id, self.eos_id = sp.pad_id(), sp.bos_id(), sp.eos_id()
         self.start_id, self.delimiter_id, self.extract_id, self.mask_id = (
-            self._required_piece(p) for p in SPECIAL_TOKENS[3:])
+            self._required_piece(p) for p in SPECIAL_TOKENS[3:]
+        )
         self._space_ids = [self._required_piece(f"<0x{b:02X}>") for b in SP_SPACE.encode()]
         self._skip_ids = self.special_ids | {sp.unk_id()}
 
     def _required_piece(self, piece: str) -> int:
         piece_id = self._sp.piece_to_id(piece)
         if piece_id == self._sp.unk_id():
-            raise ValueError(f"sentencepiece model lacks the piece {piece!r}; train it with "
-                             "gptjax.data.tokenizer.train_sentencepiece (byte_fallback and the "
-                             "GPT-1 task and mask tokens are required)")
+            raise ValueError(
+                f"sentencepiece model lacks the piece {piece!r}; train it with "
+                "gptjax.data.tokenizer.train_sentencepiece (byte_fallback and the "
+                "GPT-1 task and mask tokens are required)"
+            )
         return piece_id
 
     @classmethod
@@ -166,8 +178,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
-        return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size
-                                and i not in self._skip_ids])
+        return self._sp.decode(
+            [i for i in ids if 0 <= i < self.vocab_size and i not in self._skip_ids]
+        )
 
     def id_to_piece(self, piece_id: int) -> str:
         return self._sp.id_to_piece(piece_id)
@@ -190,10 +203,15 @@ def _training_lines(texts_or_files: Iterable[str], max_chars: int) -> Iterator[s
                 return
 
 
-def train_sentencepiece(texts_or_files: Iterable[str], vocab_size: int,
-                        out_path: str | os.PathLike | None = None, *,
-                        max_chars: int = 20_000_000, input_sentence_size: int = 2_000_000,
-                        num_threads: int | None = None) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    texts_or_files: Iterable[str],
+    vocab_size: int,
+    out_path: str | os.PathLike | None = None,
+    *,
+    max_chars: int = 20_000_000,
+    input_sentence_size: int = 2_000_000,
+    num_threads: int | None = None,
+) -> SentencePieceTokenizer:
     """Train a BPE model in-process whose round trips are exact.
 
     Args:
@@ -208,19 +226,36 @@ def train_sentencepiece(texts_or_files: Iterable[str], vocab_size: int,
       input_sentence_size: at most this many lines are sampled by sentencepiece.
     """
     if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 ids "
-                         "plus specials; use >= 300, or ByteTokenizer/CharTokenizer")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 ids "
+            "plus specials; use >= 300, or ByteTokenizer/CharTokenizer"
+        )
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(texts_or_files, max_chars), model_writer=model,
-        vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
-        character_coverage=1.0, user_defined_symbols=["\n", "\t"],
-        control_symbols=list(SPECIAL_TOKENS[3:]), pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        hard_vocab_limit=False, input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True, max_sentence_length=16384,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        sentence_iterator=_training_lines(texts_or_files, max_chars),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        user_defined_symbols=["\n", "\t"],
+        control_symbols=list(SPECIAL_TOKENS[3:]),
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        hard_vocab_limit=False,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        max_sentence_length=16384,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
     tokenizer = SentencePieceTokenizer(model.getvalue())
     if out_path is not None:
         out_path = os.fspath(out_path)
@@ -237,8 +272,15 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255, specials after them: any str round-trips, no training."""
 
     def __init__(self):
-        self.pad_id, self.bos_id, self.eos_id, self.start_id, self.delimiter_id, \
-            self.extract_id, self.mask_id = range(256, 256 + len(SPECIAL_TOKENS))
+        (
+            self.pad_id,
+            self.bos_id,
+            self.eos_id,
+            self.start_id,
+            self.delimiter_id,
+            self.extract_id,
+            self.mask_id,
+        ) = range(256, 256 + len(SPECIAL_TOKENS))
         self.vocab_size = 256 + len(SPECIAL_TOKENS)
 
     @property
@@ -274,8 +316,16 @@ class CharTokenizer(Tokenizer):
         self.chars = sorted(set(chars))
         if not self.chars or any(len(c) != 1 for c in self.chars):
             raise ValueError("CharTokenizer needs a non-empty set of single characters")
-        self.pad_id, self.bos_id, self.eos_id, self.start_id, self.delimiter_id, \
-            self.extract_id, self.mask_id, self.unk_id = range(len(SPECIAL_TOKENS) + 1)
+        (
+            self.pad_id,
+            self.bos_id,
+            self.eos_id,
+            self.start_id,
+            self.delimiter_id,
+            self.extract_id,
+            self.mask_id,
+            self.unk_id,
+        ) = range(len(SPECIAL_TOKENS) + 1)
         offset = len(SPECIAL_TOKENS) + 1
         self._char_to_id = {c: i + offset for i, c in enumerate(self.chars)}
         self._id_to_char = {i: c for c, i in self._char_to_id.items()} | {self.unk_id: self.UNK}
@@ -309,8 +359,10 @@ def load_tokenizer(path_or_directory: str | os.PathLike) -> Tokenizer:
         candidates = [os.path.join(path, n) for n in (SP_FILENAME, JSON_FILENAME)]
         found = [c for c in candidates if os.path.isfile(c)]
         if not found:
-            raise FileNotFoundError(f"no {SP_FILENAME} or {JSON_FILENAME} in {path}; train one "
-                                    "with `gptjax tokenizer` or call Tokenizer.save(directory)")
+            raise FileNotFoundError(
+                f"no {SP_FILENAME} or {JSON_FILENAME} in {path}; train one "
+                "with `gptjax tokenizer` or call Tokenizer.save(directory)"
+            )
         path = found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
@@ -326,8 +378,9 @@ def load_tokenizer(path_or_directory: str | os.PathLike) -> Tokenizer:
     try:
         return SentencePieceTokenizer(data)
     except RuntimeError as e:
-        raise ValueError(f"{path} is neither a tokenizer JSON nor a sentencepiece model "
-                         f"({e})") from e
+        raise ValueError(
+            f"{path} is neither a tokenizer JSON nor a sentencepiece model ({e})"
+        ) from e
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
@@ -340,4 +393,5 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
             f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
             f"{model_vocab_size}; set the model's vocab_size to at least {tokenizer.vocab_size} "
             f"(e.g. {-(-tokenizer.vocab_size // 128) * 128}, a multiple of 128) or train a "
-            "smaller tokenizer")
+            "smaller tokenizer"
+        )

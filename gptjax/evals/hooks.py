@@ -20,38 +20,56 @@ from gptjax.training import loop
 from gptjax.training.step import TrainConfig
 
 
-def preview_hook(model_cfg: ModelConfig, tokenizer: Tokenizer, prompt: str,
-                 n_tokens: int) -> loop.Hook:
+def preview_hook(
+    model_cfg: ModelConfig, tokenizer: Tokenizer, prompt: str, n_tokens: int
+) -> loop.Hook:
     """The family's preview of `prompt` (sampled with the step as seed); no metrics."""
+
     def hook(step: int, params) -> tuple[dict, str]:
         return {}, preview_lib.preview(model_cfg, params, tokenizer, prompt, n_tokens, step)
+
     return hook
 
 
-def exact_match_hook(model_cfg: ModelConfig, tokenizer: Tokenizer, data_cfg: DataConfig,
-                     seq_len: int, n_examples: int) -> loop.Hook:
+def exact_match_hook(
+    model_cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    data_cfg: DataConfig,
+    seq_len: int,
+    n_examples: int,
+) -> loop.Hook:
     """`eval/exact_match` of greedy decoding on `n_examples` validation pairs of the number
     task (spread over its range), and a preview of some of them."""
     pairs = numbers.pairs(data_cfg.dataset, "validation", data_cfg.task_max_number)
-    pairs = pairs[::max(1, len(pairs) // n_examples)][:n_examples]
+    pairs = pairs[:: max(1, len(pairs) // n_examples)][:n_examples]
     kw = dict(task=data_cfg.dataset, seq_len=seq_len, max_number=data_cfg.task_max_number)
 
     def hook(step: int, params) -> tuple[dict, str]:
         em = exact_match.exact_match(model_cfg, params, tokenizer, pairs, **kw)
-        return ({"eval/exact_match": em},
-                exact_match.preview(model_cfg, params, tokenizer, pairs, **kw))
+        return (
+            {"eval/exact_match": em},
+            exact_match.preview(model_cfg, params, tokenizer, pairs, **kw),
+        )
+
     return hook
 
 
-def default_hooks(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
-                  tokenizer: Tokenizer) -> list[loop.Hook]:
+def default_hooks(
+    model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, tokenizer: Tokenizer
+) -> list[loop.Hook]:
     """Exact match on a number task (over eval_batches * batch_size examples), else the
     sample preview of `TrainConfig.sample_prompt`."""
     if data_cfg.dataset in numbers.TASKS:
-        return [exact_match_hook(model_cfg, tokenizer, data_cfg, train_cfg.seq_len,
-                                 train_cfg.eval_batches * train_cfg.batch_size)]
-    return [preview_hook(model_cfg, tokenizer, train_cfg.sample_prompt,
-                         train_cfg.sample_tokens)]
+        return [
+            exact_match_hook(
+                model_cfg,
+                tokenizer,
+                data_cfg,
+                train_cfg.seq_len,
+                train_cfg.eval_batches * train_cfg.batch_size,
+            )
+        ]
+    return [preview_hook(model_cfg, tokenizer, train_cfg.sample_prompt, train_cfg.sample_tokens)]
 
 
 def train_with_defaults(workdir: str, **kw) -> dict:

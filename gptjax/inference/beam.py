@@ -16,7 +16,8 @@ Shape letters: B sources, K beams, R = B*K beam rows, V vocab, N new tokens.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -28,8 +29,10 @@ LENGTH_PENALTY_KINDS = ("hf", "gnmt")
 
 def check_length_penalty_kind(kind: str) -> None:
     if kind not in LENGTH_PENALTY_KINDS:
-        raise ValueError(f"length_penalty_kind must be 'hf' (length**alpha) or 'gnmt' "
-                         f"(((5 + length) / 6)**alpha), got {kind!r}.")
+        raise ValueError(
+            f"length_penalty_kind must be 'hf' (length**alpha) or 'gnmt' "
+            f"(((5 + length) / 6)**alpha), got {kind!r}."
+        )
 
 
 def length_normalised(score, length, alpha, kind: str = "hf"):
@@ -46,7 +49,7 @@ def length_normalised(score, length, alpha, kind: str = "hf"):
     """
     check_length_penalty_kind(kind)
     length = jnp.asarray(length, jnp.float32)
-    lp = length ** alpha if kind == "hf" else ((5.0 + length) / 6.0) ** alpha
+    lp = length**alpha if kind == "hf" else ((5.0 + length) / 6.0) ** alpha
     return score / lp
 
 
@@ -80,21 +83,30 @@ class Beams:
     mask_RN: Int[Array, "R N"]
 
     @classmethod
-    def start(cls, b: int, k: int, max_new_tokens: int, pad_id: int) -> "Beams":
+    def start(cls, b: int, k: int, max_new_tokens: int, pad_id: int) -> Beams:
         r = b * k
-        return cls(score_BK=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, 1)),
-                   done_BK=jnp.zeros((b, k), bool),
-                   tokens_RN=jnp.full((r, max_new_tokens), pad_id, jnp.int32),
-                   logprobs_RN=jnp.zeros((r, max_new_tokens)),
-                   mask_RN=jnp.zeros((r, max_new_tokens), jnp.int32))
+        return cls(
+            score_BK=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, 1)),
+            done_BK=jnp.zeros((b, k), bool),
+            tokens_RN=jnp.full((r, max_new_tokens), pad_id, jnp.int32),
+            logprobs_RN=jnp.zeros((r, max_new_tokens)),
+            mask_RN=jnp.zeros((r, max_new_tokens), jnp.int32),
+        )
 
     def length_BK(self) -> Int[Array, "B K"]:
         return self.mask_RN.sum(-1).reshape(self.done_BK.shape)
 
 
-def step(beams: Beams, logits_RV: Float[Array, "R V"], i, *, stop_tokens: Sequence[int],
-         pad_id: int, length_penalty, length_penalty_kind: str
-         ) -> tuple[Beams, Int[Array, " R"]]:
+def step(
+    beams: Beams,
+    logits_RV: Float[Array, "R V"],
+    i,
+    *,
+    stop_tokens: Sequence[int],
+    pad_id: int,
+    length_penalty,
+    length_penalty_kind: str,
+) -> tuple[Beams, Int[Array, " R"]]:
     """One beam step: the K best one-token continuations per source, written at index `i`.
 
     Returns the new beams and each new row's parent row (to `reorder` caches by).
@@ -109,18 +121,22 @@ def step(beams: Beams, logits_RV: Float[Array, "R V"], i, *, stop_tokens: Sequen
     length_BK = jnp.where(beams.done_BK, beams.length_BK(), i + 1)
     # Alive candidates share one length, so among them this is the raw order; the
     # normalisation decides between finished and alive ones.
-    rank_BKV = length_normalised(cand_BKV, length_BK[..., None], length_penalty,
-                                 length_penalty_kind)
+    rank_BKV = length_normalised(
+        cand_BKV, length_BK[..., None], length_penalty, length_penalty_kind
+    )
     _, idx_BK = jax.lax.top_k(rank_BKV.reshape(b, k * v), k)
     beam_BK, tok_BK = idx_BK // v, (idx_BK % v).astype(jnp.int32)
     pick = lambda a_BKV: jnp.take_along_axis(a_BKV.reshape(b, k * v), idx_BK, axis=1)
     parent_done_BK = jnp.take_along_axis(beams.done_BK, beam_BK, axis=1)
     parent_R = (jnp.arange(b)[:, None] * k + beam_BK).reshape(-1)
     rows = reorder((beams.tokens_RN, beams.logprobs_RN, beams.mask_RN), parent_R)
-    new = Beams(score_BK=pick(cand_BKV), done_BK=parent_done_BK | is_stop(tok_BK, stop_tokens),
-                tokens_RN=rows[0].at[:, i].set(tok_BK.reshape(-1)),
-                logprobs_RN=rows[1].at[:, i].set(pick(logp_BKV).reshape(-1)),
-                mask_RN=rows[2].at[:, i].set(~parent_done_BK.reshape(-1)))
+    new = Beams(
+        score_BK=pick(cand_BKV),
+        done_BK=parent_done_BK | is_stop(tok_BK, stop_tokens),
+        tokens_RN=rows[0].at[:, i].set(tok_BK.reshape(-1)),
+        logprobs_RN=rows[1].at[:, i].set(pick(logp_BKV).reshape(-1)),
+        mask_RN=rows[2].at[:, i].set(~parent_done_BK.reshape(-1)),
+    )
     return new, parent_R
 
 
@@ -139,9 +155,18 @@ class Best(NamedTuple):
 Advance = Callable[[Beams, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def search(logits_BV: Float[Array, "B V"], cache: dict, advance: Advance, *, num_beams: int,
-           max_new_tokens: int, stop_tokens: Sequence[int] = (), pad_id: int = 0,
-           length_penalty=1.0, length_penalty_kind: str = "hf") -> Best:
+def search(
+    logits_BV: Float[Array, "B V"],
+    cache: dict,
+    advance: Advance,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    length_penalty=1.0,
+    length_penalty_kind: str = "hf",
+) -> Best:
     """Beam search from each source's first next-token logits and its KV cache.
 
     `cache` holds arrays with rows on axis 1 (`layers.init_cache`'s (L, B, S, N, H));
@@ -150,30 +175,45 @@ def search(logits_BV: Float[Array, "B V"], cache: dict, advance: Advance, *, num
     winner maximises `length_normalised(sum(logprobs), length)`, eos counted.
     """
     b, k = logits_BV.shape[0], num_beams
-    state = dict(i=jnp.int32(0), beams=Beams.start(b, k, max_new_tokens, pad_id),
-                 logits=jnp.repeat(logits_BV, k, axis=0),
-                 cache=jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), cache))
+    state = dict(
+        i=jnp.int32(0),
+        beams=Beams.start(b, k, max_new_tokens, pad_id),
+        logits=jnp.repeat(logits_BV, k, axis=0),
+        cache=jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), cache),
+    )
 
     def body(s):
         i = s["i"]
-        beams, parent_R = step(s["beams"], s["logits"], i, stop_tokens=stop_tokens,
-                               pad_id=pad_id, length_penalty=length_penalty,
-                               length_penalty_kind=length_penalty_kind)
+        beams, parent_R = step(
+            s["beams"],
+            s["logits"],
+            i,
+            stop_tokens=stop_tokens,
+            pad_id=pad_id,
+            length_penalty=length_penalty,
+            length_penalty_kind=length_penalty_kind,
+        )
         logits, cache = jax.lax.cond(
             i + 1 < max_new_tokens,
             lambda: advance(beams, reorder(s["cache"], parent_R, axis=1), i),
-            lambda: (s["logits"], s["cache"]))
+            lambda: (s["logits"], s["cache"]),
+        )
         return dict(i=i + 1, beams=beams, logits=logits, cache=cache)
 
     def cond(s):
         return (s["i"] < max_new_tokens) & ~jnp.all(s["beams"].done_BK)
 
     beams = jax.lax.while_loop(cond, body, state)["beams"]
-    final_BK = length_normalised(beams.score_BK, jnp.maximum(beams.length_BK(), 1),
-                                 length_penalty, length_penalty_kind)
+    final_BK = length_normalised(
+        beams.score_BK, jnp.maximum(beams.length_BK(), 1), length_penalty, length_penalty_kind
+    )
     best_B = jnp.argmax(final_BK, axis=1)
     rows = jnp.arange(b)
     best = lambda a_R: a_R.reshape(b, k, *a_R.shape[1:])[rows, best_B]
-    return Best(tokens=best(beams.tokens_RN), logprobs=best(beams.logprobs_RN),
-                mask=best(beams.mask_RN), done=beams.done_BK[rows, best_B],
-                score=final_BK[rows, best_B])
+    return Best(
+        tokens=best(beams.tokens_RN),
+        logprobs=best(beams.logprobs_RN),
+        mask=best(beams.mask_RN),
+        done=beams.done_BK[rows, best_B],
+        score=final_BK[rows, best_B],
+    )

@@ -25,8 +25,12 @@ from gptjax.models import transformer as seq2seq
 from gptjax.models.transformer import Params, Seq2SeqConfig
 
 
-def prepare(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
-            src_mask: Int[Array, "B S"] | None = None) -> dict:
+def prepare(
+    cfg: Seq2SeqConfig,
+    params: Params,
+    src_BS: Int[Array, "B S"],
+    src_mask: Int[Array, "B S"] | None = None,
+) -> dict:
     """What decoding needs from the source, computed once: cross K/V and its mask."""
     valid_BS = jnp.ones(src_BS.shape, bool) if src_mask is None else src_mask.astype(bool)
     enc_BSD = seq2seq.encode(cfg, params, src_BS, valid_BS)
@@ -34,9 +38,17 @@ def prepare(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len", "start_id", "eos_id", "pad_id"))
-def greedy(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
-           src_mask: Int[Array, "B S"] | None = None, *, start_id: int, eos_id: int,
-           max_len: int, pad_id: int = 0) -> Int[Array, "B T"]:
+def greedy(
+    cfg: Seq2SeqConfig,
+    params: Params,
+    src_BS: Int[Array, "B S"],
+    src_mask: Int[Array, "B S"] | None = None,
+    *,
+    start_id: int,
+    eos_id: int,
+    max_len: int,
+    pad_id: int = 0,
+) -> Int[Array, "B T"]:
     """Greedy decoding with the K/V caches; `max_len` tokens per row, the first
     `eos_id` included and `pad_id` after it. The start token is not returned."""
     source = prepare(cfg, params, src_BS, src_mask)
@@ -44,8 +56,15 @@ def greedy(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
 
     def step(carry, i):
         tok_B, cache, done_B = carry
-        logits_B1V, cache = seq2seq.decode(cfg, params, tok_B[:, None], source["cross"],
-                                           source["src_valid"], cache=cache, cache_index=i)
+        logits_B1V, cache = seq2seq.decode(
+            cfg,
+            params,
+            tok_B[:, None],
+            source["cross"],
+            source["src_valid"],
+            cache=cache,
+            cache_index=i,
+        )
         next_B = jnp.where(done_B, pad_id, jnp.argmax(logits_B1V[:, 0], axis=-1))
         return (next_B, cache, done_B | (next_B == eos_id)), next_B
 
@@ -69,12 +88,32 @@ class BeamOutput(NamedTuple):
     scores: Float[Array, " B"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "max_len", "start_id",
-                                             "eos_id", "pad_id", "length_penalty_kind"))
-def beam_search(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
-                src_mask: Int[Array, "B S"] | None = None, *, num_beams: int, start_id: int,
-                eos_id: int, max_len: int, pad_id: int = 0,
-                length_penalty: float = 1.0, length_penalty_kind: str = "hf") -> BeamOutput:
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "num_beams",
+        "max_len",
+        "start_id",
+        "eos_id",
+        "pad_id",
+        "length_penalty_kind",
+    ),
+)
+def beam_search(
+    cfg: Seq2SeqConfig,
+    params: Params,
+    src_BS: Int[Array, "B S"],
+    src_mask: Int[Array, "B S"] | None = None,
+    *,
+    num_beams: int,
+    start_id: int,
+    eos_id: int,
+    max_len: int,
+    pad_id: int = 0,
+    length_penalty: float = 1.0,
+    length_penalty_kind: str = "hf",
+) -> BeamOutput:
     """The most likely translation found by `num_beams` hypotheses per source.
 
     As `sampling.beam_search` (both are `beam.search`): a hypothesis ends at `eos_id`
@@ -90,7 +129,8 @@ def beam_search(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
     source = prepare(cfg, params, src_BS, src_mask)  # (L, B, S, N, H): never repeated
     b = src_BS.shape[0]
     decode = lambda tok_R1, cache, i: seq2seq.decode(
-        cfg, params, tok_R1, source["cross"], source["src_valid"], cache=cache, cache_index=i)
+        cfg, params, tok_R1, source["cross"], source["src_valid"], cache=cache, cache_index=i
+    )
     start_B1 = jnp.full((b, 1), start_id, jnp.int32)
     cache = layers.init_cache(cfg, b, max_len, cfg.decoder_layers)
     logits_B1V, cache = decode(start_B1, cache, 0)
@@ -100,8 +140,17 @@ def beam_search(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
         logits_R1V, cache = decode(beams.tokens_RN[:, i, None], cache, i + 1)
         return logits_R1V[:, 0], cache
 
-    best = beam.search(logits_B1V[:, 0], cache, advance, num_beams=num_beams,
-                       max_new_tokens=max_len, stop_tokens=(eos_id,), pad_id=pad_id,
-                       length_penalty=length_penalty, length_penalty_kind=length_penalty_kind)
-    return BeamOutput(tokens=best.tokens.astype(src_BS.dtype), logprobs=best.logprobs,
-                      scores=best.score)
+    best = beam.search(
+        logits_B1V[:, 0],
+        cache,
+        advance,
+        num_beams=num_beams,
+        max_new_tokens=max_len,
+        stop_tokens=(eos_id,),
+        pad_id=pad_id,
+        length_penalty=length_penalty,
+        length_penalty_kind=length_penalty_kind,
+    )
+    return BeamOutput(
+        tokens=best.tokens.astype(src_BS.dtype), logprobs=best.logprobs, scores=best.score
+    )

@@ -21,23 +21,34 @@ _bert_forward = jax.jit(bert.forward, static_argnums=0)  # traced once per confi
 
 def _decoder(cfg, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-    ids = ids[-max(1, cfg.max_len - n_tokens):]
-    out = sampling.generate(cfg, params, np.array([ids]), key=jax.random.key(seed),
-                            max_new_tokens=min(n_tokens, cfg.max_len - len(ids)),
-                            temperature=0.8, top_k=50)
-    return prompt + tokenizer.decode(np.asarray(out.tokens[0, len(ids):]).tolist())
+    ids = ids[-max(1, cfg.max_len - n_tokens) :]
+    out = sampling.generate(
+        cfg,
+        params,
+        np.array([ids]),
+        key=jax.random.key(seed),
+        max_new_tokens=min(n_tokens, cfg.max_len - len(ids)),
+        temperature=0.8,
+        top_k=50,
+    )
+    return prompt + tokenizer.decode(np.asarray(out.tokens[0, len(ids) :]).tolist())
 
 
 def _source_ids(cfg, tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    return ids[-min(cfg.max_len, 64):]
+    return ids[-min(cfg.max_len, 64) :]
 
 
 def _seq2seq(cfg, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
-    out = decoding.greedy(cfg, params, jnp.asarray([_source_ids(cfg, tokenizer, prompt)],
-                                                   jnp.int32),
-                          start_id=tokenizer.start_id, eos_id=tokenizer.eos_id,
-                          max_len=min(n_tokens, cfg.max_len), pad_id=tokenizer.pad_id)
+    out = decoding.greedy(
+        cfg,
+        params,
+        jnp.asarray([_source_ids(cfg, tokenizer, prompt)], jnp.int32),
+        start_id=tokenizer.start_id,
+        eos_id=tokenizer.eos_id,
+        max_len=min(n_tokens, cfg.max_len),
+        pad_id=tokenizer.pad_id,
+    )
     return f"{prompt} => {tokenizer.decode(np.asarray(out[0]).tolist())}"
 
 
@@ -49,8 +60,9 @@ def _encoder(cfg, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> s
     filled = np.where(masked == tokenizer.mask_id, filled, tokens)
 
     def show(row):
-        return "".join("[MASK]" if i == tokenizer.mask_id else tokenizer.decode([i])
-                       for i in row.tolist())
+        return "".join(
+            "[MASK]" if i == tokenizer.mask_id else tokenizer.decode([i]) for i in row.tolist()
+        )
 
     return f"masked: {show(masked[0])}\nfilled: {show(filled[0])}"
 
@@ -58,7 +70,8 @@ def _encoder(cfg, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> s
 PREVIEWS = {family.DECODER: _decoder, family.ENCODER: _encoder, family.SEQ2SEQ: _seq2seq}
 
 
-def preview(cfg, params, tokenizer, prompt: str, n_tokens: int, seed: int,
-            fam: Family | None = None) -> str:
+def preview(
+    cfg, params, tokenizer, prompt: str, n_tokens: int, seed: int, fam: Family | None = None
+) -> str:
     """The family's preview of `prompt` (`n_tokens` at most, sampled with `seed`)."""
     return PREVIEWS[fam or family.family_of(cfg)](cfg, params, tokenizer, prompt, n_tokens, seed)

@@ -12,7 +12,7 @@ with this model's cached forward as its next-token step.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -75,8 +75,9 @@ def top_p_filter(logits_BV: Float[Array, "B V"], p) -> Float[Array, "B V"]:
     return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
 
 
-def process_logits(logits_BV, presence_BV, *, temperature, top_k, top_p, repetition_penalty,
-                   banned_ids):
+def process_logits(
+    logits_BV, presence_BV, *, temperature, top_k, top_p, repetition_penalty, banned_ids
+):
     """Repetition penalty → banned ids → temperature → top-k → top-p (HF's order)."""
     logits_BV = apply_repetition_penalty(logits_BV, presence_BV, repetition_penalty)
     if banned_ids:
@@ -95,27 +96,34 @@ def process_logits(logits_BV, presence_BV, *, temperature, top_k, top_p, repetit
 def _prepare(cfg: ModelConfig, prompt_BT, prompt_mask, max_new_tokens: int):
     prompt_BT = np.asarray(prompt_BT)
     if prompt_BT.ndim != 2:
-        raise ValueError(f"prompt must be (batch, time), got shape {prompt_BT.shape}; "
-                         "use left_pad() for a list of prompts.")
+        raise ValueError(
+            f"prompt must be (batch, time), got shape {prompt_BT.shape}; "
+            "use left_pad() for a list of prompts."
+        )
     mask = np.ones_like(prompt_BT) if prompt_mask is None else np.asarray(prompt_mask)
     if mask.shape != prompt_BT.shape:
         raise ValueError(f"prompt_mask shape {mask.shape} != prompt shape {prompt_BT.shape}.")
     if np.any(np.diff(mask.astype(np.int32), axis=1) < 0) or np.any(mask[:, -1] == 0):
-        raise ValueError("prompts must be left-padded: each prompt_mask row is 0s then 1s "
-                         "and ends with a real token (see left_pad()).")
+        raise ValueError(
+            "prompts must be left-padded: each prompt_mask row is 0s then 1s "
+            "and ends with a real token (see left_pad())."
+        )
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
     total = prompt_BT.shape[1] + max_new_tokens
     if cfg.pos_embedding == "learned" and total > cfg.max_len:
-        raise ValueError(f"prompt length {prompt_BT.shape[1]} + max_new_tokens {max_new_tokens}"
-                         f" = {total} exceeds the model's max_len={cfg.max_len}; shorten the "
-                         "prompt (keep its last tokens) or generate fewer tokens.")
+        raise ValueError(
+            f"prompt length {prompt_BT.shape[1]} + max_new_tokens {max_new_tokens}"
+            f" = {total} exceeds the model's max_len={cfg.max_len}; shorten the "
+            "prompt (keep its last tokens) or generate fewer tokens."
+        )
     layers.check_tokens(cfg, prompt_BT, n_slots=total)
     return jnp.asarray(prompt_BT, jnp.int32), jnp.asarray(mask, jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
-             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A list of token lists -> (tokens_BT, mask_BT), each prompt right-aligned in T slots.
 
     T is `width`, or the longest prompt's length when None. A prompt longer than `width`
@@ -134,7 +142,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
         if not p:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         p = p[-width:]
-        tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        tokens[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     return tokens, mask
 
 
@@ -144,27 +152,71 @@ def _prefill(cfg, params, prompt_BT, mask_BT, n_slots):
     cache = layers.init_cache(cfg, b, n_slots)
     kv_valid_BS = jnp.zeros((b, n_slots), bool).at[:, :t].set(mask_BT.astype(bool))
     logits_BTV, cache = model.forward_cached(
-        cfg, params, prompt_BT, cache, positions_BT=layers.positions_from_mask(mask_BT),
-        kv_valid_BS=kv_valid_BS, cache_index=0)
+        cfg,
+        params,
+        prompt_BT,
+        cache,
+        positions_BT=layers.positions_from_mask(mask_BT),
+        kv_valid_BS=kv_valid_BS,
+        cache_index=0,
+    )
     return logits_BTV[:, -1], cache, kv_valid_BS
 
 
 # ---------------------------------------------------------------------- sampling
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "use_top_p",
-                                             "greedy", "stop_tokens", "banned_ids", "pad_id"))
-def _sample(cfg, params, prompt_BT, mask_BT, key, temperature, top_p, repetition_penalty, *,
-            max_new_tokens, top_k, use_top_p, greedy, stop_tokens, banned_ids, pad_id):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "max_new_tokens",
+        "top_k",
+        "use_top_p",
+        "greedy",
+        "stop_tokens",
+        "banned_ids",
+        "pad_id",
+    ),
+)
+def _sample(
+    cfg,
+    params,
+    prompt_BT,
+    mask_BT,
+    key,
+    temperature,
+    top_p,
+    repetition_penalty,
+    *,
+    max_new_tokens,
+    top_k,
+    use_top_p,
+    greedy,
+    stop_tokens,
+    banned_ids,
+    pad_id,
+):
     b, t = prompt_BT.shape
     last_BV, cache, kv_valid_BS = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
     next_pos_B = mask_BT.sum(axis=1)
     rows_B = jnp.arange(b)
-    presence_BV = jnp.zeros((b, cfg.vocab_size), bool).at[rows_B[:, None], prompt_BT].max(
-        mask_BT.astype(bool))
-    state = dict(i=jnp.int32(0), out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-                 logp=jnp.zeros((b, max_new_tokens)), done=jnp.zeros(b, bool), cache=cache,
-                 kv_valid=kv_valid_BS, last=last_BV, presence=presence_BV, key=key)
+    presence_BV = (
+        jnp.zeros((b, cfg.vocab_size), bool)
+        .at[rows_B[:, None], prompt_BT]
+        .max(mask_BT.astype(bool))
+    )
+    state = dict(
+        i=jnp.int32(0),
+        out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logp=jnp.zeros((b, max_new_tokens)),
+        done=jnp.zeros(b, bool),
+        cache=cache,
+        kv_valid=kv_valid_BS,
+        last=last_BV,
+        presence=presence_BV,
+        key=key,
+    )
 
     def cond(s):
         return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
@@ -172,35 +224,70 @@ def _sample(cfg, params, prompt_BT, mask_BT, key, temperature, top_p, repetition
     def step(s):
         i, key, sub = s["i"], *jax.random.split(s["key"])
         logp_BV = jax.nn.log_softmax(s["last"], axis=-1)
-        logits_BV = process_logits(s["last"], s["presence"], temperature=temperature,
-                                   top_k=top_k, top_p=top_p if use_top_p else None,
-                                   repetition_penalty=repetition_penalty, banned_ids=banned_ids)
-        tok_B = (jnp.argmax(logits_BV, -1) if greedy
-                 else jax.random.categorical(sub, logits_BV, axis=-1)).astype(jnp.int32)
+        logits_BV = process_logits(
+            s["last"],
+            s["presence"],
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p if use_top_p else None,
+            repetition_penalty=repetition_penalty,
+            banned_ids=banned_ids,
+        )
+        tok_B = (
+            jnp.argmax(logits_BV, -1) if greedy else jax.random.categorical(sub, logits_BV, axis=-1)
+        ).astype(jnp.int32)
         tok_B = jnp.where(s["done"], pad_id, tok_B)
         lp_B = jnp.where(s["done"], 0.0, logp_BV[rows_B, tok_B])
         kv_valid = s["kv_valid"].at[:, t + i].set(~s["done"])
         logits_B1V, cache = model.forward_cached(
-            cfg, params, tok_B[:, None], s["cache"], positions_BT=(next_pos_B + i)[:, None],
-            kv_valid_BS=kv_valid, cache_index=t + i)
-        return dict(i=i + 1, out=s["out"].at[:, i].set(tok_B), logp=s["logp"].at[:, i].set(lp_B),
-                    done=s["done"] | beam.is_stop(tok_B, stop_tokens), cache=cache,
-                    kv_valid=kv_valid, last=logits_B1V[:, 0],
-                    presence=s["presence"].at[rows_B, tok_B].set(True), key=key)
+            cfg,
+            params,
+            tok_B[:, None],
+            s["cache"],
+            positions_BT=(next_pos_B + i)[:, None],
+            kv_valid_BS=kv_valid,
+            cache_index=t + i,
+        )
+        return dict(
+            i=i + 1,
+            out=s["out"].at[:, i].set(tok_B),
+            logp=s["logp"].at[:, i].set(lp_B),
+            done=s["done"] | beam.is_stop(tok_B, stop_tokens),
+            cache=cache,
+            kv_valid=kv_valid,
+            last=logits_B1V[:, 0],
+            presence=s["presence"].at[rows_B, tok_B].set(True),
+            key=key,
+        )
 
     s = jax.lax.while_loop(cond, step, state)
     gen_mask = s["kv_valid"][:, t:]
-    return SampleOutput(tokens=jnp.concatenate([prompt_BT, s["out"]], axis=1),
-                        logprobs=s["logp"],
-                        mask=jnp.concatenate([mask_BT, gen_mask.astype(jnp.int32)], axis=1),
-                        done=s["done"], scores=s["logp"].sum(-1))
+    return SampleOutput(
+        tokens=jnp.concatenate([prompt_BT, s["out"]], axis=1),
+        logprobs=s["logp"],
+        mask=jnp.concatenate([mask_BT, gen_mask.astype(jnp.int32)], axis=1),
+        done=s["done"],
+        scores=s["logp"].sum(-1),
+    )
 
 
-def generate(cfg: ModelConfig, params, prompt_BT, *, key: jax.Array, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
-             greedy: bool = False, prompt_mask=None, banned_ids: Sequence[int] = (),
-             pad_id: int = 0) -> SampleOutput:
+def generate(
+    cfg: ModelConfig,
+    params,
+    prompt_BT,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    greedy: bool = False,
+    prompt_mask=None,
+    banned_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> SampleOutput:
     """Sample `max_new_tokens` after each (left-padded) prompt.
 
     Rows that emit one of `stop_tokens` stop there (the stop token is kept);
@@ -215,21 +302,52 @@ def generate(cfg: ModelConfig, params, prompt_BT, *, key: jax.Array, max_new_tok
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}.")
-    return _sample(cfg, params, prompt_BT, mask_BT, key, jnp.float32(temperature if not greedy
-                                                                     else 1.0),
-                   jnp.float32(1.0 if top_p is None else top_p), jnp.float32(repetition_penalty),
-                   max_new_tokens=max_new_tokens, top_k=top_k, use_top_p=top_p is not None,
-                   greedy=greedy, stop_tokens=tuple(int(x) for x in stop_tokens),
-                   banned_ids=tuple(int(x) for x in banned_ids), pad_id=pad_id)
+    return _sample(
+        cfg,
+        params,
+        prompt_BT,
+        mask_BT,
+        key,
+        jnp.float32(temperature if not greedy else 1.0),
+        jnp.float32(1.0 if top_p is None else top_p),
+        jnp.float32(repetition_penalty),
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        use_top_p=top_p is not None,
+        greedy=greedy,
+        stop_tokens=tuple(int(x) for x in stop_tokens),
+        banned_ids=tuple(int(x) for x in banned_ids),
+        pad_id=pad_id,
+    )
 
 
 # ------------------------------------------------------------------ beam search
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "max_new_tokens",
-                                             "stop_tokens", "pad_id", "length_penalty_kind"))
-def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
-                 max_new_tokens, stop_tokens, pad_id, length_penalty_kind):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "num_beams",
+        "max_new_tokens",
+        "stop_tokens",
+        "pad_id",
+        "length_penalty_kind",
+    ),
+)
+def _beam_search(
+    cfg,
+    params,
+    prompt_BT,
+    mask_BT,
+    length_penalty,
+    *,
+    num_beams,
+    max_new_tokens,
+    stop_tokens,
+    pad_id,
+    length_penalty_kind,
+):
     t = prompt_BT.shape[1]
     last_BV, cache, _ = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
     prompt_valid_RT = jnp.repeat(mask_BT.astype(bool), num_beams, axis=0)
@@ -239,23 +357,49 @@ def _beam_search(cfg, params, prompt_BT, mask_BT, length_penalty, *, num_beams,
         """Logits after token i of every beam, written at cache slot t + i."""
         kv_valid_RS = jnp.concatenate([prompt_valid_RT, beams.mask_RN.astype(bool)], axis=1)
         logits_R1V, cache = model.forward_cached(
-            cfg, params, beams.tokens_RN[:, i, None], cache,
-            positions_BT=(next_pos_R + i)[:, None], kv_valid_BS=kv_valid_RS, cache_index=t + i)
+            cfg,
+            params,
+            beams.tokens_RN[:, i, None],
+            cache,
+            positions_BT=(next_pos_R + i)[:, None],
+            kv_valid_BS=kv_valid_RS,
+            cache_index=t + i,
+        )
         return logits_R1V[:, 0], cache
 
-    best = beam.search(last_BV, cache, advance, num_beams=num_beams,
-                       max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, pad_id=pad_id,
-                       length_penalty=length_penalty, length_penalty_kind=length_penalty_kind)
-    return SampleOutput(tokens=jnp.concatenate([prompt_BT, best.tokens], axis=1),
-                        logprobs=best.logprobs,
-                        mask=jnp.concatenate([mask_BT, best.mask], axis=1),
-                        done=best.done, scores=best.score)
+    best = beam.search(
+        last_BV,
+        cache,
+        advance,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+        length_penalty=length_penalty,
+        length_penalty_kind=length_penalty_kind,
+    )
+    return SampleOutput(
+        tokens=jnp.concatenate([prompt_BT, best.tokens], axis=1),
+        logprobs=best.logprobs,
+        mask=jnp.concatenate([mask_BT, best.mask], axis=1),
+        done=best.done,
+        scores=best.score,
+    )
 
 
-def beam_search(cfg: ModelConfig, params, prompt_BT, *, num_beams: int, max_new_tokens: int,
-                length_penalty: float = 1.0, length_penalty_kind: str = "hf",
-                stop_tokens: Sequence[int] = (), prompt_mask=None,
-                pad_id: int = 0) -> SampleOutput:
+def beam_search(
+    cfg: ModelConfig,
+    params,
+    prompt_BT,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    length_penalty_kind: str = "hf",
+    stop_tokens: Sequence[int] = (),
+    prompt_mask=None,
+    pad_id: int = 0,
+) -> SampleOutput:
     """The most likely continuation found by a beam of `num_beams` hypotheses.
 
     A hypothesis ends at a stop token and then keeps its score; the winner
@@ -268,7 +412,15 @@ def beam_search(cfg: ModelConfig, params, prompt_BT, *, num_beams: int, max_new_
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
     beam.check_length_penalty_kind(length_penalty_kind)
-    return _beam_search(cfg, params, prompt_BT, mask_BT, jnp.float32(length_penalty),
-                        num_beams=num_beams, max_new_tokens=max_new_tokens,
-                        stop_tokens=tuple(int(x) for x in stop_tokens), pad_id=pad_id,
-                        length_penalty_kind=length_penalty_kind)
+    return _beam_search(
+        cfg,
+        params,
+        prompt_BT,
+        mask_BT,
+        jnp.float32(length_penalty),
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        stop_tokens=tuple(int(x) for x in stop_tokens),
+        pad_id=pad_id,
+        length_penalty_kind=length_penalty_kind,
+    )

@@ -23,8 +23,9 @@ from jaxtyping import Array, Bool, Float, Int
 _MASK_VALUE = -1e30
 
 
-def make_mask(q_slot_T: Int[Array, " T"], kv_valid_BS: Bool[Array, "B S"],
-              window: int | None = None) -> Bool[Array, "B 1 T S"]:
+def make_mask(
+    q_slot_T: Int[Array, " T"], kv_valid_BS: Bool[Array, "B S"], window: int | None = None
+) -> Bool[Array, "B 1 T S"]:
     """Causal (and optionally banded) mask over a buffer of S slots.
 
     A query in slot i may attend to slot j when j <= i, slot j holds a real
@@ -42,8 +43,9 @@ def causal_mask(t: int, window: int | None = None) -> Bool[Array, "1 1 T T"]:
     return make_mask(jnp.arange(t), jnp.ones((1, t), bool), window)
 
 
-def rope(x_BTNH: Float[Array, "B T N H"], positions_BT: Int[Array, "B T"],
-         base: float = 10000.0) -> Float[Array, "B T N H"]:
+def rope(
+    x_BTNH: Float[Array, "B T N H"], positions_BT: Int[Array, "B T"], base: float = 10000.0
+) -> Float[Array, "B T N H"]:
     """Rotary position embedding (Su et al. 2021), rotating halves of each head."""
     h = x_BTNH.shape[-1]
     inv_freq_K = 1.0 / base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
@@ -57,8 +59,9 @@ def rope(x_BTNH: Float[Array, "B T N H"], positions_BT: Int[Array, "B T"],
 def attention_xla(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, dropout_rate=0.0, key=None):
     """The readable reference: softmax(q k^T / sqrt(H)) v with fp32 logits and softmax."""
     scale = q_BTNH.shape[-1] ** -0.5
-    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH,
-                             preferred_element_type=jnp.float32) * scale
+    logits_BNTS = (
+        jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
+    )
     logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, _MASK_VALUE)
     probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
     if dropout_rate > 0.0 and key is not None:
@@ -67,10 +70,17 @@ def attention_xla(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, dropout_rate=0.0, key=No
     return jnp.einsum("bnts,bsnh->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
 
 
-def attention(q_BTNH: Float[Array, "B T N H"], k_BSNH: Float[Array, "B S N H"],
-              v_BSNH: Float[Array, "B S N H"], mask_B1TS: Bool[Array, "B 1 T S"] | None,
-              *, impl: str = "xla", window: int | None = None, dropout_rate: float = 0.0,
-              key: jax.Array | None = None) -> Float[Array, "B T N H"]:
+def attention(
+    q_BTNH: Float[Array, "B T N H"],
+    k_BSNH: Float[Array, "B S N H"],
+    v_BSNH: Float[Array, "B S N H"],
+    mask_B1TS: Bool[Array, "B 1 T S"] | None,
+    *,
+    impl: str = "xla",
+    window: int | None = None,
+    dropout_rate: float = 0.0,
+    key: jax.Array | None = None,
+) -> Float[Array, "B T N H"]:
     """Scaled dot-product attention.
 
     Args:
@@ -84,19 +94,27 @@ def attention(q_BTNH: Float[Array, "B T N H"], k_BSNH: Float[Array, "B S N H"],
     """
     use_dropout = dropout_rate > 0.0 and key is not None
     if use_dropout and impl != "xla":
-        warnings.warn(f"attention_impl={impl!r} has no attention dropout; using the 'xla' "
-                      "reference while attn_dropout > 0 (set ModelConfig.attn_dropout = 0.0 "
-                      "to use the fused kernel in training).", stacklevel=2)
+        warnings.warn(
+            f"attention_impl={impl!r} has no attention dropout; using the 'xla' "
+            "reference while attn_dropout > 0 (set ModelConfig.attn_dropout = 0.0 "
+            "to use the fused kernel in training).",
+            stacklevel=2,
+        )
     if impl == "xla" or use_dropout:
         if mask_B1TS is None:
             mask_B1TS = causal_mask(q_BTNH.shape[1], window)
-        return attention_xla(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, dropout_rate=dropout_rate,
-                             key=key)
+        return attention_xla(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, dropout_rate=dropout_rate, key=key)
     implementation = "cudnn" if impl == "cudnn" else None
     if mask_B1TS is None:
         local = None if window is None else (window - 1, 0)
-        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True,
-                                            local_window_size=local,
-                                            implementation=implementation)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_B1TS,
-                                        implementation=implementation)
+        return jax.nn.dot_product_attention(
+            q_BTNH,
+            k_BSNH,
+            v_BSNH,
+            is_causal=True,
+            local_window_size=local,
+            implementation=implementation,
+        )
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSNH, v_BSNH, mask=mask_B1TS, implementation=implementation
+    )

@@ -17,19 +17,17 @@ Shape letters: B batch, T sequence, S keys, D model, F feed-forward, V vocab.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
+from gptjax.config import EncoderConfig, ModelConfig
 from gptjax.models import gpt as model
 from gptjax.models import layers
-from gptjax.config import ModelConfig, EncoderConfig, check_activation
 from gptjax.parallel.logical import constrain
 
 Params = layers.Params
@@ -65,8 +63,11 @@ def param_axes(cfg: EncoderConfig) -> Params:
     axes = model.param_axes(cfg)
     axes["wtt"] = (None, "embed")
     axes["ln_embd"] = {"scale": ("embed",), "bias": ("embed",)}
-    axes["mlm"] = {"dense": {"kernel": ("embed", None), "bias": ("embed",)},
-                   "ln": {"scale": ("embed",), "bias": ("embed",)}, "bias": ("vocab",)}
+    axes["mlm"] = {
+        "dense": {"kernel": ("embed", None), "bias": ("embed",)},
+        "ln": {"scale": ("embed",), "bias": ("embed",)},
+        "bias": ("vocab",),
+    }
     return axes
 
 
@@ -77,12 +78,14 @@ def padding_mask(valid_BS: Bool[Array, "B S"], t: int) -> Bool[Array, "B 1 T S"]
     """Every query may see every real key: the bidirectional counterpart of
     `attention.make_mask`. Always pass it: a None mask means *causal* there."""
     valid_BS = valid_BS.astype(bool)
-    return jnp.broadcast_to(valid_BS[:, None, None, :], (valid_BS.shape[0], 1, t,
-                                                          valid_BS.shape[1]))
+    return jnp.broadcast_to(
+        valid_BS[:, None, None, :], (valid_BS.shape[0], 1, t, valid_BS.shape[1])
+    )
 
 
-def ffn(cfg: ModelConfig, p: Params, x_BTD: Float[Array, "B T D"],
-        key: jax.Array | None = None) -> Float[Array, "B T D"]:
+def ffn(
+    cfg: ModelConfig, p: Params, x_BTD: Float[Array, "B T D"], key: jax.Array | None = None
+) -> Float[Array, "B T D"]:
     """The decoder's MLP with the activation taken from the config."""
     dt = cfg.compute_dtype
     h_BTF = x_BTD @ p["c_fc"]["kernel"].astype(dt) + p["c_fc"]["bias"].astype(dt)
@@ -99,22 +102,30 @@ def sublayer(cfg: ModelConfig, ln: Params, x_BTD, fn: Callable) -> Float[Array, 
     return layers.layer_norm(ln, x_BTD + fn(x_BTD), eps)
 
 
-def encoder_block(cfg: ModelConfig, p: Params, x_BTD: Float[Array, "B T D"], positions_BT,
-                  mask_B1TS: Bool[Array, "B 1 T T"], key=None) -> Float[Array, "B T D"]:
+def encoder_block(
+    cfg: ModelConfig,
+    p: Params,
+    x_BTD: Float[Array, "B T D"],
+    positions_BT,
+    mask_B1TS: Bool[Array, "B 1 T T"],
+    key=None,
+) -> Float[Array, "B T D"]:
     """One encoder layer: bidirectional self-attention, then the MLP."""
     keys = (None, None, None) if key is None else tuple(jax.random.split(key, 3))
 
     def attend(y_BTD):
-        return layers.self_attention(cfg, p["attn"], y_BTD, positions_BT, mask_B1TS,
-                                    keys=keys[:2])[0]
+        return layers.self_attention(cfg, p["attn"], y_BTD, positions_BT, mask_B1TS, keys=keys[:2])[
+            0
+        ]
 
     x_BTD = sublayer(cfg, p["ln_1"], x_BTD, attend)
     x_BTD = sublayer(cfg, p["ln_2"], x_BTD, lambda y: ffn(cfg, p["mlp"], y, keys[2]))
     return constrain(x_BTD, ("batch", "seq", "embed"))
 
 
-def run_encoder(cfg: ModelConfig, h: Params, x_BTD: Float[Array, "B T D"], positions_BT,
-                mask_B1TS, key=None) -> Float[Array, "B T D"]:
+def run_encoder(
+    cfg: ModelConfig, h: Params, x_BTD: Float[Array, "B T D"], positions_BT, mask_B1TS, key=None
+) -> Float[Array, "B T D"]:
     """The stacked encoder layers through the decoder's `run_layers` (scan/remat)."""
     per_layer = {} if key is None else {"key": jax.random.split(key, cfg.n_layers)}
 
@@ -130,15 +141,17 @@ def _check_inputs(cfg: EncoderConfig, tokens_BT, segment_ids, mask) -> None:
     for name, a in (("segment_ids", segment_ids), ("mask", mask)):
         if a is not None and a.shape != tokens_BT.shape:
             raise ValueError(f"{name} has shape {a.shape}; it must match tokens {tokens_BT.shape}.")
-    if segment_ids is not None and not isinstance(segment_ids, jax.core.Tracer):
-        if segment_ids.size and (np.min(segment_ids) < 0
-                                 or np.max(segment_ids) >= cfg.type_vocab_size):
-            raise ValueError(f"segment_ids must lie in [0, {cfg.type_vocab_size}) "
-                             "(type_vocab_size).")
+    concrete = segment_ids is not None and not isinstance(segment_ids, jax.core.Tracer)
+    if concrete and segment_ids.size:  # noqa: SIM102  (the bounds are read only when concrete)
+        if np.min(segment_ids) < 0 or np.max(segment_ids) >= cfg.type_vocab_size:
+            raise ValueError(
+                f"segment_ids must lie in [0, {cfg.type_vocab_size}) (type_vocab_size)."
+            )
 
 
-def embed(cfg: EncoderConfig, params: Params, tokens_BT, segment_ids_BT, positions_BT,
-          key=None) -> Float[Array, "B T D"]:
+def embed(
+    cfg: EncoderConfig, params: Params, tokens_BT, segment_ids_BT, positions_BT, key=None
+) -> Float[Array, "B T D"]:
     """Word + position + token-type embeddings, then LayerNorm and dropout (BERT)."""
     x_BTD = model.embed(cfg, params, tokens_BT, positions_BT)
     x_BTD += jnp.take(params["wtt"], segment_ids_BT, axis=0).astype(cfg.compute_dtype)
@@ -146,10 +159,15 @@ def embed(cfg: EncoderConfig, params: Params, tokens_BT, segment_ids_BT, positio
     return constrain(layers.dropout(x_BTD, cfg.embd_dropout, key), ("batch", "seq", "embed"))
 
 
-def hidden_states(cfg: EncoderConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
-                  segment_ids: Int[Array, "B T"] | None = None,
-                  mask: Int[Array, "B T"] | None = None,
-                  key: jax.Array | None = None) -> Float[Array, "B T D"]:
+def hidden_states(
+    cfg: EncoderConfig,
+    params: Params,
+    tokens_BT: Int[Array, "B T"],
+    *,
+    segment_ids: Int[Array, "B T"] | None = None,
+    mask: Int[Array, "B T"] | None = None,
+    key: jax.Array | None = None,
+) -> Float[Array, "B T D"]:
     """The trunk's final states; task heads read `[:, 0]` (the [CLS] token).
 
     Args:
@@ -165,8 +183,9 @@ def hidden_states(cfg: EncoderConfig, params: Params, tokens_BT: Int[Array, "B T
     if key is not None:
         embd_key, layers_key = jax.random.split(key)
     x_BTD = embed(cfg, params, tokens_BT, segment_ids, positions_BT, embd_key)
-    x_BTD = run_encoder(cfg, params["h"], x_BTD, positions_BT, padding_mask(valid_BT, t),
-                        layers_key)
+    x_BTD = run_encoder(
+        cfg, params["h"], x_BTD, positions_BT, padding_mask(valid_BT, t), layers_key
+    )
     if cfg.ln_placement == "pre":
         x_BTD = layers.layer_norm(params["ln_f"], x_BTD, cfg.layer_norm_eps)
     return x_BTD
@@ -181,9 +200,15 @@ def mlm_head(cfg: EncoderConfig, params: Params, x_BTD) -> Float[Array, "B T V"]
     return model.unembed(cfg, params, h_BTD) + p["bias"].astype(jnp.float32)
 
 
-def forward(cfg: EncoderConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
-            segment_ids: Int[Array, "B T"] | None = None, mask: Int[Array, "B T"] | None = None,
-            key: jax.Array | None = None) -> Float[Array, "B T V"]:
+def forward(
+    cfg: EncoderConfig,
+    params: Params,
+    tokens_BT: Int[Array, "B T"],
+    *,
+    segment_ids: Int[Array, "B T"] | None = None,
+    mask: Int[Array, "B T"] | None = None,
+    key: jax.Array | None = None,
+) -> Float[Array, "B T V"]:
     """Masked-LM logits (float32) at every position (`BertForMaskedLM`'s output)."""
     x_BTD = hidden_states(cfg, params, tokens_BT, segment_ids=segment_ids, mask=mask, key=key)
     return constrain(mlm_head(cfg, params, x_BTD), ("batch", "seq", "vocab"))
@@ -192,9 +217,15 @@ def forward(cfg: EncoderConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
 # ------------------------------------------------------------------ the objective
 
 
-def mask_tokens(tokens_BT: Int[Array, "B T"], key: jax.Array, *, mask_id: int, vocab_size: int,
-                special_ids=(), rate: float = 0.15
-                ) -> tuple[Int[Array, "B T"], Int[Array, "B T"], Int[Array, "B T"]]:
+def mask_tokens(
+    tokens_BT: Int[Array, "B T"],
+    key: jax.Array,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    special_ids=(),
+    rate: float = 0.15,
+) -> tuple[Int[Array, "B T"], Int[Array, "B T"], Int[Array, "B T"]]:
     """BERT's corruption as a pure data transform: (inputs, targets, loss_mask).
 
     Each non-special token is chosen with probability `rate`; a chosen token
@@ -218,10 +249,14 @@ def mask_tokens(tokens_BT: Int[Array, "B T"], key: jax.Array, *, mask_id: int, v
     return inputs_BT, tokens_BT, chosen_BT.astype(jnp.int32)
 
 
-def mlm_loss(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
-             loss_mask_BT: Int[Array, "B T"]) -> Float[Array, ""]:
+def mlm_loss(
+    logits_BTV: Float[Array, "B T V"],
+    targets_BT: Int[Array, "B T"],
+    loss_mask_BT: Int[Array, "B T"],
+) -> Float[Array, ""]:
     """Mean cross-entropy over the chosen positions only (0 when none are chosen)."""
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV.astype(jnp.float32), targets_BT)
+        logits_BTV.astype(jnp.float32), targets_BT
+    )
     w_BT = loss_mask_BT.astype(jnp.float32)
     return (nll_BT * w_BT).sum() / jnp.maximum(w_BT.sum(), 1.0)

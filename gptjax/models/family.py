@@ -80,8 +80,9 @@ class Family:
 
 
 def _token_nll(logits_BTV, targets_BT) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
-                                                           targets_BT)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), targets_BT
+    )
 
 
 def _decoder_losses(cfg: ModelConfig, params, batch: dict, key=None):
@@ -92,17 +93,25 @@ def _decoder_losses(cfg: ModelConfig, params, batch: dict, key=None):
 
 
 def _encoder_losses(cfg: EncoderConfig, params, batch: dict, key=None):
-    logits_BTV = bert.forward(cfg, params, batch["tokens"], mask=batch.get("mask"),
-                              segment_ids=batch.get("segment_ids"), key=key)
+    logits_BTV = bert.forward(
+        cfg,
+        params,
+        batch["tokens"],
+        mask=batch.get("mask"),
+        segment_ids=batch.get("segment_ids"),
+        key=key,
+    )
     nll_BT = _token_nll(logits_BTV, batch["targets"])
     return nll_BT, nll_BT, batch["loss_mask"]
 
 
 def _seq2seq_losses(cfg: Seq2SeqConfig, params, batch: dict, key=None):
-    logits_BTV = transformer.forward(cfg, params, batch["src"], batch["tgt_in"],
-                                     src_mask=batch.get("src_mask"), key=key)
-    loss_BT, nll_BT = transformer.label_smoothed_token_losses(logits_BTV, batch["tgt"],
-                                                              cfg.label_smoothing)
+    logits_BTV = transformer.forward(
+        cfg, params, batch["src"], batch["tgt_in"], src_mask=batch.get("src_mask"), key=key
+    )
+    loss_BT, nll_BT = transformer.label_smoothed_token_losses(
+        logits_BTV, batch["tgt"], cfg.label_smoothing
+    )
     return loss_BT, nll_BT, batch["tgt_mask"]
 
 
@@ -125,10 +134,17 @@ def _encoder_windows(cfg: EncoderConfig, batch: dict, tokenizer, key: jax.Array)
     tokens_BT = np.asarray(batch["tokens"])[:, :-1]
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         inputs, targets, chosen = bert.mask_tokens(
-            tokens_BT, key, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-            special_ids=tuple(sorted(tokenizer.special_ids)))
-    return {"tokens": np.asarray(inputs, np.int32), "targets": np.asarray(targets, np.int32),
-            "loss_mask": np.asarray(chosen, np.float32)}
+            tokens_BT,
+            key,
+            mask_id=tokenizer.mask_id,
+            vocab_size=tokenizer.vocab_size,
+            special_ids=tuple(sorted(tokenizer.special_ids)),
+        )
+    return {
+        "tokens": np.asarray(inputs, np.int32),
+        "targets": np.asarray(targets, np.int32),
+        "loss_mask": np.asarray(chosen, np.float32),
+    }
 
 
 def _seq2seq_windows(cfg: Seq2SeqConfig, batch: dict, tokenizer, key) -> dict:
@@ -139,34 +155,57 @@ def _seq2seq_windows(cfg: Seq2SeqConfig, batch: dict, tokenizer, key) -> dict:
     src_len, _ = flops.source_target_lengths(tokens_BT.shape[1])
     src, tgt = tokens_BT[:, :src_len], tokens_BT[:, src_len:]
     tgt_in = np.concatenate([np.full_like(tgt[:, :1], tokenizer.start_id), tgt[:, :-1]], 1)
-    return {"src": src.astype(np.int32), "src_mask": np.ones(src.shape, np.int32),
-            "tgt_in": tgt_in.astype(np.int32), "tgt": tgt.astype(np.int32),
-            "tgt_mask": np.ones(tgt.shape, np.float32)}
+    return {
+        "src": src.astype(np.int32),
+        "src_mask": np.ones(src.shape, np.int32),
+        "tgt_in": tgt_in.astype(np.int32),
+        "tgt": tgt.astype(np.int32),
+        "tgt_mask": np.ones(tgt.shape, np.float32),
+    }
 
 
 # ------------------------------------------------------------------ families
 
 DECODER = Family(
-    name="decoder", config_class=ModelConfig,
-    init_params=gpt.init_params, param_axes=gpt.param_axes,
-    token_losses=_decoder_losses, from_windows=_decoder_windows,
+    name="decoder",
+    config_class=ModelConfig,
+    init_params=gpt.init_params,
+    param_axes=gpt.param_axes,
+    token_losses=_decoder_losses,
+    from_windows=_decoder_windows,
     forward_flops=flops.decoder_forward,
-    task_format="causal", causal_lm=True, generates=True)
+    task_format="causal",
+    causal_lm=True,
+    generates=True,
+)
 
 ENCODER = Family(
-    name="encoder", config_class=EncoderConfig,
-    init_params=bert.init_params, param_axes=bert.param_axes,
-    token_losses=_encoder_losses, from_windows=_encoder_windows,
+    name="encoder",
+    config_class=EncoderConfig,
+    init_params=bert.init_params,
+    param_axes=bert.param_axes,
+    token_losses=_encoder_losses,
+    from_windows=_encoder_windows,
     forward_flops=flops.encoder_forward,
-    task_format="slots", causal_lm=False, generates=False)
+    task_format="slots",
+    causal_lm=False,
+    generates=False,
+)
 
 SEQ2SEQ = Family(
-    name="seq2seq", config_class=Seq2SeqConfig,
-    init_params=transformer.init_params, param_axes=transformer.param_axes,
-    token_losses=_seq2seq_losses, from_windows=_seq2seq_windows,
+    name="seq2seq",
+    config_class=Seq2SeqConfig,
+    init_params=transformer.init_params,
+    param_axes=transformer.param_axes,
+    token_losses=_seq2seq_losses,
+    from_windows=_seq2seq_windows,
     forward_flops=lambda cfg, t: flops.encoder_decoder_forward(
-        cfg, *flops.source_target_lengths(t)),
-    task_format="pair", causal_lm=False, generates=True)
+        cfg, *flops.source_target_lengths(t)
+    ),
+    task_format="pair",
+    causal_lm=False,
+    generates=True,
+)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DECODER, ENCODER, SEQ2SEQ)}
 _BY_CLASS: dict[type, Family] = {f.config_class: f for f in FAMILIES.values()}
@@ -177,8 +216,10 @@ def family_of(cfg: ModelConfig) -> Family:
     for cls in type(cfg).__mro__:
         if cls in _BY_CLASS:
             return _BY_CLASS[cls]
-    raise TypeError(f"{type(cfg).__name__} is not a model config; use one of "
-                    f"{', '.join(c.__name__ for c in _BY_CLASS)}.")
+    raise TypeError(
+        f"{type(cfg).__name__} is not a model config; use one of "
+        f"{', '.join(c.__name__ for c in _BY_CLASS)}."
+    )
 
 
 def by_name(name: str) -> Family:
@@ -211,8 +252,9 @@ def param_count(cfg: ModelConfig) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
 
 
-def loss_sums(cfg: ModelConfig, params, batch: dict,
-              key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    cfg: ModelConfig, params, batch: dict, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(the family's training loss summed over the weighted target tokens, their weight).
 
     decoder: next-token cross-entropy (over `loss_mask` when present); encoder:

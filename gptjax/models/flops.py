@@ -24,16 +24,23 @@ def _matmul(m: int, k: int, n: int) -> int:
 def _self_attention(d: int, t: int, span: int) -> int:
     """t queries, each over `span` keys; N heads of H with N * H = d, so the heads'
     scores and values together are one (t, d) x (d, span) and (t, span) x (span, d)."""
-    return (_matmul(t, d, 3 * d)  # c_attn: q, k, v
-            + _matmul(t, d, span) + _matmul(t, span, d)  # q k^T, then p v
-            + _matmul(t, d, d))  # c_proj
+    return (
+        _matmul(t, d, 3 * d)  # c_attn: q, k, v
+        + _matmul(t, d, span)
+        + _matmul(t, span, d)  # q k^T, then p v
+        + _matmul(t, d, d)
+    )  # c_proj
 
 
 def _cross_attention(d: int, t: int, s: int) -> int:
     """t decoder queries over s encoder keys; k, v are projected once per source token."""
-    return (_matmul(t, d, d) + _matmul(s, d, 2 * d)  # q; k, v
-            + _matmul(t, d, s) + _matmul(t, s, d)  # q k^T, then p v
-            + _matmul(t, d, d))  # c_proj
+    return (
+        _matmul(t, d, d)
+        + _matmul(s, d, 2 * d)  # q; k, v
+        + _matmul(t, d, s)
+        + _matmul(t, s, d)  # q k^T, then p v
+        + _matmul(t, d, d)
+    )  # c_proj
 
 
 def _mlp(d: int, f: int, t: int) -> int:
@@ -48,8 +55,9 @@ def _key_span(cfg: ModelConfig, layer: int, t: int) -> int:
 def decoder_forward(cfg: ModelConfig, t: int) -> int:
     """GPT: t tokens through causal layers (banded ones over their window), then the unembedding."""
     d, f = cfg.d_model, cfg.ff_dim
-    layers = sum(_self_attention(d, t, _key_span(cfg, i, t)) + _mlp(d, f, t)
-                 for i in range(cfg.n_layers))
+    layers = sum(
+        _self_attention(d, t, _key_span(cfg, i, t)) + _mlp(d, f, t) for i in range(cfg.n_layers)
+    )
     return layers + _matmul(t, d, cfg.vocab_size)  # the unembedding, tied or not
 
 
@@ -66,8 +74,9 @@ def encoder_decoder_forward(cfg: ModelConfig, s: int, u: int) -> int:
     self-attention, cross-attention and MLP; logits on the target side only."""
     d, f = cfg.d_model, cfg.ff_dim
     encoder = cfg.n_layers * (_self_attention(d, s, s) + _mlp(d, f, s))
-    decoder = cfg.decoder_layers * (_self_attention(d, u, u) + _cross_attention(d, u, s)
-                                    + _mlp(d, f, u))
+    decoder = cfg.decoder_layers * (
+        _self_attention(d, u, u) + _cross_attention(d, u, s) + _mlp(d, f, u)
+    )
     return encoder + decoder + _matmul(u, d, cfg.vocab_size)
 
 

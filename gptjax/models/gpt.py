@@ -21,10 +21,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from gptjax.models import attention as attn_lib
 from gptjax.config import ModelConfig
-from gptjax.models.layers import (Params, _normal, check_tokens, dropout, layer_norm, mlp,
-                                  positions_from_mask, run_layers, self_attention, sinusoidal)
+from gptjax.models import attention as attn_lib
+from gptjax.models.layers import (
+    Params,
+    _normal,
+    check_tokens,
+    dropout,
+    layer_norm,
+    mlp,
+    positions_from_mask,
+    run_layers,
+    self_attention,
+    sinusoidal,
+)
 from gptjax.parallel.logical import constrain
 
 # ----------------------------------------------------------------------------- init
@@ -44,17 +54,25 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
         "h": {
             "ln_1": {"scale": ones(layers, d), "bias": zeros(layers, d)},
             "attn": {
-                "c_attn": {"kernel": _normal(next(keys), (layers, d, 3, n, h), std, dt),
-                           "bias": zeros(layers, 3, n, h)},
-                "c_proj": {"kernel": _normal(next(keys), (layers, n, h, d), resid_std, dt),
-                           "bias": zeros(layers, d)},
+                "c_attn": {
+                    "kernel": _normal(next(keys), (layers, d, 3, n, h), std, dt),
+                    "bias": zeros(layers, 3, n, h),
+                },
+                "c_proj": {
+                    "kernel": _normal(next(keys), (layers, n, h, d), resid_std, dt),
+                    "bias": zeros(layers, d),
+                },
             },
             "ln_2": {"scale": ones(layers, d), "bias": zeros(layers, d)},
             "mlp": {
-                "c_fc": {"kernel": _normal(next(keys), (layers, d, f), std, dt),
-                         "bias": zeros(layers, f)},
-                "c_proj": {"kernel": _normal(next(keys), (layers, f, d), resid_std, dt),
-                           "bias": zeros(layers, d)},
+                "c_fc": {
+                    "kernel": _normal(next(keys), (layers, d, f), std, dt),
+                    "bias": zeros(layers, f),
+                },
+                "c_proj": {
+                    "kernel": _normal(next(keys), (layers, f, d), resid_std, dt),
+                    "bias": zeros(layers, d),
+                },
             },
         },
     }
@@ -75,10 +93,14 @@ def param_axes(cfg: ModelConfig) -> Params:
         "h": {
             "ln_1": ln,
             "attn": {
-                "c_attn": {"kernel": ("layers", "embed", None, "heads", "head_dim"),
-                           "bias": ("layers", None, "heads", "head_dim")},
-                "c_proj": {"kernel": ("layers", "heads", "head_dim", "embed"),
-                           "bias": ("layers", "embed")},
+                "c_attn": {
+                    "kernel": ("layers", "embed", None, "heads", "head_dim"),
+                    "bias": ("layers", None, "heads", "head_dim"),
+                },
+                "c_proj": {
+                    "kernel": ("layers", "heads", "head_dim", "embed"),
+                    "bias": ("layers", "embed"),
+                },
             },
             "ln_2": ln,
             "mlp": {
@@ -113,22 +135,48 @@ def unembed(cfg: ModelConfig, params: Params, x_BTD) -> Float[Array, "B T V"]:
     """Logits in float32 (bf16 inputs, f32 accumulation) for a stable softmax."""
     dt = cfg.compute_dtype
     if cfg.tie_embeddings:
-        return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), params["wte"].astype(dt),
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x_BTD.astype(dt), params["lm_head"].astype(dt),
-                      preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "btd,vd->btv",
+            x_BTD.astype(dt),
+            params["wte"].astype(dt),
+            preferred_element_type=jnp.float32,
+        )
+    return jnp.einsum(
+        "btd,dv->btv",
+        x_BTD.astype(dt),
+        params["lm_head"].astype(dt),
+        preferred_element_type=jnp.float32,
+    )
 
 
-def block(cfg: ModelConfig, p: Params, x_BTD, positions_BT, masks, *, is_local: bool,
-          kv_cache=None, cache_index=None, key=None):
+def block(
+    cfg: ModelConfig,
+    p: Params,
+    x_BTD,
+    positions_BT,
+    masks,
+    *,
+    is_local: bool,
+    kv_cache=None,
+    cache_index=None,
+    key=None,
+):
     """One transformer layer, pre-LN (GPT-2/3) or post-LN (GPT-1)."""
     mask_B1TS = None if masks is None else masks[is_local]
     window = cfg.local_window if is_local else None
     keys = (None, None, None) if key is None else tuple(jax.random.split(key, 3))
     eps = cfg.layer_norm_eps
-    attend = functools.partial(self_attention, cfg, p["attn"], positions_BT=positions_BT,
-                               mask_B1TS=mask_B1TS, window=window, kv_cache=kv_cache,
-                               cache_index=cache_index, keys=keys[:2])
+    attend = functools.partial(
+        self_attention,
+        cfg,
+        p["attn"],
+        positions_BT=positions_BT,
+        mask_B1TS=mask_B1TS,
+        window=window,
+        kv_cache=kv_cache,
+        cache_index=cache_index,
+        keys=keys[:2],
+    )
     if cfg.ln_placement == "pre":
         a_BTD, kv = attend(layer_norm(p["ln_1"], x_BTD, eps))
         x_BTD = x_BTD + a_BTD
@@ -151,14 +199,16 @@ def _masks(cfg: ModelConfig, q_slot_T, kv_valid_BS):
     return (dense, attn_lib.make_mask(q_slot_T, kv_valid_BS, cfg.local_window))
 
 
-def hidden_states(cfg: ModelConfig, params: Params, tokens_BT, *, positions=None, mask=None,
-                  key=None) -> Float[Array, "B T D"]:
+def hidden_states(
+    cfg: ModelConfig, params: Params, tokens_BT, *, positions=None, mask=None, key=None
+) -> Float[Array, "B T D"]:
     """The trunk: embeddings through every layer (and the final LN for pre-LN)."""
     check_tokens(cfg, tokens_BT)
     b, t = tokens_BT.shape
     if positions is None:
-        positions = (jnp.broadcast_to(jnp.arange(t), (b, t)) if mask is None
-                     else positions_from_mask(mask))
+        positions = (
+            jnp.broadcast_to(jnp.arange(t), (b, t)) if mask is None else positions_from_mask(mask)
+        )
     masks = None if mask is None else _masks(cfg, jnp.arange(t), mask.astype(bool))
     embd_key = layer_keys = None
     if key is not None:
@@ -178,9 +228,15 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT, *, positions=None
     return x_BTD
 
 
-def forward(cfg: ModelConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
-            positions: Int[Array, "B T"] | None = None, mask: Int[Array, "B T"] | None = None,
-            key: jax.Array | None = None) -> Float[Array, "B T V"]:
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BT: Int[Array, "B T"],
+    *,
+    positions: Int[Array, "B T"] | None = None,
+    mask: Int[Array, "B T"] | None = None,
+    key: jax.Array | None = None,
+) -> Float[Array, "B T V"]:
     """Next-token logits (float32) for every position.
 
     Args:
@@ -195,8 +251,16 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT: Int[Array, "B T"], *,
 # ---------------------------------------------------------------- cached decoding
 
 
-def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, cache: dict, *, positions_BT,
-                   kv_valid_BS, cache_index) -> tuple[Float[Array, "B T V"], dict]:
+def forward_cached(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BT,
+    cache: dict,
+    *,
+    positions_BT,
+    kv_valid_BS,
+    cache_index,
+) -> tuple[Float[Array, "B T V"], dict]:
     """Logits for `tokens_BT` placed at slots [cache_index, cache_index + T) of the cache.
 
     Used for both prefill (the whole prompt at index 0) and decode (one token).
@@ -207,8 +271,16 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BT, cache: dict, *, 
     x_BTD = embed(cfg, params, tokens_BT, positions_BT)
 
     def layer_fn(p, x_BTD, extra, is_local):
-        return block(cfg, p, x_BTD, positions_BT, masks, is_local=is_local,
-                     kv_cache=(extra["k"], extra["v"]), cache_index=cache_index)
+        return block(
+            cfg,
+            p,
+            x_BTD,
+            positions_BT,
+            masks,
+            is_local=is_local,
+            kv_cache=(extra["k"], extra["v"]),
+            cache_index=cache_index,
+        )
 
     x_BTD, (k, v) = run_layers(cfg, params["h"], x_BTD, cache, layer_fn)
     if cfg.ln_placement == "pre":

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +80,18 @@ def mlp(cfg: ModelConfig, p: Params, x_BTD, key=None) -> Float[Array, "B T D"]:
     return dropout(out_BTD, cfg.resid_dropout, key)
 
 
-def self_attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, mask_B1TS, *,
-                   window=None, kv_cache=None, cache_index=None, keys=(None, None)):
+def self_attention(
+    cfg: ModelConfig,
+    p: Params,
+    x_BTD,
+    positions_BT,
+    mask_B1TS,
+    *,
+    window=None,
+    kv_cache=None,
+    cache_index=None,
+    keys=(None, None),
+):
     """Multi-head self-attention; with `kv_cache=(k_BSNH, v_BSNH)` the new keys
     and values are written at `cache_index` and the queries attend over the cache.
 
@@ -88,8 +99,9 @@ def self_attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, mask_B1TS, 
     call's keys/values when there is no cache).
     """
     dt = cfg.compute_dtype
-    qkv_BT3NH = (jnp.einsum("btd,dcnh->btcnh", x_BTD, p["c_attn"]["kernel"].astype(dt))
-                 + p["c_attn"]["bias"].astype(dt))
+    qkv_BT3NH = jnp.einsum("btd,dcnh->btcnh", x_BTD, p["c_attn"]["kernel"].astype(dt)) + p[
+        "c_attn"
+    ]["bias"].astype(dt)
     qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "seq", None, "heads", "head_dim"))
     q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
     if cfg.pos_embedding == "rope":
@@ -102,12 +114,20 @@ def self_attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, mask_B1TS, 
         k_BSNH, v_BSNH = constrain(k_BSNH, cache_axes), constrain(v_BSNH, cache_axes)
     else:
         k_BSNH, v_BSNH = k_BTNH, v_BTNH
-    out_BTNH = attn_lib.attention(q_BTNH, k_BSNH.astype(dt), v_BSNH.astype(dt), mask_B1TS,
-                                  impl=cfg.attention_impl, window=window,
-                                  dropout_rate=cfg.attn_dropout, key=keys[0])
+    out_BTNH = attn_lib.attention(
+        q_BTNH,
+        k_BSNH.astype(dt),
+        v_BSNH.astype(dt),
+        mask_B1TS,
+        impl=cfg.attention_impl,
+        window=window,
+        dropout_rate=cfg.attn_dropout,
+        key=keys[0],
+    )
     out_BTNH = constrain(out_BTNH, ("batch", "seq", "heads", "head_dim"))
-    out_BTD = (jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt))
-               + p["c_proj"]["bias"].astype(dt))
+    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt)) + p["c_proj"][
+        "bias"
+    ].astype(dt)
     return dropout(out_BTD, cfg.resid_dropout, keys[1]), (k_BSNH, v_BSNH)
 
 
@@ -118,8 +138,9 @@ def _index(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
 
 
-def run_layers(cfg: ModelConfig, h: Params, x_BTD, per_layer: dict,
-               layer_fn: Callable) -> tuple[Any, Any]:
+def run_layers(
+    cfg: ModelConfig, h: Params, x_BTD, per_layer: dict, layer_fn: Callable
+) -> tuple[Any, Any]:
     """Apply `layer_fn(p, x, per_layer_slice, is_local) -> (x, y)` to every layer.
 
     `per_layer` holds arrays with a leading L axis (dropout keys, KV caches);
@@ -166,13 +187,17 @@ def check_tokens(cfg: ModelConfig, tokens_BT, n_slots: int | None = None) -> Non
         raise ValueError(f"tokens must be a (batch, time) array, got shape {tokens_BT.shape}.")
     length = tokens_BT.shape[1] if n_slots is None else n_slots
     if cfg.pos_embedding == "learned" and length > cfg.max_len:
-        raise ValueError(f"sequence of {length} tokens exceeds the model's max_len="
-                         f"{cfg.max_len}; truncate the input or use a longer-context config.")
+        raise ValueError(
+            f"sequence of {length} tokens exceeds the model's max_len="
+            f"{cfg.max_len}; truncate the input or use a longer-context config."
+        )
     if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
         lo, hi = int(np.min(tokens_BT)), int(np.max(tokens_BT))
         if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab_size)"
-                             f"; got min {lo}, max {hi}. Is the tokenizer the model's?")
+            raise ValueError(
+                f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab_size)"
+                f"; got min {lo}, max {hi}. Is the tokenizer the model's?"
+            )
 
 
 def init_cache(cfg: ModelConfig, batch: int, n_slots: int, n_layers: int | None = None) -> dict:

@@ -19,19 +19,17 @@ V vocab, L layers, K beams, R = B*K beam rows, U = K*T queries per source.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-import gin
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from gptjax.config import Seq2SeqConfig
 from gptjax.models import attention as attn_lib
 from gptjax.models import bert as encoder
 from gptjax.models import gpt as model
 from gptjax.models import layers
-from gptjax.config import ModelConfig, Seq2SeqConfig
 from gptjax.parallel.logical import constrain
 
 Params = layers.Params
@@ -53,12 +51,18 @@ def init_params(cfg: Seq2SeqConfig, key: jax.Array) -> Params:
     ld, d, n, h, dt = dcfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.weight_dtype
     dec["h"]["ln_cross"] = {"scale": jnp.ones((ld, d), dt), "bias": jnp.zeros((ld, d), dt)}
     dec["h"]["cross_attn"] = {
-        "q": {"kernel": layers._normal(k_q, (ld, d, n, h), 0.02, dt),
-              "bias": jnp.zeros((ld, n, h), dt)},
-        "kv": {"kernel": layers._normal(k_kv, (ld, d, 2, n, h), 0.02, dt),
-               "bias": jnp.zeros((ld, 2, n, h), dt)},
-        "c_proj": {"kernel": layers._normal(k_o, (ld, n, h, d), 0.02 / math.sqrt(2 * ld), dt),
-                   "bias": jnp.zeros((ld, d), dt)},
+        "q": {
+            "kernel": layers._normal(k_q, (ld, d, n, h), 0.02, dt),
+            "bias": jnp.zeros((ld, n, h), dt),
+        },
+        "kv": {
+            "kernel": layers._normal(k_kv, (ld, d, 2, n, h), 0.02, dt),
+            "bias": jnp.zeros((ld, 2, n, h), dt),
+        },
+        "c_proj": {
+            "kernel": layers._normal(k_o, (ld, n, h, d), 0.02 / math.sqrt(2 * ld), dt),
+            "bias": jnp.zeros((ld, d), dt),
+        },
     }
     params = {"wte": enc["wte"], "final_logits_bias": jnp.zeros((cfg.vocab_size,), dt)}
     for name, tree in (("encoder", enc), ("decoder", dec)):
@@ -74,14 +78,22 @@ def param_axes(cfg: Seq2SeqConfig) -> Params:
     dec_h = dict(base["h"])
     dec_h["ln_cross"] = base["h"]["ln_1"]
     dec_h["cross_attn"] = {
-        "q": {"kernel": ("layers", "embed", "heads", "head_dim"),
-              "bias": ("layers", "heads", "head_dim")},
-        "kv": {"kernel": ("layers", "embed", None, "heads", "head_dim"),
-               "bias": ("layers", None, "heads", "head_dim")},
+        "q": {
+            "kernel": ("layers", "embed", "heads", "head_dim"),
+            "bias": ("layers", "heads", "head_dim"),
+        },
+        "kv": {
+            "kernel": ("layers", "embed", None, "heads", "head_dim"),
+            "bias": ("layers", None, "heads", "head_dim"),
+        },
         "c_proj": base["h"]["attn"]["c_proj"],
     }
-    axes = {"wte": base["wte"], "final_logits_bias": ("vocab",),
-            "encoder": {"h": base["h"]}, "decoder": {"h": dec_h}}
+    axes = {
+        "wte": base["wte"],
+        "final_logits_bias": ("vocab",),
+        "encoder": {"h": base["h"]},
+        "decoder": {"h": dec_h},
+    }
     for name in ("encoder", "decoder"):
         axes[name].update({k: base[k] for k in ("wpe", "ln_f") if k in base})
     if not cfg.tie_embeddings:
@@ -92,8 +104,9 @@ def param_axes(cfg: Seq2SeqConfig) -> Params:
 # ----------------------------------------------------------------------- pieces
 
 
-def embed(cfg: Seq2SeqConfig, params: Params, stack: Params, tokens_BT, positions_BT,
-          key=None) -> Float[Array, "B T D"]:
+def embed(
+    cfg: Seq2SeqConfig, params: Params, stack: Params, tokens_BT, positions_BT, key=None
+) -> Float[Array, "B T D"]:
     """Shared token embedding times `embed_scale`, plus this stack's positions."""
     x_BTD = jnp.take(params["wte"], tokens_BT, axis=0).astype(cfg.compute_dtype)
     x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, cfg.compute_dtype)
@@ -104,18 +117,26 @@ def embed(cfg: Seq2SeqConfig, params: Params, stack: Params, tokens_BT, position
     return constrain(layers.dropout(x_BTD, cfg.embd_dropout, key), ("batch", "seq", "embed"))
 
 
-def cross_kv(cfg: Seq2SeqConfig, p: Params, enc_BSD: Float[Array, "B S D"]
-             ) -> tuple[Float[Array, "B S N H"], Float[Array, "B S N H"]]:
+def cross_kv(
+    cfg: Seq2SeqConfig, p: Params, enc_BSD: Float[Array, "B S D"]
+) -> tuple[Float[Array, "B S N H"], Float[Array, "B S N H"]]:
     """One layer's cross-attention keys and values: a function of the source only."""
     dt = cfg.compute_dtype
-    kv_BS2NH = (jnp.einsum("bsd,dcnh->bscnh", enc_BSD.astype(dt), p["kv"]["kernel"].astype(dt))
-                + p["kv"]["bias"].astype(dt))
+    kv_BS2NH = jnp.einsum("bsd,dcnh->bscnh", enc_BSD.astype(dt), p["kv"]["kernel"].astype(dt)) + p[
+        "kv"
+    ]["bias"].astype(dt)
     return kv_BS2NH[:, :, 0], kv_BS2NH[:, :, 1]
 
 
-def cross_attention(cfg: Seq2SeqConfig, p: Params, x_BTD: Float[Array, "B T D"],
-                    k_BSNH, v_BSNH, mask_B1TS: Bool[Array, "B 1 T S"],
-                    keys=(None, None)) -> Float[Array, "B T D"]:
+def cross_attention(
+    cfg: Seq2SeqConfig,
+    p: Params,
+    x_BTD: Float[Array, "B T D"],
+    k_BSNH,
+    v_BSNH,
+    mask_B1TS: Bool[Array, "B 1 T S"],
+    keys=(None, None),
+) -> Float[Array, "B T D"]:
     """Queries from the decoder, keys/values from the encoder output.
 
     `x_BTD` may hold K consecutive rows per source (beams: B*K rows for B
@@ -126,56 +147,101 @@ def cross_attention(cfg: Seq2SeqConfig, p: Params, x_BTD: Float[Array, "B T D"],
     dt = cfg.compute_dtype
     rows, t = x_BTD.shape[:2]
     b = k_BSNH.shape[0]
-    q_BTNH = (jnp.einsum("btd,dnh->btnh", x_BTD, p["q"]["kernel"].astype(dt))
-              + p["q"]["bias"].astype(dt))
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, p["q"]["kernel"].astype(dt)) + p["q"][
+        "bias"
+    ].astype(dt)
     q_BUNH = q_BTNH.reshape(b, rows // b * t, *q_BTNH.shape[2:])  # U = K*T queries per source
-    out_BUNH = attn_lib.attention(q_BUNH, k_BSNH.astype(dt), v_BSNH.astype(dt), mask_B1TS,
-                                  impl=cfg.attention_impl, dropout_rate=cfg.attn_dropout,
-                                  key=keys[0])
+    out_BUNH = attn_lib.attention(
+        q_BUNH,
+        k_BSNH.astype(dt),
+        v_BSNH.astype(dt),
+        mask_B1TS,
+        impl=cfg.attention_impl,
+        dropout_rate=cfg.attn_dropout,
+        key=keys[0],
+    )
     out_BTNH = out_BUNH.reshape(q_BTNH.shape)
-    out_BTD = (jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt))
-               + p["c_proj"]["bias"].astype(dt))
+    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt)) + p["c_proj"][
+        "bias"
+    ].astype(dt)
     return layers.dropout(out_BTD, cfg.resid_dropout, keys[1])
 
 
-def decoder_block(cfg: Seq2SeqConfig, p: Params, x_BTD, positions_BT, self_mask_B1TS,
-                  cross_mask_B1TS, kv_BSNH, *, kv_cache=None, cache_index=None, key=None):
+def decoder_block(
+    cfg: Seq2SeqConfig,
+    p: Params,
+    x_BTD,
+    positions_BT,
+    self_mask_B1TS,
+    cross_mask_B1TS,
+    kv_BSNH,
+    *,
+    kv_cache=None,
+    cache_index=None,
+    key=None,
+):
     """Causal self-attention, cross-attention, MLP; returns (x, self-attn K/V)."""
     keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
     self_kv = [None]
 
     def attend(y_BTD):
         out_BTD, self_kv[0] = layers.self_attention(
-            cfg, p["attn"], y_BTD, positions_BT, self_mask_B1TS, kv_cache=kv_cache,
-            cache_index=cache_index, keys=keys[:2])
+            cfg,
+            p["attn"],
+            y_BTD,
+            positions_BT,
+            self_mask_B1TS,
+            kv_cache=kv_cache,
+            cache_index=cache_index,
+            keys=keys[:2],
+        )
         return out_BTD
 
     x_BTD = encoder.sublayer(cfg, p["ln_1"], x_BTD, attend)
-    x_BTD = encoder.sublayer(cfg, p["ln_cross"], x_BTD, lambda y: cross_attention(
-        cfg, p["cross_attn"], y, *kv_BSNH, cross_mask_B1TS, keys[2:4]))
-    x_BTD = encoder.sublayer(cfg, p["ln_2"], x_BTD,
-                             lambda y: encoder.ffn(cfg, p["mlp"], y, keys[4]))
+    x_BTD = encoder.sublayer(
+        cfg,
+        p["ln_cross"],
+        x_BTD,
+        lambda y: cross_attention(cfg, p["cross_attn"], y, *kv_BSNH, cross_mask_B1TS, keys[2:4]),
+    )
+    x_BTD = encoder.sublayer(
+        cfg, p["ln_2"], x_BTD, lambda y: encoder.ffn(cfg, p["mlp"], y, keys[4])
+    )
     return constrain(x_BTD, ("batch", "seq", "embed")), self_kv[0]
 
 
 def _final_ln(cfg, stack, x_BTD):
-    return (layers.layer_norm(stack["ln_f"], x_BTD, cfg.layer_norm_eps)
-            if cfg.ln_placement == "pre" else x_BTD)
+    return (
+        layers.layer_norm(stack["ln_f"], x_BTD, cfg.layer_norm_eps)
+        if cfg.ln_placement == "pre"
+        else x_BTD
+    )
 
 
 def _positions(b: int, t: int, start=0) -> Int[Array, "B T"]:
     return jnp.broadcast_to(start + jnp.arange(t), (b, t))
 
 
-def encode(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
-           src_valid_BS: Bool[Array, "B S"], key=None) -> Float[Array, "B S D"]:
+def encode(
+    cfg: Seq2SeqConfig,
+    params: Params,
+    src_BS: Int[Array, "B S"],
+    src_valid_BS: Bool[Array, "B S"],
+    key=None,
+) -> Float[Array, "B S D"]:
     """The encoder stack's output (padding keys masked; padded rows are unused)."""
     layers.check_tokens(cfg, src_BS)
     b, s = src_BS.shape
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     x_BSD = embed(cfg, params, params["encoder"], src_BS, _positions(b, s), keys[0])
-    x_BSD = encoder.run_encoder(cfg, params["encoder"]["h"], x_BSD, _positions(b, s),
-                                encoder.padding_mask(src_valid_BS, s), keys[1])
+    x_BSD = encoder.run_encoder(
+        cfg,
+        params["encoder"]["h"],
+        x_BSD,
+        _positions(b, s),
+        encoder.padding_mask(src_valid_BS, s),
+        keys[1],
+    )
     return _final_ln(cfg, params["encoder"], x_BSD)
 
 
@@ -191,9 +257,17 @@ def logits(cfg: Seq2SeqConfig, params: Params, x_BTD) -> Float[Array, "B T V"]:
     return constrain(out, ("batch", "seq", "vocab"))
 
 
-def decode_hidden(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"], cross: dict,
-                  src_valid_BS, *, cache: dict | None = None, cache_index=0,
-                  key=None) -> tuple[Float[Array, "B T D"], dict | None]:
+def decode_hidden(
+    cfg: Seq2SeqConfig,
+    params: Params,
+    tgt_BT: Int[Array, "B T"],
+    cross: dict,
+    src_valid_BS,
+    *,
+    cache: dict | None = None,
+    cache_index=0,
+    key=None,
+) -> tuple[Float[Array, "B T D"], dict | None]:
     """The decoder's final states (after its final LN) for `tgt_BT` at target
     slots [cache_index, cache_index + T), and the updated cache.
 
@@ -211,8 +285,9 @@ def decode_hidden(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"],
     n_slots = t if cache is None else cache["k"].shape[2]
     positions_BT = _positions(b, t, cache_index)
     q_slot_T = cache_index + jnp.arange(t)
-    self_mask = attn_lib.make_mask(q_slot_T, jnp.broadcast_to(
-        jnp.arange(n_slots) < cache_index + t, (b, n_slots)))
+    self_mask = attn_lib.make_mask(
+        q_slot_T, jnp.broadcast_to(jnp.arange(n_slots) < cache_index + t, (b, n_slots))
+    )
     cross_mask = encoder.padding_mask(src_valid_BS, b // src_valid_BS.shape[0] * t)
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     x_BTD = embed(cfg, params, params["decoder"], tgt_BT, positions_BT, keys[0])
@@ -225,38 +300,64 @@ def decode_hidden(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"],
     def layer_fn(p, x_BTD, extra, is_local):
         del is_local
         kv_cache = (extra["k"], extra["v"]) if "k" in extra else None
-        return decoder_block(dcfg, p, x_BTD, positions_BT, self_mask, cross_mask,
-                             (extra["ck"], extra["cv"]), kv_cache=kv_cache,
-                             cache_index=cache_index, key=extra.get("key"))
+        return decoder_block(
+            dcfg,
+            p,
+            x_BTD,
+            positions_BT,
+            self_mask,
+            cross_mask,
+            (extra["ck"], extra["cv"]),
+            kv_cache=kv_cache,
+            cache_index=cache_index,
+            key=extra.get("key"),
+        )
 
     x_BTD, (k, v) = layers.run_layers(dcfg, params["decoder"]["h"], x_BTD, per_layer, layer_fn)
     x_BTD = _final_ln(cfg, params["decoder"], x_BTD)
     return x_BTD, (None if cache is None else {"k": k, "v": v})
 
 
-def decode(cfg: Seq2SeqConfig, params: Params, tgt_BT: Int[Array, "B T"], cross: dict,
-           src_valid_BS, *, cache: dict | None = None, cache_index=0,
-           key=None) -> tuple[Float[Array, "B T V"], dict | None]:
+def decode(
+    cfg: Seq2SeqConfig,
+    params: Params,
+    tgt_BT: Int[Array, "B T"],
+    cross: dict,
+    src_valid_BS,
+    *,
+    cache: dict | None = None,
+    cache_index=0,
+    key=None,
+) -> tuple[Float[Array, "B T V"], dict | None]:
     """`decode_hidden`, then the output projection: (logits, updated cache)."""
-    x_BTD, cache = decode_hidden(cfg, params, tgt_BT, cross, src_valid_BS, cache=cache,
-                                 cache_index=cache_index, key=key)
+    x_BTD, cache = decode_hidden(
+        cfg, params, tgt_BT, cross, src_valid_BS, cache=cache, cache_index=cache_index, key=key
+    )
     return logits(cfg, params, x_BTD), cache
 
 
-def forward(cfg: Seq2SeqConfig, params: Params, src_BS: Int[Array, "B S"],
-            tgt_BT: Int[Array, "B T"], *, src_mask: Int[Array, "B S"] | None = None,
-            key: jax.Array | None = None) -> Float[Array, "B T V"]:
+def forward(
+    cfg: Seq2SeqConfig,
+    params: Params,
+    src_BS: Int[Array, "B S"],
+    tgt_BT: Int[Array, "B T"],
+    *,
+    src_mask: Int[Array, "B S"] | None = None,
+    key: jax.Array | None = None,
+) -> Float[Array, "B T V"]:
     """Next-token logits (float32) for decoder inputs `tgt_BT` given the source.
 
     Args:
       src_mask: 1 for real source tokens, 0 for padding (pad on the right).
       key: dropout randomness; no dropout when None.
     """
-    src_valid_BS = (jnp.ones(src_BS.shape, bool) if src_mask is None
-                    else jnp.asarray(src_mask).astype(bool))
+    src_valid_BS = (
+        jnp.ones(src_BS.shape, bool) if src_mask is None else jnp.asarray(src_mask).astype(bool)
+    )
     if src_valid_BS.shape != src_BS.shape:
-        raise ValueError(f"src_mask has shape {src_valid_BS.shape}; it must match src "
-                         f"{src_BS.shape}.")
+        raise ValueError(
+            f"src_mask has shape {src_valid_BS.shape}; it must match src {src_BS.shape}."
+        )
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     enc_BSD = encode(cfg, params, src_BS, src_valid_BS, keys[0])
     cross = all_cross_kv(cfg, params, enc_BSD)
@@ -271,9 +372,9 @@ def shift_right(tgt_BT: Int[Array, "B T"], start_id: int) -> Int[Array, "B T"]:
     return jnp.concatenate([jnp.full_like(tgt_BT[:, :1], start_id), tgt_BT[:, :-1]], axis=1)
 
 
-def label_smoothed_token_losses(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
-                                smoothing: float = 0.1
-                                ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+def label_smoothed_token_losses(
+    logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"], smoothing: float = 0.1
+) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """(smoothed loss, plain NLL) of each target token.
 
     The smoothed target puts 1 - eps on the label and eps / V on every class
@@ -285,9 +386,12 @@ def label_smoothed_token_losses(logits_BTV: Float[Array, "B T V"], targets_BT: I
     return (1.0 - smoothing) * nll_BT - smoothing * logp_BTV.mean(-1), nll_BT
 
 
-def label_smoothed_loss(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
-                        mask_BT: Int[Array, "B T"], smoothing: float = 0.1
-                        ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+def label_smoothed_loss(
+    logits_BTV: Float[Array, "B T V"],
+    targets_BT: Int[Array, "B T"],
+    mask_BT: Int[Array, "B T"],
+    smoothing: float = 0.1,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """(smoothed loss, plain NLL), each the mean over real target tokens (mask 1);
     padding (mask 0) contributes nothing."""
     loss_BT, nll_BT = label_smoothed_token_losses(logits_BTV, targets_BT, smoothing)

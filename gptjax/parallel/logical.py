@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 from flax.linen import spmd
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes that split the batch in every preset
@@ -39,11 +41,13 @@ PRESETS: dict[str, Rules] = {
     "tp": _BATCH + _TP,
 }
 
+
 def logical_axis_rules(preset: str) -> Rules:
     """The rules table `((logical_name, mesh_axes_or_None), ...)` of a preset."""
     if preset not in PRESETS:
-        raise ValueError(f"Unknown sharding rules preset {preset!r}; choose one of "
-                         f"{', '.join(PRESETS)}.")
+        raise ValueError(
+            f"Unknown sharding rules preset {preset!r}; choose one of {', '.join(PRESETS)}."
+        )
     return PRESETS[preset]
 
 
@@ -59,13 +63,16 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules | str) -> P:
     """
     unknown = [n for n in names if n is not None and n not in LOGICAL_AXES]
     if unknown:
-        raise ValueError(f"Unknown logical axis names {unknown} in {tuple(names)}; the "
-                         f"vocabulary is {LOGICAL_AXES} (add new names to LOGICAL_AXES).")
+        raise ValueError(
+            f"Unknown logical axis names {unknown} in {tuple(names)}; the "
+            f"vocabulary is {LOGICAL_AXES} (add new names to LOGICAL_AXES)."
+        )
     return spmd.logical_to_mesh_axes(tuple(names), _as_rules(rules))
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    "gptjax_sharding_active", default=None)
+    "gptjax_sharding_active", default=None
+)
 
 
 @contextlib.contextmanager
@@ -101,8 +108,11 @@ def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     if len(logical_names) != x.ndim:
-        raise ValueError(f"constrain: {len(logical_names)} names {tuple(logical_names)} for an "
-                         f"array of shape {x.shape}.")
+        raise ValueError(
+            f"constrain: {len(logical_names)} names {tuple(logical_names)} for an "
+            f"array of shape {x.shape}."
+        )
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_names,
-                                                                                   rules)))
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, logical_to_spec(logical_names, rules))
+    )

@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gin
 import jax
 import numpy as np
 import optax
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gptjax.models import family
 from gptjax.config import ModelConfig
+from gptjax.models import family
 from gptjax.parallel.logical import (
     BATCH_AXES,
     MESH_AXES,
@@ -46,8 +48,14 @@ from gptjax.parallel.logical import (
 )
 
 # Config fields behind each logical axis, for error messages that say what to change.
-_CONFIG_FIELD = {"vocab": "vocab_size", "embed": "d_model", "layers": "n_layers",
-                 "heads": "n_heads", "head_dim": "head_dim", "mlp": "d_ff"}
+_CONFIG_FIELD = {
+    "vocab": "vocab_size",
+    "embed": "d_model",
+    "layers": "n_layers",
+    "heads": "n_heads",
+    "head_dim": "head_dim",
+    "mlp": "d_ff",
+}
 
 
 # ----------------------------------------------------------------------------- the mesh
@@ -89,12 +97,15 @@ def _full_shape(shape: dict, what: str) -> dict:
     """All three axes in mesh order, sizes checked; missing axes are 1."""
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"MeshConfig.{what} has unknown axes {sorted(unknown)}; "
-                         f"the mesh axes are {MESH_AXES}.")
+        raise ValueError(
+            f"MeshConfig.{what} has unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}."
+        )
     full = {a: int(shape.get(a, 1)) for a in MESH_AXES}
     if any(s == 0 or s < -1 for s in full.values()) or list(full.values()).count(-1) > 1:
-        raise ValueError(f"MeshConfig.{what}={full}: sizes must be positive, with at most one -1 "
-                         "(meaning all remaining devices).")
+        raise ValueError(
+            f"MeshConfig.{what}={full}: sizes must be positive, with at most one -1 "
+            "(meaning all remaining devices)."
+        )
     return full
 
 
@@ -105,12 +116,14 @@ def _resolve(shape: dict, n_devices: int, what: str) -> tuple[int, ...]:
         if n_devices % fixed:
             raise ValueError(
                 f"MeshConfig.{what}={shape}: the fixed sizes multiply to {fixed}, which does not "
-                f"divide the {n_devices} devices; choose sizes whose product divides {n_devices}.")
+                f"divide the {n_devices} devices; choose sizes whose product divides {n_devices}."
+            )
         shape = {a: (n_devices // fixed if s == -1 else s) for a, s in shape.items()}
     elif fixed != n_devices:
         raise ValueError(
             f"MeshConfig.{what}={shape} multiplies to {fixed} devices, but there are {n_devices}; "
-            f"make the sizes multiply to {n_devices}, or set one axis to -1 to take the rest.")
+            f"make the sizes multiply to {n_devices}, or set one axis to -1 to take the rest."
+        )
     return tuple(shape[a] for a in MESH_AXES)
 
 
@@ -129,13 +142,16 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
         n_slices = math.prod(s for s in mesh_cfg.dcn_shape.values() if s != -1)
         dcn = _resolve(mesh_cfg.dcn_shape, n_slices, "dcn_shape")
         if len(devices) % n_slices:
-            raise ValueError(f"MeshConfig.dcn_shape={mesh_cfg.dcn_shape} asks for {n_slices} "
-                             f"slices, which does not divide the {len(devices)} devices.")
+            raise ValueError(
+                f"MeshConfig.dcn_shape={mesh_cfg.dcn_shape} asks for {n_slices} "
+                f"slices, which does not divide the {len(devices)} devices."
+            )
         ici = _resolve(mesh_cfg.shape, len(devices) // n_slices, "shape")
         # TPU devices know their slice; elsewhere (GPU hosts) each process is one granule.
         by_process = not hasattr(devices[0], "slice_index")
-        device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                            process_is_granule=by_process)
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=by_process
+        )
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -149,8 +165,11 @@ def _is_names(x) -> bool:
 def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
     """A NamedSharding for every leaf of a tree whose leaves are tuples of logical names."""
     rules = _as_rules(rules)
-    return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, rules)),
-                        axes_tree, is_leaf=_is_names)
+    return jax.tree.map(
+        lambda names: NamedSharding(mesh, logical_to_spec(names, rules)),
+        axes_tree,
+        is_leaf=_is_names,
+    )
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules | str) -> Any:
@@ -158,17 +177,22 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules | str) -> Any:
     return tree_shardings(family.param_axes(cfg), mesh, rules)
 
 
-def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any,
-                        param_shardings: Any, mesh: Mesh) -> Any:
+def opt_state_shardings(
+    optimizer: optax.GradientTransformation, abstract_params: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
     """Shardings of `optimizer.init(params)`: per-parameter leaves (Adam's mu and nu) take
     their parameter's sharding, so ZeRO shards the moments too; everything else (step counts,
     schedule state) is a replicated scalar."""
     abstract_state = jax.eval_shape(optimizer.init, abstract_params)
     replicated = NamedSharding(mesh, P())
     return optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract_state, param_shardings,
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_state,
+        param_shardings,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
 
 
 def batch_sharding(mesh: Mesh, rules: Rules | str, ndim: int = 2) -> NamedSharding:
@@ -212,12 +236,14 @@ def _param_problems(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> list[str]:
         problems.append(
             f"{field}={size} (logical axis '{name}' of {', '.join(params)}) is not divisible by "
             f"mesh {_axes_label(mesh, axes)}: use {what} in {_divisors(size)}, change {field}, "
-            "or pick another rules preset.")
+            "or pick another rules preset."
+        )
     return problems
 
 
-def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: Rules | str,
-                    global_batch_size: int | None = None) -> None:
+def check_divisible(
+    cfg: ModelConfig, mesh: Mesh, rules: Rules | str, global_batch_size: int | None = None
+) -> None:
     """Raise a ValueError, before anything compiles, for every parameter dimension or batch
     size that its mesh axes do not divide (XLA would fail later with a far less useful error).
     """
@@ -230,7 +256,8 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: Rules | str,
             problems.append(
                 f"global_batch_size={global_batch_size} is not divisible by mesh "
                 f"{_axes_label(mesh, axes)}: use a multiple of {size}, or a mesh whose "
-                f"{'*'.join(BATCH_AXES)} is in {_divisors(global_batch_size)}.")
+                f"{'*'.join(BATCH_AXES)} is in {_divisors(global_batch_size)}."
+            )
     if problems:
         raise ValueError("The mesh does not fit the model:\n  " + "\n  ".join(problems))
 
@@ -240,14 +267,18 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, rules: Rules | str,
 # ----------------------------------------------------------------------- input batches
 
 
-def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                      rules: Rules | str) -> dict[str, jax.Array]:
+def make_global_batch(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules | str
+) -> dict[str, jax.Array]:
     """Global arrays from this process's rows of the batch (multi-host input).
 
     Each process passes its own `B / process_count` rows; the global batch is their
     concatenation in process order, laid out by `batch_sharding`. On one process it is a
     plain device_put with the batch sharding.
     """
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)),
-                                                      np.asarray(v))
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, rules, np.ndim(v)), np.asarray(v)
+        )
+        for k, v in local_batch.items()
+    }

@@ -47,13 +47,13 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from gptjax.config import ModelConfig, Seq2SeqConfig
+from gptjax.data.tokenizer import Specials
 from gptjax.models import bert as encoder
 from gptjax.models import family, layers
 from gptjax.models import gpt as model
 from gptjax.models import transformer as seq2seq
-from gptjax.data.tokenizer import Specials
-from gptjax.parallel import mesh as sharding
 from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
 from gptjax.research.gpt1_tasks import (
     TASKS,
     demo_examples,
@@ -74,12 +74,15 @@ from gptjax.training.step import (
 def init_head(kind: str, d_model: int, n_classes: int, key: jax.Array) -> dict:
     """W (D, n_out), b: n_out = n_classes, or 1 score per answer for multiple choice."""
     n_out = 1 if kind == "multiple_choice" else n_classes
-    return {"kernel": 0.02 * jax.random.normal(key, (d_model, n_out), jnp.float32),
-            "bias": jnp.zeros((n_out,), jnp.float32)}
+    return {
+        "kernel": 0.02 * jax.random.normal(key, (d_model, n_out), jnp.float32),
+        "bias": jnp.zeros((n_out,), jnp.float32),
+    }
 
 
-def extract_states(x_BCTD: Float[Array, "B C T D"],
-                   read_BC: Int[Array, "B C"]) -> Float[Array, "B C D"]:
+def extract_states(
+    x_BCTD: Float[Array, "B C T D"], read_BC: Int[Array, "B C"]
+) -> Float[Array, "B C D"]:
     """The final hidden state each head reads (`<extract>`, or position 0 for BERT)."""
     return jnp.take_along_axis(x_BCTD, read_BC[:, :, None, None], axis=2)[:, :, 0]
 
@@ -87,16 +90,22 @@ def extract_states(x_BCTD: Float[Array, "B C T D"],
 # --------------------------------------------------------------------- trunks
 
 
-def seq2seq_decoder_states(cfg: Seq2SeqConfig, params: dict, tokens_BT: Int[Array, "B T"],
-                           valid_BT, key: jax.Array | None = None) -> Float[Array, "B T D"]:
+def seq2seq_decoder_states(
+    cfg: Seq2SeqConfig,
+    params: dict,
+    tokens_BT: Int[Array, "B T"],
+    valid_BT,
+    key: jax.Array | None = None,
+) -> Float[Array, "B T D"]:
     """BART's classification pass: `tokens_BT` through the encoder (pads masked), then the
     same tokens teacher-forced through the causal decoder; the decoder's final states.
 
     `seq2seq.forward` stopping before the logits, its dropout keys split the same way.
     """
     k_enc, k_dec = (None, None) if key is None else tuple(jax.random.split(key))
-    cross = seq2seq.all_cross_kv(cfg, params, seq2seq.encode(cfg, params, tokens_BT, valid_BT,
-                                                             k_enc))
+    cross = seq2seq.all_cross_kv(
+        cfg, params, seq2seq.encode(cfg, params, tokens_BT, valid_BT, k_enc)
+    )
     return seq2seq.decode_hidden(cfg, params, tokens_BT, cross, valid_BT, key=k_dec)[0]
 
 
@@ -117,8 +126,9 @@ def _encoder_states(cfg, trunk, tokens_NT, extract_N, segment_NT=None, key=None)
     """BERT reads its first ([CLS]) position."""
     if segment_NT is None or cfg.type_vocab_size < 2:  # one token type (RoBERTa-like)
         segment_NT = jnp.zeros_like(tokens_NT)
-    x_NTD = encoder.hidden_states(cfg, trunk, tokens_NT, segment_ids=segment_NT,
-                                  mask=_valid(tokens_NT, extract_N), key=key)
+    x_NTD = encoder.hidden_states(
+        cfg, trunk, tokens_NT, segment_ids=segment_NT, mask=_valid(tokens_NT, extract_N), key=key
+    )
     return x_NTD, jnp.zeros_like(extract_N)
 
 
@@ -137,13 +147,17 @@ TRUNKS = {
 }
 
 
-def trunk_states(cfg: ModelConfig, trunk: dict, tokens_NT: Int[Array, "N T"],
-                 extract_N: Int[Array, " N"], segment_NT: Int[Array, "N T"] | None = None,
-                 key: jax.Array | None = None) -> tuple[Float[Array, "N T D"], Int[Array, " N"]]:
+def trunk_states(
+    cfg: ModelConfig,
+    trunk: dict,
+    tokens_NT: Int[Array, "N T"],
+    extract_N: Int[Array, " N"],
+    segment_NT: Int[Array, "N T"] | None = None,
+    key: jax.Array | None = None,
+) -> tuple[Float[Array, "N T D"], Int[Array, " N"]]:
     """(final states, the position each head reads) for right-padded sequences; without
     `segment_NT` (or with one token type) the encoder sees token type 0 throughout."""
-    return TRUNKS[family.family_of(cfg)].states(cfg, trunk, tokens_NT, extract_N, segment_NT,
-                                                key)
+    return TRUNKS[family.family_of(cfg)].states(cfg, trunk, tokens_NT, extract_N, segment_NT, key)
 
 
 def lm_logits(cfg: ModelConfig, trunk: dict, x_NTD) -> Float[Array, "N T V"]:
@@ -161,24 +175,43 @@ def head_logits(kind: str, head: dict, h_BCD: Float[Array, "B C D"]) -> Float[Ar
     return h_BD @ head["kernel"] + head["bias"]
 
 
-def forward(cfg: ModelConfig, params: dict, batch: dict, kind: str, *, clf_dropout: float = 0.0,
-            key: jax.Array | None = None) -> tuple[Float[Array, "B K"], Float[Array, "B C T V"]]:
+def forward(
+    cfg: ModelConfig,
+    params: dict,
+    batch: dict,
+    kind: str,
+    *,
+    clf_dropout: float = 0.0,
+    key: jax.Array | None = None,
+) -> tuple[Float[Array, "B K"], Float[Array, "B C T V"]]:
     """Task logits and the trunk's LM logits (`lm_logits`) from one trunk pass, for any of
     the three families; params = {'gpt': trunk params (any family), 'head': ...}."""
     b, c, t = batch["tokens"].shape
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     segment = batch.get("segment")
-    x_NTD, read_N = trunk_states(cfg, params["gpt"], batch["tokens"].reshape(b * c, t),
-                                 batch["extract"].reshape(b * c),
-                                 None if segment is None else segment.reshape(b * c, t), keys[0])
+    x_NTD, read_N = trunk_states(
+        cfg,
+        params["gpt"],
+        batch["tokens"].reshape(b * c, t),
+        batch["extract"].reshape(b * c),
+        None if segment is None else segment.reshape(b * c, t),
+        keys[0],
+    )
     h_BCD = extract_states(x_NTD.reshape(b, c, t, -1), read_N.reshape(b, c))
     h_BCD = layers.dropout(h_BCD, clf_dropout, keys[1])
     lm_logits_NTV = lm_logits(cfg, params["gpt"], x_NTD)
     return head_logits(kind, params["head"], h_BCD), lm_logits_NTV.reshape(b, c, t, -1)
 
 
-def finetune_terms(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
-                   clf_dropout: float = 0.0, key: jax.Array | None = None):
+def finetune_terms(
+    cfg: ModelConfig,
+    params: dict,
+    batch: dict,
+    kind: str,
+    lm_coef: float = 0.5,
+    clf_dropout: float = 0.0,
+    key: jax.Array | None = None,
+):
     """(sums, weights, stats) of L3 = L2 + λ·L1, in `step.make_update`'s form.
 
     L2, the task cross-entropy, is summed over examples; λ·L1, the LM loss on the task's
@@ -186,14 +219,14 @@ def finetune_terms(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_co
     family and 0 (reported as `lm_loss` = 0) for the encoder and the encoder–decoder, whose
     trunks see the next token.
     """
-    logits_BK, lm_logits_BCTV = forward(cfg, params, batch, kind, clf_dropout=clf_dropout,
-                                        key=key)
+    logits_BK, lm_logits_BCTV = forward(cfg, params, batch, kind, clf_dropout=clf_dropout, key=key)
     l2_sum = optax.softmax_cross_entropy_with_integer_labels(logits_BK, batch["label"]).sum()
     n_examples = jnp.asarray(batch["label"].shape[0], jnp.float32)
     l1_sum, n_tokens = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     if family.family_of(cfg).causal_lm:  # unused LM logits of other families are pruned by jit
-        lm_BCT = optax.softmax_cross_entropy_with_integer_labels(lm_logits_BCTV[:, :, :-1],
-                                                                 batch["tokens"][:, :, 1:])
+        lm_BCT = optax.softmax_cross_entropy_with_integer_labels(
+            lm_logits_BCTV[:, :, :-1], batch["tokens"][:, :, 1:]
+        )
         mask = batch["lm_mask"].astype(jnp.float32)
         l1_sum, n_tokens = (lm_BCT * mask).sum(), mask.sum()
     l2, l1 = l2_sum / n_examples, l1_sum / jnp.maximum(n_tokens, 1.0)
@@ -202,9 +235,15 @@ def finetune_terms(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_co
     return {"clf": l2_sum, "lm": lm_coef * l1_sum}, {"clf": n_examples, "lm": n_tokens}, stats
 
 
-def finetune_loss(cfg: ModelConfig, params: dict, batch: dict, kind: str, lm_coef: float = 0.5,
-                  clf_dropout: float = 0.0, key: jax.Array | None = None
-                  ) -> tuple[Float[Array, ""], dict]:
+def finetune_loss(
+    cfg: ModelConfig,
+    params: dict,
+    batch: dict,
+    kind: str,
+    lm_coef: float = 0.5,
+    clf_dropout: float = 0.0,
+    key: jax.Array | None = None,
+) -> tuple[Float[Array, ""], dict]:
     """L3 = L2 + λ·L1: task cross-entropy plus λ times the LM loss on the task's sequences
     (`finetune_terms` divided by its weights)."""
     _, _, stats = finetune_terms(cfg, params, batch, kind, lm_coef, clf_dropout, key)
@@ -244,13 +283,22 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"FinetuneConfig.task={self.task!r} is not one of {', '.join(TASKS)}.")
-        for name in ("steps", "batch_size", "seq_len", "n_train", "n_eval", "log_every",
-                     "grad_accum_steps"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "n_train",
+            "n_eval",
+            "log_every",
+            "grad_accum_steps",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"FinetuneConfig.{name} must be positive.")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"FinetuneConfig.batch_size={self.batch_size} is not divisible by "
-                             f"grad_accum_steps={self.grad_accum_steps}.")
+            raise ValueError(
+                f"FinetuneConfig.batch_size={self.batch_size} is not divisible by "
+                f"grad_accum_steps={self.grad_accum_steps}."
+            )
 
 
 HEAD_AXES = {"kernel": ("embed", None), "bias": (None,)}  # logical axes of a task head
@@ -258,12 +306,15 @@ HEAD_AXES = {"kernel": ("embed", None), "bias": (None,)}  # logical axes of a ta
 
 def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
     """The trunk sharded like pretraining (its family's logical axes), the head by HEAD_AXES."""
-    return {"gpt": sharding.param_shardings(cfg, mesh, rules),
-            "head": sharding.tree_shardings(HEAD_AXES, mesh, rules)}
+    return {
+        "gpt": sharding.param_shardings(cfg, mesh, rules),
+        "head": sharding.tree_shardings(HEAD_AXES, mesh, rules),
+    }
 
 
-def make_train_step(cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer, params,
-                    mesh, rules):
+def make_train_step(
+    cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer, params, mesh, rules
+):
     """(step, state shardings): fine-tuning's `step.jit_train_step` over `step.make_update`
     of L3, each row with its own dropout key. Rows are split over the mesh's batch axes."""
     sharding.check_divisible(cfg, mesh, rules, ft.batch_size // ft.grad_accum_steps)
@@ -271,10 +322,18 @@ def make_train_step(cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer, 
     def objective(params, mb):
         return finetune_terms(cfg, params, mb, kind, ft.lm_coef, ft.clf_dropout, dropout_key(mb))
 
-    update = with_dropout_keys(make_update(objective, optimizer, ft.grad_accum_steps),
-                               rows=lambda batch: batch["label"].shape[0])
-    return jit_train_step(update, optimizer, params, param_shardings(cfg, mesh, rules),
-                          (sharding.batch_sharding(mesh, rules, ndim=1),), mesh)
+    update = with_dropout_keys(
+        make_update(objective, optimizer, ft.grad_accum_steps),
+        rows=lambda batch: batch["label"].shape[0],
+    )
+    return jit_train_step(
+        update,
+        optimizer,
+        params,
+        param_shardings(cfg, mesh, rules),
+        (sharding.batch_sharding(mesh, rules, ndim=1),),
+        mesh,
+    )
 
 
 def make_logits(cfg: ModelConfig, kind: str):
@@ -284,8 +343,9 @@ def make_logits(cfg: ModelConfig, kind: str):
 
 def accuracy(logits_fn, params, batches: Sequence[dict]) -> tuple[float, float]:
     """Accuracy and its binomial standard error over `batches`."""
-    hits = np.concatenate([np.asarray(jnp.argmax(logits_fn(params, b), -1)) == b["label"]
-                           for b in batches])
+    hits = np.concatenate(
+        [np.asarray(jnp.argmax(logits_fn(params, b), -1)) == b["label"] for b in batches]
+    )
     p = float(hits.mean())
     return p, float(np.sqrt(p * (1 - p) / len(hits)))
 
@@ -297,14 +357,16 @@ def _task_data(ft: FinetuneConfig, tokenizer, data_cfg) -> tuple[Specials, dict]
 
     sp, examples = Specials.of(tokenizer), {}
     for split, n in (("train", ft.n_train), ("validation", ft.n_eval)):
-        texts = list(corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, split,
-                                  path=data_cfg.path))
+        texts = list(
+            corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, split, path=data_cfg.path)
+        )
         examples[split] = encode_examples(tokenizer, demo_examples(ft.task, texts, n, ft.seed))
     return sp, examples
 
 
-def _train(step_fn, state, examples: list, kind: str, sp: Specials, ft: FinetuneConfig,
-           mesh, rules, writer):
+def _train(
+    step_fn, state, examples: list, kind: str, sp: Specials, ft: FinetuneConfig, mesh, rules, writer
+):
     """`ft.steps` steps on random batches of `examples`, logged under `finetune/`."""
     rng = np.random.default_rng(ft.seed)
     for s in range(1, ft.steps + 1):
@@ -326,8 +388,12 @@ def _save(out_dir: str, params, summary: dict) -> None:
         json.dump(summary, f, indent=2)
 
 
-def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = None,
-             mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+def finetune(
+    pretrained_workdir: str,
+    out_dir: str,
+    ft: FinetuneConfig | None = None,
+    mesh_cfg: sharding.MeshConfig | None = None,
+) -> dict:
     """Fine-tune a pretrained run on a demo task over the mesh of `mesh_cfg` (default: gin's
     MeshConfig); metrics.jsonl, summary.json and the fine-tuned params (orbax) go to
     `out_dir`."""
@@ -338,17 +404,28 @@ def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = 
     ft, mesh_cfg = ft or FinetuneConfig(), mesh_cfg or sharding.MeshConfig()
     cfg, gpt_params, tokenizer, configs, step = load_run(pretrained_workdir)
     if ft.seq_len > cfg.max_len:
-        raise ValueError(f"FinetuneConfig.seq_len={ft.seq_len} exceeds the model's max_len "
-                         f"{cfg.max_len}.")
+        raise ValueError(
+            f"FinetuneConfig.seq_len={ft.seq_len} exceeds the model's max_len {cfg.max_len}."
+        )
     kind, n_classes = TASKS[ft.task]
     sp, examples = _task_data(ft, tokenizer, configs["data"])
-    eval_batches = [make_batch(kind, examples["validation"][i:i + ft.batch_size], sp, ft.seq_len)
-                    for i in range(0, ft.n_eval, ft.batch_size)]
+    eval_batches = [
+        make_batch(kind, examples["validation"][i : i + ft.batch_size], sp, ft.seq_len)
+        for i in range(0, ft.n_eval, ft.batch_size)
+    ]
     key = jax.random.key(ft.seed)
     params = {"gpt": gpt_params, "head": init_head(kind, cfg.d_model, n_classes, key)}
-    optimizer = make_optimizer(OptimizerConfig(
-        peak_lr=ft.lr, warmup_steps=ft.warmup_steps, decay="linear", min_lr_ratio=0.0,
-        weight_decay=ft.weight_decay, clip_norm=1.0), ft.steps)
+    optimizer = make_optimizer(
+        OptimizerConfig(
+            peak_lr=ft.lr,
+            warmup_steps=ft.warmup_steps,
+            decay="linear",
+            min_lr_ratio=0.0,
+            weight_decay=ft.weight_decay,
+            clip_norm=1.0,
+        ),
+        ft.steps,
+    )
     mesh = sharding.make_mesh(mesh_cfg)
     rules = logical.logical_axis_rules(mesh_cfg.rules)
     step_fn, shards = make_train_step(cfg, kind, ft, optimizer, params, mesh, rules)
@@ -362,10 +439,18 @@ def finetune(pretrained_workdir: str, out_dir: str, ft: FinetuneConfig | None = 
         writer.write(ft.steps, {"eval/accuracy": after[0]})
     finally:
         writer.close()
-    summary = {"task": ft.task, "kind": kind, "family": family.family_of(cfg).name,
-               "pretrained": pretrained_workdir,
-               "pretrained_step": step, "steps": ft.steps, "accuracy_before": before[0],
-               "accuracy": after[0], "accuracy_stderr": after[1], "chance": 1 / n_classes,
-               "config": dataclasses.asdict(ft)}
+    summary = {
+        "task": ft.task,
+        "kind": kind,
+        "family": family.family_of(cfg).name,
+        "pretrained": pretrained_workdir,
+        "pretrained_step": step,
+        "steps": ft.steps,
+        "accuracy_before": before[0],
+        "accuracy": after[0],
+        "accuracy_stderr": after[1],
+        "chance": 1 / n_classes,
+        "config": dataclasses.asdict(ft),
+    }
     _save(out_dir, state.params, summary)
     return summary

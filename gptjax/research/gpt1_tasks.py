@@ -24,12 +24,13 @@ KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 def _fit(first: list[int], second: list[int], budget: int) -> tuple[list[int], list[int]]:
     """Cut a pair to `budget` tokens: the first segment loses its start (a context's oldest
     tokens matter least), then the second its end."""
-    first = first[max(0, len(first) + len(second) - budget):]
-    return first, second[:budget - len(first)]
+    first = first[max(0, len(first) + len(second) - budget) :]
+    return first, second[: budget - len(first)]
 
 
-def transform(kind: str, segments: Sequence[Sequence[int]], sp: Specials,
-              max_len: int) -> list[list[int]]:
+def transform(
+    kind: str, segments: Sequence[Sequence[int]], sp: Specials, max_len: int
+) -> list[list[int]]:
     """GPT-1's input transform: the token sequences one example becomes (C of them).
 
     `segments` is (text,) for classification, (premise, hypothesis) for entailment, (a, b) for
@@ -39,7 +40,7 @@ def transform(kind: str, segments: Sequence[Sequence[int]], sp: Specials,
     if kind == "classification":
         if len(segs) != 1:
             raise ValueError(f"classification takes one text, got {len(segs)}.")
-        return [[sp.start_id] + segs[0][:max_len - 2] + [sp.extract_id]]
+        return [[sp.start_id] + segs[0][: max_len - 2] + [sp.extract_id]]
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r}; choose one of {KINDS}.")
     if len(segs) < 2 or (kind != "multiple_choice" and len(segs) != 2):
@@ -53,8 +54,9 @@ def transform(kind: str, segments: Sequence[Sequence[int]], sp: Specials,
     return [pair(*_fit(a, b, max_len - 3)) for a, b in orders]
 
 
-def make_batch(kind: str, examples: Sequence[tuple[Sequence[Sequence[int]], int]],
-               sp: Specials, max_len: int) -> dict[str, np.ndarray]:
+def make_batch(
+    kind: str, examples: Sequence[tuple[Sequence[Sequence[int]], int]], sp: Specials, max_len: int
+) -> dict[str, np.ndarray]:
     """Transform and right-pad a list of (segments, label) into the arrays the loss takes."""
     seqs = [transform(kind, segments, sp, max_len) for segments, _ in examples]
     b, c = len(seqs), len(seqs[0])
@@ -66,14 +68,19 @@ def make_batch(kind: str, examples: Sequence[tuple[Sequence[Sequence[int]], int]
     lm_mask = np.zeros((b, c, max_len - 1), np.float32)
     for i, example_seqs in enumerate(seqs):
         for j, ids in enumerate(example_seqs):
-            tokens[i, j, :len(ids)] = ids
+            tokens[i, j, : len(ids)] = ids
             extract[i, j] = len(ids) - 1
             if sp.delimiter_id in ids:  # BERT's token types: 1 after the first <delim>, pads 0
-                segment[i, j, ids.index(sp.delimiter_id) + 1:len(ids)] = 1
-            lm_mask[i, j, :len(ids) - 1] = 1.0  # every real next token, the specials included
+                segment[i, j, ids.index(sp.delimiter_id) + 1 : len(ids)] = 1
+            lm_mask[i, j, : len(ids) - 1] = 1.0  # every real next token, the specials included
     label = np.array([lbl for _, lbl in examples], np.int32)
-    return {"tokens": tokens, "extract": extract, "segment": segment, "lm_mask": lm_mask,
-            "label": label}
+    return {
+        "tokens": tokens,
+        "extract": extract,
+        "segment": segment,
+        "lm_mask": lm_mask,
+        "label": label,
+    }
 
 
 # ------------------------------------------------------------------ demo tasks
@@ -84,8 +91,9 @@ def _doc_lines(texts: Sequence[str]) -> list[list[str]]:
     docs = []
     for text in texts:
         lines = [x.rstrip() for x in text.split("\n")]
-        docs.append([x for x in lines if 8 <= len(x.strip()) <= 100
-                     and not x.strip().startswith("#")])
+        docs.append(
+            [x for x in lines if 8 <= len(x.strip()) <= 100 and not x.strip().startswith("#")]
+        )
     return [d for d in docs if len(d) >= 4]
 
 
@@ -94,11 +102,12 @@ def _shuffle_words(line: str, rng: random.Random) -> str:
     shuffled = words[:]
     while shuffled == words and len(set(words)) > 1:
         rng.shuffle(shuffled)
-    return line[:len(line) - len(line.lstrip())] + " ".join(shuffled)
+    return line[: len(line) - len(line.lstrip())] + " ".join(shuffled)
 
 
-def demo_examples(task: str, texts: Sequence[str], n: int,
-                  seed: int) -> list[tuple[tuple[str, ...], int]]:
+def demo_examples(
+    task: str, texts: Sequence[str], n: int, seed: int
+) -> list[tuple[tuple[str, ...], int]]:
     """Offline labelled examples made from a corpus: (segments, label) pairs.
 
     real_or_shuffled (classification): is this line real, or its words shuffled?
@@ -128,13 +137,18 @@ def demo_examples(task: str, texts: Sequence[str], n: int,
         else:
             options = [lines[i]] + [rng.choice(docs[rng.randrange(len(docs))]) for _ in range(3)]
             order = rng.sample(range(4), 4)
-            out.append((("\n".join(lines[i - 2:i]), *[options[k] for k in order]),
-                        order.index(0)))
+            out.append(
+                (("\n".join(lines[i - 2 : i]), *[options[k] for k in order]), order.index(0))
+            )
     return out
 
 
-TASKS = {"real_or_shuffled": ("classification", 2), "line_follows": ("entailment", 2),
-         "same_file": ("similarity", 2), "next_line": ("multiple_choice", 4)}
+TASKS = {
+    "real_or_shuffled": ("classification", 2),
+    "line_follows": ("entailment", 2),
+    "same_file": ("similarity", 2),
+    "next_line": ("multiple_choice", 4),
+}
 
 
 def encode_examples(tokenizer, examples) -> list[tuple[list[list[int]], int]]:

@@ -4,11 +4,10 @@ fit for scaling sweeps, and the loss-curve / final-metric / scaling-law figures.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Float
-
 
 # ---------------------------------------------------------------- statistics
 
@@ -20,8 +19,10 @@ def _betacf(a: float, b: float, x: float, iters: int = 300, eps: float = 1e-15) 
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, iters + 1):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -38,8 +39,9 @@ def betainc(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _betacf(a, b, x) / a
     return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
@@ -69,7 +71,7 @@ def welch_t_test(a: Float[np.ndarray, " n"], b: Float[np.ndarray, " m"]) -> tupl
     if va + vb == 0.0:
         return (0.0, 1.0) if diff == 0.0 else (math.copysign(math.inf, diff), math.nan)
     t = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return t, t_two_sided_p(t, df)
 
 
@@ -85,7 +87,7 @@ def fit_power_law(n: Float[np.ndarray, " k"], loss: Float[np.ndarray, " k"]) -> 
     best = None
     for c in offsets:
         slope, intercept = np.polyfit(np.log(n), np.log(loss - c), 1)
-        pred = np.exp(intercept) * n ** slope + c
+        pred = np.exp(intercept) * n**slope + c
         sse = float(np.sum((pred - loss) ** 2))
         if best is None or sse < best["sse"]:
             best = {"a": float(np.exp(intercept)), "b": float(-slope), "c": float(c), "sse": sse}
@@ -94,8 +96,10 @@ def fit_power_law(n: Float[np.ndarray, " k"], loss: Float[np.ndarray, " k"]) -> 
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -131,8 +135,13 @@ def plot_final(rows: list[dict], metric: str, path: str) -> None:
         ax.errorbar(i, np.mean(values), yerr=std, fmt="s", color=f"C{i % 10}", capsize=4)
         ax.scatter([i] * len(values), values, color=f"C{i % 10}", alpha=0.5, s=12)
         if not math.isnan(row["p_value"]):
-            ax.annotate(f"p={row['p_value']:.2g}", (i, np.mean(values)), xytext=(6, 6),
-                        textcoords="offset points", fontsize=8)
+            ax.annotate(
+                f"p={row['p_value']:.2g}",
+                (i, np.mean(values)),
+                xytext=(6, 6),
+                textcoords="offset points",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=20, fontsize=8)
     ax.set(ylabel=f"final {metric}", title=f"final {metric} (mean ± std over seeds)")
     _save(fig, path)
@@ -143,8 +152,12 @@ def plot_scaling(sizes: Sequence[float], losses: Sequence[float], fit: dict, pat
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.loglog(sizes, losses, "o", label="runs (seed mean)")
     grid = np.geomspace(min(sizes) / 2, max(sizes) * 4, 100)
-    ax.loglog(grid, fit["a"] * grid ** -fit["b"] + fit["c"], "-",
-              label=f"L = {fit['a']:.3g}·N^-{fit['b']:.3f} + {fit['c']:.3g}")
+    ax.loglog(
+        grid,
+        fit["a"] * grid ** -fit["b"] + fit["c"],
+        "-",
+        label=f"L = {fit['a']:.3g}·N^-{fit['b']:.3f} + {fit['c']:.3g}",
+    )
     ax.set(xlabel="non-embedding parameters N", ylabel="final loss", title="scaling law")
     ax.legend(fontsize=8)
     _save(fig, path)

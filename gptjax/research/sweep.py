@@ -18,8 +18,8 @@ cleared and re-parsed per run) or one subprocess each; `--print_commands` prints
 lines for a cluster scheduler instead. Finished runs are kept, so a sweep resumes. Outputs:
 `W/results.csv` (a row per variant: seed mean, std, Welch p-value vs the baseline), `W/runs.csv`
 (a row per run) and `W/*.png`. With `Sweep.finetune`, every trained run is then fine-tuned on
-each named task (`gptjax.research.finetune`, in `<run>/finetune_<task>/`) and the accuracy becomes the
-metric `finetune/<task>`.
+each named task (`gptjax.research.finetune`, in `<run>/finetune_<task>/`) and the accuracy
+becomes the metric `finetune/<task>`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gin
 import numpy as np
@@ -43,12 +44,10 @@ import numpy as np
 from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin
 from gptjax.research.finetune import TASKS as FINETUNE_TASKS  # registers FinetuneConfig early
 from gptjax.research.stats import (
-    betainc,
     fit_power_law,
     plot_curves,
     plot_final,
     plot_scaling,
-    t_two_sided_p,
     welch_t_test,
 )
 
@@ -107,24 +106,31 @@ def validate(sweep: Sweep) -> None:
     for name in ("grid", "zipped"):
         axes = getattr(sweep, name)
         if not isinstance(axes, dict):
-            raise ValueError(f"Sweep.{name} must be a dict binding -> list of values, got "
-                             f"{type(axes).__name__}.")
+            raise ValueError(
+                f"Sweep.{name} must be a dict binding -> list of values, got {type(axes).__name__}."
+            )
         for key, values in axes.items():
             if not isinstance(key, str) or not _BINDING_KEY.match(key):
-                raise ValueError(f"Sweep.{name} key {key!r} is not a gin binding name such as "
-                                 "'ModelConfig.d_model' or a macro such as 'STEPS'.")
+                raise ValueError(
+                    f"Sweep.{name} key {key!r} is not a gin binding name such as "
+                    "'ModelConfig.d_model' or a macro such as 'STEPS'."
+                )
             if not isinstance(values, (list, tuple)) or not values:
                 raise ValueError(f"Sweep.{name}[{key!r}] must be a non-empty list of values.")
     lengths = {k: len(v) for k, v in sweep.zipped.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"Sweep.zipped lists must have equal lengths, got {lengths}.")
     if set(sweep.grid) & set(sweep.zipped):
-        raise ValueError(f"bindings {sorted(set(sweep.grid) & set(sweep.zipped))} are in both "
-                         "Sweep.grid and Sweep.zipped; put each in one.")
+        raise ValueError(
+            f"bindings {sorted(set(sweep.grid) & set(sweep.zipped))} are in both "
+            "Sweep.grid and Sweep.zipped; put each in one."
+        )
     unknown = [t for t in sweep.finetune if t not in FINETUNE_TASKS]
     if unknown:
-        raise ValueError(f"Sweep.finetune names unknown tasks {unknown}; choose from "
-                         f"{', '.join(FINETUNE_TASKS)}.")
+        raise ValueError(
+            f"Sweep.finetune names unknown tasks {unknown}; choose from "
+            f"{', '.join(FINETUNE_TASKS)}."
+        )
     if not sweep.seeds or len(set(sweep.seeds)) != len(sweep.seeds):
         raise ValueError(f"Sweep.seeds must be distinct and non-empty, got {list(sweep.seeds)}.")
 
@@ -169,8 +175,10 @@ def expand(sweep: Sweep) -> list[Variant]:
     if len({v.name for v in variants}) != len(variants):
         raise ValueError("two variants got the same name; make the axis values distinct.")
     if sweep.baseline is not None and sweep.baseline not in {v.name for v in variants}:
-        raise ValueError(f"Sweep.baseline={sweep.baseline!r} is not a variant; the variants are "
-                         f"{[v.name for v in variants]}.")
+        raise ValueError(
+            f"Sweep.baseline={sweep.baseline!r} is not a variant; the variants are "
+            f"{[v.name for v in variants]}."
+        )
     return variants
 
 
@@ -194,14 +202,20 @@ def resolve_base(base: str) -> str:
     try:
         return find_gin_file(base)
     except FileNotFoundError:
-        raise FileNotFoundError(f"Sweep.base {base!r} not found in the cwd or "
-                                f"{EXPERIMENTS_DIR}.") from None
+        raise FileNotFoundError(
+            f"Sweep.base {base!r} not found in the cwd or {EXPERIMENTS_DIR}."
+        ) from None
 
 
 def train_command(base: str, bindings: Sequence[str], workdir: str) -> list[str]:
     """The `gptjax train` argv of one run (what --print_commands prints)."""
-    return ["gptjax", "train", f"--gin_file={base}",
-            *(f"--gin_bindings={b}" for b in bindings), f"--workdir={workdir}"]
+    return [
+        "gptjax",
+        "train",
+        f"--gin_file={base}",
+        *(f"--gin_bindings={b}" for b in bindings),
+        f"--workdir={workdir}",
+    ]
 
 
 def parse_experiment(base: str, bindings: Sequence[str]) -> None:
@@ -224,8 +238,9 @@ def run_one(base: str, bindings: Sequence[str], run_workdir: str, subprocess_mod
         argv = [sys.executable, "-m", "gptjax", *train_command(base, bindings, run_workdir)[1:]]
         done = subprocess.run(argv)
         if done.returncode:
-            raise ValueError(f"run in {run_workdir} failed (exit {done.returncode}): "
-                             f"{shlex.join(argv)}")
+            raise ValueError(
+                f"run in {run_workdir} failed (exit {done.returncode}): {shlex.join(argv)}"
+            )
         return
     from gptjax.evals.hooks import train_with_defaults
 
@@ -238,8 +253,13 @@ def run_one(base: str, bindings: Sequence[str], run_workdir: str, subprocess_mod
         gin.clear_config()  # the next run starts from a clean config
 
 
-def run_sweep(sweep: Sweep, workdir: str, extra_bindings: Sequence[str] = (),
-              subprocess_mode: bool = False, log=print) -> list[dict]:
+def run_sweep(
+    sweep: Sweep,
+    workdir: str,
+    extra_bindings: Sequence[str] = (),
+    subprocess_mode: bool = False,
+    log=print,
+) -> list[dict]:
     """Run every unfinished (variant, seed), then write results.csv, runs.csv and the plots."""
     variants = expand(sweep)
     resolve_base(sweep.base)  # fail before the first run, not after
@@ -251,8 +271,9 @@ def run_sweep(sweep: Sweep, workdir: str, extra_bindings: Sequence[str] = (),
             log(f"[{i + 1}/{total}] {variant.name} seed {seed}: finished earlier, kept")
         else:
             log(f"[{i + 1}/{total}] {variant.name} seed {seed} -> {out}")
-            run_one(sweep.base, run_bindings(sweep, variant, seed, extra_bindings), out,
-                    subprocess_mode)
+            run_one(
+                sweep.base, run_bindings(sweep, variant, seed, extra_bindings), out, subprocess_mode
+            )
         for task in sweep.finetune:
             finetune_one(out, task, sweep.finetune_bindings, seed, log)
     return write_report(sweep, workdir)
@@ -262,8 +283,9 @@ def finetune_dir(run_workdir: str, task: str) -> str:
     return os.path.join(run_workdir, f"finetune_{task}")
 
 
-def finetune_one(run_workdir: str, task: str, bindings: Sequence[str], seed: int, log=print
-                 ) -> None:
+def finetune_one(
+    run_workdir: str, task: str, bindings: Sequence[str], seed: int, log=print
+) -> None:
     """Fine-tune a finished run on a GPT-1 task (kept if done before)."""
     from gptjax.research.finetune import FinetuneConfig, finetune
 
@@ -271,7 +293,9 @@ def finetune_one(run_workdir: str, task: str, bindings: Sequence[str], seed: int
     if os.path.exists(os.path.join(out, "summary.json")):
         return
     try:
-        parse_gin([], [*bindings, f"FinetuneConfig.task = {task!r}", f"FinetuneConfig.seed = {seed}"])
+        parse_gin(
+            [], [*bindings, f"FinetuneConfig.task = {task!r}", f"FinetuneConfig.seed = {seed}"]
+        )
         summary = finetune(run_workdir, out, FinetuneConfig())
     finally:
         gin.clear_config()
@@ -285,11 +309,20 @@ def print_commands(sweep: Sweep, workdir: str, extra_bindings: Sequence[str] = (
     for v, s in itertools.product(expand(sweep), sweep.seeds):
         out = run_dir(workdir, v, s)
         commands = [train_command(sweep.base, run_bindings(sweep, v, s, extra_bindings), out)]
-        commands += [["gptjax", "finetune", f"--workdir={out}",
-                      f"--out={finetune_dir(out, task)}", f"--task={task}",
-                      *(f"--gin_bindings={b}" for b in (*sweep.finetune_bindings,
-                                                        f"FinetuneConfig.seed = {s}"))]
-                     for task in sweep.finetune]
+        commands += [
+            [
+                "gptjax",
+                "finetune",
+                f"--workdir={out}",
+                f"--out={finetune_dir(out, task)}",
+                f"--task={task}",
+                *(
+                    f"--gin_bindings={b}"
+                    for b in (*sweep.finetune_bindings, f"FinetuneConfig.seed = {s}")
+                ),
+            ]
+            for task in sweep.finetune
+        ]
         lines.append(" && ".join(shlex.join(c) for c in commands))
     return lines
 
@@ -313,13 +346,18 @@ def collect_run(run_workdir: str, metric: str, extra_metrics: Sequence[str] = ()
             ft = json.load(f)
         finetuned[f"finetune/{ft['task']}"] = ft["accuracy"]
     value = lambda key: finetuned.get(key, last(key))  # noqa: E731
-    out = {"train_loss": last("train/loss"), "eval_loss": last("eval/loss"),
-           "metric": value(metric), "step": rows[-1]["step"], **finetuned,
-           **{key: value(key) for key in extra_metrics},
-           # the first window's rate includes warm-up effects: the median of the rest
-           "tokens_per_s": float(np.median(rates[1:] or rates)) if rates else math.nan,
-           "curve": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
-           "eval_curve": [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]}
+    out = {
+        "train_loss": last("train/loss"),
+        "eval_loss": last("eval/loss"),
+        "metric": value(metric),
+        "step": rows[-1]["step"],
+        **finetuned,
+        **{key: value(key) for key in extra_metrics},
+        # the first window's rate includes warm-up effects: the median of the rest
+        "tokens_per_s": float(np.median(rates[1:] or rates)) if rates else math.nan,
+        "curve": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
+        "eval_curve": [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r],
+    }
     config_path = os.path.join(run_workdir, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -328,8 +366,11 @@ def collect_run(run_workdir: str, metric: str, extra_metrics: Sequence[str] = ()
         embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
         embedding += cfg.max_len * cfg.d_model if cfg.pos_embedding == "learned" else 0
         n = family.param_count(cfg)
-        out |= {"family": family.family_of(cfg).name, "n_params": n,
-                "non_embedding_params": n - embedding}
+        out |= {
+            "family": family.family_of(cfg).name,
+            "n_params": n,
+            "non_embedding_params": n - embedding,
+        }
     return out
 
 
@@ -353,9 +394,13 @@ def summarize(sweep: Sweep, runs: dict[str, list[dict]]) -> list[dict]:
         metric_values = [r["metric"] for r in rs]
         row = {"variant": v.name, "bindings": "; ".join(v.bindings())}
         row |= {k.split(".")[-1]: value for k, value in v.overrides}
-        row |= {"family": rs[0].get("family", ""), "n_params": rs[0].get("n_params", ""),
-                "non_embedding_params": rs[0].get("non_embedding_params", ""),
-                "seeds": len(rs), "steps": max(r["step"] for r in rs)}
+        row |= {
+            "family": rs[0].get("family", ""),
+            "n_params": rs[0].get("n_params", ""),
+            "non_embedding_params": rs[0].get("non_embedding_params", ""),
+            "seeds": len(rs),
+            "steps": max(r["step"] for r in rs),
+        }
         for name in ("train_loss", "eval_loss"):
             row[f"{name}_mean"], row[f"{name}_std"] = _stats([r[name] for r in rs])
         row["tokens_per_s"] = float(np.nanmean([r["tokens_per_s"] for r in rs]))
@@ -364,10 +409,14 @@ def summarize(sweep: Sweep, runs: dict[str, list[dict]]) -> list[dict]:
         row["metric"] = sweep.metric
         mean, _ = _stats(metric_values)
         row["delta_vs_baseline"] = mean - _stats(base_values)[0] if base_values else math.nan
-        t, p = (math.nan, math.nan) if v.name == baseline else welch_t_test(metric_values,
-                                                                           base_values)
-        row |= {"t_vs_baseline": t, "p_value": p,
-                "per_seed": ";".join(f"{x:.4f}" for x in metric_values)}
+        t, p = (
+            (math.nan, math.nan) if v.name == baseline else welch_t_test(metric_values, base_values)
+        )
+        row |= {
+            "t_vs_baseline": t,
+            "p_value": p,
+            "per_seed": ";".join(f"{x:.4f}" for x in metric_values),
+        }
         rows.append(row)
     return rows
 
@@ -386,9 +435,19 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows({k: _fmt(row.get(k, "")) for k in columns} for row in rows)
 
 
-def markdown_table(rows: list[dict], columns: Sequence[str] = (
-        "variant", "seeds", "train_loss_mean", "eval_loss_mean", "eval_loss_std",
-        "delta_vs_baseline", "p_value", "tokens_per_s")) -> str:
+def markdown_table(
+    rows: list[dict],
+    columns: Sequence[str] = (
+        "variant",
+        "seeds",
+        "train_loss_mean",
+        "eval_loss_mean",
+        "eval_loss_std",
+        "delta_vs_baseline",
+        "p_value",
+        "tokens_per_s",
+    ),
+) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -403,8 +462,13 @@ def write_report(sweep: Sweep, workdir: str) -> list[dict]:
             r = collect_run(run_dir(workdir, v, seed), sweep.metric, sweep.extra_metrics)
             if r is not None:
                 runs.setdefault(v.name, []).append(r)
-                flat.append({"variant": v.name, "seed": seed,
-                             **{k: x for k, x in r.items() if "curve" not in k}})
+                flat.append(
+                    {
+                        "variant": v.name,
+                        "seed": seed,
+                        **{k: x for k, x in r.items() if "curve" not in k},
+                    }
+                )
     rows = summarize(sweep, runs)
     write_csv(os.path.join(workdir, "results.csv"), rows)
     write_csv(os.path.join(workdir, "runs.csv"), flat)
@@ -412,8 +476,12 @@ def write_report(sweep: Sweep, workdir: str) -> list[dict]:
     plot_final(rows, sweep.metric, os.path.join(workdir, "final_metric.png"))
     if sweep.fit_scaling_law:
         sizes = [r["non_embedding_params"] for r in rows]
-        means = [r["eval_loss_mean"] if sweep.metric == "eval/loss" else
-                 float(np.mean([x["metric"] for x in runs[r["variant"]]])) for r in rows]
+        means = [
+            r["eval_loss_mean"]
+            if sweep.metric == "eval/loss"
+            else float(np.mean([x["metric"] for x in runs[r["variant"]]]))
+            for r in rows
+        ]
         fit = fit_power_law(np.array(sizes, float), np.array(means, float))
         with open(os.path.join(workdir, "scaling_law.json"), "w") as f:
             json.dump({"fit": fit, "non_embedding_params": sizes, "loss": means}, f, indent=2)

@@ -20,9 +20,9 @@ from typing import TextIO
 import jax
 import numpy as np
 
-from gptjax.inference import sampling as sample
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
+from gptjax.inference import sampling as sample
 
 HUMAN, ASSISTANT = "Human", "Assistant"
 ROLES = (HUMAN, ASSISTANT)
@@ -38,10 +38,14 @@ def parse_dialogue(text: str) -> list[Turn]:
     """
     parts = _TURN_RE.split(text)
     if len(parts) < 3 or parts[0].strip():
-        raise ValueError(f"not a Human/Assistant dialogue (expected text starting with "
-                         f"'\\n\\nHuman:'): {text[:60]!r}")
-    return [(role, body[1:] if body.startswith(" ") else body)
-            for role, body in zip(parts[1::2], parts[2::2])]
+        raise ValueError(
+            f"not a Human/Assistant dialogue (expected text starting with "
+            f"'\\n\\nHuman:'): {text[:60]!r}"
+        )
+    return [
+        (role, body[1:] if body.startswith(" ") else body)
+        for role, body in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def render(turns: Sequence[Turn]) -> str:
@@ -75,21 +79,24 @@ def decode_reply(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     """Text of a generated reply, cut at the end-of-turn token."""
     ids = [int(i) for i in ids]
     if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
+        ids = ids[: ids.index(tokenizer.eos_id)]
     text = tokenizer.decode(ids)
     return text[1:] if text.startswith(" ") else text
 
 
-def truncate_history(tokenizer: Tokenizer, turns: Sequence[Turn],
-                     budget: int) -> tuple[list[Turn], list[int]]:
+def truncate_history(
+    tokenizer: Tokenizer, turns: Sequence[Turn], budget: int
+) -> tuple[list[Turn], list[int]]:
     """Drop whole turns from the oldest until the reply prompt fits in `budget` tokens.
 
     Returns the kept turns and the prompt ids. If even the newest turn alone is too long, its
     last `budget` tokens are kept (the end of a question is what the reply follows).
     """
     if budget <= 0:
-        raise ValueError(f"history budget must be positive, got {budget} (is max_new_tokens "
-                         "as large as the model's context?)")
+        raise ValueError(
+            f"history budget must be positive, got {budget} (is max_new_tokens "
+            "as large as the model's context?)"
+        )
     turns = list(turns)
     ids = prompt_ids(tokenizer, turns)
     while len(ids) > budget and len(turns) > 1:
@@ -98,21 +105,47 @@ def truncate_history(tokenizer: Tokenizer, turns: Sequence[Turn],
     return turns, ids[-budget:]
 
 
-def reply(cfg: ModelConfig, params, tokenizer: Tokenizer, turns: Sequence[Turn], *,
-          key: jax.Array, max_new_tokens: int, **sampling) -> tuple[str, list[Turn]]:
+def reply(
+    cfg: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    turns: Sequence[Turn],
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    **sampling,
+) -> tuple[str, list[Turn]]:
     """One Assistant reply to `turns` (truncated to fit), and the turns that were kept."""
     new = min(max_new_tokens, cfg.max_len - 1)
     budget = cfg.max_len - new
     kept, ids = truncate_history(tokenizer, turns, budget)
     width = min(budget, -(-len(ids) // 32) * 32)  # a few prompt shapes: few sampler compiles
     tokens, mask = sample.left_pad([ids], tokenizer.pad_id, width)
-    out = sample.generate(cfg, params, tokens, prompt_mask=mask, key=key, max_new_tokens=new,
-                          stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id, **sampling)
+    out = sample.generate(
+        cfg,
+        params,
+        tokens,
+        prompt_mask=mask,
+        key=key,
+        max_new_tokens=new,
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id,
+        **sampling,
+    )
     return decode_reply(tokenizer, np.asarray(out.tokens[0, width:]).tolist()), kept
 
 
-def chat_loop(cfg: ModelConfig, params, tokenizer: Tokenizer, lines: Iterable[str],
-              out: TextIO, *, seed: int = 0, max_new_tokens: int = 64, **sampling) -> list[Turn]:
+def chat_loop(
+    cfg: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    lines: Iterable[str],
+    out: TextIO,
+    *,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    **sampling,
+) -> list[Turn]:
     """Read Human lines (a terminal or a pipe), print each reply; returns the full transcript.
 
     The model only ever sees the truncated history; the transcript keeps everything.
@@ -127,17 +160,26 @@ def chat_loop(cfg: ModelConfig, params, tokenizer: Tokenizer, lines: Iterable[st
             break
         transcript.append((HUMAN, line))
         key, sub = jax.random.split(key)
-        text, _ = reply(cfg, params, tokenizer, transcript, key=sub,
-                        max_new_tokens=max_new_tokens, **sampling)
+        text, _ = reply(
+            cfg, params, tokenizer, transcript, key=sub, max_new_tokens=max_new_tokens, **sampling
+        )
         transcript.append((ASSISTANT, text))
         print(f"Assistant: {text}", file=out, flush=True)
     return transcript
 
 
-def generate_replies(cfg: ModelConfig, params, tokenizer: Tokenizer,
-                     prompts: Sequence[Sequence[int]], width: int, *, key: jax.Array,
-                     max_new_tokens: int, temperature: float,
-                     chunk: int | None = None) -> dict[str, np.ndarray]:
+def generate_replies(
+    cfg: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    width: int,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float,
+    chunk: int | None = None,
+) -> dict[str, np.ndarray]:
     """Sample one reply per prompt, `chunk` rows at a time (one compiled shape).
 
     Returns numpy 'tokens' and 'mask' (B, width + max_new_tokens), 'done' (B,) and 'logprobs'
@@ -146,15 +188,29 @@ def generate_replies(cfg: ModelConfig, params, tokenizer: Tokenizer,
     chunk = min(chunk or len(prompts), len(prompts))
     outs = []
     for start in range(0, len(prompts), chunk):
-        part = list(prompts[start:start + chunk])
+        part = list(prompts[start : start + chunk])
         n_real = len(part)
         part += [part[-1]] * (chunk - n_real)  # pad the last chunk: same shape, no recompile
         tokens, mask = sample.left_pad(part, tokenizer.pad_id, width)
         key, sub = jax.random.split(key)
-        out = sample.generate(cfg, params, tokens, prompt_mask=mask, key=sub,
-                              max_new_tokens=max_new_tokens, temperature=temperature,
-                              stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+        out = sample.generate(
+            cfg,
+            params,
+            tokens,
+            prompt_mask=mask,
+            key=sub,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            stop_tokens=(tokenizer.eos_id,),
+            pad_id=tokenizer.pad_id,
+        )
         out = jax.device_get(out)
-        outs.append({"tokens": out.tokens[:n_real], "mask": out.mask[:n_real],
-                     "done": out.done[:n_real], "logprobs": out.logprobs[:n_real]})
+        outs.append(
+            {
+                "tokens": out.tokens[:n_real],
+                "mask": out.mask[:n_real],
+                "done": out.done[:n_real],
+                "logprobs": out.logprobs[:n_real],
+            }
+        )
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

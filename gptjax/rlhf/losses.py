@@ -40,7 +40,9 @@ def _safe_div(num: Array, den: Array) -> Array:
 # ----------------------------------------------------------------------------- masked statistics
 
 
-def masked_mean(x: Float[Array, " ..."], mask: Mask, axis: int | None = None) -> Float[Array, " ..."]:
+def masked_mean(
+    x: Float[Array, " ..."], mask: Mask, axis: int | None = None
+) -> Float[Array, " ..."]:
     """sum(x * mask) / sum(mask); garbage under the mask is dropped, an empty mask gives 0."""
     _check_shapes("masked_mean", x, mask)
     m = jnp.asarray(mask).astype(jnp.result_type(x, jnp.float32))
@@ -173,8 +175,9 @@ def ppo_policy_loss(
     clipped term won (its gradient is zero there); with `policy/approxkl` it is the first thing to
     watch: at the first minibatch of an epoch both are 0 and the ratio is 1.
     """
-    total, count, stats = ppo_policy_terms(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT,
-                                           clip_eps, entropy_BT)
+    total, count, stats = ppo_policy_terms(
+        logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT, clip_eps, entropy_BT
+    )
     return _safe_div(total, count), stats
 
 
@@ -285,7 +288,9 @@ def pairwise_loss(
 # ----------------------------------------------------------------------------- KL penalty
 
 
-def kl_k1(logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]) -> Float[Array, " ..."]:
+def kl_k1(
+    logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]
+) -> Float[Array, " ..."]:
     """log p - log q: unbiased for KL(p||q) under samples from p, but high variance and can be < 0.
 
     The per-token penalty of InstructGPT and lm-human-preferences; see Schulman, "Approximating
@@ -294,12 +299,16 @@ def kl_k1(logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]) ->
     return logprobs - ref_logprobs
 
 
-def kl_k2(logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]) -> Float[Array, " ..."]:
+def kl_k2(
+    logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]
+) -> Float[Array, " ..."]:
     """0.5 (log p - log q)^2: biased but low variance, always >= 0; what `policy/approxkl` uses."""
     return 0.5 * jnp.square(logprobs - ref_logprobs)
 
 
-def kl_k3(logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]) -> Float[Array, " ..."]:
+def kl_k3(
+    logprobs: Float[Array, " ..."], ref_logprobs: Float[Array, " ..."]
+) -> Float[Array, " ..."]:
     """(r - 1) - log r with r = q/p: unbiased and always >= 0 (since log r <= r - 1).
 
     Written as expm1(log r) - log r so that near r = 1 the two nearly-equal terms do not cancel.

@@ -18,9 +18,8 @@ import gin
 import jax
 import numpy as np
 
-from gptjax.parallel import mesh as sharding
-
 from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, ppo, reward, sft, tasks
 from gptjax.training import metrics as metrics_lib
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
@@ -33,8 +32,10 @@ def ptx_data(tokenizer, task, seq_len: int, seed: int) -> tuple[np.ndarray, np.n
     """(train, held-out) windows of the task's pretraining corpus."""
     docs = task.pretrain_documents(2000, np.random.default_rng(seed + 1))  # SFT's corpus
     held = task.pretrain_documents(200, np.random.default_rng(seed + 1000))
-    return (sft.corpus_windows(tokenizer, docs, seq_len),
-            sft.corpus_windows(tokenizer, held, seq_len))
+    return (
+        sft.corpus_windows(tokenizer, docs, seq_len),
+        sft.corpus_windows(tokenizer, held, seq_len),
+    )
 
 
 def lm_loss(cfg, params, windows: np.ndarray, batch_size: int = 32) -> float:
@@ -43,8 +44,20 @@ def lm_loss(cfg, params, windows: np.ndarray, batch_size: int = 32) -> float:
     return sft.masked_eval_loss(cfg, params, {"tokens": windows, "loss_mask": mask}, batch_size)
 
 
-def _ppo_iterations(fns, state, models: dict, cfg, tokenizer, task, prompts: list, ptx_train,
-                    width: int, ppo_cfg: ppo.PPOConfig, key, writer):
+def _ppo_iterations(
+    fns,
+    state,
+    models: dict,
+    cfg,
+    tokenizer,
+    task,
+    prompts: list,
+    ptx_train,
+    width: int,
+    ppo_cfg: ppo.PPOConfig,
+    key,
+    writer,
+):
     """`ppo_cfg.steps` iterations (rollout, update, KL controller), each logged; returns
     (state, per-iteration stats, the final β)."""
     rng = np.random.default_rng(ppo_cfg.seed)
@@ -52,9 +65,16 @@ def _ppo_iterations(fns, state, models: dict, cfg, tokenizer, task, prompts: lis
     history = []
     for it in range(1, ppo_cfg.steps + 1):
         lo = (it - 1) * ppo_cfg.batch_size % len(prompts)
-        batch_prompts = (prompts * 2)[lo:lo + ppo_cfg.batch_size]
-        batch = ppo.rollout(cfg, state.params["policy"], tokenizer, batch_prompts, width,
-                            ppo_cfg, jax.random.fold_in(key, it))
+        batch_prompts = (prompts * 2)[lo : lo + ppo_cfg.batch_size]
+        batch = ppo.rollout(
+            cfg,
+            state.params["policy"],
+            tokenizer,
+            batch_prompts,
+            width,
+            ppo_cfg,
+            jax.random.fold_in(key, it),
+        )
         ptx = None
         if ppo_cfg.ptx_coef > 0:
             shape = (ppo_cfg.epochs, ppo_cfg.minibatches, ppo_cfg.ptx_batch_size)
@@ -62,47 +82,76 @@ def _ppo_iterations(fns, state, models: dict, cfg, tokenizer, task, prompts: lis
         t0 = time.perf_counter()
         state, stats = ppo.iteration(fns, state, models, kl_coef, batch, ptx)
         gold = ppo.gold_rewards(task, tokenizer, batch_prompts, batch["tokens"], width)
-        stats |= {"ppo/gold_reward": float(gold.mean()), "ppo/gold_reward_std": float(gold.std()),
-                  "time/rollout_s": batch["time"], "time/update_s": time.perf_counter() - t0}
+        stats |= {
+            "ppo/gold_reward": float(gold.mean()),
+            "ppo/gold_reward_std": float(gold.std()),
+            "time/rollout_s": batch["time"],
+            "time/update_s": time.perf_counter() - t0,
+        }
         kl_coef = controller.update(kl_coef, stats["objective/kl"], ppo_cfg.batch_size)
         writer.write(it, stats)
         history.append(stats)
         if it % 10 == 0 or it == ppo_cfg.steps:
-            log.info("ppo %d: gold %.3f score %.3f kl %.2f beta %.4f approxkl %.4f", it,
-                     stats["ppo/gold_reward"], stats["objective/scores"], stats["objective/kl"],
-                     stats["objective/kl_coef"], stats["policy/approxkl"])
+            log.info(
+                "ppo %d: gold %.3f score %.3f kl %.2f beta %.4f approxkl %.4f",
+                it,
+                stats["ppo/gold_reward"],
+                stats["objective/scores"],
+                stats["objective/kl"],
+                stats["objective/kl_coef"],
+                stats["policy/approxkl"],
+            )
     return state, history, kl_coef
 
 
 def _end_summary(start: dict, end: dict, history: list, kl_coef) -> dict:
     """Gold reward at the end (and its gain in units of the start std); KL, β and RM score
     over the last tenth of the iterations."""
-    tail = history[-max(1, len(history) // 10):]
-    return {"ppo/gold_reward_end": end["gold_reward"],
-            "ppo/gold_reward_end_std": end["gold_reward_std"],
-            "ppo/stop_rate_end": end["stop_rate"],
-            "ppo/gold_reward_gain_in_start_std": (end["gold_reward"] - start["gold_reward"])
-            / max(start["gold_reward_std"], 1e-9),
-            "ppo/kl_end": float(np.mean([h["objective/kl"] for h in tail])),
-            "ppo/kl_coef_end": float(kl_coef),
-            "ppo/score_end": float(np.mean([h["objective/scores"] for h in tail]))}
+    tail = history[-max(1, len(history) // 10) :]
+    return {
+        "ppo/gold_reward_end": end["gold_reward"],
+        "ppo/gold_reward_end_std": end["gold_reward_std"],
+        "ppo/stop_rate_end": end["stop_rate"],
+        "ppo/gold_reward_gain_in_start_std": (end["gold_reward"] - start["gold_reward"])
+        / max(start["gold_reward_std"], 1e-9),
+        "ppo/kl_end": float(np.mean([h["objective/kl"] for h in tail])),
+        "ppo/kl_coef_end": float(kl_coef),
+        "ppo/score_end": float(np.mean([h["objective/scores"] for h in tail])),
+    }
 
 
-def _save_ppo_policy(workdir: str, state, cfg, opt_cfg, tokenizer, ppo_cfg: ppo.PPOConfig,
-                     seq_len: int, task) -> None:
+def _save_ppo_policy(
+    workdir: str, state, cfg, opt_cfg, tokenizer, ppo_cfg: ppo.PPOConfig, seq_len: int, task
+) -> None:
     """The policy as a policy workdir (`sft.save_policy`), with a fresh optimizer state."""
     policy = jax.device_get(state.params["policy"])
-    final = TrainState(step=state.step, params=policy,
-                       opt_state=make_optimizer(opt_cfg, ppo_cfg.steps).init(policy),
-                       rng=jax.device_get(state.rng))
-    sft.save_policy(workdir, final, cfg, opt_cfg, tokenizer,
-                    TrainConfig(steps=ppo_cfg.steps, batch_size=ppo_cfg.batch_size,
-                                seq_len=seq_len), {"stage": "ppo", "task": task.name})
+    final = TrainState(
+        step=state.step,
+        params=policy,
+        opt_state=make_optimizer(opt_cfg, ppo_cfg.steps).init(policy),
+        rng=jax.device_get(state.rng),
+    )
+    sft.save_policy(
+        workdir,
+        final,
+        cfg,
+        opt_cfg,
+        tokenizer,
+        TrainConfig(steps=ppo_cfg.steps, batch_size=ppo_cfg.batch_size, seq_len=seq_len),
+        {"stage": "ppo", "task": task.name},
+    )
 
 
-def run_ppo(workdir: str, sft_workdir: str, reward_workdir: str, *,
-            ppo_cfg: ppo.PPOConfig | None = None, opt_cfg: OptimizerConfig | None = None,
-            task=None, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+def run_ppo(
+    workdir: str,
+    sft_workdir: str,
+    reward_workdir: str,
+    *,
+    ppo_cfg: ppo.PPOConfig | None = None,
+    opt_cfg: OptimizerConfig | None = None,
+    task=None,
+    mesh_cfg: sharding.MeshConfig | None = None,
+) -> dict:
     """Stage 3 end to end; writes metrics.jsonl, summary.json and the final policy."""
     ppo_cfg, task = ppo_cfg or ppo.PPOConfig(), task or tasks.make_task()
     if opt_cfg is None:
@@ -118,29 +167,50 @@ def run_ppo(workdir: str, sft_workdir: str, reward_workdir: str, *,
     ptx_train, ptx_held = ptx_data(tokenizer, task, seq_len, 0)
     key = jax.random.key(ppo_cfg.seed)
     writer, t_start = metrics_lib.MetricWriter(workdir), time.perf_counter()
-    summary: dict = {"ppo/kl_target": ppo_cfg.kl_target if ppo_cfg.adaptive_kl else None,
-                     "ppo/ptx_coef": ppo_cfg.ptx_coef}
+    summary: dict = {
+        "ppo/kl_target": ppo_cfg.kl_target if ppo_cfg.adaptive_kl else None,
+        "ppo/ptx_coef": ppo_cfg.ptx_coef,
+    }
 
     def evaluate(params, n: int) -> dict:
-        return ppo.evaluate(cfg, params, tokenizer, task, eval_prompts, width, ppo_cfg,
-                            jax.random.fold_in(key, n))
+        return ppo.evaluate(
+            cfg, params, tokenizer, task, eval_prompts, width, ppo_cfg, jax.random.fold_in(key, n)
+        )
 
     try:
         with logical.use_mesh(mesh, rules):
             fns = ppo.make_ppo(cfg, rm_cfg, ppo_cfg, opt_cfg, width, mesh, rules)
-            models = {"ref": jax.device_put(jax.device_get(sft_params),
-                                            fns.state_shardings.params["policy"]),
-                      "rm": rm_params, "norm": norm}
-            state = ppo.init_state(fns, sft_params, ppo.critic_from_reward(rm_params, norm),
-                                   ppo_cfg.seed)
+            models = {
+                "ref": jax.device_put(
+                    jax.device_get(sft_params), fns.state_shardings.params["policy"]
+                ),
+                "rm": rm_params,
+                "norm": norm,
+            }
+            state = ppo.init_state(
+                fns, sft_params, ppo.critic_from_reward(rm_params, norm), ppo_cfg.seed
+            )
             start = evaluate(state.params["policy"], 1_000_001)
-            summary |= {"ppo/gold_reward_start": start["gold_reward"],
-                        "ppo/gold_reward_start_std": start["gold_reward_std"],
-                        "ppo/stop_rate_start": start["stop_rate"],
-                        "ppo/ptx_lm_loss_start": lm_loss(cfg, models["ref"], ptx_held)}
+            summary |= {
+                "ppo/gold_reward_start": start["gold_reward"],
+                "ppo/gold_reward_start_std": start["gold_reward_std"],
+                "ppo/stop_rate_start": start["stop_rate"],
+                "ppo/ptx_lm_loss_start": lm_loss(cfg, models["ref"], ptx_held),
+            }
             state, history, kl_coef = _ppo_iterations(
-                fns, state, models, cfg, tokenizer, task, train_prompts, ptx_train, width,
-                ppo_cfg, key, writer)
+                fns,
+                state,
+                models,
+                cfg,
+                tokenizer,
+                task,
+                train_prompts,
+                ptx_train,
+                width,
+                ppo_cfg,
+                key,
+                writer,
+            )
             end = evaluate(state.params["policy"], 1_000_002)
             summary["ppo/ptx_lm_loss_end"] = lm_loss(cfg, state.params["policy"], ptx_held)
     finally:
@@ -155,14 +225,18 @@ def run_ppo(workdir: str, sft_workdir: str, reward_workdir: str, *,
 def plot_ppo(ppo_workdir: str, path: str, kl_target: float | None = None) -> str:
     """Gold reward, RM score and KL over PPO iterations, one panel each, as a PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = metrics_lib.read_metrics(ppo_workdir)
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = (("ppo/gold_reward", "gold reward (labeler program)"),
-              ("objective/scores", "RM score (normalised)"),
-              ("objective/kl", "KL(policy‖SFT), nats"))
+    panels = (
+        ("ppo/gold_reward", "gold reward (labeler program)"),
+        ("objective/scores", "RM score (normalised)"),
+        ("objective/kl", "KL(policy‖SFT), nats"),
+    )
     for ax, (key, title) in zip(axes, panels):
         ax.plot(steps, [r[key] for r in rows])
         ax.set_title(title)
@@ -192,8 +266,9 @@ def run_rlhf(workdir: str, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
     summary |= reward.run_reward(dirs["reward"], dirs["sft"], mesh_cfg=mesh_cfg)
     summary["reward/wall_s"] = time.perf_counter() - t0 - summary["sft/wall_s"]
     summary |= run_ppo(dirs["ppo"], dirs["sft"], dirs["reward"], mesh_cfg=mesh_cfg)
-    summary["plot"] = plot_ppo(dirs["ppo"], os.path.join(workdir, "ppo_curves.png"),
-                               summary["ppo/kl_target"])
+    summary["plot"] = plot_ppo(
+        dirs["ppo"], os.path.join(workdir, "ppo_curves.png"), summary["ppo/kl_target"]
+    )
     summary["wall_s"] = time.perf_counter() - t0
     _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

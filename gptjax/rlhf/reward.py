@@ -30,8 +30,8 @@ from jaxtyping import Array, Float, Int
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.models import gpt as model
-from gptjax.parallel import mesh as sharding
 from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, losses, sft, tasks
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
@@ -83,8 +83,10 @@ class RewardConfig:
 def init_head(key: jax.Array, d_model: int) -> dict:
     """The scalar head, N(0, 1/sqrt(d + 1)): unit-scale outputs from unit-scale features."""
     std = 1.0 / np.sqrt(d_model + 1)
-    return {"kernel": std * jax.random.normal(key, (d_model,), jnp.float32),
-            "bias": jnp.zeros((), jnp.float32)}
+    return {
+        "kernel": std * jax.random.normal(key, (d_model,), jnp.float32),
+        "bias": jnp.zeros((), jnp.float32),
+    }
 
 
 def from_policy(cfg: ModelConfig, policy_params, key: jax.Array) -> dict:
@@ -103,22 +105,29 @@ def last_index(mask_BT: Int[Array, "B T"]) -> Int[Array, " B"]:
     return t - 1 - jnp.argmax(jnp.flip(mask_BT, axis=1) != 0, axis=1)
 
 
-def head_values(cfg: ModelConfig, params: dict, tokens_BT: Int[Array, "B T"],
-                mask_BT: Int[Array, "B T"]) -> Float[Array, "B T"]:
+def head_values(
+    cfg: ModelConfig, params: dict, tokens_BT: Int[Array, "B T"], mask_BT: Int[Array, "B T"]
+) -> Float[Array, "B T"]:
     """The head at every position (a critic's values; the RM reads one of them)."""
     x_BTD = model.hidden_states(cfg, params["trunk"], tokens_BT, mask=mask_BT)
     return x_BTD.astype(jnp.float32) @ params["head"]["kernel"] + params["head"]["bias"]
 
 
-def raw_scores(cfg: ModelConfig, params: dict, tokens_BT: Int[Array, "B T"],
-               mask_BT: Int[Array, "B T"]) -> Float[Array, " B"]:
+def raw_scores(
+    cfg: ModelConfig, params: dict, tokens_BT: Int[Array, "B T"], mask_BT: Int[Array, "B T"]
+) -> Float[Array, " B"]:
     """Unnormalised RM score: the head at the last real token (not the padding after it)."""
     v_BT = head_values(cfg, params, tokens_BT, mask_BT)
     return jnp.take_along_axis(v_BT, last_index(mask_BT)[:, None], axis=1)[:, 0]
 
 
-def scores(cfg: ModelConfig, params: dict, norm: dict, tokens_BT: Int[Array, "B T"],
-           mask_BT: Int[Array, "B T"]) -> Float[Array, " B"]:
+def scores(
+    cfg: ModelConfig,
+    params: dict,
+    norm: dict,
+    tokens_BT: Int[Array, "B T"],
+    mask_BT: Int[Array, "B T"],
+) -> Float[Array, " B"]:
     """The normalised reward PPO optimises: gain * raw + bias."""
     return norm["gain"] * raw_scores(cfg, params, tokens_BT, mask_BT) + norm["bias"]
 
@@ -158,9 +167,12 @@ def load_hh_jsonl(path: str, limit: int | None = None) -> list[tuple[str, str]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not all(
-                    isinstance(row.get(k), str) for k in ("chosen", "rejected")):
-                raise ValueError(f"{path}:{n}: expected an object with string 'chosen' and "
-                                 f"'rejected' fields, got {str(row)[:80]!r}")
+                isinstance(row.get(k), str) for k in ("chosen", "rejected")
+            ):
+                raise ValueError(
+                    f"{path}:{n}: expected an object with string 'chosen' and "
+                    f"'rejected' fields, got {str(row)[:80]!r}"
+                )
             pairs.append((row["chosen"], row["rejected"]))
             if limit is not None and len(pairs) >= limit:
                 break
@@ -174,8 +186,9 @@ def encode_conversation(tokenizer: Tokenizer, text: str, seq_len: int) -> list[i
     return chat.encode_turns(tokenizer, chat.parse_dialogue(text))[-seq_len:]
 
 
-def hh_arrays(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
-              seq_len: int) -> dict[str, np.ndarray]:
+def hh_arrays(
+    tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int
+) -> dict[str, np.ndarray]:
     """K = 2 ranking arrays: tokens/mask (N, 2, T) right-padded, ranks [0, 1], all valid."""
     n = len(pairs)
     tokens = np.full((n, 2, seq_len), tokenizer.pad_id, np.int32)
@@ -183,24 +196,53 @@ def hh_arrays(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
     for i, pair in enumerate(pairs):
         for j, text in enumerate(pair):
             ids = encode_conversation(tokenizer, text, seq_len)
-            tokens[i, j, :len(ids)], mask[i, j, :len(ids)] = ids, 1
-    return {"tokens": tokens, "mask": mask, "ranks": np.tile([0, 1], (n, 1)).astype(np.int32),
-            "valid": np.ones((n, 2), np.int32)}
+            tokens[i, j, : len(ids)], mask[i, j, : len(ids)] = ids, 1
+    return {
+        "tokens": tokens,
+        "mask": mask,
+        "ranks": np.tile([0, 1], (n, 1)).astype(np.int32),
+        "valid": np.ones((n, 2), np.int32),
+    }
 
 
-def task_rankings(cfg: ModelConfig, params, tokenizer: Tokenizer, task, prompts: list,
-                  rm_cfg: RewardConfig, key: jax.Array, width: int) -> dict[str, np.ndarray]:
+def task_rankings(
+    cfg: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    task,
+    prompts: list,
+    rm_cfg: RewardConfig,
+    key: jax.Array,
+    width: int,
+) -> dict[str, np.ndarray]:
     """K policy samples per prompt, ranked by the task's gold reward: (N, K, T) arrays."""
     k = rm_cfg.k
     ids = [chat.prompt_ids(tokenizer, p) for p in prompts for _ in range(k)]
-    out = chat.generate_replies(cfg, params, tokenizer, ids, width, key=key,
-                                max_new_tokens=rm_cfg.max_new_tokens,
-                                temperature=rm_cfg.temperature, chunk=256)
-    gold = np.array([task.gold_reward(prompts[i // k], chat.decode_reply(tokenizer, row[width:]))
-                     for i, row in enumerate(out["tokens"])]).reshape(-1, k)
+    out = chat.generate_replies(
+        cfg,
+        params,
+        tokenizer,
+        ids,
+        width,
+        key=key,
+        max_new_tokens=rm_cfg.max_new_tokens,
+        temperature=rm_cfg.temperature,
+        chunk=256,
+    )
+    gold = np.array(
+        [
+            task.gold_reward(prompts[i // k], chat.decode_reply(tokenizer, row[width:]))
+            for i, row in enumerate(out["tokens"])
+        ]
+    ).reshape(-1, k)
     n, t = len(prompts), out["tokens"].shape[1]
-    return {"tokens": out["tokens"].reshape(n, k, t), "mask": out["mask"].reshape(n, k, t),
-            "ranks": rank_by_reward(gold), "valid": np.ones((n, k), np.int32), "gold": gold}
+    return {
+        "tokens": out["tokens"].reshape(n, k, t),
+        "mask": out["mask"].reshape(n, k, t),
+        "ranks": rank_by_reward(gold),
+        "valid": np.ones((n, k), np.int32),
+        "gold": gold,
+    }
 
 
 # ----------------------------------------------------------------------------- training
@@ -210,8 +252,9 @@ def ranking_terms(cfg: ModelConfig, params: dict, batch: dict):
     """`losses.reward_ranking_terms` of a batch of prompts, each with its K responses:
     the per-prompt loss summed over prompts, and the number of prompts with a pair."""
     b, k, t = batch["tokens"].shape
-    s_BK = raw_scores(cfg, params, batch["tokens"].reshape(b * k, t),
-                      batch["mask"].reshape(b * k, t)).reshape(b, k)
+    s_BK = raw_scores(
+        cfg, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t)
+    ).reshape(b, k)
     return losses.reward_ranking_terms(s_BK, batch["ranks"], batch["valid"])
 
 
@@ -223,17 +266,22 @@ def ranking_loss(cfg: ModelConfig, params: dict, batch: dict):
 
 def ranking_objective(cfg: ModelConfig):
     """The RM's loss as `step.make_update` wants it (one term, weighted by prompts)."""
+
     def objective(params, mb: dict):
         total, n_prompts, stats = ranking_terms(cfg, params, mb)
         return {"loss": total}, {"loss": n_prompts}, stats
+
     return objective
 
 
 def _step_metrics(m: dict, step) -> dict:
     """The RM's logged names: its ranking stats and the update's, under `reward/`."""
     stats = {k: v for k, v in m.items() if k.startswith("reward/")}
-    return stats | {"reward/loss": m["loss"], "reward/grad_norm": m["grad_norm"],
-                    "reward/update_skipped": m["update_skipped"]}
+    return stats | {
+        "reward/loss": m["loss"],
+        "reward/grad_norm": m["grad_norm"],
+        "reward/update_skipped": m["update_skipped"],
+    }
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
@@ -247,9 +295,15 @@ def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
 def make_train_step(cfg: ModelConfig, optimizer, params, mesh, rules, grad_accum_steps: int = 1):
     """(step, state shardings): the RM's `step.jit_train_step` over `step.make_update`."""
     update = make_update(ranking_objective(cfg), optimizer, grad_accum_steps)
-    return jit_train_step(lambda p, o, batch, key: update(p, o, batch), optimizer, params,
-                          param_shardings(cfg, mesh, rules),
-                          (sharding.batch_sharding(mesh, rules, ndim=1),), mesh, _step_metrics)
+    return jit_train_step(
+        lambda p, o, batch, key: update(p, o, batch),
+        optimizer,
+        params,
+        param_shardings(cfg, mesh, rules),
+        (sharding.batch_sharding(mesh, rules, ndim=1),),
+        mesh,
+        _step_metrics,
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -262,8 +316,10 @@ def accuracy(cfg: ModelConfig, params: dict, arrays: dict, batch_size: int = 64)
     fn = functools.partial(_ranking_stats, cfg)  # jitted once per config, not per call
     correct = total = 0.0
     for i in range(0, len(arrays["tokens"]), batch_size):
-        b = {k: jnp.asarray(arrays[k][i:i + batch_size]) for k in ("tokens", "mask", "ranks",
-                                                                   "valid")}
+        b = {
+            k: jnp.asarray(arrays[k][i : i + batch_size])
+            for k in ("tokens", "mask", "ranks", "valid")
+        }
         stats = fn(params, b)
         pairs = float(np.sum(_n_pairs(np.asarray(b["ranks"]), np.asarray(b["valid"]))))
         correct += float(stats["reward/accuracy"]) * pairs
@@ -294,11 +350,18 @@ def load_reward(workdir: str, mesh=None, rules=None) -> tuple[ModelConfig, dict,
     if mesh is None:
         mesh, rules = sft.stage_mesh(sharding.MeshConfig(shape={"data": 1}))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shapes = jax.eval_shape(lambda: {"params": from_policy(cfg, model.init_params(
-        cfg, jax.random.key(0)), jax.random.key(0)), "norm": identity_norm()})
+    shapes = jax.eval_shape(
+        lambda: {
+            "params": from_policy(
+                cfg, model.init_params(cfg, jax.random.key(0)), jax.random.key(0)
+            ),
+            "norm": identity_norm(),
+        }
+    )
     shards = {"params": param_shardings(cfg, mesh, rules), "norm": {"gain": rep, "bias": rep}}
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, shards)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards
+    )
     with ckpt_lib.CheckpointManager(workdir, read_only=True) as manager:
         restored = manager.restore(abstract)
     if restored is None:
@@ -307,8 +370,14 @@ def load_reward(workdir: str, mesh=None, rules=None) -> tuple[ModelConfig, dict,
     return cfg, state["params"], state["norm"]
 
 
-def comparison_data(cfg: ModelConfig, policy_params, tokenizer: Tokenizer, task,
-                    rm_cfg: RewardConfig, key: jax.Array) -> tuple[dict, dict, int]:
+def comparison_data(
+    cfg: ModelConfig,
+    policy_params,
+    tokenizer: Tokenizer,
+    task,
+    rm_cfg: RewardConfig,
+    key: jax.Array,
+) -> tuple[dict, dict, int]:
     """(train, held-out) ranking arrays and the prompt width: HH pairs from `rm_cfg.hh_path`
     (a tenth held out), or K policy samples per task prompt ranked by the gold reward."""
     all_prompts = tasks.prompts(task, rm_cfg.n_prompts + rm_cfg.heldout_prompts, rm_cfg.seed)
@@ -317,54 +386,96 @@ def comparison_data(cfg: ModelConfig, policy_params, tokenizer: Tokenizer, task,
         data = hh_arrays(tokenizer, load_hh_jsonl(rm_cfg.hh_path), rm_cfg.hh_seq_len)
         n_held = max(1, len(data["tokens"]) // 10)
     else:
-        data = task_rankings(cfg, policy_params, tokenizer, task, all_prompts, rm_cfg,
-                             jax.random.fold_in(key, 1), width)
+        data = task_rankings(
+            cfg,
+            policy_params,
+            tokenizer,
+            task,
+            all_prompts,
+            rm_cfg,
+            jax.random.fold_in(key, 1),
+            width,
+        )
         n_held = rm_cfg.heldout_prompts
     train = {k: v[n_held:] for k, v in data.items()}
     held = {k: v[:n_held] for k, v in data.items()}
     return train, held, width
 
 
-def init_reward(cfg: ModelConfig, policy_params, opt_cfg: OptimizerConfig, steps: int, mesh,
-                rules, key: jax.Array):
+def init_reward(
+    cfg: ModelConfig,
+    policy_params,
+    opt_cfg: OptimizerConfig,
+    steps: int,
+    mesh,
+    rules,
+    key: jax.Array,
+):
     """(jitted step, step-0 TrainState) of an RM made from the policy's trunk."""
     optimizer = make_optimizer(opt_cfg, steps)
     # From host memory: the step donates its state, the sampler still needs the policy.
     params = from_policy(cfg, jax.device_get(policy_params), jax.random.fold_in(key, 2))
-    step_fn, state_shard = make_train_step(cfg, optimizer, params, mesh, rules,
-                                           opt_cfg.grad_accum_steps)
+    step_fn, state_shard = make_train_step(
+        cfg, optimizer, params, mesh, rules, opt_cfg.grad_accum_steps
+    )
     return step_fn, place_state(optimizer, params, jax.random.fold_in(key, 4), state_shard)
 
 
 def train_reward(step_fn, state, train: dict, rm_cfg: RewardConfig, mesh, rules, writer):
     """`rm_cfg.steps` RM steps on shuffled batches of `train`, logged; the final state."""
-    it = sft.batches({k: train[k] for k in ("tokens", "mask", "ranks", "valid")},
-                     rm_cfg.batch_size, rm_cfg.seed)
+    it = sft.batches(
+        {k: train[k] for k in ("tokens", "mask", "ranks", "valid")}, rm_cfg.batch_size, rm_cfg.seed
+    )
     for i in range(1, rm_cfg.steps + 1):
         state, stats = step_fn(state, sharding.make_global_batch(next(it), mesh, rules))
         if i % rm_cfg.log_every == 0 or i == rm_cfg.steps:
             stats = {k: float(v) for k, v in jax.device_get(stats).items()}
             writer.write(i, stats)
-            log.info("reward step %d: loss %.4f, accuracy %.3f", i, stats["reward/loss"],
-                     stats["reward/accuracy"])
+            log.info(
+                "reward step %d: loss %.4f, accuracy %.3f",
+                i,
+                stats["reward/loss"],
+                stats["reward/accuracy"],
+            )
     return state
 
 
-def reference_norm(cfg: ModelConfig, params: dict, policy_params, tokenizer: Tokenizer, task,
-                   rm_cfg: RewardConfig, width: int, key: jax.Array) -> tuple[np.ndarray, dict]:
+def reference_norm(
+    cfg: ModelConfig,
+    params: dict,
+    policy_params,
+    tokenizer: Tokenizer,
+    task,
+    rm_cfg: RewardConfig,
+    width: int,
+    key: jax.Array,
+) -> tuple[np.ndarray, dict]:
     """(raw scores, norm) of the reference policy's own samples at PPO's temperature."""
     norm_prompts = tasks.prompts(task, rm_cfg.norm_samples, rm_cfg.seed + 7)
     ref = chat.generate_replies(
-        cfg, policy_params, tokenizer, [chat.prompt_ids(tokenizer, p) for p in norm_prompts],
-        width, key=jax.random.fold_in(key, 3), max_new_tokens=rm_cfg.max_new_tokens,
-        temperature=rm_cfg.norm_temperature, chunk=256)
+        cfg,
+        policy_params,
+        tokenizer,
+        [chat.prompt_ids(tokenizer, p) for p in norm_prompts],
+        width,
+        key=jax.random.fold_in(key, 3),
+        max_new_tokens=rm_cfg.max_new_tokens,
+        temperature=rm_cfg.norm_temperature,
+        chunk=256,
+    )
     raw = batched_raw_scores(cfg, params, ref["tokens"], ref["mask"])
     return raw, fit_norm(raw)
 
 
-def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = None,
-               opt_cfg: OptimizerConfig | None = None, task=None,
-               mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+def run_reward(
+    workdir: str,
+    sft_workdir: str,
+    *,
+    rm_cfg: RewardConfig | None = None,
+    opt_cfg: OptimizerConfig | None = None,
+    task=None,
+    mesh_cfg: sharding.MeshConfig | None = None,
+) -> dict:
     """Stage 2 end to end: label comparisons, train, held-out accuracy, normalise, save."""
     rm_cfg, task = rm_cfg or RewardConfig(), task or tasks.make_task()
     if opt_cfg is None:
@@ -378,37 +489,50 @@ def run_reward(workdir: str, sft_workdir: str, *, rm_cfg: RewardConfig | None = 
     summary: dict = {}
     try:
         with logical.use_mesh(mesh, rules):
-            step_fn, state = init_reward(cfg, policy_params, opt_cfg, rm_cfg.steps, mesh, rules,
-                                         key)
+            step_fn, state = init_reward(
+                cfg, policy_params, opt_cfg, rm_cfg.steps, mesh, rules, key
+            )
             summary["reward/heldout_accuracy_start"] = accuracy(cfg, state.params, held)
             state = train_reward(step_fn, state, train, rm_cfg, mesh, rules, writer)
             summary["reward/heldout_accuracy"] = accuracy(cfg, state.params, held)
-            raw, norm = reference_norm(cfg, state.params, policy_params, tokenizer, task, rm_cfg,
-                                       width, key)
+            raw, norm = reference_norm(
+                cfg, state.params, policy_params, tokenizer, task, rm_cfg, width, key
+            )
     finally:
         writer.close()
-    summary |= {"reward/raw_mean": float(np.mean(raw)), "reward/raw_std": float(np.std(raw)),
-                "reward/n_train_prompts": int(len(train["tokens"]))}
+    summary |= {
+        "reward/raw_mean": float(np.mean(raw)),
+        "reward/raw_std": float(np.std(raw)),
+        "reward/n_train_prompts": int(len(train["tokens"])),
+    }
     writer = metrics_lib.MetricWriter(workdir)
     writer.write(rm_cfg.steps, summary)
     writer.close()
-    save_reward(workdir, cfg, jax.device_get(state.params), jax.device_get(norm),
-                {"stage": "reward", "steps": rm_cfg.steps, "task": task.name})
+    save_reward(
+        workdir,
+        cfg,
+        jax.device_get(state.params),
+        jax.device_get(norm),
+        {"stage": "reward", "steps": rm_cfg.steps, "task": task.name},
+    )
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
-def batched_raw_scores(cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray,
-                       batch_size: int = 256) -> np.ndarray:
+def batched_raw_scores(
+    cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
     """raw_scores over many rows, in fixed-size (padded) chunks so it compiles once."""
     fn = jax.jit(functools.partial(raw_scores, cfg))
     out = []
     for i in range(0, len(tokens), batch_size):
-        t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
+        t, m = tokens[i : i + batch_size], mask[i : i + batch_size]
         n = len(t)
         pad = batch_size - n
-        t, m = np.concatenate([t, np.repeat(t[-1:], pad, 0)]), np.concatenate(
-            [m, np.repeat(m[-1:], pad, 0)])
+        t, m = (
+            np.concatenate([t, np.repeat(t[-1:], pad, 0)]),
+            np.concatenate([m, np.repeat(m[-1:], pad, 0)]),
+        )
         out.append(np.asarray(fn(params, t, m))[:n])
     return np.concatenate(out)

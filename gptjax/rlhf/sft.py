@@ -32,8 +32,8 @@ from gptjax.data.config import DataConfig
 from gptjax.data.pipeline import encode_documents, pack_windows
 from gptjax.data.tokenizer import Tokenizer, check_vocab
 from gptjax.models import family
-from gptjax.parallel import mesh as sharding
 from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, tasks
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
@@ -77,34 +77,45 @@ def stage_mesh(mesh_cfg: sharding.MeshConfig | None = None):
     """(mesh, rules) of a stage; a mesh with fixed sizes takes only that many devices."""
     mesh_cfg = mesh_cfg or sharding.MeshConfig()
     sizes = list(mesh_cfg.shape.values())
-    devices = None if -1 in sizes else jax.devices()[:math.prod(sizes)]
+    devices = None if -1 in sizes else jax.devices()[: math.prod(sizes)]
     return sharding.make_mesh(mesh_cfg, devices), logical.logical_axis_rules(mesh_cfg.rules)
 
 
-def make_example(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int,
-                 pad_id: int) -> tuple[Int[Array, " T1"], Int[Array, " T"]]:
+def make_example(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int, pad_id: int
+) -> tuple[Int[Array, " T1"], Int[Array, " T"]]:
     """(tokens of T + 1, loss_mask of T): right-padded, loss only where the target is a response.
 
     A prompt that does not fit loses its oldest tokens (chat history is truncated the same way);
     a response that does not fit is an error, since training on a cut answer teaches cutting.
     """
     if len(response_ids) > seq_len:
-        raise ValueError(f"a response of {len(response_ids)} tokens does not fit SFTConfig."
-                         f"seq_len={seq_len}; raise seq_len or shorten the demonstrations")
-    prompt_ids = list(prompt_ids)[-(seq_len + 1 - len(response_ids)):]
+        raise ValueError(
+            f"a response of {len(response_ids)} tokens does not fit SFTConfig."
+            f"seq_len={seq_len}; raise seq_len or shorten the demonstrations"
+        )
+    prompt_ids = list(prompt_ids)[-(seq_len + 1 - len(response_ids)) :]
     ids = prompt_ids + list(response_ids)
     tokens = np.full(seq_len + 1, pad_id, np.int32)
-    tokens[:len(ids)] = ids
+    tokens[: len(ids)] = ids
     loss_mask = np.zeros(seq_len, np.int32)  # loss_mask[t] scores the prediction of tokens[t+1]
-    loss_mask[len(prompt_ids) - 1:len(ids) - 1] = 1
+    loss_mask[len(prompt_ids) - 1 : len(ids) - 1] = 1
     return tokens, loss_mask
 
 
-def demonstration_arrays(tokenizer: Tokenizer, pairs: Sequence[tuple[list, str]],
-                         seq_len: int) -> dict[str, np.ndarray]:
+def demonstration_arrays(
+    tokenizer: Tokenizer, pairs: Sequence[tuple[list, str]], seq_len: int
+) -> dict[str, np.ndarray]:
     """All demonstrations as {'tokens': (N, T + 1), 'loss_mask': (N, T)} in the chat format."""
-    rows = [make_example(chat.prompt_ids(tokenizer, p), chat.response_ids(tokenizer, r), seq_len,
-                         tokenizer.pad_id) for p, r in pairs]
+    rows = [
+        make_example(
+            chat.prompt_ids(tokenizer, p),
+            chat.response_ids(tokenizer, r),
+            seq_len,
+            tokenizer.pad_id,
+        )
+        for p, r in pairs
+    ]
     return {"tokens": np.stack([t for t, _ in rows]), "loss_mask": np.stack([m for _, m in rows])}
 
 
@@ -123,7 +134,7 @@ def batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> Iterat
     while True:
         order = rng.permutation(n)
         for i in range(0, n - batch_size + 1, batch_size):
-            yield {k: v[order[i:i + batch_size]] for k, v in arrays.items()}
+            yield {k: v[order[i : i + batch_size]] for k, v in arrays.items()}
 
 
 def lm_batches(windows: np.ndarray, batch_size: int, seed: int) -> Iterator[dict]:
@@ -132,15 +143,25 @@ def lm_batches(windows: np.ndarray, batch_size: int, seed: int) -> Iterator[dict
     return batches({"tokens": windows, "loss_mask": mask}, batch_size, seed)
 
 
-def save_policy(workdir: str, state: TrainState, cfg: ModelConfig, opt_cfg: OptimizerConfig,
-                tokenizer: Tokenizer, train_cfg: TrainConfig, extra: dict | None = None) -> None:
+def save_policy(
+    workdir: str,
+    state: TrainState,
+    cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    tokenizer: Tokenizer,
+    train_cfg: TrainConfig,
+    extra: dict | None = None,
+) -> None:
     """A workdir that `gptjax sample`, `gptjax chat` and `load_run` read like a trained one."""
     os.makedirs(workdir, exist_ok=True)
     tokenizer.save(workdir)
-    configs = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
-               "optimizer": dataclasses.asdict(opt_cfg),
-               "data": dataclasses.asdict(DataConfig(tokenizer_path=None)),
-               "rlhf": extra or {}}
+    configs = {
+        "model": dataclasses.asdict(cfg),
+        "train": dataclasses.asdict(train_cfg),
+        "optimizer": dataclasses.asdict(opt_cfg),
+        "data": dataclasses.asdict(DataConfig(tokenizer_path=None)),
+        "rlhf": extra or {},
+    }
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(configs, f, indent=2)
     with ckpt_lib.CheckpointManager(workdir, max_to_keep=1) as manager:
@@ -153,8 +174,9 @@ def load_policy(workdir: str):
     return cfg, params, tokenizer
 
 
-def _train(trainer, state, batch_iter, n_steps: int, writer, prefix: str, log_every: int,
-           start: int) -> tuple[TrainState, float]:
+def _train(
+    trainer, state, batch_iter, n_steps: int, writer, prefix: str, log_every: int, start: int
+) -> tuple[TrainState, float]:
     loss = float("nan")
     for i in range(1, n_steps + 1):
         batch = sharding.make_global_batch(next(batch_iter), trainer.mesh, trainer.rules)
@@ -171,19 +193,28 @@ def _train(trainer, state, batch_iter, n_steps: int, writer, prefix: str, log_ev
 _eval_sums = jax.jit(family.eval_sums, static_argnums=0)  # jitted once per config
 
 
-def masked_eval_loss(cfg: ModelConfig, params, arrays: dict[str, np.ndarray],
-                     batch_size: int) -> float:
+def masked_eval_loss(
+    cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int
+) -> float:
     """Mean masked loss over whole batches of `arrays` (`eval_loss.weighted_mean_loss`:
     token-weighted, like the train loss)."""
     n = len(arrays["tokens"]) // batch_size
-    batches = ({k: jnp.asarray(v[i * batch_size:(i + 1) * batch_size]) for k, v in arrays.items()}
-               for i in range(n))
+    batches = (
+        {k: jnp.asarray(v[i * batch_size : (i + 1) * batch_size]) for k, v in arrays.items()}
+        for i in range(n)
+    )
     return weighted_mean_loss(lambda b: _eval_sums(cfg, params, b), batches)["loss"]
 
 
-def run_sft(workdir: str, *, model_cfg: ModelConfig | None = None,
-            sft_cfg: SFTConfig | None = None, opt_cfg: OptimizerConfig | None = None,
-            task=None, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
+def run_sft(
+    workdir: str,
+    *,
+    model_cfg: ModelConfig | None = None,
+    sft_cfg: SFTConfig | None = None,
+    opt_cfg: OptimizerConfig | None = None,
+    task=None,
+    mesh_cfg: sharding.MeshConfig | None = None,
+) -> dict:
     """Stage 1 end to end: tokenizer, (pretraining,) SFT, save; returns a summary dict."""
     sft_cfg, task = sft_cfg or SFTConfig(), task or tasks.make_task()
     if opt_cfg is None:
@@ -193,8 +224,7 @@ def run_sft(workdir: str, *, model_cfg: ModelConfig | None = None,
     if sft_cfg.init_from:
         model_cfg, params, tokenizer = load_policy(sft_cfg.init_from)
     model_cfg = model_cfg or ModelConfig()
-    tokenizer = tokenizer or tasks.build_tokenizer(task, sft_cfg.tokenizer_vocab_size,
-                                                   sft_cfg.seed)
+    tokenizer = tokenizer or tasks.build_tokenizer(task, sft_cfg.tokenizer_vocab_size, sft_cfg.seed)
     check_vocab(tokenizer, model_cfg.vocab_size)
     pretrain = 0 if sft_cfg.init_from else sft_cfg.pretrain_steps
     total = pretrain + sft_cfg.steps
@@ -215,17 +245,38 @@ def run_sft(workdir: str, *, model_cfg: ModelConfig | None = None,
                 docs = task.pretrain_documents(2000, np.random.default_rng(sft_cfg.seed + 1))
                 windows = corpus_windows(tokenizer, docs, sft_cfg.seq_len)
                 state, summary["pretrain/loss"] = _train(
-                    trainer, state, lm_batches(windows, sft_cfg.batch_size, sft_cfg.seed), pretrain,
-                    writer, "pretrain", sft_cfg.log_every, 0)
+                    trainer,
+                    state,
+                    lm_batches(windows, sft_cfg.batch_size, sft_cfg.seed),
+                    pretrain,
+                    writer,
+                    "pretrain",
+                    sft_cfg.log_every,
+                    0,
+                )
             state, summary["sft/loss"] = _train(
-                trainer, state, batches(train_demos, sft_cfg.batch_size, sft_cfg.seed),
-                sft_cfg.steps, writer, "sft", sft_cfg.log_every, pretrain)
+                trainer,
+                state,
+                batches(train_demos, sft_cfg.batch_size, sft_cfg.seed),
+                sft_cfg.steps,
+                writer,
+                "sft",
+                sft_cfg.log_every,
+                pretrain,
+            )
             summary["sft/heldout_loss"] = masked_eval_loss(model_cfg, state.params, heldout, 32)
     finally:
         writer.close()
     train_cfg = TrainConfig(steps=total, batch_size=sft_cfg.batch_size, seq_len=sft_cfg.seq_len)
-    save_policy(workdir, state, model_cfg, opt_cfg, tokenizer, train_cfg,
-                {"stage": "sft", "task": task.name})
+    save_policy(
+        workdir,
+        state,
+        model_cfg,
+        opt_cfg,
+        tokenizer,
+        train_cfg,
+        {"stage": "sft", "task": task.name},
+    )
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

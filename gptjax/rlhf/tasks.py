@@ -27,8 +27,22 @@ from gptjax.rlhf import chat
 POSITIVE = ("good", "great", "happy", "kind", "bright", "warm", "calm", "lovely")
 NEGATIVE = ("bad", "sad", "cold", "dark", "angry", "dull", "rude", "grim")
 NEUTRAL = ("big", "old", "small", "green", "tall", "long", "round", "new")
-TOPICS = ("the sea", "my cat", "the city", "a tree", "the weather", "my day", "the road",
-          "the house", "a book", "the sky", "the garden", "my dog", "the river", "the town")
+TOPICS = (
+    "the sea",
+    "my cat",
+    "the city",
+    "a tree",
+    "the weather",
+    "my day",
+    "the road",
+    "the house",
+    "a book",
+    "the sky",
+    "the garden",
+    "my dog",
+    "the river",
+    "the town",
+)
 ASKS = ("Tell me about {}.", "Describe {}.", "What is {} like?", "How is {}?")
 
 
@@ -74,8 +88,12 @@ class SentimentTask:
         docs = []
         for _ in range(n):
             k = int(rng.integers(2, 6))
-            docs.append(" ".join(self._sentence(TOPICS[rng.integers(len(TOPICS))], rng).capitalize()
-                                 for _ in range(k)))
+            docs.append(
+                " ".join(
+                    self._sentence(TOPICS[rng.integers(len(TOPICS))], rng).capitalize()
+                    for _ in range(k)
+                )
+            )
         return docs
 
 
@@ -117,5 +135,7 @@ def prompts(task, n: int, seed: int) -> list[list[chat.Turn]]:
 def build_tokenizer(task, vocab_size: int = 512, seed: int = 0) -> Tokenizer:
     """A small BPE trained on the task's dialogues and documents: words become single ids."""
     rng = np.random.default_rng(seed)
-    dialogues = [chat.render(p + [(chat.ASSISTANT, r)]) for p, r in demonstrations(task, 2000, seed)]
+    dialogues = [
+        chat.render(p + [(chat.ASSISTANT, r)]) for p, r in demonstrations(task, 2000, seed)
+    ]
     return train_sentencepiece(dialogues + task.pretrain_documents(500, rng), vocab_size)

@@ -44,8 +44,9 @@ class BatchRamp:
         full_tokens = self.train_cfg.batch_size * self.train_cfg.seq_len
         while len(self._rows) <= step:
             seen = self._rows_seen * self.train_cfg.seq_len
-            self._rows.append(batch_size_at(seen, self.opt_cfg, full_tokens,
-                                            self.train_cfg.seq_len))
+            self._rows.append(
+                batch_size_at(seen, self.opt_cfg, full_tokens, self.train_cfg.seq_len)
+            )
             self._rows_seen += self._rows[-1]
         return self._rows[step]
 
@@ -70,8 +71,7 @@ def objective_key(seed: int, step: int) -> jax.Array:
 
     Eval batch i uses step EVAL_KEY_OFFSET + i, so every eval sees the same masks.
     """
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), jax.process_index()),
-                              step)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), jax.process_index()), step)
 
 
 @dataclasses.dataclass
@@ -90,25 +90,33 @@ class RunData:
 
     def prepare(self, step: int, local: dict) -> dict:
         """The family's objective from a corpus batch (BERT masking is keyed by the step)."""
-        return family.from_windows(self.model_cfg, local, self.tokenizer,
-                                   objective_key(self.seed, step))
+        return family.from_windows(
+            self.model_cfg, local, self.tokenizer, objective_key(self.seed, step)
+        )
 
     def train_batch(self, step: int) -> dict:
         """The global batch of `step` (0-based), taken from the train iterator."""
         local, real = self.train_iter.take(self.ramp.rows(step))
-        return sharding.make_global_batch(mask_padding(self.prepare(step, local), real),
-                                          self.mesh, self.rules)
+        return sharding.make_global_batch(
+            mask_padding(self.prepare(step, local), real), self.mesh, self.rules
+        )
 
     def eval_batches(self) -> Iterator[dict]:
         """One in-order pass over the validation split, global batches (the same masks at
         every eval)."""
         for i, local in enumerate(self.eval_factory()):
-            yield sharding.make_global_batch(self.prepare(EVAL_KEY_OFFSET + i, local),
-                                             self.mesh, self.rules)
+            yield sharding.make_global_batch(
+                self.prepare(EVAL_KEY_OFFSET + i, local), self.mesh, self.rules
+            )
 
 
-def prepare_data(workdir: str, model_cfg: ModelConfig, data_cfg: DataConfig,
-                  train_cfg: TrainConfig, primary: bool):
+def prepare_data(
+    workdir: str,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    primary: bool,
+):
     """(tokenizer, train iterator, eval factory) of the run.
 
     Process 0 builds the dataset, tokenizer and token cache first; the others wait at the
@@ -120,9 +128,15 @@ def prepare_data(workdir: str, model_cfg: ModelConfig, data_cfg: DataConfig,
     tokenizer = workdir_tokenizer(workdir, data_cfg, save=primary)
     check_vocab(tokenizer, model_cfg.vocab_size)
     train_iter, eval_factory = run_datasets(
-        data_cfg, tokenizer, task_format=family.family_of(model_cfg).task_format,
-        seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        data_cfg,
+        tokenizer,
+        task_format=family.family_of(model_cfg).task_format,
+        seq_len=train_cfg.seq_len,
+        batch_size=train_cfg.batch_size,
+        seed=train_cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     if multi and primary:
         multihost_utils.sync_global_devices("gptjax_prepare_data")
     return tokenizer, train_iter, eval_factory

@@ -95,9 +95,13 @@ def fingerprints(state: PyTree) -> dict[str, dict]:
     fps = _fingerprint_leaves([jnp.asarray(x) for _, x in paths_leaves])
     # Outputs are replicated, so np.asarray works on every host even in multi-process runs.
     return {
-        jax.tree_util.keystr(p): {"dtype": str(jnp.asarray(x).dtype), "shape": list(np.shape(x)),
-                                  "fp": "%08x%08x" % tuple(int(v) for v in np.asarray(fp))}
-        for (p, x), fp in zip(paths_leaves, fps)}
+        jax.tree_util.keystr(p): {
+            "dtype": str(jnp.asarray(x).dtype),
+            "shape": list(np.shape(x)),
+            "fp": "".join(f"{int(v):08x}" for v in np.asarray(fp)),
+        }
+        for (p, x), fp in zip(paths_leaves, fps)
+    }
 
 
 def verify(state: PyTree, expected: dict[str, dict]) -> None:
@@ -111,18 +115,24 @@ def verify(state: PyTree, expected: dict[str, dict]) -> None:
     missing = sorted(set(got) - set(expected))
     if missing:
         raise CorruptCheckpointError(f"no checksum recorded for leaves {missing[:5]}")
+
     def kind(rec):
         return f"{rec['dtype']}{list(rec['shape'])}"
 
-    retyped = [f"{path} saved as {kind(expected[path])}, given {kind(rec)}"
-               for path, rec in got.items() if kind(rec) != kind(expected[path])]
+    retyped = [
+        f"{path} saved as {kind(expected[path])}, given {kind(rec)}"
+        for path, rec in got.items()
+        if kind(rec) != kind(expected[path])
+    ]
     if retyped:
         raise CorruptCheckpointError(
-            f"cannot verify leaves not in their saved dtype and shape: {'; '.join(retyped[:3])}")
+            f"cannot verify leaves not in their saved dtype and shape: {'; '.join(retyped[:3])}"
+        )
     bad = [path for path, rec in got.items() if rec["fp"] != expected[path]["fp"]]
     if bad:
         raise CorruptCheckpointError(
-            f"checksum mismatch in {len(bad)} of {len(got)} arrays, e.g. {bad[:5]}")
+            f"checksum mismatch in {len(bad)} of {len(got)} arrays, e.g. {bad[:5]}"
+        )
 
 
 def meta_digest(meta: dict) -> str:
@@ -139,21 +149,26 @@ def _in_saved_dtypes(abstract_state: PyTree, leaves: dict[str, dict]) -> PyTree:
     Orbax casts to the target dtype while reading, after which the saved bits are gone; reading
     in the saved dtype lets `verify` check every leaf (`_cast_like` casts afterwards).
     """
+
     def saved(path, x):
         rec = leaves.get(jax.tree_util.keystr(path))
         if rec is None or rec["dtype"] == str(x.dtype):
             return x  # nothing recorded: verify reports it
-        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(rec["dtype"]),
-                                    sharding=getattr(x, "sharding", None))
+        return jax.ShapeDtypeStruct(
+            x.shape, jnp.dtype(rec["dtype"]), sharding=getattr(x, "sharding", None)
+        )
+
     return jax.tree_util.tree_map_with_path(saved, abstract_state)
 
 
 def _cast_like(state: PyTree, abstract_state: PyTree) -> PyTree:
     """Cast each verified leaf to the dtype `abstract_state` asks for, keeping its sharding."""
+
     def cast(x, want):
         if x.dtype == want.dtype:
             return x
         return jax.device_put(x.astype(want.dtype), x.sharding)
+
     return jax.tree.map(cast, state, abstract_state)
 
 
@@ -172,6 +187,7 @@ def _barrier(name: str) -> None:
 
 def _describe(e: BaseException) -> str:
     """One readable line for an exception (tensorstore's messages run to pages)."""
+
     def first_line(x):
         line = (str(x).strip().splitlines() or [""])[0]
         return line.split(" See full TensorStore details")[0][:300]
@@ -189,21 +205,32 @@ class CheckpointManager:
     or moves anything. Call `close()` (or use `with`) so the last async save finishes.
     """
 
-    def __init__(self, workdir: str | epath.PathLike, checkpoint_every: int = 1000,
-                 max_to_keep: int | None = 3, async_save: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        workdir: str | epath.PathLike,
+        checkpoint_every: int = 1000,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.workdir = epath.Path(workdir)
         self.directory = self.workdir / CHECKPOINT_DIR
         self.read_only = read_only
         self.checkpoint_every = checkpoint_every
-        writing = {} if read_only else dict(save_interval_steps=checkpoint_every,
-                                            max_to_keep=max_to_keep)
+        writing = (
+            {} if read_only else dict(save_interval_steps=checkpoint_every, max_to_keep=max_to_keep)
+        )
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
-            **writing)
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+            create=not read_only,
+            **writing,
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
-    def should_save(self, step: int, *, last_step: int | None = None,
-                    preempted: bool = False) -> bool:
+    def should_save(
+        self, step: int, *, last_step: int | None = None, preempted: bool = False
+    ) -> bool:
         """Whether the training loop saves `step`: the one checkpoint policy.
 
         Yes at multiples of checkpoint_every, at the run's `last_step`, and on `preempted`
@@ -229,11 +256,16 @@ class CheckpointManager:
         if not (force or self.should_save(step)):
             return False
         meta = dict(meta or {})
-        checksums = {"version": CHECKSUMS_VERSION, "leaves": fingerprints(state),
-                     "meta": meta_digest(meta)}  # also a clear error now for non-JSON meta
+        checksums = {
+            "version": CHECKSUMS_VERSION,
+            "leaves": fingerprints(state),
+            "meta": meta_digest(meta),
+        }  # also a clear error now for non-JSON meta
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-            checksums=ocp.args.JsonSave(checksums))
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(meta),
+            checksums=ocp.args.JsonSave(checksums),
+        )
         return self._manager.save(step, args=args, force=True)
 
     def latest_step(self) -> int | None:
@@ -243,8 +275,9 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore(self, abstract_state: PyTree,
-                step: int | None = None) -> tuple[int, PyTree, dict] | None:
+    def restore(
+        self, abstract_state: PyTree, step: int | None = None
+    ) -> tuple[int, PyTree, dict] | None:
         """(step, state, meta) from the newest good step (or exactly `step`); None if none saved.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with shardings (e.g. from
@@ -265,21 +298,29 @@ class CheckpointManager:
                 state, meta = self._restore_step(s, abstract_state)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 reason = _describe(e)
-                log.warning("Checkpoint step %d in %s is unusable (%s); trying an older step.",
-                            s, self.directory, reason)
+                log.warning(
+                    "Checkpoint step %d in %s is unusable (%s); trying an older step.",
+                    s,
+                    self.directory,
+                    reason,
+                )
                 failures.append((s, reason))
                 continue
             if failures:
                 self._quarantine([f for f, _ in failures])
-                log.warning("Restored step %d after skipping broken newer steps %s.",
-                            s, [f for f, _ in failures])
+                log.warning(
+                    "Restored step %d after skipping broken newer steps %s.",
+                    s,
+                    [f for f, _ in failures],
+                )
             return s, state, meta
         tried = "\n".join(f"  step {s}: {reason}" for s, reason in failures)
         raise CheckpointError(
             f"No checkpoint in {self.directory} could be restored. Tried:\n{tried}\n"
             f"If the shapes or config changed, restore with a matching config; if the files are "
             f"damaged, move {self.directory} away (nothing was deleted) to start fresh, or move "
-            f"single bad step directories out of it to resume from the others.")
+            f"single bad step directories out of it to resume from the others."
+        )
 
     def _restore_step(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
         """Restore and verify one step: every leaf in its saved dtype, then meta, then cast."""
@@ -289,8 +330,12 @@ class CheckpointManager:
             target = abstract_state
         else:
             target = _in_saved_dtypes(abstract_state, checksums["leaves"])
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
         state, meta = out["state"], dict(out["meta"] or {})
         if checksums is not None:
             verify(state, checksums["leaves"])
@@ -301,19 +346,22 @@ class CheckpointManager:
         """The step's checksums record, or None for steps saved before checksums existed."""
         if not (self.directory / str(step) / "checksums").exists():
             return None
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            checksums=ocp.args.JsonRestore()))
+        out = self._manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
         return out["checksums"]
 
     @staticmethod
     def _verify_meta(step: int, meta: dict, expected: str | None) -> None:
         """The data iterator's position is restored state too: an edit must not pass silently."""
         if expected is None:
-            log.warning("Checkpoint step %d has no meta checksum (saved by an older gptjax); its "
-                        "meta is not verified.", step)
+            log.warning(
+                "Checkpoint step %d has no meta checksum (saved by an older gptjax); its "
+                "meta is not verified.",
+                step,
+            )
         elif meta_digest(meta) != expected:
             raise CorruptCheckpointError(
-                "meta checksum mismatch: the saved JSON (data iterator position, ...) was changed")
+                "meta checksum mismatch: the saved JSON (data iterator position, ...) was changed"
+            )
 
     def _quarantine(self, steps: list[int]) -> None:
         """Move broken step directories to `workdir/checkpoints_corrupt/<step>[.n]`.
@@ -346,7 +394,7 @@ class CheckpointManager:
     def close(self) -> None:
         self._manager.close()
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -428,15 +476,16 @@ class PreemptionHandler:
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def __enter__(self) -> "PreemptionHandler":
+    def __enter__(self) -> PreemptionHandler:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def install_preemption_handler(signals=(signal.SIGTERM,),
-                               check_every: int = PREEMPTION_CHECK_EVERY) -> PreemptionHandler:
+def install_preemption_handler(
+    signals=(signal.SIGTERM,), check_every: int = PREEMPTION_CHECK_EVERY
+) -> PreemptionHandler:
     """Install a flag-setting handler for `signals`; ask `.should_stop(step)` once per step on
     every process, `.close()` at the end."""
     return PreemptionHandler(signals, check_every)

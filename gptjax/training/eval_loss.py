@@ -18,8 +18,9 @@ import jax
 SumsFn = Callable[[dict], dict]  # batch -> {"loss_sum": scalar, "tokens": scalar}
 
 
-def weighted_mean_loss(sums_fn: SumsFn, batches: Iterable[dict],
-                       max_batches: int | None = None) -> dict[str, float]:
+def weighted_mean_loss(
+    sums_fn: SumsFn, batches: Iterable[dict], max_batches: int | None = None
+) -> dict[str, float]:
     """Σ loss_sum / Σ tokens over up to `max_batches` batches, with perplexity and the weight.
 
     Raises a ValueError when no batch (or no weighted token) was seen, rather than
@@ -30,7 +31,9 @@ def weighted_mean_loss(sums_fn: SumsFn, batches: Iterable[dict],
         out = jax.device_get(sums_fn(batch))
         total, weight = total + float(out["loss_sum"]), weight + float(out["tokens"])
     if not weight:
-        raise ValueError("no tokens to evaluate: the split is smaller than one batch (lower "
-                         "the eval batch size) or every loss weight is 0.")
+        raise ValueError(
+            "no tokens to evaluate: the split is smaller than one batch (lower "
+            "the eval batch size) or every loss weight is 0."
+        )
     loss = total / weight
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": weight}

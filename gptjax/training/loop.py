@@ -29,8 +29,8 @@ from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.models import family
-from gptjax.parallel import mesh as sharding
 from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
 from gptjax.training import batches
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
@@ -64,20 +64,26 @@ def _save_run_files(workdir: str, configs: dict) -> None:
     with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.config_str())
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump({"family": family.family_of(configs["model"]).name,
-                   **{k: dataclasses.asdict(v) for k, v in configs.items()}}, f, indent=2)
+        json.dump(
+            {
+                "family": family.family_of(configs["model"]).name,
+                **{k: dataclasses.asdict(v) for k, v in configs.items()},
+            },
+            f,
+            indent=2,
+        )
 
 
-def evaluate(trainer: Trainer, params, batches: Iterable[dict],
-             n_batches: int) -> dict[str, float]:
+def evaluate(trainer: Trainer, params, batches: Iterable[dict], n_batches: int) -> dict[str, float]:
     """Token-weighted mean eval loss and perplexity over up to `n_batches` global batches
     (`weighted_mean_loss` over `Trainer.eval_step`)."""
     out = weighted_mean_loss(lambda batch: trainer.eval_step(params, batch), batches, n_batches)
     return {"eval/loss": out["loss"], "eval/perplexity": out["perplexity"]}
 
 
-def _restore(manager: ckpt_lib.CheckpointManager, trainer: Trainer, train_iter,
-             seed: int) -> tuple[int, Any, int]:
+def _restore(
+    manager: ckpt_lib.CheckpointManager, trainer: Trainer, train_iter, seed: int
+) -> tuple[int, Any, int]:
     """(start step, train state, updates skipped so far): from the newest good checkpoint
     (the data iterator put back where it was), or a fresh state at step 0."""
     restored = manager.restore(abstract_state(trainer))
@@ -159,10 +165,15 @@ def _settle(run: _Run, step: int, metrics) -> dict[str, float]:
             f"({metrics['train/loss']}) or gradient norm ({metrics['grad_norm']}) and were "
             f"skipped; stopped before saving. The last good checkpoint (step {run.last_good}) "
             f"is kept in {run.workdir}. Lower OptimizerConfig.peak_lr, keep clip_norm on, or "
-            "train in float32 (ModelConfig.dtype='float32'), then rerun.")
+            "train in float32 (ModelConfig.dtype='float32'), then rerun."
+        )
     if skipped:
-        log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped "
-                    "(params unchanged)", step, metrics["train/loss"], metrics["grad_norm"])
+        log.warning(
+            "step %d: non-finite loss %s or gradient norm %s; update skipped (params unchanged)",
+            step,
+            metrics["train/loss"],
+            metrics["grad_norm"],
+        )
     else:
         run.summary["train/loss"] = metrics["train/loss"]
     return metrics
@@ -172,13 +183,15 @@ def _log_row(run: _Run, step: int, metrics: dict) -> None:
     """Write a step's metrics with throughput (tokens/s, MFU where the peak is known)."""
     rate = run.clock.rate(step)
     metrics["tokens_per_s"] = rate
-    mfu = metrics_lib.mfu(rate, run.model_cfg, run.train_cfg.seq_len, jax.device_count(),
-                          run.peak)
+    mfu = metrics_lib.mfu(rate, run.model_cfg, run.train_cfg.seq_len, jax.device_count(), run.peak)
     if mfu is not None:
         metrics["mfu"] = mfu
     run.writer.write(step, metrics)
-    run.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{rate:,.0f}",
-                        **({} if mfu is None else {"mfu": f"{mfu:.1%}"}))
+    run.bar.set_postfix(
+        loss=f"{metrics['train/loss']:.3f}",
+        tok_s=f"{rate:,.0f}",
+        **({} if mfu is None else {"mfu": f"{mfu:.1%}"}),
+    )
 
 
 def _show(name: str, value: float) -> str:
@@ -196,11 +209,16 @@ def _eval(run: _Run, step: int) -> dict[str, float]:
         metrics, text = hook(step, params)
         ev |= metrics
         texts.append(text)
-    extras = "".join(f", {k.removeprefix('eval/').replace('_', ' ')} {_show(k, v)}"
-                     for k, v in ev.items() if k not in ("eval/loss", "eval/perplexity"))
+    extras = "".join(
+        f", {k.removeprefix('eval/').replace('_', ' ')} {_show(k, v)}"
+        for k, v in ev.items()
+        if k not in ("eval/loss", "eval/perplexity")
+    )
     text = "\n".join(t for t in texts if t)
-    run.say(f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f})"
-            f"{extras}" + (f"\n--- sample ---\n{text}\n---" if text else ""))
+    run.say(
+        f"step {step}: eval loss {ev['eval/loss']:.3f} (ppl {ev['eval/perplexity']:.1f})"
+        f"{extras}" + (f"\n--- sample ---\n{text}\n---" if text else "")
+    )
     run.summary.update(ev)
     if text:
         run.writer.write_text(step, "sample", text)
@@ -211,8 +229,12 @@ def _eval(run: _Run, step: int) -> dict[str, float]:
 def _save(run: _Run, step: int) -> None:
     """Checkpoint `step` (CheckpointManager.should_save said so) with the data position."""
     with run.clock.pause():
-        run.manager.save(step, run.state, {"data": run.data.train_iter.get_state(),
-                                           "skipped_updates": run.skipped}, force=True)
+        run.manager.save(
+            step,
+            run.state,
+            {"data": run.data.train_iter.get_state(), "skipped_updates": run.skipped},
+            force=True,
+        )
     run.last_good = step
 
 
@@ -223,9 +245,12 @@ def _compile(run: _Run, batch: dict):
     run.summary["compile_s"] = time.perf_counter() - t0
     log.info("train_step compiled in %.1fs", run.summary["compile_s"])
     if run.peak is not None:
-        log.info("MFU: %s; %.3g model FLOPs per token, peak %.3g FLOP/s per device",
-                 metrics_lib.ATTENTION_CONVENTION,
-                 metrics_lib.flops_per_token(run.model_cfg, run.train_cfg.seq_len), run.peak)
+        log.info(
+            "MFU: %s; %.3g model FLOPs per token, peak %.3g FLOP/s per device",
+            metrics_lib.ATTENTION_CONVENTION,
+            metrics_lib.flops_per_token(run.model_cfg, run.train_cfg.seq_len),
+            run.peak,
+        )
     run.clock.t = time.perf_counter()
     return compiled
 
@@ -277,41 +302,80 @@ def _finish(run: _Run) -> dict:
     return summary
 
 
-def _start(workdir: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
-           opt_cfg: OptimizerConfig, data_cfg: DataConfig, trainer: Trainer,
-           hooks: MakeHooks | None, stop_after: int | None) -> _Run:
+def _start(
+    workdir: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    opt_cfg: OptimizerConfig,
+    data_cfg: DataConfig,
+    trainer: Trainer,
+    hooks: MakeHooks | None,
+    stop_after: int | None,
+) -> _Run:
     """Data, hooks, the run files and the restored (or fresh) state of one invocation."""
     primary = jax.process_index() == 0
     ramp = batches.BatchRamp(opt_cfg, train_cfg)
     if ramp.enabled and not family.family_of(model_cfg).causal_lm:
-        raise ValueError("OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
-                         "models; set it to 0 for encoder and seq2seq runs.")
-    tokenizer, train_iter, eval_factory = batches.prepare_data(workdir, model_cfg, data_cfg, train_cfg,
-                                                        primary)
+        raise ValueError(
+            "OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
+            "models; set it to 0 for encoder and seq2seq runs."
+        )
+    tokenizer, train_iter, eval_factory = batches.prepare_data(
+        workdir, model_cfg, data_cfg, train_cfg, primary
+    )
     if primary:
-        _save_run_files(workdir, {"model": model_cfg, "train": train_cfg, "optimizer": opt_cfg,
-                                  "data": data_cfg})
+        _save_run_files(
+            workdir,
+            {"model": model_cfg, "train": train_cfg, "optimizer": opt_cfg, "data": data_cfg},
+        )
     run_hooks = list(hooks(model_cfg, data_cfg, train_cfg, tokenizer)) if hooks else []
-    manager = ckpt_lib.CheckpointManager(workdir, checkpoint_every=train_cfg.checkpoint_every,
-                                         max_to_keep=train_cfg.keep_checkpoints)
+    manager = ckpt_lib.CheckpointManager(
+        workdir, checkpoint_every=train_cfg.checkpoint_every, max_to_keep=train_cfg.keep_checkpoints
+    )
     start, state, skipped = _restore(manager, trainer, train_iter, train_cfg.seed)
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
     return _Run(
-        workdir=workdir, model_cfg=model_cfg, train_cfg=train_cfg, trainer=trainer,
-        data=batches.RunData(model_cfg, tokenizer, train_iter, eval_factory, ramp, train_cfg.seed,
-                     trainer.mesh, trainer.rules),
-        manager=manager, writer=metrics_lib.MetricWriter(workdir, enabled=primary),
-        hooks=run_hooks, state=state, start=start, end=end, skipped=skipped,
+        workdir=workdir,
+        model_cfg=model_cfg,
+        train_cfg=train_cfg,
+        trainer=trainer,
+        data=batches.RunData(
+            model_cfg,
+            tokenizer,
+            train_iter,
+            eval_factory,
+            ramp,
+            train_cfg.seed,
+            trainer.mesh,
+            trainer.rules,
+        ),
+        manager=manager,
+        writer=metrics_lib.MetricWriter(workdir, enabled=primary),
+        hooks=run_hooks,
+        state=state,
+        start=start,
+        end=end,
+        skipped=skipped,
         summary={"start_step": start, "steps": train_cfg.steps, "preempted": False},
-        clock=Throughput(train_cfg.batch_size * train_cfg.seq_len, start), primary=primary,
-        peak=train_cfg.peak_flops or metrics_lib.peak_flops(), last_good=manager.latest_step())
+        clock=Throughput(train_cfg.batch_size * train_cfg.seq_len, start),
+        primary=primary,
+        peak=train_cfg.peak_flops or metrics_lib.peak_flops(),
+        last_good=manager.latest_step(),
+    )
 
 
-def train(workdir: str, *, model_cfg: ModelConfig | None = None,
-          train_cfg: TrainConfig | None = None, opt_cfg: OptimizerConfig | None = None,
-          data_cfg: DataConfig | None = None, mesh_cfg: sharding.MeshConfig | None = None,
-          hooks: MakeHooks | None = None, stop_after: int | None = None,
-          dry_run: bool = False) -> dict:
+def train(
+    workdir: str,
+    *,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    opt_cfg: OptimizerConfig | None = None,
+    data_cfg: DataConfig | None = None,
+    mesh_cfg: sharding.MeshConfig | None = None,
+    hooks: MakeHooks | None = None,
+    stop_after: int | None = None,
+    dry_run: bool = False,
+) -> dict:
     """Train (or resume) a model in `workdir`; returns a summary dict.
 
     Configs default to what gin binds. `hooks(model_cfg, data_cfg, train_cfg, tokenizer)`
@@ -328,13 +392,15 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
     setup_compilation_cache(train_cfg.compilation_cache_dir)
     mesh = sharding.make_mesh(mesh_cfg)
     rules = logical.logical_axis_rules(mesh_cfg.rules)
-    trainer = make_trainer(model_cfg, opt_cfg, train_cfg.steps, mesh, rules,
-                           train_cfg.batch_size)
+    trainer = make_trainer(model_cfg, opt_cfg, train_cfg.steps, mesh, rules, train_cfg.batch_size)
     if train_cfg.seq_len > model_cfg.max_len:
-        raise ValueError(f"TrainConfig.seq_len={train_cfg.seq_len} exceeds ModelConfig.max_len="
-                         f"{model_cfg.max_len}.")
+        raise ValueError(
+            f"TrainConfig.seq_len={train_cfg.seq_len} exceeds ModelConfig.max_len="
+            f"{model_cfg.max_len}."
+        )
     if dry_run:
         from gptjax.training.dry_run import report
+
         return report(trainer, train_cfg)
     run = _start(workdir, model_cfg, train_cfg, opt_cfg, data_cfg, trainer, hooks, stop_after)
     with contextlib.ExitStack() as stack:
@@ -343,8 +409,14 @@ def train(workdir: str, *, model_cfg: ModelConfig | None = None,
         stack.callback(run.writer.close)
         stack.callback(run.manager.close)
         stack.callback(run.manager.wait)
-        run.bar = stack.enter_context(tqdm(total=run.end, initial=run.start,
-                                           disable=not run.primary, desc="train",
-                                           dynamic_ncols=True))
+        run.bar = stack.enter_context(
+            tqdm(
+                total=run.end,
+                initial=run.start,
+                disable=not run.primary,
+                desc="train",
+                dynamic_ncols=True,
+            )
+        )
         _train_steps(run, handler)
     return _finish(run)

@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptjax.models import family as family_lib
 from gptjax.config import ModelConfig
+from gptjax.models import family as family_lib
 from gptjax.models.flops import ATTENTION_CONVENTION, source_target_lengths  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -93,20 +93,28 @@ def peak_flops(device: Any = None) -> float | None:
     """
     device = jax.devices()[0] if device is None else device
     if getattr(device, "platform", "") == "cpu":
-        _say_once("cpu", logging.INFO, "no published peak FLOP/s for a CPU, so no MFU; set "
-                  "TrainConfig.peak_flops (e.g. to metrics.measured_matmul_peak()) for one.")
+        _say_once(
+            "cpu",
+            logging.INFO,
+            "no published peak FLOP/s for a CPU, so no MFU; set "
+            "TrainConfig.peak_flops (e.g. to metrics.measured_matmul_peak()) for one.",
+        )
         return None
     kind = str(device.device_kind).strip().lower()
     peak = _PEAK_BY_KIND.get(kind)
     if peak is None:
-        _say_once(kind, logging.WARNING,
-                  f"no peak FLOP/s known for device kind {device.device_kind!r}, so no MFU; "
-                  "set TrainConfig.peak_flops to its dense bf16 peak (FLOP/s per JAX device).")
+        _say_once(
+            kind,
+            logging.WARNING,
+            f"no peak FLOP/s known for device kind {device.device_kind!r}, so no MFU; "
+            "set TrainConfig.peak_flops to its dense bf16 peak (FLOP/s per JAX device).",
+        )
     return peak
 
 
-def measured_matmul_peak(n: int = 2048, dtype: str | None = None, repeats: int = 5,
-                         device: Any = None) -> float:
+def measured_matmul_peak(
+    n: int = 2048, dtype: str | None = None, repeats: int = 5, device: Any = None
+) -> float:
     """FLOP/s of a jitted n x n x n matmul, best of `repeats`: *measured*, not published.
 
     A yardstick where no datasheet peak exists (a CPU), e.g. for
@@ -117,8 +125,9 @@ def measured_matmul_peak(n: int = 2048, dtype: str | None = None, repeats: int =
     device = jax.local_devices()[0] if device is None else device
     dtype = dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     a_key, b_key = jax.random.split(jax.random.key(0))
-    a_NN, b_NN = (jax.device_put(jax.random.normal(k, (n, n), dtype), device)
-                  for k in (a_key, b_key))
+    a_NN, b_NN = (
+        jax.device_put(jax.random.normal(k, (n, n), dtype), device) for k in (a_key, b_key)
+    )
     matmul = jax.jit(jnp.matmul)
     matmul(a_NN, b_NN).block_until_ready()  # compile outside the timing
     best = float("inf")
@@ -154,8 +163,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return FORWARD_BACKWARD * forward / seq_len
 
 
-def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, n_devices: int,
-        peak: float | None) -> float | None:
+def mfu(
+    tokens_per_s: float, cfg: ModelConfig, seq_len: int, n_devices: int, peak: float | None
+) -> float | None:
     """Model FLOPs utilisation over n_devices of `peak` FLOP/s each; None without a peak."""
     if peak is None:
         return None
@@ -177,9 +187,10 @@ class MetricWriter:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115  (closed by close())
             try:
                 from tensorboardX import SummaryWriter
+
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # TensorBoard is optional; the JSONL log is the record
                 self._tb = None

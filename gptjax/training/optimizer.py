@@ -69,7 +69,8 @@ class OptimizerConfig:
         if self.warmup_steps < 0 or self.grad_accum_steps < 1:
             raise ValueError(
                 f"need warmup_steps >= 0 and grad_accum_steps >= 1, got "
-                f"{self.warmup_steps} and {self.grad_accum_steps}")
+                f"{self.warmup_steps} and {self.grad_accum_steps}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +91,10 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
         log.warning(
             "OptimizerConfig.warmup_steps=%d does not end before the decay ends (step %d): "
             "warming up over the first %d steps instead, with no decay.",
-            cfg.warmup_steps, end_step, max(end_step, 1))
+            cfg.warmup_steps,
+            end_step,
+            max(end_step, 1),
+        )
         return optax.linear_schedule(0.0, peak, max(end_step, 1))
     decay_len = end_step - cfg.warmup_steps
     if cfg.decay == "cosine":
@@ -128,13 +132,18 @@ def weight_decay_mask(params: PyTree, decay_names=DECAY_NAMES) -> PyTree:
     name, not ndim, because the stacked layer axis makes LayerNorm parameters 2-D. Works on
     arrays and on `jax.ShapeDtypeStruct`s, so optax can call it inside jit.
     """
+
     def decide(path, _):
         return _leaf_name(path) in decay_names
 
     mask = jax.tree_util.tree_map_with_path(decide, params)
-    unknown = sorted({
-        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
-        if _leaf_name(p) not in decay_names | NO_DECAY_NAMES})
+    unknown = sorted(
+        {
+            jax.tree_util.keystr(p)
+            for p, _ in jax.tree_util.tree_leaves_with_path(params)
+            if _leaf_name(p) not in decay_names | NO_DECAY_NAMES
+        }
+    )
     if unknown:
         log.warning("weight_decay_mask: no decay for leaves with unknown names: %s", unknown)
     return mask
@@ -144,8 +153,9 @@ def weight_decay_mask(params: PyTree, decay_names=DECAY_NAMES) -> PyTree:
 # The optimizer
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int,
-                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) -> AdamW(schedule, b1, b2, eps, masked decoupled decay).
 
     optax's AdamW multiplies the decay by the scheduled lr (p -= lr * (adam + wd * p)), as
@@ -156,8 +166,13 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
     if schedule is None:
         schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(
-        learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+        learning_rate=schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask,
+    )
     if not cfg.clip_norm:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
@@ -167,8 +182,9 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
 # GPT-3 batch-size ramp
 
 
-def batch_size_at(tokens_seen: int, cfg: OptimizerConfig, full_batch_tokens: int,
-                  seq_len: int) -> int:
+def batch_size_at(
+    tokens_seen: int, cfg: OptimizerConfig, full_batch_tokens: int, seq_len: int
+) -> int:
     """Sequences per step after `tokens_seen` training tokens, under GPT-3's batch ramp.
 
     The batch grows linearly from `cfg.batch_ramp_start` tokens to `full_batch_tokens` over the

@@ -36,7 +36,6 @@ import optax
 from gptjax.config import ModelConfig
 from gptjax.models import family
 from gptjax.parallel import mesh as sharding
-from gptjax.parallel import logical
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
 
 # loss_fn(params, batch) -> (sums, weights, aux): see `weighted_loss_and_grads`.
@@ -73,13 +72,21 @@ class TrainConfig:
     compilation_cache_dir: str | None = "~/.cache/gptjax/jax_cache"
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every",
-                     "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "log_every",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
         if self.max_consecutive_skips < 0:
-            raise ValueError("TrainConfig.max_consecutive_skips must be >= 0, got "
-                             f"{self.max_consecutive_skips}.")
+            raise ValueError(
+                f"TrainConfig.max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}."
+            )
 
 
 @flax.struct.dataclass
@@ -105,9 +112,11 @@ def loss_fn(cfg: ModelConfig, params, batch: dict, key: jax.Array | None = None)
 def family_objective(cfg: ModelConfig) -> LossFn:
     """The family's training loss as `make_update` wants it: one term, summed over the
     scored tokens of a (micro)batch, with the dropout key its rows carry."""
+
     def objective(params, mb: dict):
         total, weight = family.loss_sums(cfg, params, mb, dropout_key(mb))
         return {"loss": total}, {"loss": weight}, {}
+
     return objective
 
 
@@ -129,7 +138,8 @@ def split_microbatches(batch: dict, num_micro: int) -> dict:
         if not x.ndim or x.shape[0] % num_micro:
             raise ValueError(
                 f"batch leaf {jax.tree_util.keystr(path)} of shape {x.shape} does not divide into "
-                f"{num_micro} microbatches; choose grad_accum_steps dividing the per-step batch")
+                f"{num_micro} microbatches; choose grad_accum_steps dividing the per-step batch"
+            )
 
     def split(x):
         return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
@@ -169,8 +179,10 @@ def weighted_loss_and_grads(loss_fn: LossFn, params, batch: dict, num_micro: int
         (loss, aux), grads = value_and_grad(params, mb)
         return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, (loss, grads, aux)), None
 
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
-                        (out_shape[0][0], out_shape[1], out_shape[0][1]))
+    init = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+        (out_shape[0][0], out_shape[1], out_shape[0][1]),
+    )
     (loss, grads, aux), _ = jax.lax.scan(body, init, micro)
     grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, out_shape[1])
     return loss, grads, jax.tree.map(lambda a: a / num_micro, aux)
@@ -186,17 +198,23 @@ def make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, num_mi
     caller decides when too many skips mean divergence. Pure: the caller jits it (or scans it).
     metrics: `loss`, `grad_norm` (before clipping), `update_skipped` (0 or 1), and aux.
     """
+
     def update(params, opt_state, batch: dict):
         loss, grads, aux = weighted_loss_and_grads(loss_fn, params, batch, num_micro)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new = (optax.apply_updates(params, updates), new_opt_state)
-        params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
-                                         (params, opt_state))
-        metrics = {"loss": loss, "grad_norm": grad_norm,
-                   "update_skipped": 1.0 - finite.astype(jnp.float32)}
+        params, opt_state = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), new, (params, opt_state)
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "update_skipped": 1.0 - finite.astype(jnp.float32),
+        }
         return params, opt_state, metrics | aux
+
     return update
 
 
@@ -215,9 +233,11 @@ def with_dropout_keys(update, rows: Callable[[dict], int] = family.batch_rows) -
     The keys ride along as a per-row batch leaf `dropout_key`, so the microbatch split gives
     each microbatch its own; the objective reads it with `dropout_key(mb)`.
     """
+
     def keyed(params, opt_state, batch: dict, *, key: jax.Array):
         keys = jax.random.key_data(jax.random.split(key, rows(batch)))
         return update(params, opt_state, {**batch, "dropout_key": keys})
+
     return keyed
 
 
@@ -226,32 +246,47 @@ def dropout_key(mb: dict) -> jax.Array | None:
     return jax.random.wrap_key_data(mb["dropout_key"][0]) if "dropout_key" in mb else None
 
 
-def state_shardings(optimizer: optax.GradientTransformation, params, param_shardings,
-                    mesh: jax.sharding.Mesh) -> TrainState:
+def state_shardings(
+    optimizer: optax.GradientTransformation, params, param_shardings, mesh: jax.sharding.Mesh
+) -> TrainState:
     """Shardings of a TrainState over `params` (arrays or ShapeDtypeStructs): the params as
     given, the optimizer moments like their params, step and rng replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return TrainState(step=replicated, params=param_shardings, rng=replicated,
-                      opt_state=sharding.opt_state_shardings(optimizer, params, param_shardings,
-                                                             mesh))
+    return TrainState(
+        step=replicated,
+        params=param_shardings,
+        rng=replicated,
+        opt_state=sharding.opt_state_shardings(optimizer, params, param_shardings, mesh),
+    )
 
 
-def place_state(optimizer: optax.GradientTransformation, params, key: jax.Array,
-                shardings: TrainState) -> TrainState:
+def place_state(
+    optimizer: optax.GradientTransformation, params, key: jax.Array, shardings: TrainState
+) -> TrainState:
     """A step-0 TrainState of `params`, fresh optimizer state and `key`, on `shardings`.
 
     The params go through host memory, so the state never shares buffers with arrays the
     caller keeps (a reference model, a sampler's policy): the train step donates it.
     """
     params = jax.device_get(params)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=optimizer.init(params), rng=jax.random.key_data(key))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(key),
+    )
     return jax.device_put(state, shardings)
 
 
-def jit_train_step(update: StepUpdate, optimizer: optax.GradientTransformation, params,
-                   param_shardings, batch_shardings: tuple, mesh: jax.sharding.Mesh,
-                   metrics: Callable[[dict, jax.Array], dict] | None = None):
+def jit_train_step(
+    update: StepUpdate,
+    optimizer: optax.GradientTransformation,
+    params,
+    param_shardings,
+    batch_shardings: tuple,
+    mesh: jax.sharding.Mesh,
+    metrics: Callable[[dict, jax.Array], dict] | None = None,
+):
     """(train_step, state shardings): the one jitted, sharded, donated step of every trainer.
 
     `train_step(state, *batch) -> (state, metrics)` runs `update(params, opt_state, *batch,
@@ -269,8 +304,12 @@ def jit_train_step(update: StepUpdate, optimizer: optax.GradientTransformation, 
         m = m if metrics is None else metrics(m, state.step)
         return state.replace(step=state.step + 1, params=new_params, opt_state=opt_state), m
 
-    step = jax.jit(train_step, in_shardings=(shardings, *batch_shardings),
-                   out_shardings=(shardings, shardings.step), donate_argnums=0)
+    step = jax.jit(
+        train_step,
+        in_shardings=(shardings, *batch_shardings),
+        out_shardings=(shardings, shardings.step),
+        donate_argnums=0,
+    )
     return step, shardings
 
 
@@ -300,45 +339,84 @@ class Trainer:
 def _init(cfg: ModelConfig, optimizer, seed: int) -> TrainState:
     init_key, rng = jax.random.split(jax.random.key(seed))
     params = family.init_params(cfg, init_key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(rng),
+    )
 
 
 def _train_metrics(schedule):
     def metrics(m: dict, step: jax.Array) -> dict:
-        return {"train/loss": m["loss"], "grad_norm": m["grad_norm"],
-                "update_skipped": m["update_skipped"], "lr": schedule(step)}
+        return {
+            "train/loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "update_skipped": m["update_skipped"],
+            "lr": schedule(step),
+        }
+
     return metrics
 
 
-def make_trainer(cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
-                 mesh: jax.sharding.Mesh, rules: tuple, global_batch_size: int) -> Trainer:
+def make_trainer(
+    cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    total_steps: int,
+    mesh: jax.sharding.Mesh,
+    rules: tuple,
+    global_batch_size: int,
+) -> Trainer:
     """Shardings from the logical axes, then the three jitted functions."""
     schedule = make_schedule(opt_cfg, total_steps)
     optimizer = make_optimizer(opt_cfg, total_steps, schedule)
     if global_batch_size % opt_cfg.grad_accum_steps:
-        raise ValueError(f"TrainConfig.batch_size={global_batch_size} is not divisible by "
-                         f"OptimizerConfig.grad_accum_steps={opt_cfg.grad_accum_steps}.")
+        raise ValueError(
+            f"TrainConfig.batch_size={global_batch_size} is not divisible by "
+            f"OptimizerConfig.grad_accum_steps={opt_cfg.grad_accum_steps}."
+        )
     sharding.check_divisible(cfg, mesh, rules, global_batch_size // opt_cfg.grad_accum_steps)
     abstract = jax.eval_shape(functools.partial(_init, cfg, optimizer), 0)
     p_shard = sharding.param_shardings(cfg, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     update = make_update(family_objective(cfg), optimizer, opt_cfg.grad_accum_steps)
-    step, state_shards = jit_train_step(with_dropout_keys(update), optimizer, abstract.params,
-                                        p_shard, (batch_sharding,), mesh,
-                                        _train_metrics(schedule))
-    init = jax.jit(functools.partial(_init, cfg, optimizer), static_argnums=0,
-                   out_shardings=state_shards)
-    evaluate = jax.jit(functools.partial(family.eval_sums, cfg),
-                       in_shardings=(p_shard, batch_sharding), out_shardings=replicated)
-    return Trainer(cfg=cfg, optimizer=optimizer, schedule=schedule, mesh=mesh, rules=rules,
-                   state_shardings=state_shards, batch_sharding=batch_sharding,
-                   init_train_state=init, train_step=step, eval_step=evaluate)
+    step, state_shards = jit_train_step(
+        with_dropout_keys(update),
+        optimizer,
+        abstract.params,
+        p_shard,
+        (batch_sharding,),
+        mesh,
+        _train_metrics(schedule),
+    )
+    init = jax.jit(
+        functools.partial(_init, cfg, optimizer), static_argnums=0, out_shardings=state_shards
+    )
+    evaluate = jax.jit(
+        functools.partial(family.eval_sums, cfg),
+        in_shardings=(p_shard, batch_sharding),
+        out_shardings=replicated,
+    )
+    return Trainer(
+        cfg=cfg,
+        optimizer=optimizer,
+        schedule=schedule,
+        mesh=mesh,
+        rules=rules,
+        state_shardings=state_shards,
+        batch_sharding=batch_sharding,
+        init_train_state=init,
+        train_step=step,
+        eval_step=evaluate,
+    )
 
 
 def abstract_state(trainer: Trainer) -> TrainState:
     """ShapeDtypeStructs carrying the target shardings (what a restore fills in)."""
     shapes = jax.eval_shape(functools.partial(_init, trainer.cfg, trainer.optimizer), 0)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, trainer.state_shardings)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes,
+        trainer.state_shardings,
+    )

@@ -11,11 +11,11 @@ import os
 
 import jax
 
-from gptjax.training import checkpoint as ckpt_lib
-from gptjax.models import family
-from gptjax.parallel import mesh as sharding
-from gptjax.parallel import logical
 from gptjax.data.config import DataConfig, workdir_tokenizer
+from gptjax.models import family
+from gptjax.parallel import logical
+from gptjax.parallel import mesh as sharding
+from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, abstract_state, make_trainer
 
@@ -25,12 +25,18 @@ def load_configs(workdir: str) -> dict:
     family's class: ModelConfig, EncoderConfig or Seq2SeqConfig)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json in {workdir!r}; train first with "
-                                f"`gptjax train --workdir={workdir} ...`.")
+        raise FileNotFoundError(
+            f"no config.json in {workdir!r}; train first with "
+            f"`gptjax train --workdir={workdir} ...`."
+        )
     with open(path) as f:
         raw = json.load(f)
-    kinds = {"model": family.by_name(raw.get("family", "decoder")).config_class, "train": TrainConfig,
-             "optimizer": OptimizerConfig, "data": DataConfig}
+    kinds = {
+        "model": family.by_name(raw.get("family", "decoder")).config_class,
+        "train": TrainConfig,
+        "optimizer": OptimizerConfig,
+        "data": DataConfig,
+    }
     return {k: kinds[k](**v) for k, v in raw.items() if k in kinds}
 
 
@@ -44,8 +50,9 @@ def load_run(workdir: str, mesh_cfg: sharding.MeshConfig | None = None):
     else:
         mesh = sharding.make_mesh(mesh_cfg)
     rules = logical.logical_axis_rules(mesh_cfg.rules)
-    trainer = make_trainer(cfg, configs["optimizer"], train_cfg.steps, mesh, rules,
-                           train_cfg.batch_size)
+    trainer = make_trainer(
+        cfg, configs["optimizer"], train_cfg.steps, mesh, rules, train_cfg.batch_size
+    )
     manager = ckpt_lib.CheckpointManager(workdir, read_only=True)
     try:
         restored = manager.restore(abstract_state(trainer))

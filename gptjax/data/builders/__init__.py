@@ -13,6 +13,13 @@ from gptjax.data.builders.text_files import (
 )
 
 __all__ = [
-    "SHAKESPEARE_SHA256", "SHAKESPEARE_URL", "GptjaxText", "TextConfig", "glob_config",
-    "make_builder", "prepare", "shakespeare_config", "stdlib_config",
+    "SHAKESPEARE_SHA256",
+    "SHAKESPEARE_URL",
+    "GptjaxText",
+    "TextConfig",
+    "glob_config",
+    "make_builder",
+    "prepare",
+    "shakespeare_config",
+    "stdlib_config",
 ]

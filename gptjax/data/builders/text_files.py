@@ -29,15 +29,26 @@ from collections.abc import Callable, Iterator
 
 import tensorflow_datasets as tfds
 
-SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-                   "tinyshakespeare/input.txt")
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # Directories of the stdlib that are not library source: tests are ~60% of the bytes and
 # site-packages holds whatever happens to be installed (not reproducible across machines).
 # Besides tests and third-party packages, leave out two directories that are data, not code:
 # encodings/ (1.4 MB of codec tables) and pydoc_data/ (one 0.75 MB string of documentation).
-STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
-                                  "idle_test", "__pycache__", "encodings", "pydoc_data"})
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "__pycache__",
+        "encodings",
+        "pydoc_data",
+    }
+)
 
 # (key, loader) pairs: loading is deferred so each split reads only its own files.
 Document = tuple[str, Callable[[], str]]
@@ -66,15 +77,25 @@ class TextConfig(tfds.core.BuilderConfig):
 def stdlib_config(max_files: int | None = None) -> TextConfig:
     """The standard-library corpus; ``max_files`` gives a small, separately cached subset."""
     name = "stdlib" if max_files is None else f"stdlib_first{max_files}"
-    return TextConfig(name=name, source="stdlib", chunking="file", max_files=max_files,
-                      description=f"Python {sys.version_info.major}.{sys.version_info.minor} "
-                                  "standard library source")
+    return TextConfig(
+        name=name,
+        source="stdlib",
+        chunking="file",
+        max_files=max_files,
+        description=f"Python {sys.version_info.major}.{sys.version_info.minor} "
+        "standard library source",
+    )
 
 
 def shakespeare_config() -> TextConfig:
     """Tiny Shakespeare, from the builder's ``path`` (verified by sha256) or its URL."""
-    return TextConfig(name="shakespeare", source="shakespeare", chunking="paragraph",
-                      validation_fraction=0.03, description="tiny Shakespeare (char-rnn)")
+    return TextConfig(
+        name="shakespeare",
+        source="shakespeare",
+        chunking="paragraph",
+        validation_fraction=0.03,
+        description="tiny Shakespeare (char-rnn)",
+    )
 
 
 def glob_config(pattern: str, chunking: str = "auto") -> TextConfig:
@@ -82,8 +103,13 @@ def glob_config(pattern: str, chunking: str = "auto") -> TextConfig:
     never share a prepared dataset directory."""
     pattern = os.path.abspath(os.path.expanduser(pattern))
     digest = hashlib.sha256(f"{pattern}|{chunking}".encode()).hexdigest()[:10]
-    return TextConfig(name=f"files_{digest}", source="glob", path=pattern, chunking=chunking,
-                      description=f"text files matching {pattern}")
+    return TextConfig(
+        name=f"files_{digest}",
+        source="glob",
+        path=pattern,
+        chunking=chunking,
+        description=f"text files matching {pattern}",
+    )
 
 
 def is_validation(key: str, fraction: float) -> bool:
@@ -136,11 +162,14 @@ def check_shakespeare(path: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"tiny Shakespeare not found at {path}; download {SHAKESPEARE_URL} there, or pass "
-            "path=None to let TFDS download it")
+            "path=None to let TFDS download it"
+        )
     actual = sha256_of_file(path)
     if actual != SHAKESPEARE_SHA256:
-        raise ValueError(f"{path} has sha256 {actual}, expected {SHAKESPEARE_SHA256} (tiny "
-                         f"Shakespeare from {SHAKESPEARE_URL}); the file is corrupt or different")
+        raise ValueError(
+            f"{path} has sha256 {actual}, expected {SHAKESPEARE_SHA256} (tiny "
+            f"Shakespeare from {SHAKESPEARE_URL}); the file is corrupt or different"
+        )
     return path
 
 
@@ -148,12 +177,15 @@ def download_shakespeare(dl_manager) -> str:
     try:
         return os.fspath(dl_manager.download(SHAKESPEARE_URL))
     except OSError as e:  # requests' ConnectionError is an OSError
-        raise OSError(f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}); fetch "
-                      "it by other means and pass its local path (path=...)") from e
+        raise OSError(
+            f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}); fetch "
+            "it by other means and pass its local path (path=...)"
+        ) from e
 
 
-def file_documents(files: list[str], root: str, reader: Callable[[str], str | None],
-                   chunking: str) -> list[Document]:
+def file_documents(
+    files: list[str], root: str, reader: Callable[[str], str | None], chunking: str
+) -> list[Document]:
     """Documents keyed by path relative to ``root``, so the split does not depend on where the
     corpus lives."""
     if chunking == "auto":
@@ -175,8 +207,10 @@ def file_documents(files: list[str], root: str, reader: Callable[[str], str | No
 def glob_files(pattern: str) -> list[str]:
     files = sorted(f for f in glob_lib.glob(pattern, recursive=True) if os.path.isfile(f))
     if not files:
-        raise FileNotFoundError(f"no files match {pattern!r}; check the path (globs like "
-                                "'data/**/*.txt' are recursive) or use the 'stdlib' corpus")
+        raise FileNotFoundError(
+            f"no files match {pattern!r}; check the path (globs like "
+            "'data/**/*.txt' are recursive) or use the 'stdlib' corpus"
+        )
     return files
 
 
@@ -184,8 +218,10 @@ class GptjaxText(tfds.core.GeneratorBasedBuilder):
     """Local text corpora as one-document-per-example array_record shards."""
 
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release.",
-                     "1.1.0": "stdlib: without the encodings/ codec tables and pydoc_data/."}
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "stdlib: without the encodings/ codec tables and pydoc_data/.",
+    }
     BUILDER_CONFIGS = [stdlib_config(), shakespeare_config()]
     DEFAULT_CONFIG_NAME = "stdlib"
 
@@ -215,21 +251,28 @@ class GptjaxText(tfds.core.GeneratorBasedBuilder):
             return file_documents([check_shakespeare(path)], "", read_text, "paragraph")
         if config.source == "glob":
             files = glob_files(path or "")[: config.max_files]
-            return file_documents(files, os.path.commonpath(files) if len(files) > 1 else "",
-                                  read_text, config.chunking)
+            return file_documents(
+                files,
+                os.path.commonpath(files) if len(files) > 1 else "",
+                read_text,
+                config.chunking,
+            )
         raise ValueError(f"unknown source {config.source!r}; use 'stdlib', 'shakespeare' or 'glob'")
 
     def _split_generators(self, dl_manager):
         docs = self._documents(dl_manager)
         if len(docs) < 2:
-            raise ValueError(f"config {self.builder_config.name!r} yields {len(docs)} document(s); "
-                             "need at least 2 to make train and validation splits")
+            raise ValueError(
+                f"config {self.builder_config.name!r} yields {len(docs)} document(s); "
+                "need at least 2 to make train and validation splits"
+            )
         fraction = self.builder_config.validation_fraction
         validation = {k for k, _ in docs if is_validation(k, fraction)}
         if not validation:
             # Tiny corpora: guarantee an eval split, still chosen by hash (deterministic).
-            validation = {min((k for k, _ in docs),
-                              key=lambda k: hashlib.sha256(k.encode()).digest())}
+            validation = {
+                min((k for k, _ in docs), key=lambda k: hashlib.sha256(k.encode()).digest())
+            }
         return {
             "train": self._generate_examples([d for d in docs if d[0] not in validation]),
             "validation": self._generate_examples([d for d in docs if d[0] in validation]),
@@ -242,15 +285,17 @@ class GptjaxText(tfds.core.GeneratorBasedBuilder):
                 yield key, {"text": text}
 
 
-def make_builder(config: TextConfig | str, data_dir: str | os.PathLike,
-                 path: str | os.PathLike | None = None) -> GptjaxText:
+def make_builder(
+    config: TextConfig | str, data_dir: str | os.PathLike, path: str | os.PathLike | None = None
+) -> GptjaxText:
     """The builder for ``config`` (a TextConfig or a predefined name) under an explicit data_dir;
     ``path`` is a local file for the ``shakespeare`` config."""
     return GptjaxText(config=config, data_dir=os.fspath(data_dir), path=path)
 
 
-def prepare(config: TextConfig | str, data_dir: str | os.PathLike,
-            path: str | os.PathLike | None = None) -> GptjaxText:
+def prepare(
+    config: TextConfig | str, data_dir: str | os.PathLike, path: str | os.PathLike | None = None
+) -> GptjaxText:
     """Build the array_record shards once (a no-op when already prepared) and return the builder."""
     builder = make_builder(config, data_dir, path)
     builder.download_and_prepare()
