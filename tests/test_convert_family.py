@@ -12,6 +12,7 @@ from gptjax import hf as convert
 from gptjax.config import PRESETS, EncoderConfig
 from gptjax.inference import decoding as seq2seq_decode  # noqa: E402
 from gptjax.models import bert as encoder
+from gptjax.models import family
 from gptjax.models import transformer as seq2seq
 
 # (layers, width, heads, d_ff, vocab, positions, token types, activation, tied): odd sizes.
@@ -121,7 +122,7 @@ def test_bert_presets_match_hf_parameter_counts():
         with torch.device("meta"):
             hf = transformers.BertForMaskedLM(transformers.BertConfig(**kwargs))
         expected = sum(p.numel() for p in hf.parameters())  # tied decoder counted once
-        assert encoder.param_count(PRESETS[name]) == expected, name
+        assert family.param_count(PRESETS[name]) == expected, name
 
 
 # (enc layers, dec layers, width, heads, d_ff, vocab, activation, scale_embedding, tied);
