@@ -203,6 +203,30 @@ def _training_lines(texts_or_files: Iterable[str], max_chars: int) -> Iterator[s
                 return
 
 
+# sentencepiece options under which decode(encode(x)) == x for any text: no normalisation,
+# whitespace kept, newline and tab as their own pieces, unknown characters as bytes.
+EXACT_BPE = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    character_coverage=1.0,
+    user_defined_symbols=["\n", "\t"],
+    control_symbols=list(SPECIAL_TOKENS[3:]),
+    pad_id=0,
+    unk_id=1,
+    bos_id=2,
+    eos_id=3,
+    hard_vocab_limit=False,
+    shuffle_input_sentence=True,
+    max_sentence_length=16384,
+    minloglevel=2,
+)
+
+
 def train_sentencepiece(
     texts_or_files: Iterable[str],
     vocab_size: int,
@@ -235,26 +259,9 @@ def train_sentencepiece(
         sentence_iterator=_training_lines(texts_or_files, max_chars),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        user_defined_symbols=["\n", "\t"],
-        control_symbols=list(SPECIAL_TOKENS[3:]),
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        hard_vocab_limit=False,
         input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        max_sentence_length=16384,
         num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
+        **EXACT_BPE,
     )
     tokenizer = SentencePieceTokenizer(model.getvalue())
     if out_path is not None:

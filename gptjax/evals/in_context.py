@@ -370,6 +370,24 @@ def unconditional_logliks(
     return dict(zip(unique, loglik_R.tolist()))
 
 
+def _hits(task: Task, loglik_R, n_tokens_R, uncond: dict | None) -> dict[str, list[bool]]:
+    """Per rule, whether each example's best-scored candidate is its label (requests R are the
+    examples' candidates in order)."""
+    hits, start = {}, 0
+    for example in task.examples:
+        part = slice(start, start + len(example.candidates))
+        scores = candidate_scores(
+            loglik_R[part],
+            n_tokens_R[part],
+            example.candidates,
+            None if uncond is None else [uncond[c] for c in example.candidates],
+        )
+        for rule, scores_C in scores.items():
+            hits.setdefault(rule, []).append(int(np.argmax(scores_C)) == example.label)
+        start = part.stop
+    return hits
+
+
 def evaluate_task(
     cfg: ModelConfig,
     params,
@@ -407,18 +425,7 @@ def evaluate_task(
         if unconditional
         else None
     )
-    hits, start = {}, 0
-    for example in task.examples:
-        part = slice(start, start + len(example.candidates))
-        scores = candidate_scores(
-            loglik_R[part],
-            n_tokens_R[part],
-            example.candidates,
-            None if uncond is None else [uncond[c] for c in example.candidates],
-        )
-        for rule, scores_C in scores.items():
-            hits.setdefault(rule, []).append(int(np.argmax(scores_C)) == example.label)
-        start = part.stop
+    hits = _hits(task, loglik_R, n_tokens_R, uncond)
     n = len(task.examples)
     out = {
         "task": task.name,

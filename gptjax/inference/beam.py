@@ -204,6 +204,11 @@ def search(
         return (s["i"] < max_new_tokens) & ~jnp.all(s["beams"].done_BK)
 
     beams = jax.lax.while_loop(cond, body, state)["beams"]
+    return _best(beams, b, k, length_penalty, length_penalty_kind)
+
+
+def _best(beams: Beams, b: int, k: int, length_penalty, length_penalty_kind: str) -> Best:
+    """Each source's best hypothesis under the length-normalised score (eos counted)."""
     final_BK = length_normalised(
         beams.score_BK, jnp.maximum(beams.length_BK(), 1), length_penalty, length_penalty_kind
     )

@@ -163,6 +163,50 @@ def _prefill(cfg, params, prompt_BT, mask_BT, n_slots):
     return logits_BTV[:, -1], cache, kv_valid_BS
 
 
+def _start_state(cfg, params, prompt_BT, mask_BT, key, max_new_tokens: int, pad_id: int):
+    """The decode loop's state after the prefill, and each row's next position."""
+    b, t = prompt_BT.shape
+    last_BV, cache, kv_valid_BS = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
+    presence_BV = (
+        jnp.zeros((b, cfg.vocab_size), bool)
+        .at[jnp.arange(b)[:, None], prompt_BT]
+        .max(mask_BT.astype(bool))
+    )
+    state = dict(
+        i=jnp.int32(0),
+        out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logp=jnp.zeros((b, max_new_tokens)),
+        done=jnp.zeros(b, bool),
+        cache=cache,
+        kv_valid=kv_valid_BS,
+        last=last_BV,
+        presence=presence_BV,
+        key=key,
+    )
+    return state, mask_BT.sum(axis=1)
+
+
+def _output(prompt_BT, mask_BT, s: dict) -> SampleOutput:
+    """Prompt and continuation, their mask (a row's tokens after its stop are not real)."""
+    gen_mask_BN = s["kv_valid"][:, prompt_BT.shape[1] :].astype(jnp.int32)
+    return SampleOutput(
+        tokens=jnp.concatenate([prompt_BT, s["out"]], axis=1),
+        logprobs=s["logp"],
+        mask=jnp.concatenate([mask_BT, gen_mask_BN], axis=1),
+        done=s["done"],
+        scores=s["logp"].sum(-1),
+    )
+
+
+def _choose(raw_BV, logits_BV, done_B, key, greedy: bool, pad_id: int):
+    """The next token of each row (pad once a row is done) and its log-prob under the raw
+    model, not the filtered distribution."""
+    tok_B = logits_BV.argmax(-1) if greedy else jax.random.categorical(key, logits_BV, axis=-1)
+    tok_B = jnp.where(done_B, pad_id, tok_B.astype(jnp.int32))
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(raw_BV, axis=-1), tok_B[:, None], 1)[:, 0]
+    return tok_B, jnp.where(done_B, 0.0, logp_B)
+
+
 # ---------------------------------------------------------------------- sampling
 
 
@@ -198,32 +242,14 @@ def _sample(
     pad_id,
 ):
     b, t = prompt_BT.shape
-    last_BV, cache, kv_valid_BS = _prefill(cfg, params, prompt_BT, mask_BT, t + max_new_tokens)
-    next_pos_B = mask_BT.sum(axis=1)
+    state, next_pos_B = _start_state(cfg, params, prompt_BT, mask_BT, key, max_new_tokens, pad_id)
     rows_B = jnp.arange(b)
-    presence_BV = (
-        jnp.zeros((b, cfg.vocab_size), bool)
-        .at[rows_B[:, None], prompt_BT]
-        .max(mask_BT.astype(bool))
-    )
-    state = dict(
-        i=jnp.int32(0),
-        out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        logp=jnp.zeros((b, max_new_tokens)),
-        done=jnp.zeros(b, bool),
-        cache=cache,
-        kv_valid=kv_valid_BS,
-        last=last_BV,
-        presence=presence_BV,
-        key=key,
-    )
 
     def cond(s):
         return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
 
     def step(s):
         i, key, sub = s["i"], *jax.random.split(s["key"])
-        logp_BV = jax.nn.log_softmax(s["last"], axis=-1)
         logits_BV = process_logits(
             s["last"],
             s["presence"],
@@ -233,11 +259,7 @@ def _sample(
             repetition_penalty=repetition_penalty,
             banned_ids=banned_ids,
         )
-        tok_B = (
-            jnp.argmax(logits_BV, -1) if greedy else jax.random.categorical(sub, logits_BV, axis=-1)
-        ).astype(jnp.int32)
-        tok_B = jnp.where(s["done"], pad_id, tok_B)
-        lp_B = jnp.where(s["done"], 0.0, logp_BV[rows_B, tok_B])
+        tok_B, lp_B = _choose(s["last"], logits_BV, s["done"], sub, greedy, pad_id)
         kv_valid = s["kv_valid"].at[:, t + i].set(~s["done"])
         logits_B1V, cache = model.forward_cached(
             cfg,
@@ -260,15 +282,7 @@ def _sample(
             key=key,
         )
 
-    s = jax.lax.while_loop(cond, step, state)
-    gen_mask = s["kv_valid"][:, t:]
-    return SampleOutput(
-        tokens=jnp.concatenate([prompt_BT, s["out"]], axis=1),
-        logprobs=s["logp"],
-        mask=jnp.concatenate([mask_BT, gen_mask.astype(jnp.int32)], axis=1),
-        done=s["done"],
-        scores=s["logp"].sum(-1),
-    )
+    return _output(prompt_BT, mask_BT, jax.lax.while_loop(cond, step, state))
 
 
 def generate(

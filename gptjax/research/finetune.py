@@ -60,6 +60,8 @@ from gptjax.research.gpt1_tasks import (
     encode_examples,
     make_batch,
 )
+from gptjax.training.metrics import MetricWriter
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import (
     dropout_key,
     jit_train_step,
@@ -67,6 +69,7 @@ from gptjax.training.step import (
     place_state,
     with_dropout_keys,
 )
+from gptjax.training.workdir import load_run
 
 # ---------------------------------------------------------------------- heads
 
@@ -388,6 +391,19 @@ def _save(out_dir: str, params, summary: dict) -> None:
         json.dump(summary, f, indent=2)
 
 
+def _optimizer(ft: FinetuneConfig):
+    """GPT-1's fine-tuning schedule: warmup, then linear decay to 0; clipping at 1."""
+    opt_cfg = OptimizerConfig(
+        peak_lr=ft.lr,
+        warmup_steps=ft.warmup_steps,
+        decay="linear",
+        min_lr_ratio=0.0,
+        weight_decay=ft.weight_decay,
+        clip_norm=1.0,
+    )
+    return make_optimizer(opt_cfg, ft.steps)
+
+
 def finetune(
     pretrained_workdir: str,
     out_dir: str,
@@ -397,10 +413,6 @@ def finetune(
     """Fine-tune a pretrained run on a demo task over the mesh of `mesh_cfg` (default: gin's
     MeshConfig); metrics.jsonl, summary.json and the fine-tuned params (orbax) go to
     `out_dir`."""
-    from gptjax.training.metrics import MetricWriter
-    from gptjax.training.optimizer import OptimizerConfig, make_optimizer
-    from gptjax.training.workdir import load_run
-
     ft, mesh_cfg = ft or FinetuneConfig(), mesh_cfg or sharding.MeshConfig()
     cfg, gpt_params, tokenizer, configs, step = load_run(pretrained_workdir)
     if ft.seq_len > cfg.max_len:
@@ -415,17 +427,7 @@ def finetune(
     ]
     key = jax.random.key(ft.seed)
     params = {"gpt": gpt_params, "head": init_head(kind, cfg.d_model, n_classes, key)}
-    optimizer = make_optimizer(
-        OptimizerConfig(
-            peak_lr=ft.lr,
-            warmup_steps=ft.warmup_steps,
-            decay="linear",
-            min_lr_ratio=0.0,
-            weight_decay=ft.weight_decay,
-            clip_norm=1.0,
-        ),
-        ft.steps,
-    )
+    optimizer = _optimizer(ft)
     mesh = sharding.make_mesh(mesh_cfg)
     rules = logical.logical_axis_rules(mesh_cfg.rules)
     step_fn, shards = make_train_step(cfg, kind, ft, optimizer, params, mesh, rules)

@@ -142,6 +142,28 @@ def _save_ppo_policy(
     )
 
 
+def _ppo_start(fns, sft_params, rm_params, norm, ppo_cfg: ppo.PPOConfig):
+    """(frozen models, PPO state): the reference policy (a copy of SFT's, never donated), the
+    reward model and its normalisation; the policy from SFT and the critic from the reward
+    model."""
+    ref = jax.device_put(jax.device_get(sft_params), fns.state_shardings.params["policy"])
+    models = {"ref": ref, "rm": rm_params, "norm": norm}
+    critic = ppo.critic_from_reward(rm_params, norm)
+    return models, ppo.init_state(fns, sft_params, critic, ppo_cfg.seed)
+
+
+def _start_summary(start: dict, ptx_lm_loss: float, ppo_cfg: ppo.PPOConfig) -> dict:
+    """The run's settings and the policy's scores before PPO."""
+    return {
+        "ppo/kl_target": ppo_cfg.kl_target if ppo_cfg.adaptive_kl else None,
+        "ppo/ptx_coef": ppo_cfg.ptx_coef,
+        "ppo/gold_reward_start": start["gold_reward"],
+        "ppo/gold_reward_start_std": start["gold_reward_std"],
+        "ppo/stop_rate_start": start["stop_rate"],
+        "ppo/ptx_lm_loss_start": ptx_lm_loss,
+    }
+
+
 def run_ppo(
     workdir: str,
     sft_workdir: str,
@@ -167,10 +189,6 @@ def run_ppo(
     ptx_train, ptx_held = ptx_data(tokenizer, task, seq_len, 0)
     key = jax.random.key(ppo_cfg.seed)
     writer, t_start = metrics_lib.MetricWriter(workdir), time.perf_counter()
-    summary: dict = {
-        "ppo/kl_target": ppo_cfg.kl_target if ppo_cfg.adaptive_kl else None,
-        "ppo/ptx_coef": ppo_cfg.ptx_coef,
-    }
 
     def evaluate(params, n: int) -> dict:
         return ppo.evaluate(
@@ -180,23 +198,9 @@ def run_ppo(
     try:
         with logical.use_mesh(mesh, rules):
             fns = ppo.make_ppo(cfg, rm_cfg, ppo_cfg, opt_cfg, width, mesh, rules)
-            models = {
-                "ref": jax.device_put(
-                    jax.device_get(sft_params), fns.state_shardings.params["policy"]
-                ),
-                "rm": rm_params,
-                "norm": norm,
-            }
-            state = ppo.init_state(
-                fns, sft_params, ppo.critic_from_reward(rm_params, norm), ppo_cfg.seed
-            )
+            models, state = _ppo_start(fns, sft_params, rm_params, norm, ppo_cfg)
             start = evaluate(state.params["policy"], 1_000_001)
-            summary |= {
-                "ppo/gold_reward_start": start["gold_reward"],
-                "ppo/gold_reward_start_std": start["gold_reward_std"],
-                "ppo/stop_rate_start": start["stop_rate"],
-                "ppo/ptx_lm_loss_start": lm_loss(cfg, models["ref"], ptx_held),
-            }
+            summary = _start_summary(start, lm_loss(cfg, models["ref"], ptx_held), ppo_cfg)
             state, history, kl_coef = _ppo_iterations(
                 fns,
                 state,

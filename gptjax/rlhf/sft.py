@@ -206,6 +206,23 @@ def masked_eval_loss(
     return weighted_mean_loss(lambda b: _eval_sums(cfg, params, b), batches)["loss"]
 
 
+def _starting_policy(sft_cfg: SFTConfig, model_cfg: ModelConfig | None, task):
+    """(config, params or None, tokenizer): the policy `init_from` names, or a fresh model
+    (`model_cfg`, else gin's ModelConfig) with a tokenizer trained on the task."""
+    if sft_cfg.init_from:
+        return load_policy(sft_cfg.init_from)
+    tokenizer = tasks.build_tokenizer(task, sft_cfg.tokenizer_vocab_size, sft_cfg.seed)
+    return model_cfg or ModelConfig(), None, tokenizer
+
+
+def _pretrain(trainer, state, task, tokenizer, sft_cfg: SFTConfig, steps: int, writer):
+    """Next-token pretraining on the task's documents before SFT: (state, last loss)."""
+    docs = task.pretrain_documents(2000, np.random.default_rng(sft_cfg.seed + 1))
+    windows = corpus_windows(tokenizer, docs, sft_cfg.seq_len)
+    batches_ = lm_batches(windows, sft_cfg.batch_size, sft_cfg.seed)
+    return _train(trainer, state, batches_, steps, writer, "pretrain", sft_cfg.log_every, 0)
+
+
 def run_sft(
     workdir: str,
     *,
@@ -220,11 +237,7 @@ def run_sft(
     if opt_cfg is None:
         with gin.config_scope("sft"):
             opt_cfg = OptimizerConfig()
-    params = tokenizer = None
-    if sft_cfg.init_from:
-        model_cfg, params, tokenizer = load_policy(sft_cfg.init_from)
-    model_cfg = model_cfg or ModelConfig()
-    tokenizer = tokenizer or tasks.build_tokenizer(task, sft_cfg.tokenizer_vocab_size, sft_cfg.seed)
+    model_cfg, params, tokenizer = _starting_policy(sft_cfg, model_cfg, task)
     check_vocab(tokenizer, model_cfg.vocab_size)
     pretrain = 0 if sft_cfg.init_from else sft_cfg.pretrain_steps
     total = pretrain + sft_cfg.steps
@@ -242,17 +255,8 @@ def run_sft(
             if params is not None:
                 state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
             if pretrain:
-                docs = task.pretrain_documents(2000, np.random.default_rng(sft_cfg.seed + 1))
-                windows = corpus_windows(tokenizer, docs, sft_cfg.seq_len)
-                state, summary["pretrain/loss"] = _train(
-                    trainer,
-                    state,
-                    lm_batches(windows, sft_cfg.batch_size, sft_cfg.seed),
-                    pretrain,
-                    writer,
-                    "pretrain",
-                    sft_cfg.log_every,
-                    0,
+                state, summary["pretrain/loss"] = _pretrain(
+                    trainer, state, task, tokenizer, sft_cfg, pretrain, writer
                 )
             state, summary["sft/loss"] = _train(
                 trainer,
@@ -268,15 +272,8 @@ def run_sft(
     finally:
         writer.close()
     train_cfg = TrainConfig(steps=total, batch_size=sft_cfg.batch_size, seq_len=sft_cfg.seq_len)
-    save_policy(
-        workdir,
-        state,
-        model_cfg,
-        opt_cfg,
-        tokenizer,
-        train_cfg,
-        {"stage": "sft", "task": task.name},
-    )
+    meta = {"stage": "sft", "task": task.name}
+    save_policy(workdir, state, model_cfg, opt_cfg, tokenizer, train_cfg, meta)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
