@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gptjax.data.tokenizer import ByteTokenizer
-from gptjax.rlhf import losses, reward
+from gptjax.rlhf import comparisons, losses, reward
 from tests.rlhf_fixtures import CFG, params
 
 HH_LINES = [
@@ -61,13 +61,13 @@ def test_score_lands_on_the_last_real_token(rm_params):
 
 def test_rank_by_reward_is_dense_with_ties():
     np.testing.assert_array_equal(
-        reward.rank_by_reward([[0.5, -1.0, 0.5], [0.0, 1.0, 2.0]]), [[0, 1, 0], [2, 1, 0]]
+        comparisons.rank_by_reward([[0.5, -1.0, 0.5], [0.0, 1.0, 2.0]]), [[0, 1, 0], [2, 1, 0]]
     )
 
 
 def test_k3_ranking_loss_by_hand():
     """K = 3, gold [0.5, -1, 0.5]: two pairs (0 > 1, 2 > 1), the tie forms none."""
-    ranks = reward.rank_by_reward([[0.5, -1.0, 0.5]])
+    ranks = comparisons.rank_by_reward([[0.5, -1.0, 0.5]])
     s = jnp.array([[2.0, 1.0, -0.5]])
     loss, stats = losses.reward_ranking_loss(s, ranks, jnp.ones((1, 3)))
     want = 0.5 * (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.5))))
@@ -112,10 +112,10 @@ def test_hh_jsonl_parsing(tmp_path, gz):
     path = _write(
         tmp_path / ("hh.jsonl.gz" if gz else "hh.jsonl"), [json.dumps(x) for x in HH_LINES], gz
     )
-    pairs = reward.load_hh_jsonl(path)
+    pairs = comparisons.load_hh_jsonl(path)
     assert pairs[1] == (HH_LINES[1]["chosen"], HH_LINES[1]["rejected"])
     tok = ByteTokenizer()
-    arrays = reward.hh_arrays(tok, pairs, seq_len=48)
+    arrays = comparisons.hh_arrays(tok, pairs, seq_len=48)
     assert arrays["tokens"].shape == (2, 2, 48)
     np.testing.assert_array_equal(arrays["ranks"], [[0, 1], [0, 1]])
     # The score is read at the end-of-turn token closing the last Assistant turn.
@@ -127,13 +127,13 @@ def test_hh_jsonl_parsing(tmp_path, gz):
 
 def test_hh_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"hh.jsonl:2: not valid JSON"):
-        reward.load_hh_jsonl(_write(tmp_path / "hh.jsonl", [json.dumps(HH_LINES[0]), "{oops"]))
+        comparisons.load_hh_jsonl(_write(tmp_path / "hh.jsonl", [json.dumps(HH_LINES[0]), "{oops"]))
     with pytest.raises(ValueError, match="'chosen' and 'rejected'"):
-        reward.load_hh_jsonl(_write(tmp_path / "b.jsonl", [json.dumps({"chosen": "x"})]))
+        comparisons.load_hh_jsonl(_write(tmp_path / "b.jsonl", [json.dumps({"chosen": "x"})]))
     with pytest.raises(ValueError, match="no comparisons"):
-        reward.load_hh_jsonl(_write(tmp_path / "c.jsonl", [""]))
+        comparisons.load_hh_jsonl(_write(tmp_path / "c.jsonl", [""]))
     with pytest.raises(FileNotFoundError):
-        reward.load_hh_jsonl(str(tmp_path / "missing.jsonl"))
+        comparisons.load_hh_jsonl(str(tmp_path / "missing.jsonl"))
 
 
 def test_config_errors():
