@@ -7,6 +7,7 @@ import os
 import gin
 import pytest
 
+from gptjax import experiments
 from gptjax.cli import main as cli
 from gptjax.config import PRESETS, ModelConfig, get_preset
 from gptjax.data.config import DataConfig
@@ -15,7 +16,7 @@ from gptjax.parallel.mesh import MeshConfig
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig
 
-EXPERIMENTS = cli.EXPERIMENTS_DIR
+EXPERIMENTS = experiments.EXPERIMENTS_DIR
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from gptjax.config import PRESETS, EncoderConfig, ModelConfig, Seq2SeqConfig
-from gptjax.models import family
+from gptjax.models import family, flops
 from gptjax.training import metrics
 
 L, D, N, F, V = 2, 12, 3, 20, 50  # layers, model, heads, feed-forward, vocab
@@ -122,7 +122,7 @@ def test_measured_matmul_peak_is_a_positive_rate():
 
 
 def test_the_attention_convention_is_named():
-    assert "PaLM" in metrics.ATTENTION_CONVENTION and "whole" in metrics.ATTENTION_CONVENTION
+    assert "PaLM" in flops.ATTENTION_CONVENTION and "whole" in flops.ATTENTION_CONVENTION
 
 
 # ------------------------------------------------------------- FLOPs per token

@@ -18,7 +18,7 @@ import sys
 import tokenize
 
 # The gin loader lives in experiments.py (sweeps use it too); re-exported for callers of main.
-from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin  # noqa: F401
+from gptjax.experiments import parse_gin
 
 
 def init_distributed(args) -> None:

@@ -163,17 +163,25 @@ def predict(
 
 def exact_match(cfg, params, tokenizer, pairs: Sequence[tuple[str, str]], **kw) -> float:
     """The fraction of ``(src, tgt)`` pairs whose greedy prediction equals ``tgt`` exactly."""
-    if not pairs:
-        raise ValueError("exact_match needs at least one (src, tgt) pair")
-    preds = predict(cfg, params, tokenizer, [src for src, _ in pairs], **kw)
-    return float(np.mean([p == tgt for p, (_, tgt) in zip(preds, pairs)]))
+    return score(cfg, params, tokenizer, pairs, n=0, **kw)[0]
 
 
 def preview(cfg, params, tokenizer, pairs: Sequence[tuple[str, str]], n: int = 4, **kw) -> str:
     """Lines ``src -> prediction (target) ✓/✗`` for the first ``n`` pairs."""
     pairs = list(pairs)[:n]
+    return score(cfg, params, tokenizer, pairs, n=n, **kw)[1] if pairs else ""
+
+
+def score(
+    cfg, params, tokenizer, pairs: Sequence[tuple[str, str]], n: int = 4, **kw
+) -> tuple[float, str]:
+    """(`exact_match`, `preview` of the first ``n``) from one prediction per pair."""
+    if not pairs:
+        raise ValueError("exact_match needs at least one (src, tgt) pair")
     preds = predict(cfg, params, tokenizer, [src for src, _ in pairs], **kw)
-    return "\n".join(
+    em = float(np.mean([p == tgt for p, (_, tgt) in zip(preds, pairs)]))
+    lines = "\n".join(
         f"{src} -> {pred} ({tgt}) {'✓' if pred == tgt else '✗'}"
-        for pred, (src, tgt) in zip(preds, pairs)
+        for pred, (src, tgt) in zip(preds[:n], pairs[:n])
     )
+    return em, lines

@@ -45,11 +45,8 @@ def exact_match_hook(
     kw = dict(task=data_cfg.dataset, seq_len=seq_len, max_number=data_cfg.task_max_number)
 
     def hook(step: int, params) -> tuple[dict, str]:
-        em = exact_match.exact_match(model_cfg, params, tokenizer, pairs, **kw)
-        return (
-            {"eval/exact_match": em},
-            exact_match.preview(model_cfg, params, tokenizer, pairs, **kw),
-        )
+        em, text = exact_match.score(model_cfg, params, tokenizer, pairs, **kw)
+        return {"eval/exact_match": em}, text
 
     return hook
 

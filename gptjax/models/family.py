@@ -53,8 +53,9 @@ class Family:
       init_params, param_axes: `(cfg, key) -> params` and `(cfg) -> logical axes`.
       token_losses: `(cfg, params, batch, key) -> (training loss, plain NLL, weights)`,
         each (B, T): the objective, per target token.
-      from_windows: `(cfg, batch, tokenizer, key) -> batch`: a corpus batch of decoder
-        windows as this family's objective (host side).
+      from_windows: `(cfg, tokens_BT, tokenizer, key) -> batch`: the T tokens of a corpus
+        batch's decoder windows as this family's objective (host side); None when the
+        windows are the objective already (the decoder).
       forward_flops: `(cfg, seq_len) -> int`: matmul FLOPs of one forward pass over a
         corpus window of seq_len tokens.
       task_format: the `gptjax.data.numbers` batch format it trains on.
@@ -69,7 +70,7 @@ class Family:
     init_params: Callable
     param_axes: Callable
     token_losses: TokenLosses
-    from_windows: Callable
+    from_windows: Callable | None
     forward_flops: Callable[[ModelConfig, int], int]
     task_format: str
     causal_lm: bool
@@ -123,15 +124,8 @@ def _is_window_batch(batch: dict) -> bool:
     return not set(batch) - {"tokens", "loss_mask"}
 
 
-def _decoder_windows(cfg, batch: dict, tokenizer, key) -> dict:
-    return batch
-
-
-def _encoder_windows(cfg: EncoderConfig, batch: dict, tokenizer, key: jax.Array) -> dict:
-    """BERT's 80/10/10 masking of the first T tokens (special ids are never chosen)."""
-    if not _is_window_batch(batch):
-        return batch
-    tokens_BT = np.asarray(batch["tokens"])[:, :-1]
+def _encoder_windows(cfg: EncoderConfig, tokens_BT: np.ndarray, tokenizer, key: jax.Array) -> dict:
+    """BERT's 80/10/10 masking of the window's T tokens (special ids are never chosen)."""
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         inputs, targets, chosen = bert.mask_tokens(
             tokens_BT,
@@ -147,11 +141,8 @@ def _encoder_windows(cfg: EncoderConfig, batch: dict, tokenizer, key: jax.Array)
     }
 
 
-def _seq2seq_windows(cfg: Seq2SeqConfig, batch: dict, tokenizer, key) -> dict:
+def _seq2seq_windows(cfg: Seq2SeqConfig, tokens_BT: np.ndarray, tokenizer, key) -> dict:
     """The first T // 2 tokens are the source; the decoder produces the rest."""
-    if not _is_window_batch(batch):
-        return batch
-    tokens_BT = np.asarray(batch["tokens"])[:, :-1]
     src_len, _ = flops.source_target_lengths(tokens_BT.shape[1])
     src, tgt = tokens_BT[:, :src_len], tokens_BT[:, src_len:]
     tgt_in = np.concatenate([np.full_like(tgt[:, :1], tokenizer.start_id), tgt[:, :-1]], 1)
@@ -172,7 +163,7 @@ DECODER = Family(
     init_params=gpt.init_params,
     param_axes=gpt.param_axes,
     token_losses=_decoder_losses,
-    from_windows=_decoder_windows,
+    from_windows=None,
     forward_flops=flops.decoder_forward,
     task_format="causal",
     causal_lm=True,
@@ -289,7 +280,10 @@ def from_windows(cfg: ModelConfig, batch: dict, tokenizer, key: jax.Array) -> di
     batch already in a task format passes through. `key` makes the masking
     reproducible (the loop folds in the step).
     """
-    return family_of(cfg).from_windows(cfg, batch, tokenizer, key)
+    fam = family_of(cfg)
+    if fam.from_windows is None or not _is_window_batch(batch):
+        return batch  # the windows are the objective, or a task batch already in its format
+    return fam.from_windows(cfg, np.asarray(batch["tokens"])[:, :-1], tokenizer, key)
 
 
 def batch_rows(batch: dict) -> int:

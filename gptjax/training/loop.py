@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import Tokenizer
-from gptjax.models import family
+from gptjax.models import family, flops
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
 from gptjax.training import batches
@@ -247,7 +247,7 @@ def _compile(run: _Run, batch: dict):
     if run.peak is not None:
         log.info(
             "MFU: %s; %.3g model FLOPs per token, peak %.3g FLOP/s per device",
-            metrics_lib.ATTENTION_CONVENTION,
+            flops.ATTENTION_CONVENTION,
             metrics_lib.flops_per_token(run.model_cfg, run.train_cfg.seq_len),
             run.peak,
         )

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
 from gptjax.models import family as family_lib
-from gptjax.models.flops import ATTENTION_CONVENTION, source_target_lengths  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -260,6 +260,16 @@ def state_shardings(
     )
 
 
+def initial_state(optimizer: optax.GradientTransformation, params, key: jax.Array) -> TrainState:
+    """Step 0: `params`, their fresh optimizer state and the run's key."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(key),
+    )
+
+
 def place_state(
     optimizer: optax.GradientTransformation, params, key: jax.Array, shardings: TrainState
 ) -> TrainState:
@@ -268,14 +278,7 @@ def place_state(
     The params go through host memory, so the state never shares buffers with arrays the
     caller keeps (a reference model, a sampler's policy): the train step donates it.
     """
-    params = jax.device_get(params)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(key),
-    )
-    return jax.device_put(state, shardings)
+    return jax.device_put(initial_state(optimizer, jax.device_get(params), key), shardings)
 
 
 def jit_train_step(
@@ -338,13 +341,7 @@ class Trainer:
 
 def _init(cfg: ModelConfig, optimizer, seed: int) -> TrainState:
     init_key, rng = jax.random.split(jax.random.key(seed))
-    params = family.init_params(cfg, init_key)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(rng),
-    )
+    return initial_state(optimizer, family.init_params(cfg, init_key), rng)
 
 
 def _train_metrics(schedule):
