@@ -57,8 +57,8 @@ def test_stdlib_builder_writes_array_record_read_without_tensorflow(stdlib_dir):
 
 def test_split_is_deterministic_by_key():
     keys = [f"pkg/module{i}.py" for i in range(5000)]
-    picked = [k for k in keys if builders.text_files.is_validation(k, 0.02)]
-    assert picked == [k for k in keys if builders.text_files.is_validation(k, 0.02)]
+    picked = [k for k in keys if builders.splits.is_validation(k, 0.02)]
+    assert picked == [k for k in keys if builders.splits.is_validation(k, 0.02)]
     assert 50 < len(picked) < 150
 
 

@@ -14,6 +14,7 @@ import os
 import gin
 
 from gptjax.data import numbers
+from gptjax.data.builders import splits
 from gptjax.data.pipeline import corpus_texts, make_datasets
 from gptjax.data.tokenizer import (
     ByteTokenizer,
@@ -47,6 +48,12 @@ class DataConfig:
       data_dir: TFDS shards and token caches (default $GPTJAX_DATA_DIR or
         ~/.cache/gptjax/data).
       task_max_number: the numbers tasks use 0 .. task_max_number - 1.
+      validation_split: how a text corpus's validation split is cut: 'hash' (documents whose
+        key hashes below the fraction, interleaved with the training text) or 'tail' (the
+        last fraction of the characters, contiguous, as nanoGPT's prepare.py); see
+        gptjax.data.builders.splits. Each split is prepared and cached on its own.
+      validation_fraction: the validation share; None is the rule's default ('hash': 2% of
+        documents, 3% of Shakespeare's paragraphs; 'tail': 10% of the characters).
     """
 
     dataset: str = "stdlib"
@@ -56,12 +63,29 @@ class DataConfig:
     tokenizer_path: str | None = None
     data_dir: str | None = None
     task_max_number: int = 10_000
+    validation_split: str = "hash"
+    validation_fraction: float | None = None
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ValueError(
                 f"DataConfig.tokenizer={self.tokenizer!r} is not one of {TOKENIZER_KINDS}."
             )
+        splits.check_split(self.validation_split, self.validation_fraction, "DataConfig.")
+        if self.dataset in numbers.TASKS and (
+            self.validation_split != "hash" or self.validation_fraction is not None
+        ):
+            raise ValueError(
+                f"DataConfig.validation_split/validation_fraction apply to text corpora; the "
+                f"generated task {self.dataset!r} has its own train and validation numbers."
+            )
+
+    @property
+    def corpus_split(self) -> dict:
+        """The validation split's keyword arguments for `corpus_texts` and `make_datasets`."""
+        return dict(
+            validation_split=self.validation_split, validation_fraction=self.validation_fraction
+        )
 
     @property
     def resolved_data_dir(self) -> str:
@@ -85,7 +109,11 @@ def build_tokenizer(data_cfg: DataConfig) -> Tokenizer:
         texts = numbers.texts(data_cfg.dataset, "train", data_cfg.task_max_number)
     else:
         texts = corpus_texts(
-            data_cfg.dataset, data_cfg.resolved_data_dir, "train", path=data_cfg.path
+            data_cfg.dataset,
+            data_cfg.resolved_data_dir,
+            "train",
+            path=data_cfg.path,
+            **data_cfg.corpus_split,
         )
     if data_cfg.tokenizer == "char":
         return CharTokenizer.from_texts(texts)
@@ -140,5 +168,6 @@ def run_datasets(
         batch_size,
         data_cfg.resolved_data_dir,
         path=data_cfg.path,
+        **data_cfg.corpus_split,
         **shard,
     )

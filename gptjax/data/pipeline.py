@@ -222,23 +222,36 @@ class TokenBatchIterator:
         return self.take(self.global_batch_size)[0]
 
 
-def resolve_config(name_or_glob: str) -> builders.TextConfig | str:
-    """'stdlib' and 'shakespeare' name the ready configs; anything else is a file glob."""
+def resolve_config(
+    name_or_glob: str, validation_split: str = "hash", validation_fraction: float | None = None
+) -> builders.TextConfig | str:
+    """The builder config: 'stdlib' and 'shakespeare' name the ready configs, anything else is a
+    file glob; with the validation split of ``builders.with_validation_split`` (its name says a
+    non-default split, so each split is prepared and its tokens cached apart)."""
     if name_or_glob in ("stdlib", "shakespeare"):
-        return name_or_glob
-    if not glob_lib.has_magic(name_or_glob) and not os.path.exists(name_or_glob):
+        config = name_or_glob
+    elif not glob_lib.has_magic(name_or_glob) and not os.path.exists(name_or_glob):
         raise FileNotFoundError(
             f"dataset {name_or_glob!r} is neither 'stdlib', 'shakespeare' nor "
             "an existing file or glob of text files"
         )
-    return builders.glob_config(name_or_glob)
+    else:
+        config = builders.glob_config(name_or_glob)
+    return builders.with_validation_split(config, validation_split, validation_fraction)
 
 
 def corpus_texts(
-    name_or_glob: str, data_dir: str | os.PathLike, split: str = "train", path: str | None = None
+    name_or_glob: str,
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    path: str | None = None,
+    *,
+    validation_split: str = "hash",
+    validation_fraction: float | None = None,
 ) -> Iterator[str]:
     """The documents of a prepared corpus split as str, e.g. to train a tokenizer on."""
-    builder = builders.prepare(resolve_config(name_or_glob), data_dir, path=path)
+    config = resolve_config(name_or_glob, validation_split, validation_fraction)
+    builder = builders.prepare(config, data_dir, path=path)
     source = builder.as_data_source(split=split)
     return (source[i]["text"].decode("utf-8") for i in range(len(source)))
 
@@ -254,6 +267,8 @@ def make_datasets(
     process_count: int = 1,
     *,
     path: str | None = None,
+    validation_split: str = "hash",
+    validation_fraction: float | None = None,
     eval_batch_size: int | None = None,
     state: dict | None = None,
 ) -> tuple[TokenBatchIterator, Callable[[], TokenBatchIterator]]:
@@ -267,6 +282,8 @@ def make_datasets(
       data_dir: where TFDS shards and token caches live (always explicit).
       seed: shuffling seed of the train iterator.
       path: a local file for 'shakespeare' (else it is downloaded).
+      validation_split, validation_fraction: how validation is cut from the corpus: 'hash'
+        (documents by key hash) or 'tail' (the last characters); see ``builders.splits``.
       eval_batch_size: global eval batch, default ``global_batch_size``.
       state: a train iterator state from ``get_state()`` to resume from (its seed wins).
 
@@ -276,7 +293,8 @@ def make_datasets(
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    builder = builders.prepare(resolve_config(name_or_glob), data_dir, path=path)
+    config = resolve_config(name_or_glob, validation_split, validation_fraction)
+    builder = builders.prepare(config, data_dir, path=path)
     shard = dict(process_index=process_index, process_count=process_count)
     train_windows = pack_windows(token_stream(builder, "train", tokenizer), seq_len)
     train_iter = TokenBatchIterator(

@@ -361,7 +361,13 @@ def _task_data(ft: FinetuneConfig, tokenizer, data_cfg) -> tuple[Specials, dict]
     sp, examples = Specials.of(tokenizer), {}
     for split, n in (("train", ft.n_train), ("validation", ft.n_eval)):
         texts = list(
-            corpus_texts(data_cfg.dataset, data_cfg.resolved_data_dir, split, path=data_cfg.path)
+            corpus_texts(
+                data_cfg.dataset,
+                data_cfg.resolved_data_dir,
+                split,
+                path=data_cfg.path,
+                **data_cfg.corpus_split,
+            )
         )
         examples[split] = encode_examples(tokenizer, demo_examples(ft.task, texts, n, ft.seed))
     return sp, examples

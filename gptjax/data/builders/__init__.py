@@ -1,5 +1,6 @@
 """TFDS builders that need no TensorFlow (array_record + ``as_data_source``)."""
 
+from gptjax.data.builders import splits
 from gptjax.data.builders.text_files import (
     SHAKESPEARE_SHA256,
     SHAKESPEARE_URL,
@@ -10,9 +11,11 @@ from gptjax.data.builders.text_files import (
     prepare,
     shakespeare_config,
     stdlib_config,
+    with_validation_split,
 )
 
 __all__ = [
+    "splits",
     "SHAKESPEARE_SHA256",
     "SHAKESPEARE_URL",
     "GptjaxText",
@@ -22,4 +25,5 @@ __all__ = [
     "prepare",
     "shakespeare_config",
     "stdlib_config",
+    "with_validation_split",
 ]

@@ -9,8 +9,11 @@ Configs:
   * ``files_<hash>``: any glob of user files (see ``glob_config``).
 
 Each example is one document ``{'text': Text}`` (reads back as bytes). The validation split
-takes the documents whose key hashes below ``validation_fraction``: deterministic, independent
-of file order, and stable when files are added.
+(``validation_split``, see ``splits``) is either the documents whose key hashes below
+``validation_fraction`` ('hash', the default: deterministic, independent of file order, stable
+when files are added) or the last ``validation_fraction`` of the text's characters ('tail', as
+nanoGPT: cut before chunking into paragraphs). A config's name carries any non-default split
+(``with_validation_split``), so prepared shards and token caches of two splits never mix.
 
 Build once with ``builder.download_and_prepare()`` (the file format is fixed to array_record by
 the constructor) and read with ``builder.as_data_source(split)``.
@@ -28,6 +31,9 @@ import tokenize
 from collections.abc import Callable, Iterator
 
 import tensorflow_datasets as tfds
+
+from gptjax.data.builders import splits
+from gptjax.data.builders.splits import Document
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -50,9 +56,6 @@ STDLIB_EXCLUDED_DIRS = frozenset(
     }
 )
 
-# (key, loader) pairs: loading is deferred so each split reads only its own files.
-Document = tuple[str, Callable[[], str]]
-
 
 @dataclasses.dataclass(eq=False)
 class TextConfig(tfds.core.BuilderConfig):
@@ -63,13 +66,16 @@ class TextConfig(tfds.core.BuilderConfig):
       path: the Shakespeare file (None: download ``SHAKESPEARE_URL``), or the glob pattern.
       chunking: 'file' (one document per file), 'paragraph' (split on blank lines) or 'auto'
         (paragraphs when there is a single file, so one big file still yields many documents).
-      validation_fraction: share of documents, by key hash, in the validation split.
+      validation_split: 'hash' (documents by key hash) or 'tail' (the last characters).
+      validation_fraction: the validation split's share: of documents ('hash') or of
+        characters ('tail').
       max_files: keep only the first N files (fast tests); None keeps all.
     """
 
     source: str = "glob"
     path: str | None = None
     chunking: str = "auto"
+    validation_split: str = "hash"
     validation_fraction: float = 0.02
     max_files: int | None = None
 
@@ -112,10 +118,38 @@ def glob_config(pattern: str, chunking: str = "auto") -> TextConfig:
     )
 
 
-def is_validation(key: str, fraction: float) -> bool:
-    """Deterministic split by hash of the document key (not Python's salted hash())."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
-    return bucket < fraction
+PREDEFINED = {"stdlib": stdlib_config, "shakespeare": shakespeare_config}
+
+
+def with_validation_split(
+    config: TextConfig | str,
+    validation_split: str = "hash",
+    validation_fraction: float | None = None,
+) -> TextConfig | str:
+    """``config`` (a TextConfig or a predefined name) with its validation split set.
+
+    ``validation_fraction=None`` is the rule's default: the config's own fraction for 'hash'
+    (2% of documents, 3% of Shakespeare's paragraphs), 10% of the characters for 'tail'. The
+    config's own split comes back unchanged; any other gets a name that says it (e.g.
+    ``shakespeare_tail0.1``), so it is prepared, and its tokens cached, in its own directory.
+    """
+    splits.check_split(validation_split, validation_fraction)
+    resolved = PREDEFINED[config]() if isinstance(config, str) else config
+    if validation_fraction is None:
+        validation_fraction = (
+            splits.TAIL_FRACTION if validation_split == "tail" else resolved.validation_fraction
+        )
+    if (validation_split, validation_fraction) == (
+        resolved.validation_split,
+        resolved.validation_fraction,
+    ):
+        return config
+    return dataclasses.replace(
+        resolved,
+        name=f"{resolved.name}_{validation_split}{validation_fraction!r}",
+        validation_split=validation_split,
+        validation_fraction=validation_fraction,
+    )
 
 
 def stdlib_files(max_files: int | None = None) -> list[str]:
@@ -184,24 +218,37 @@ def download_shakespeare(dl_manager) -> str:
 
 
 def file_documents(
-    files: list[str], root: str, reader: Callable[[str], str | None], chunking: str
+    files: list[str], root: str, reader: Callable[[str], str | None]
 ) -> list[Document]:
-    """Documents keyed by path relative to ``root``, so the split does not depend on where the
-    corpus lives."""
+    """One document per file, keyed by path relative to ``root``, so the split does not depend
+    on where the corpus lives."""
+    return [
+        (
+            os.path.relpath(path, root) if len(files) > 1 else os.path.basename(path),
+            lambda p=path: reader(p),
+        )
+        for path in files
+    ]
+
+
+def resolve_chunking(chunking: str, n_files: int) -> str:
+    """'auto' is 'paragraph' for a single file (so it still yields many documents), else 'file'."""
     if chunking == "auto":
-        chunking = "paragraph" if len(files) == 1 else "file"
+        chunking = "paragraph" if n_files == 1 else "file"
     if chunking not in ("file", "paragraph"):
         raise ValueError(f"chunking must be 'file', 'paragraph' or 'auto', got {chunking!r}")
-    docs: list[Document] = []
-    for path in files:
-        rel = os.path.relpath(path, root) if len(files) > 1 else os.path.basename(path)
-        if chunking == "file":
-            docs.append((rel, lambda p=path: reader(p)))
-        else:
-            text = reader(path) or ""
-            chunks = paragraphs(text)
-            docs += [(f"{rel}#{i:06d}", lambda c=c: c) for i, c in enumerate(chunks)]
-    return docs
+    return chunking
+
+
+def chunk_documents(docs: list[Document], chunking: str) -> list[Document]:
+    """The documents as they are ('file'), or each one's paragraphs keyed ``<key>#<index>``."""
+    if chunking == "file":
+        return docs
+    return [
+        (f"{key}#{i:06d}", lambda c=c: c)
+        for key, load in docs
+        for i, c in enumerate(paragraphs(load() or ""))
+    ]
 
 
 def glob_files(pattern: str) -> list[str]:
@@ -240,42 +287,41 @@ class GptjaxText(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,  # reproducible order: same corpus, same bytes, same batches
         )
 
-    def _documents(self, dl_manager) -> list[Document]:
+    def _files(self, dl_manager) -> tuple[list[Document], str]:
+        """(one document per source file, in corpus order; how to chunk them)."""
         config: TextConfig = self.builder_config
         path = self._path_override or config.path
         if config.source == "stdlib":
             files = stdlib_files(config.max_files)
-            return file_documents(files, sysconfig.get_paths()["stdlib"], read_source, "file")
+            return file_documents(files, sysconfig.get_paths()["stdlib"], read_source), "file"
         if config.source == "shakespeare":
-            path = path or download_shakespeare(dl_manager)
-            return file_documents([check_shakespeare(path)], "", read_text, "paragraph")
+            path = check_shakespeare(path or download_shakespeare(dl_manager))
+            return file_documents([path], "", read_text), "paragraph"
         if config.source == "glob":
             files = glob_files(path or "")[: config.max_files]
-            return file_documents(
-                files,
-                os.path.commonpath(files) if len(files) > 1 else "",
-                read_text,
-                config.chunking,
+            root = os.path.commonpath(files) if len(files) > 1 else ""
+            return file_documents(files, root, read_text), resolve_chunking(
+                config.chunking, len(files)
             )
         raise ValueError(f"unknown source {config.source!r}; use 'stdlib', 'shakespeare' or 'glob'")
 
     def _split_generators(self, dl_manager):
-        docs = self._documents(dl_manager)
-        if len(docs) < 2:
-            raise ValueError(
-                f"config {self.builder_config.name!r} yields {len(docs)} document(s); "
-                "need at least 2 to make train and validation splits"
+        config: TextConfig = self.builder_config
+        splits.check_split(config.validation_split, config.validation_fraction)
+        files, chunking = self._files(dl_manager)
+        if config.validation_split == "tail":  # cut the text, then chunk each side
+            train, validation = splits.tail_split(files, config.validation_fraction)
+            train, validation = (
+                chunk_documents(train, chunking),
+                chunk_documents(validation, chunking),
             )
-        fraction = self.builder_config.validation_fraction
-        validation = {k for k, _ in docs if is_validation(k, fraction)}
-        if not validation:
-            # Tiny corpora: guarantee an eval split, still chosen by hash (deterministic).
-            validation = {
-                min((k for k, _ in docs), key=lambda k: hashlib.sha256(k.encode()).digest())
-            }
+        else:  # chunk, then pick documents
+            train, validation = splits.hash_split(
+                chunk_documents(files, chunking), config.validation_fraction
+            )
         return {
-            "train": self._generate_examples([d for d in docs if d[0] not in validation]),
-            "validation": self._generate_examples([d for d in docs if d[0] in validation]),
+            "train": self._generate_examples(train),
+            "validation": self._generate_examples(validation),
         }
 
     def _generate_examples(self, docs: list[Document]) -> Iterator[tuple[str, dict]]:
