@@ -44,7 +44,8 @@ class ModelConfig:
         softmax and LayerNorm statistics are always float32.
       remat: activation checkpointing policy per layer.
       scan_layers: run the stacked layers with `lax.scan` (fast compiles) or a
-        Python loop (lets XLA fuse across layers; faster on GPU).
+        Python loop (lets XLA fuse across layers; faster on GPU and CPU); None
+        (default): unrolled on CPU, scanned on accelerators (`layers.scans`).
       attention_impl: 'xla' (readable einsum reference), 'fused'
         (`jax.nn.dot_product_attention`, XLA or cuDNN picked by JAX) or 'cudnn'
         (force the cuDNN flash kernel; GPU, bf16/fp16 only).
@@ -68,7 +69,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
-    scan_layers: bool = True
+    scan_layers: bool | None = None
     attention_impl: str = "xla"
 
     def __post_init__(self):
@@ -122,7 +123,7 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.attention == "gpt3_sparse":
         if cfg.local_window <= 0:
             raise ValueError(f"local_window must be positive, got {cfg.local_window}.")
-        if cfg.scan_layers and cfg.n_layers % 2:
+        if cfg.scan_layers is True and cfg.n_layers % 2:
             raise ValueError(
                 "gpt3_sparse alternates dense and banded layers; with scan_layers=True "
                 f"n_layers must be even (got {cfg.n_layers}); set scan_layers=False otherwise."

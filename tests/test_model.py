@@ -106,6 +106,7 @@ def test_causality_of_full_forward_via_position_table():
 @pytest.mark.parametrize("variant", ["gpt2", "gpt3_sparse", "gpt1_post_ln"])
 def test_scan_equals_unrolled_and_remat_equals_plain(variant):
     cfg, params, tokens = _setup(**VARIANTS[variant])
+    cfg = cfg.replace(scan_layers=True)
     ref_loss, ref_grads = jax.value_and_grad(lambda p: _loss(cfg, p, tokens))(params)
     for change in (
         dict(scan_layers=False),
@@ -292,6 +293,45 @@ def test_nano_model_overfits_one_batch():
     assert float(first) > 3.5 and float(loss) < 0.05, (float(first), float(loss))
 
 
+def test_layers_scan_on_accelerators_and_unroll_on_cpu_unless_told():
+    cfg = ModelConfig(n_layers=3, attention="gpt3_sparse")  # odd: only the unrolled loop takes it
+    assert layers.scans(cfg) is False  # CPU, where unrolled is faster
+    assert layers.scans(cfg.replace(attention="dense", scan_layers=True)) is True
+    assert layers.scans(cfg.replace(scan_layers=False)) is False
+
+
+def test_hand_written_gradients_equal_autodiff_of_the_formulas():
+    """LayerNorm's closed-form backward, the output-only softmax backward and the
+    recomputed GELU against autodiff of the textbook forward, in float64-free float32."""
+    x_BTD = jax.random.normal(jax.random.key(0), (2, 5, 16)) * 3 + 1
+    p = {"scale": jnp.linspace(0.5, 2.0, 16), "bias": jnp.linspace(-1, 1, 16)}
+    w_BTD = jax.random.normal(jax.random.key(1), x_BTD.shape)
+
+    def plain_ln(p, x):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+    got = jax.grad(lambda p, x: (layers.layer_norm(p, x, 1e-5) * w_BTD).sum(), (0, 1))(p, x_BTD)
+    want = jax.grad(lambda p, x: (plain_ln(p, x) * w_BTD).sum(), (0, 1))(p, x_BTD)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+    def plain_softmax(x):
+        e = jnp.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    got = jax.grad(lambda x: (attn_lib.softmax(x) * w_BTD).sum())(x_BTD)
+    want = jax.grad(lambda x: (plain_softmax(x) * w_BTD).sum())(x_BTD)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    def plain_gelu(x):
+        return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    got = jax.grad(lambda x: (layers._gelu(x) * w_BTD).sum())(x_BTD)
+    want = jax.grad(lambda x: (plain_gelu(x) * w_BTD).sum())(x_BTD)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="does not divide d_model"):
         ModelConfig(d_model=30, n_heads=4)
@@ -303,6 +343,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 53\)"):
         model.forward(cfg, params, tokens.at[0, 0].set(53))
     with pytest.raises(ValueError, match="must be even"):
-        ModelConfig(attention="gpt3_sparse", n_layers=3)
+        ModelConfig(attention="gpt3_sparse", n_layers=3, scan_layers=True)
     with pytest.raises(ValueError, match="Unknown model preset"):
         get_preset("gpt4")

@@ -56,6 +56,25 @@ def rope(
     return out.astype(x_BTNH.dtype)
 
 
+@jax.custom_vjp
+def softmax(x_BNTS: Float[Array, "B N T S"]) -> Float[Array, "B N T S"]:
+    """Softmax over the last axis whose backward keeps only its output (one (B, N, T, S)
+    array per layer; `jax.nn.softmax` under autodiff keeps more on the CPU backend)."""
+    return jax.nn.softmax(x_BNTS, axis=-1)
+
+
+def _softmax_fwd(x_BNTS):
+    y_BNTS = jax.nn.softmax(x_BNTS, axis=-1)
+    return y_BNTS, y_BNTS
+
+
+def _softmax_bwd(y_BNTS, g_BNTS):
+    return (y_BNTS * (g_BNTS - (g_BNTS * y_BNTS).sum(-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def attention_xla(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, dropout_rate=0.0, key=None):
     """The readable reference: softmax(q k^T / sqrt(H)) v with fp32 logits and softmax."""
     scale = q_BTNH.shape[-1] ** -0.5
@@ -63,7 +82,7 @@ def attention_xla(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, dropout_rate=0.0, key=No
         jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
     )
     logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, _MASK_VALUE)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+    probs_BNTS = softmax(logits_BNTS)
     if dropout_rate > 0.0 and key is not None:
         keep_BNTS = jax.random.bernoulli(key, 1.0 - dropout_rate, probs_BNTS.shape)
         probs_BNTS = jnp.where(keep_BNTS, probs_BNTS / (1.0 - dropout_rate), 0.0)

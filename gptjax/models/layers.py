@@ -45,12 +45,40 @@ def _normal(key, shape, std, dtype):
 
 def layer_norm(p: Params, x_BTD: Float[Array, "B T D"], eps: float) -> Float[Array, "B T D"]:
     """LayerNorm with float32 statistics, returned in the input's dtype."""
-    x = x_BTD.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + eps)
-    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
-    return y.astype(x_BTD.dtype)
+    f32 = jnp.float32
+    y_BTD = _layer_norm(x_BTD.astype(f32), p["scale"].astype(f32), p["bias"].astype(f32), eps)
+    return y_BTD.astype(x_BTD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x_BTD, scale_D, bias_D, eps: float):
+    return _layer_norm_fwd(x_BTD, scale_D, bias_D, eps)[0]
+
+
+def _layer_norm_fwd(x_BTD, scale_D, bias_D, eps: float):
+    """y = (x - mean) / std * scale + bias; keeps (x_hat, 1/std, scale) for the backward."""
+    centred_BTD = x_BTD - x_BTD.mean(-1, keepdims=True)
+    rstd_BT1 = jax.lax.rsqrt(jnp.square(centred_BTD).mean(-1, keepdims=True) + eps)
+    xhat_BTD = centred_BTD * rstd_BT1
+    return xhat_BTD * scale_D + bias_D, (xhat_BTD, rstd_BT1, scale_D)
+
+
+def _layer_norm_bwd(eps: float, res, g_BTD):
+    """The closed-form LayerNorm gradient: dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std
+    with g' = g * scale. Autodiff of the forward gives the same numbers with more saved
+    arrays and more elementwise work, which the CPU backend fuses poorly across layers."""
+    xhat_BTD, rstd_BT1, scale_D = res
+    gs_BTD = g_BTD * scale_D
+    dx_BTD = rstd_BT1 * (
+        gs_BTD
+        - gs_BTD.mean(-1, keepdims=True)
+        - xhat_BTD * (gs_BTD * xhat_BTD).mean(-1, keepdims=True)
+    )
+    lead = tuple(range(g_BTD.ndim - 1))
+    return dx_BTD, (g_BTD * xhat_BTD).sum(lead), g_BTD.sum(lead)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def dropout(x, rate: float, key: jax.Array | None):
@@ -71,11 +99,16 @@ def sinusoidal(positions_BT: Int[Array, "B T"], d: int) -> Float[Array, "B T D"]
     return jnp.pad(out, ((0, 0), (0, 0), (0, d - out.shape[-1])))
 
 
+# tanh GELU, recomputed in the backward from its input: saves one (B, T, F) array per layer
+# where autodiff would keep three (the input, tanh and its square's factors).
+_gelu = jax.checkpoint(functools.partial(jax.nn.gelu, approximate=True))
+
+
 def mlp(cfg: ModelConfig, p: Params, x_BTD, key=None) -> Float[Array, "B T D"]:
     """The position-wise feed-forward: D -> F, tanh GELU, F -> D, then residual dropout."""
     dt = cfg.compute_dtype
     h_BTF = x_BTD @ p["c_fc"]["kernel"].astype(dt) + p["c_fc"]["bias"].astype(dt)
-    h_BTF = constrain(jax.nn.gelu(h_BTF, approximate=True), ("batch", "seq", "mlp"))  # tanh GELU
+    h_BTF = constrain(_gelu(h_BTF), ("batch", "seq", "mlp"))
     out_BTD = h_BTF @ p["c_proj"]["kernel"].astype(dt) + p["c_proj"]["bias"].astype(dt)
     return dropout(out_BTD, cfg.resid_dropout, key)
 
@@ -138,6 +171,16 @@ def _index(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
 
 
+def scans(cfg: ModelConfig) -> bool:
+    """Whether the layer stack runs under `lax.scan`: `cfg.scan_layers`, or when it is None,
+    unrolled on CPU (faster there: XLA fuses and schedules across layers; see
+    benchmarks/RESULTS.md) and scanned on accelerators (compile time flat in depth)."""
+    if cfg.scan_layers is not None:
+        return cfg.scan_layers
+    odd_pairs = cfg.attention == "gpt3_sparse" and cfg.n_layers % 2
+    return jax.default_backend() != "cpu" and not odd_pairs
+
+
 def run_layers(
     cfg: ModelConfig, h: Params, x_BTD, per_layer: dict, layer_fn: Callable
 ) -> tuple[Any, Any]:
@@ -154,7 +197,7 @@ def run_layers(
         if cfg.remat != "none":
             fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
         fns[local] = fn
-    if not cfg.scan_layers:
+    if not scans(cfg):
         ys = []
         for i in range(cfg.n_layers):
             x_BTD, y = fns[is_local_layer(cfg, i)](_index(h, i), x_BTD, _index(per_layer, i))
