@@ -105,9 +105,20 @@ def _sample_decoder(args, cfg, params, tokenizer, step) -> None:
             stop_tokens=stops,
             greedy=args.greedy,
         )
-    for i in range(args.num_samples):
-        text = tokenizer.decode(np.asarray(out.tokens[i, len(ids) :]).tolist())
-        print(f"--- sample {i} (step {step}) ---\n{args.prompt}{text}")
+    texts = [
+        args.prompt + tokenizer.decode(np.asarray(out.tokens[i, len(ids) :]).tolist())
+        for i in range(args.num_samples)
+    ]
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} (step {step}) ---\n{text}")
+    if getattr(args, "parse_rate", False):
+        from gptjax.evals.python_syntax import parse_rate
+
+        r = parse_rate(texts)
+        print(
+            f"python: {r['parsed']} of {r['samples']} samples give a function that "
+            f"ast.parse accepts ({r['rate']:.0%}; {r['complete']} ended their function)"
+        )
 
 
 def _sample_seq2seq(args, cfg, params, tokenizer, step) -> None:
@@ -238,6 +249,11 @@ def sampling_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--num_samples", type=int, default=1)
     sp.add_argument("--no_stop", action="store_true", help="do not stop at end-of-text")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--parse_rate",
+        action="store_true",
+        help="report how many samples' first function ast.parse accepts (Python corpora)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
