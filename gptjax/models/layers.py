@@ -171,6 +171,15 @@ def _index(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
 
 
+def _unstack(tree, n: int) -> list:
+    """The `n` per-layer trees of a tree stacked along a leading L axis, by `jnp.split`: its
+    gradient is one concatenate, where indexing each layer's slice transposes to `n` pads to
+    the full stack, summed (L^2 / 2 stack-sized adds per step; 29% of a 6-layer CPU step)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [[jnp.squeeze(x, 0) for x in jnp.split(a, n)] for a in leaves]
+    return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
+
+
 def scans(cfg: ModelConfig) -> bool:
     """Whether the layer stack runs under `lax.scan`: `cfg.scan_layers`, or when it is None,
     unrolled on CPU (faster there: XLA fuses and schedules across layers; see
@@ -199,8 +208,8 @@ def run_layers(
         fns[local] = fn
     if not scans(cfg):
         ys = []
-        for i in range(cfg.n_layers):
-            x_BTD, y = fns[is_local_layer(cfg, i)](_index(h, i), x_BTD, _index(per_layer, i))
+        for i, p in enumerate(_unstack(h, cfg.n_layers)):
+            x_BTD, y = fns[is_local_layer(cfg, i)](p, x_BTD, _index(per_layer, i))
             ys.append(y)
         return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
