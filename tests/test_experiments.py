@@ -31,7 +31,7 @@ def test_model_gin_file_equals_preset(name):
     cli.parse_gin([f"models/{name}.gin"], [])
     # Numerics and performance knobs are run choices, not part of the model files.
     runtime = dict(
-        dtype="float32", param_dtype="float32", remat="none", scan_layers=True, attention_impl="xla"
+        dtype="float32", param_dtype="float32", remat="none", scan_layers=None, attention_impl="xla"
     )
     assert ModelConfig() == get_preset(name, **runtime)
 
