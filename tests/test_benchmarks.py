@@ -129,3 +129,19 @@ def test_tiny_steps_measure(tmp_path):
         tokens_s = float(cell.replace(",", ""))
         assert math.isfinite(tokens_s) and tokens_s > 0
         assert tokens_s == round(rec["tokens_per_s"])
+
+
+def test_cpu_vs_torch_tiny_runs_both_sides_and_records_a_ratio(tmp_path):
+    """The side-by-side CPU benchmark end to end (worker processes, alternating windows) on
+    a 1-layer model: one row whose ratio is gptjax's rate over torch's."""
+    results = tmp_path / "cpu.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks/cpu_vs_torch.py"), "--tiny"]
+    cmd += ["--shapes", "quickstart", "--results", str(results)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["shape"] == "quickstart" and record["windows"] == 2
+    for key in ("gptjax_tok_s", "torch_tok_s"):
+        assert math.isfinite(record[key]) and record[key] > 0
+    assert 0 < record["ratio_min"] <= record["ratio"]
+    assert "| quickstart |" in proc.stdout
