@@ -136,9 +136,13 @@ def test_left_padding_scores_exactly_like_unpadded(variant):
     assert np.isfinite(np.asarray(logits)).all()  # pad rows are finite too
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "gpt3_sparse", "rope", "gpt1_post_ln"])
-def test_kv_cache_decoding_equals_full_forward(variant):
-    cfg, params, tokens = _setup(**VARIANTS[variant])
+@pytest.mark.parametrize(
+    "variant,scan",
+    [("gpt2", False), ("gpt3_sparse", False), ("rope", False), ("gpt1_post_ln", False)]
+    + [("gpt2", True), ("gpt3_sparse", True)],  # the stacked cache of a scanned stack
+)
+def test_kv_cache_decoding_equals_full_forward(variant, scan):
+    cfg, params, tokens = _setup(**VARIANTS[variant], scan_layers=scan)
     b, t, prompt = tokens.shape[0], tokens.shape[1], 4
     full = model.forward(cfg, params, tokens)
     cache = layers.init_cache(cfg, b, t)

@@ -2,6 +2,8 @@
 naive no-cache loop, sampling frequencies, stop tokens and exhaustive beam search."""
 
 import itertools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -330,3 +332,56 @@ def test_bad_inputs_raise_clear_errors(params):
         sample.generate(
             CFG, params, np.array([[1]]), key=jax.random.key(0), max_new_tokens=2, temperature=0.0
         )
+
+
+def test_argmax_equals_jnp_argmax_with_ties_and_nans():
+    x = np.random.default_rng(0).integers(0, 4, (200, 9)).astype(np.float32)  # many ties
+    x[3, 5] = x[7, 0] = x[7, 4] = np.nan
+    np.testing.assert_array_equal(sample.argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_loop_moves_no_cache_sized_array(scan_layers):
+    """Each decode step writes one slot of the KV cache in place: inside the loop nothing
+    but the in-place update (and, scanned, the read of the layer's slice of the stacked
+    buffer) produces an array as big as one layer's cache. Slicing layers out of a stacked
+    cache and restacking them copied it whole three times a step."""
+    cfg = ModelConfig(
+        n_layers=2, d_model=8, n_heads=2, d_ff=8, vocab_size=31, max_len=32, scan_layers=scan_layers
+    )
+    b, t, new = 4, 2, 30
+    layer_cache = b * cfg.n_heads * (t + new) * cfg.head_dim  # 1024; every weight is smaller
+    params = model.init_params(cfg, jax.random.key(0))
+    hlo = (
+        sample._sample.lower(
+            cfg,
+            params,
+            jnp.ones((b, t), jnp.int32),
+            jnp.ones((b, t), jnp.int32),
+            jax.random.key(0),
+            jnp.float32(1),
+            jnp.float32(1),
+            jnp.float32(1),
+            max_new_tokens=new,
+            top_k=None,
+            use_top_p=False,
+            greedy=True,
+            stop_tokens=(),
+            banned_ids=(),
+            pad_id=0,
+        )
+        .compile()
+        .as_text()
+    )
+    moved = []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(", line)
+        if not m or "while/body" not in line or not m.group(2):
+            continue
+        name, dims, op = m.groups()
+        free = ("dynamic-update-slice", "bitcast", "get-tuple-element", "parameter")
+        in_place = op in free or "dynamic-update-slice" in name
+        in_place |= scan_layers and "dynamic-slice" in op + name
+        if math.prod(map(int, dims.split(","))) >= layer_cache and not in_place:
+            moved.append(f"{name} = {op}[{dims}]")
+    assert not moved, moved

@@ -114,15 +114,17 @@ def test_padded_source_equals_unpadded():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_cached_decoding_equals_full_forward_at_every_step():
+@pytest.mark.parametrize("scan", [False, True])  # per-layer / stacked cache buffers
+def test_cached_decoding_equals_full_forward_at_every_step(scan):
+    cfg = CFG.replace(scan_layers=scan)
     params, src, tgt = _params(), _ints((3, 9), 4), _ints((3, 8), 5)
     src_mask = (jnp.arange(9)[None] < jnp.array([[9], [6], [3]])).astype(jnp.int32)
-    full = forward(CFG, params, src, tgt, src_mask=src_mask)
-    source = seq2seq_decode.prepare(CFG, params, src, src_mask)
-    cache = layers.init_cache(CFG, 3, 8, CFG.decoder_layers)
+    full = forward(cfg, params, src, tgt, src_mask=src_mask)
+    source = seq2seq_decode.prepare(cfg, params, src, src_mask)
+    cache = layers.init_cache(cfg, 3, 8, cfg.decoder_layers)
     for i in range(8):
         step, cache = decode(
-            CFG,
+            cfg,
             params,
             tgt[:, i : i + 1],
             source["cross"],

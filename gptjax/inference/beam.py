@@ -60,9 +60,9 @@ def is_stop(tok, stop_tokens: Sequence[int]):
     return jnp.isin(tok, jnp.asarray(stop_tokens))
 
 
-def reorder(tree, parent_R: Int[Array, " R"], axis: int = 0):
-    """Every array of `tree` with its beam rows (on `axis`) gathered from `parent_R`."""
-    return jax.tree.map(lambda a: jnp.take(a, parent_R, axis=axis), tree)
+def reorder(tree, parent_R: Int[Array, " R"]):
+    """Every array of `tree` with its beam rows (axis 0) gathered from `parent_R`."""
+    return jax.tree.map(lambda a: jnp.take(a, parent_R, axis=0), tree)
 
 
 @flax.struct.dataclass
@@ -169,7 +169,7 @@ def search(
 ) -> Best:
     """Beam search from each source's first next-token logits and its KV cache.
 
-    `cache` holds arrays with rows on axis 1 (`layers.init_cache`'s (L, B, S, N, H));
+    `cache` holds arrays with rows on axis 0 (`layers.init_cache`'s buffers);
     both it and the logits are copied to each source's K beams. The loop stops once
     every hypothesis has finished; the last step's tokens are never fed back. The
     winner maximises `length_normalised(sum(logprobs), length)`, eos counted.
@@ -179,7 +179,7 @@ def search(
         i=jnp.int32(0),
         beams=Beams.start(b, k, max_new_tokens, pad_id),
         logits=jnp.repeat(logits_BV, k, axis=0),
-        cache=jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), cache),
+        cache=jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), cache),
     )
 
     def body(s):
@@ -195,7 +195,7 @@ def search(
         )
         logits, cache = jax.lax.cond(
             i + 1 < max_new_tokens,
-            lambda: advance(beams, reorder(s["cache"], parent_R, axis=1), i),
+            lambda: advance(beams, reorder(s["cache"], parent_R), i),
             lambda: (s["logits"], s["cache"]),
         )
         return dict(i=i + 1, beams=beams, logits=logits, cache=cache)

@@ -198,10 +198,23 @@ def _output(prompt_BT, mask_BT, s: dict) -> SampleOutput:
     )
 
 
+def argmax(x_BV: Float[Array, "B V"]) -> Int[Array, " B"]:
+    """`jnp.argmax` over the last axis (the first maximal index; a NaN counts as maximal)
+    as two plain reductions: XLA:CPU lowers `jnp.argmax` to a variadic reduce that took
+    1.7 ms for (64, 4096) logits, a sixth of a decode step, where max + min take 0.1 ms."""
+    max_B1 = x_BV.max(-1, keepdims=True)
+    hit_BV = (x_BV == max_B1) | jnp.isnan(x_BV)
+    v = x_BV.shape[-1]
+    return jnp.min(jnp.where(hit_BV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def _choose(raw_BV, logits_BV, done_B, key, greedy: bool, pad_id: int):
     """The next token of each row (pad once a row is done) and its log-prob under the raw
-    model, not the filtered distribution."""
-    tok_B = logits_BV.argmax(-1) if greedy else jax.random.categorical(key, logits_BV, axis=-1)
+    model, not the filtered distribution. Sampling is the Gumbel-max trick (what
+    `jax.random.categorical` does) on the fast `argmax`."""
+    if not greedy:
+        logits_BV = logits_BV + jax.random.gumbel(key, logits_BV.shape, logits_BV.dtype)
+    tok_B = argmax(logits_BV)
     tok_B = jnp.where(done_B, pad_id, tok_B.astype(jnp.int32))
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(raw_BV, axis=-1), tok_B[:, None], 1)[:, 0]
     return tok_B, jnp.where(done_B, 0.0, logp_B)

@@ -75,18 +75,24 @@ def _softmax_bwd(y_BNTS, g_BNTS):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def attention_xla(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, dropout_rate=0.0, key=None):
-    """The readable reference: softmax(q k^T / sqrt(H)) v with fp32 logits and softmax."""
+def attention_xla(
+    q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, dropout_rate=0.0, key=None, kv_heads_first=False
+):
+    """The readable reference: softmax(q k^T / sqrt(H)) v with fp32 logits and softmax.
+
+    `kv_heads_first`: keys and values come as `(B, N, S, H)` (the KV cache's layout).
+    """
     scale = q_BTNH.shape[-1] ** -0.5
+    kv = "bnsh" if kv_heads_first else "bsnh"
     logits_BNTS = (
-        jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
+        jnp.einsum(f"btnh,{kv}->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
     )
     logits_BNTS = jnp.where(mask_B1TS, logits_BNTS, _MASK_VALUE)
     probs_BNTS = softmax(logits_BNTS)
     if dropout_rate > 0.0 and key is not None:
         keep_BNTS = jax.random.bernoulli(key, 1.0 - dropout_rate, probs_BNTS.shape)
         probs_BNTS = jnp.where(keep_BNTS, probs_BNTS / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
+    return jnp.einsum(f"bnts,{kv}->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
 
 
 def attention(

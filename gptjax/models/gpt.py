@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptjax.config import ModelConfig
@@ -158,10 +159,12 @@ def block(
     *,
     is_local: bool,
     kv_cache=None,
+    cache_layer=0,
     cache_index=None,
     key=None,
 ):
-    """One transformer layer, pre-LN (GPT-2/3) or post-LN (GPT-1)."""
+    """One transformer layer, pre-LN (GPT-2/3) or post-LN (GPT-1); returns (x, the updated
+    KV cache or None)."""
     mask_B1TS = None if masks is None else masks[is_local]
     window = cfg.local_window if is_local else None
     keys = (None, None, None) if key is None else tuple(jax.random.split(key, 3))
@@ -174,6 +177,7 @@ def block(
         mask_B1TS=mask_B1TS,
         window=window,
         kv_cache=kv_cache,
+        cache_layer=cache_layer,
         cache_index=cache_index,
         keys=keys[:2],
     )
@@ -270,19 +274,23 @@ def forward_cached(
     masks = _masks(cfg, cache_index + jnp.arange(t), kv_valid_BS)
     x_BTD = embed(cfg, params, tokens_BT, positions_BT)
 
-    def layer_fn(p, x_BTD, extra, is_local):
-        return block(
+    def layer_fn(p, carry, extra, is_local):
+        x_BTD, cache = carry
+        out = block(
             cfg,
             p,
             x_BTD,
             positions_BT,
             masks,
             is_local=is_local,
-            kv_cache=(extra["k"], extra["v"]),
+            kv_cache=cache,
+            cache_layer=extra["layer"],
             cache_index=cache_index,
         )
+        return out, None
 
-    x_BTD, (k, v) = run_layers(cfg, params["h"], x_BTD, cache, layer_fn)
+    per_layer = {"layer": np.arange(cfg.n_layers)}
+    (x_BTD, cache), _ = run_layers(cfg, params["h"], (x_BTD, cache), per_layer, layer_fn)
     if cfg.ln_placement == "pre":
         x_BTD = layer_norm(params["ln_f"], x_BTD, cfg.layer_norm_eps)
-    return unembed(cfg, params, x_BTD), {"k": k, "v": v}
+    return unembed(cfg, params, x_BTD), cache

@@ -122,14 +122,15 @@ def self_attention(
     *,
     window=None,
     kv_cache=None,
+    cache_layer=0,
     cache_index=None,
     keys=(None, None),
 ):
-    """Multi-head self-attention; with `kv_cache=(k_BSNH, v_BSNH)` the new keys
-    and values are written at `cache_index` and the queries attend over the cache.
+    """Multi-head self-attention; with `kv_cache` (`init_cache`'s dict) this layer's new
+    keys and values are written at slots [cache_index, cache_index + T) of layer
+    `cache_layer` and the queries attend over that layer's slots.
 
-    Returns (out_BTD, (k, v)) where (k, v) is the updated cache (or this
-    call's keys/values when there is no cache).
+    Returns (out_BTD, the updated cache, or None without one).
     """
     dt = cfg.compute_dtype
     qkv_BT3NH = jnp.einsum("btd,dcnh->btcnh", x_BTD, p["c_attn"]["kernel"].astype(dt)) + p[
@@ -140,28 +141,26 @@ def self_attention(
     if cfg.pos_embedding == "rope":
         q_BTNH, k_BTNH = attn_lib.rope(q_BTNH, positions_BT), attn_lib.rope(k_BTNH, positions_BT)
     if kv_cache is not None:
-        start = (0, cache_index, 0, 0)
-        k_BSNH = jax.lax.dynamic_update_slice(kv_cache[0], k_BTNH.astype(kv_cache[0].dtype), start)
-        v_BSNH = jax.lax.dynamic_update_slice(kv_cache[1], v_BTNH.astype(kv_cache[1].dtype), start)
-        cache_axes = ("batch", "kv_seq", "heads", "head_dim")
-        k_BSNH, v_BSNH = constrain(k_BSNH, cache_axes), constrain(v_BSNH, cache_axes)
+        kv_cache, k_BNSH, v_BNSH = write_cache(kv_cache, cache_layer, cache_index, k_BTNH, v_BTNH)
+        out_BTNH = attn_lib.attention_xla(
+            q_BTNH, k_BNSH.astype(dt), v_BNSH.astype(dt), mask_B1TS, kv_heads_first=True
+        )
     else:
-        k_BSNH, v_BSNH = k_BTNH, v_BTNH
-    out_BTNH = attn_lib.attention(
-        q_BTNH,
-        k_BSNH.astype(dt),
-        v_BSNH.astype(dt),
-        mask_B1TS,
-        impl=cfg.attention_impl,
-        window=window,
-        dropout_rate=cfg.attn_dropout,
-        key=keys[0],
-    )
+        out_BTNH = attn_lib.attention(
+            q_BTNH,
+            k_BTNH,
+            v_BTNH,
+            mask_B1TS,
+            impl=cfg.attention_impl,
+            window=window,
+            dropout_rate=cfg.attn_dropout,
+            key=keys[0],
+        )
     out_BTNH = constrain(out_BTNH, ("batch", "seq", "heads", "head_dim"))
     out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["c_proj"]["kernel"].astype(dt)) + p["c_proj"][
         "bias"
     ].astype(dt)
-    return dropout(out_BTD, cfg.resid_dropout, keys[1]), (k_BSNH, v_BSNH)
+    return dropout(out_BTD, cfg.resid_dropout, keys[1]), kv_cache
 
 
 # ------------------------------------------------------------------- the stack
@@ -195,10 +194,13 @@ def run_layers(
 ) -> tuple[Any, Any]:
     """Apply `layer_fn(p, x, per_layer_slice, is_local) -> (x, y)` to every layer.
 
-    `per_layer` holds arrays with a leading L axis (dropout keys, KV caches);
-    the `y`s are stacked back along L. With `scan_layers` the stack runs under
-    `lax.scan`; GPT-3's alternating layers are scanned in pairs so whether a
-    layer is banded stays a Python constant (the fused kernels need it static).
+    `x` may be any pytree carried from layer to layer (the cached forward carries the KV
+    cache with the activations, so each layer updates it in place); `per_layer` holds
+    arrays with a leading L axis (dropout keys, cross-attention K/V, layer indices, as
+    NumPy to stay static when unrolled); the `y`s are stacked back along L. With
+    `scan_layers` the stack runs under `lax.scan`; GPT-3's alternating layers are scanned
+    in pairs so whether a layer is banded stays a Python constant (the fused kernels need
+    it static).
     """
     fns = {}
     for local in (False, True):
@@ -253,8 +255,49 @@ def check_tokens(cfg: ModelConfig, tokens_BT, n_slots: int | None = None) -> Non
 
 
 def init_cache(cfg: ModelConfig, batch: int, n_slots: int, n_layers: int | None = None) -> dict:
-    """A preallocated self-attention KV cache, `(L, B, S, N, H)` per key/value, in the
-    compute dtype; L is `n_layers` (default `cfg.n_layers`; the seq2seq decoder's depth)."""
+    """A preallocated self-attention KV cache in the compute dtype, rows on axis 0.
+
+    For "k" and "v": a tuple of L `(B, N, S, H)` buffers when the stack is unrolled, or one
+    `(B, L, N, S, H)` buffer when it is scanned. L is `n_layers` (default `cfg.n_layers`;
+    the seq2seq decoder's depth). Heads come before slots so attention reads a layer's keys
+    without a transpose, and each layer updates its buffer in place (`write_cache`), so a
+    decode step touches only the new slot. Slicing each layer out of one stacked buffer
+    and restacking it copied the whole cache three times a step: 0.5 ms per row per step
+    at the quickstart's shapes (benchmarks/RESULTS.md, "Decode on CPU").
+    """
     n_layers = cfg.n_layers if n_layers is None else n_layers
-    shape = (n_layers, batch, n_slots, cfg.n_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+    dims = (cfg.n_heads, n_slots, cfg.head_dim)
+    shapes = [(batch, n_layers, *dims)] if scans(cfg) else [(batch, *dims)] * n_layers
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for shape in shapes)
+    return {"k": zeros(), "v": zeros()}
+
+
+def cache_slots(cache: dict) -> int:
+    """S, the number of token slots of an `init_cache` cache."""
+    return cache["k"][0].shape[-2]
+
+
+def write_cache(cache: dict, layer, cache_index, k_BTNH, v_BTNH):
+    """Write layer `layer`'s new keys and values at slots [cache_index, cache_index + T).
+
+    `layer` is a concrete int for a per-layer cache (unrolled) and may be traced for a
+    stacked one (scanned). Returns the updated cache and that layer's `(B, N, S, H)` keys
+    and values.
+    """
+    stacked = cache["k"][0].ndim == 5
+    out, read = {}, []
+    for name, x_BTNH in (("k", k_BTNH), ("v", v_BTNH)):
+        bufs = list(cache[name])
+        x_BNTH = jnp.swapaxes(x_BTNH, 1, 2).astype(bufs[0].dtype)
+        if stacked:
+            start = (0, layer, 0, cache_index, 0)
+            buf = jax.lax.dynamic_update_slice(bufs[0], x_BNTH[:, None], start)
+            bufs[0] = constrain(buf, ("batch", "layers", "heads", "kv_seq", "head_dim"))
+            read.append(jax.lax.dynamic_index_in_dim(bufs[0], layer, 1, keepdims=False))
+        else:
+            layer = int(layer)
+            buf = jax.lax.dynamic_update_slice(bufs[layer], x_BNTH, (0, 0, cache_index, 0))
+            bufs[layer] = constrain(buf, ("batch", "heads", "kv_seq", "head_dim"))
+            read.append(bufs[layer])
+        out[name] = tuple(bufs)
+    return out, *read

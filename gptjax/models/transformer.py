@@ -23,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gptjax.config import Seq2SeqConfig
@@ -177,10 +178,12 @@ def decoder_block(
     kv_BSNH,
     *,
     kv_cache=None,
+    cache_layer=0,
     cache_index=None,
     key=None,
 ):
-    """Causal self-attention, cross-attention, MLP; returns (x, self-attn K/V)."""
+    """Causal self-attention, cross-attention, MLP; returns (x, the updated self-attention
+    KV cache or None)."""
     keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
     self_kv = [None]
 
@@ -192,6 +195,7 @@ def decoder_block(
             positions_BT,
             self_mask_B1TS,
             kv_cache=kv_cache,
+            cache_layer=cache_layer,
             cache_index=cache_index,
             keys=keys[:2],
         )
@@ -278,11 +282,11 @@ def decode_hidden(
     target rows (beams; see `cross_attention`).
     """
     dcfg = _decoder_cfg(cfg)
-    layers.check_tokens(cfg, tgt_BT, None if cache is None else cache["k"].shape[2])
+    n_slots = tgt_BT.shape[1] if cache is None else layers.cache_slots(cache)
+    layers.check_tokens(cfg, tgt_BT, n_slots)
     b, t = tgt_BT.shape
     if b % src_valid_BS.shape[0]:
         raise ValueError(f"{b} target rows cannot share {src_valid_BS.shape[0]} sources evenly.")
-    n_slots = t if cache is None else cache["k"].shape[2]
     positions_BT = _positions(b, t, cache_index)
     q_slot_T = cache_index + jnp.arange(t)
     self_mask = attn_lib.make_mask(
@@ -291,16 +295,14 @@ def decode_hidden(
     cross_mask = encoder.padding_mask(src_valid_BS, b // src_valid_BS.shape[0] * t)
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     x_BTD = embed(cfg, params, params["decoder"], tgt_BT, positions_BT, keys[0])
-    per_layer = {"ck": cross["k"], "cv": cross["v"]}
-    if cache is not None:
-        per_layer.update(k=cache["k"], v=cache["v"])
+    per_layer = {"ck": cross["k"], "cv": cross["v"], "layer": np.arange(dcfg.n_layers)}
     if keys[1] is not None:
         per_layer["key"] = jax.random.split(keys[1], dcfg.n_layers)
 
-    def layer_fn(p, x_BTD, extra, is_local):
+    def layer_fn(p, carry, extra, is_local):
         del is_local
-        kv_cache = (extra["k"], extra["v"]) if "k" in extra else None
-        return decoder_block(
+        x_BTD, cache = carry
+        out = decoder_block(
             dcfg,
             p,
             x_BTD,
@@ -308,14 +310,16 @@ def decode_hidden(
             self_mask,
             cross_mask,
             (extra["ck"], extra["cv"]),
-            kv_cache=kv_cache,
+            kv_cache=cache,
+            cache_layer=extra["layer"],
             cache_index=cache_index,
             key=extra.get("key"),
         )
+        return out, None
 
-    x_BTD, (k, v) = layers.run_layers(dcfg, params["decoder"]["h"], x_BTD, per_layer, layer_fn)
-    x_BTD = _final_ln(cfg, params["decoder"], x_BTD)
-    return x_BTD, (None if cache is None else {"k": k, "v": v})
+    h = params["decoder"]["h"]
+    (x_BTD, cache), _ = layers.run_layers(dcfg, h, (x_BTD, cache), per_layer, layer_fn)
+    return _final_ln(cfg, params["decoder"], x_BTD), cache
 
 
 def decode(
