@@ -271,9 +271,10 @@ def test_gradient_accumulation_equals_the_large_batch():
     for p, *_ in results:
         p["h"]["attn"]["c_attn"]["bias"] = p["h"]["attn"]["c_attn"]["bias"][:, ::2]
     for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
-        # Adam divides by sqrt(v): elements with gradients near 0 amplify float noise, so
-        # allow 3% of one step (lr 1e-2); a wrong accumulation moves params by ~lr.
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-4)
+        # Adam divides by sqrt(v): elements with gradients near 0 amplify float noise (one
+        # of 8192 moved 3.8% of a step on an AMD EPYC host), so allow 10% of one step (lr
+        # 1e-2); a wrong accumulation moves params by ~lr.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
 def test_bad_inputs_raise_clear_errors(corpus, tmp_path):
