@@ -267,3 +267,12 @@ def test_hugging_face_json_errors(tmp_path):
         path.write_text(json.dumps(bad_spec))
         with pytest.raises(ValueError, match=message):
             load_tokenizer(tmp_path)
+
+
+def test_data_config_gpt2_reads_the_files_and_needs_a_path(hf_slow_dir):
+    from gptjax.data.config import DataConfig, build_tokenizer
+
+    tok = build_tokenizer(DataConfig(tokenizer="gpt2", tokenizer_path=str(hf_slow_dir)))
+    assert isinstance(tok, GPT2Tokenizer) and tok.encode("Hello world") == [15496, 995]
+    with pytest.raises(ValueError, match="tokenizer_path to a directory with vocab.json"):
+        DataConfig(tokenizer="gpt2")

@@ -24,7 +24,7 @@ from gptjax.data.tokenizer import (
     train_sentencepiece,
 )
 
-TOKENIZER_KINDS = ("bpe", "byte", "char")
+TOKENIZER_KINDS = ("bpe", "byte", "char", "gpt2")
 
 
 def default_data_dir() -> str:
@@ -42,7 +42,9 @@ class DataConfig:
         a glob of your own text files, or a generated seq2seq task ('numbers':
         number words -> digits, 'numbers_reverse'; see gptjax.data.numbers).
       path: a local file for 'shakespeare'.
-      tokenizer: 'bpe' (sentencepiece, trained on the corpus), 'byte' or 'char'.
+      tokenizer: 'bpe' (sentencepiece, trained on the corpus), 'byte', 'char' or 'gpt2'
+        (GPT-2's byte-level BPE, read from `tokenizer_path`: a directory with Hugging Face's
+        or OpenAI's GPT-2 tokenizer files; nothing is downloaded).
       tokenizer_vocab_size: the BPE vocabulary to train.
       tokenizer_path: use this saved tokenizer instead of building one.
       data_dir: TFDS shards and token caches (default $GPTJAX_DATA_DIR or
@@ -70,6 +72,12 @@ class DataConfig:
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ValueError(
                 f"DataConfig.tokenizer={self.tokenizer!r} is not one of {TOKENIZER_KINDS}."
+            )
+        if self.tokenizer == "gpt2" and not self.tokenizer_path:
+            raise ValueError(
+                "DataConfig.tokenizer='gpt2' reads GPT-2's tokenizer files: set "
+                "DataConfig.tokenizer_path to a directory with vocab.json + merges.txt, "
+                "tokenizer.json, or encoder.json + vocab.bpe (e.g. a downloaded gpt2/)."
             )
         splits.check_split(self.validation_split, self.validation_fraction, "DataConfig.")
         if self.dataset in numbers.TASKS and (
