@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.rlhf import losses
+from gptjax.rlhf import dpo
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def _batch(seed=0, b=5, k=4):
 )
 def test_loss_equals_a_float64_loop_over_pairs(kind, beta, eps):
     logps, ref, ranks, valid = _batch()
-    got, stats = losses.dpo_loss(
+    got, stats = dpo.dpo_loss(
         jnp.asarray(logps),
         jnp.asarray(ref),
         jnp.asarray(ranks),
@@ -70,7 +70,7 @@ def test_k2_gradient_is_the_closed_form():
     rng = np.random.default_rng(1)
     logps, ref = rng.normal(-10, 3, (6, 2)), rng.normal(-10, 3, (6, 2))
     ranks, valid, beta = np.tile([0, 1], (6, 1)), np.ones((6, 2), bool), 0.2
-    grad = jax.grad(lambda lp: losses.dpo_loss(lp, ref, ranks, valid, beta=beta)[0])(logps)
+    grad = jax.grad(lambda lp: dpo.dpo_loss(lp, ref, ranks, valid, beta=beta)[0])(logps)
     m = beta * ((logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1]))
     expected = -beta / (1 + np.exp(m)) / 6
     np.testing.assert_allclose(grad[:, 0], expected, rtol=1e-10)
@@ -79,7 +79,7 @@ def test_k2_gradient_is_the_closed_form():
 
 def test_at_the_reference_the_loss_is_log2_and_stats_are_zero():
     logps, _, ranks, valid = _batch(2)
-    loss, stats = losses.dpo_loss(logps, logps, ranks, valid, beta=0.1)
+    loss, stats = dpo.dpo_loss(logps, logps, ranks, valid, beta=0.1)
     np.testing.assert_allclose(loss, math.log(2), rtol=1e-12)
     for name in ("dpo/accuracy", "dpo/margin", "dpo/chosen_reward", "dpo/rejected_reward"):
         assert float(stats[name]) == 0.0, name
@@ -89,7 +89,7 @@ def test_stats_are_means_over_pairs():
     logps = jnp.array([[-1.0, -3.0, -2.0]])
     ref = jnp.zeros((1, 3))
     ranks, valid = jnp.array([[0, 1, 2]]), jnp.ones((1, 3), bool)
-    _, stats = losses.dpo_loss(logps, ref, ranks, valid, beta=1.0)
+    _, stats = dpo.dpo_loss(logps, ref, ranks, valid, beta=1.0)
     # Pairs by rank (0 best): (0>1), (0>2), (1>2); better sides -1, -1, -3; worse -3, -2, -2.
     np.testing.assert_allclose(stats["dpo/chosen_logp"], -5 / 3)
     np.testing.assert_allclose(stats["dpo/rejected_logp"], -7 / 3)
@@ -100,6 +100,6 @@ def test_stats_are_means_over_pairs():
 def test_bad_options_raise():
     x = jnp.zeros((1, 2))
     with pytest.raises(ValueError, match="not one of"):
-        losses.dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
+        dpo.dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match="label_smoothing"):
-        losses.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.5)
+        dpo.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.5)

@@ -228,7 +228,7 @@ def ppo_value_loss(
 # ----------------------------------------------------------------------------- reward model
 
 
-def _ranked_pairs(s_BK, ranks_BK, valid_BK):
+def ranked_pairs(s_BK, ranks_BK, valid_BK):
     """(pair_BKK, margin_BKK): response i strictly better than j (both real), and s_i - s_j
     there (0 elsewhere). Every ranking loss (reward model, DPO, IPO) is a function of these."""
     valid_BK = jnp.asarray(valid_BK) != 0
@@ -239,7 +239,7 @@ def _ranked_pairs(s_BK, ranks_BK, valid_BK):
     return pair_BKK, margin_BKK
 
 
-def _per_prompt_mean(nll_BKK, pair_f_BKK) -> tuple[Scalar, Scalar, Scalar]:
+def per_prompt_mean(nll_BKK, pair_f_BKK) -> tuple[Scalar, Scalar, Scalar]:
     """(sum over prompts of each prompt's mean pair loss, prompts with a pair, pairs)."""
     n_pairs_B = jnp.sum(pair_f_BKK, axis=(1, 2))
     has_pair_B = (n_pairs_B > 0).astype(nll_BKK.dtype)
@@ -255,9 +255,9 @@ def reward_ranking_terms(
     """(sum over prompts of each prompt's mean pair loss, the number of prompts with a pair,
     stats): `reward_ranking_loss` before its one division, for gradient accumulation."""
     _check_shapes("reward_ranking_loss", scores_BK, ranks_BK, valid_BK)
-    pair_BKK, margin_BKK = _ranked_pairs(scores_BK, ranks_BK, valid_BK)
+    pair_BKK, margin_BKK = ranked_pairs(scores_BK, ranks_BK, valid_BK)
     pair_f_BKK = pair_BKK.astype(margin_BKK.dtype)
-    total, n_prompts, n_pairs = _per_prompt_mean(-jax.nn.log_sigmoid(margin_BKK), pair_f_BKK)
+    total, n_prompts, n_pairs = per_prompt_mean(-jax.nn.log_sigmoid(margin_BKK), pair_f_BKK)
     correct = jnp.sum((margin_BKK > 0).astype(margin_BKK.dtype) * pair_f_BKK)
     stats = {
         "reward/loss": _safe_div(total, n_prompts),
@@ -292,76 +292,6 @@ def pairwise_loss(
     scores_BK = jnp.stack([chosen_B, rejected_B], axis=1)
     ranks_BK = jnp.broadcast_to(jnp.array([0, 1]), scores_BK.shape)
     return reward_ranking_loss(scores_BK, ranks_BK, jnp.ones(scores_BK.shape, bool))
-
-
-# ----------------------------------------------------------------------------- DPO and IPO
-
-DPO_LOSSES = ("sigmoid", "ipo")
-
-
-def dpo_terms(
-    logps_BK: Float[Array, "B K"],
-    ref_logps_BK: Float[Array, "B K"],
-    ranks_BK: Int[Array, "B K"] | Float[Array, "B K"],
-    valid_BK: Mask,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    loss_type: str = "sigmoid",
-) -> tuple[Scalar, Scalar, Stats]:
-    """Direct preference optimisation over K ranked responses per prompt, before its one
-    division (sum over prompts of each prompt's mean pair loss, prompts with a pair, stats).
-
-    The implicit reward of a response is r = beta (log pi(y|x) - log pi_ref(y|x)) (its summed
-    response log-probs under the policy and the frozen reference). For each better/worse
-    pair, with h = (log-ratio of the better) - (log-ratio of the worse) and m = beta h:
-      'sigmoid': -(1 - eps) log sigmoid(m) - eps log sigmoid(-m) (Rafailov et al. 2023; eps is
-        cDPO's label smoothing, the chance a label is flipped);
-      'ipo': (h - 1 / (2 beta))^2 (Azar et al. 2023, with tau = beta).
-    Pairs are formed as for the reward model (`reward_ranking_terms`): all C(K, 2) of a
-    prompt in one batch element, equal ranks and padding forming none; K = 2 is HH's
-    chosen/rejected. Stats (means over pairs): accuracy (r_better > r_worse), margin, each
-    side's implicit reward and log-prob.
-    """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"DPO loss_type {loss_type!r} is not one of {DPO_LOSSES}.")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
-    _check_shapes("dpo_loss", logps_BK, ref_logps_BK, ranks_BK, valid_BK)
-    rewards_BK = beta * (logps_BK - ref_logps_BK)
-    pair_BKK, margin_BKK = _ranked_pairs(rewards_BK, ranks_BK, valid_BK)
-    pair_f_BKK = pair_BKK.astype(margin_BKK.dtype)
-    if loss_type == "sigmoid":
-        eps = label_smoothing
-        nll_BKK = -(1 - eps) * jax.nn.log_sigmoid(margin_BKK) - eps * jax.nn.log_sigmoid(
-            -margin_BKK
-        )
-    else:
-        nll_BKK = (margin_BKK / beta - 1 / (2 * beta)) ** 2
-    total, n_prompts, n_pairs = _per_prompt_mean(nll_BKK, pair_f_BKK)
-    valid_BK = jnp.asarray(valid_BK) != 0
-
-    def side_mean(x_BK, better: bool):
-        x_BK = jnp.where(valid_BK, x_BK, 0)
-        x_BKK = x_BK[:, :, None] if better else x_BK[:, None, :]
-        return _safe_div(jnp.sum(x_BKK * pair_f_BKK), n_pairs)
-
-    stats = {
-        "dpo/loss": _safe_div(total, n_prompts),
-        "dpo/accuracy": _safe_div(jnp.sum((margin_BKK > 0) * pair_f_BKK), n_pairs),
-        "dpo/margin": _safe_div(jnp.sum(margin_BKK), n_pairs),
-        "dpo/chosen_reward": side_mean(rewards_BK, True),
-        "dpo/rejected_reward": side_mean(rewards_BK, False),
-        "dpo/chosen_logp": side_mean(logps_BK, True),
-        "dpo/rejected_logp": side_mean(logps_BK, False),
-    }
-    return total, n_prompts, stats
-
-
-def dpo_loss(logps_BK, ref_logps_BK, ranks_BK, valid_BK, **kw) -> tuple[Scalar, Stats]:
-    """`dpo_terms` divided once: the mean over prompts of each prompt's mean pair loss."""
-    total, n_prompts, stats = dpo_terms(logps_BK, ref_logps_BK, ranks_BK, valid_BK, **kw)
-    return _safe_div(total, n_prompts), stats
 
 
 # ----------------------------------------------------------------------------- KL penalty
