@@ -385,3 +385,16 @@ def test_decode_loop_moves_no_cache_sized_array(scan_layers):
         if math.prod(map(int, dims.split(","))) >= layer_cache and not in_place:
             moved.append(f"{name} = {op}[{dims}]")
     assert not moved, moved
+
+
+def test_generation_works_under_x64(params):
+    """Cache indices keep one dtype when Python ints become int64 (jax_enable_x64)."""
+    prompt = np.array([[3, 4, 5]], np.int32)
+    want = sample.generate(
+        CFG, params, prompt, key=jax.random.key(0), max_new_tokens=4, greedy=True
+    )
+    with jax.enable_x64(True):
+        got = sample.generate(
+            CFG, params, prompt, key=jax.random.key(0), max_new_tokens=4, greedy=True
+        )
+    np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -285,18 +285,21 @@ def write_cache(cache: dict, layer, cache_index, k_BTNH, v_BTNH):
     and values.
     """
     stacked = cache["k"][0].ndim == 5
+    zero = jnp.int32(0)  # one index dtype, also under jax_enable_x64
+    cache_index = jnp.asarray(cache_index, jnp.int32)
     out, read = {}, []
     for name, x_BTNH in (("k", k_BTNH), ("v", v_BTNH)):
         bufs = list(cache[name])
         x_BNTH = jnp.swapaxes(x_BTNH, 1, 2).astype(bufs[0].dtype)
         if stacked:
-            start = (0, layer, 0, cache_index, 0)
+            start = (zero, jnp.asarray(layer, jnp.int32), zero, cache_index, zero)
             buf = jax.lax.dynamic_update_slice(bufs[0], x_BNTH[:, None], start)
             bufs[0] = constrain(buf, ("batch", "layers", "heads", "kv_seq", "head_dim"))
             read.append(jax.lax.dynamic_index_in_dim(bufs[0], layer, 1, keepdims=False))
         else:
             layer = int(layer)
-            buf = jax.lax.dynamic_update_slice(bufs[layer], x_BNTH, (0, 0, cache_index, 0))
+            start = (zero, zero, cache_index, zero)
+            buf = jax.lax.dynamic_update_slice(bufs[layer], x_BNTH, start)
             bufs[layer] = constrain(buf, ("batch", "heads", "kv_seq", "head_dim"))
             read.append(bufs[layer])
         out[name] = tuple(bufs)
