@@ -536,6 +536,7 @@ _IMPORTS = {
     "bert": from_hf_bert,
     "marian": from_hf_marian,
 }  # keyed by the HF config's model_type
+MODEL_TYPES = tuple(_IMPORTS)  # the Hugging Face model_types load_hf reads
 _EXPORTS = {
     ModelConfig: (to_hf_gpt2, _GPT2),
     EncoderConfig: (to_hf_bert, _BERT),

@@ -1,4 +1,4 @@
-"""The `gptjax` command line: train | sample | tokenizer | prepare | convert, and plugin verbs.
+"""The `gptjax` command line: train | sample | tokenizer | prepare | convert | import, and plugins.
 
 The plugins add eval | finetune | sweep (cli/research.py) and sft | reward | ppo | rlhf | chat
 (cli/rlhf.py).
@@ -181,26 +181,37 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    """Import a Hugging Face GPT-2 directory as a gptjax workdir checkpoint, or export one."""
-    from gptjax import hf as convert
+    """Export a workdir's newest checkpoint to a Hugging Face directory, tokenizer included."""
+    from gptjax.research import pretrained
 
-    if args.export_to:
-        from gptjax.training.workdir import load_run
-
-        cfg, params, _, _, _ = load_run(args.workdir)
-        convert.save_hf_gpt2(args.export_to, cfg, jax_to_numpy(params))
-        print(f"wrote {args.export_to}/config.json and model.safetensors")
-    else:
+    if not args.export_to:
         raise SystemExit(
-            "gptjax convert: pass --export_to=DIR (import is convert.load_hf_gpt2 in Python)."
+            "gptjax convert: pass --export_to=DIR; to bring a Hugging Face directory in, "
+            "run `gptjax import --from=DIR --workdir=W`."
         )
+    for line in pretrained.export_hf(args.workdir, args.export_to):
+        print(line)
 
 
-def jax_to_numpy(tree):
-    import jax
-    import numpy as np
+def cmd_import(args) -> None:
+    """A Hugging Face GPT-2, GPT-1, BERT or Marian directory as a new gptjax workdir."""
+    from gptjax.research import pretrained
 
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+    out = pretrained.import_hf(args.from_dir, args.workdir)
+    print(
+        f"imported {out.model_type} ({out.n_params:,} params, {type(out.cfg).__name__}) from "
+        f"{args.from_dir} into {args.workdir} as checkpoint step 0"
+    )
+    if out.tokenizer is not None:
+        print(f"tokenizer: {type(out.tokenizer).__name__} with {out.tokenizer.vocab_size} ids")
+        print(f"next: gptjax sample --workdir={args.workdir} --prompt '...'")
+    else:
+        print(
+            f"no tokenizer imported ({out.tokenizer_note}); gptjax sample and gptjax eval "
+            f"need the model's own tokenizer saved in {args.workdir} (Tokenizer.save; gptjax "
+            "train would build a new one from DataConfig instead), and "
+            "gptjax reads only GPT-2's byte-level BPE of the Hugging Face formats"
+        )
 
 
 def common_flags(sp: argparse.ArgumentParser, workdir: bool = True) -> None:
@@ -292,9 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default="stdlib")
     r.add_argument("--path", default=None)
     r.add_argument("--data_dir", default=None)
-    c = sub.add_parser("convert", help="export a workdir to Hugging Face GPT-2 format")
+    c = sub.add_parser(
+        "convert", help="export a workdir to a Hugging Face directory (weights and tokenizer)"
+    )
     common(c)
-    c.add_argument("--export_to", default=None)
+    c.add_argument("--export_to", default=None, help="the Hugging Face directory to write")
+    i = sub.add_parser(
+        "import",
+        help="a Hugging Face GPT-2 / GPT-1 / BERT / Marian directory as a new workdir "
+        "(--gin_bindings set its train, optimizer and data configs)",
+    )
+    common(i)
+    i.add_argument(
+        "--from",
+        dest="from_dir",
+        required=True,
+        help="the Hugging Face directory: config.json, model.safetensors or "
+        "pytorch_model.bin, and its tokenizer files",
+    )
     for module in PLUGINS:
         if importlib.util.find_spec(module) is not None:
             COMMANDS.update(importlib.import_module(module).register(sub, common, sampling))
@@ -312,6 +338,7 @@ COMMANDS = {
     "tokenizer": cmd_tokenizer,
     "prepare": cmd_prepare,
     "convert": cmd_convert,
+    "import": cmd_import,
 }
 
 

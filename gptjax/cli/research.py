@@ -17,11 +17,24 @@ from gptjax.research import sweep as sweep_lib
 
 
 def cmd_eval(args) -> None:
-    """Perplexity on the run's validation split, or few-shot accuracy on --task."""
+    """Perplexity on the run's validation split or on --text_file, or few-shot accuracy on
+    --task."""
     from gptjax.evals import in_context as evaluate
     from gptjax.training.workdir import load_run
 
     cfg, params, tokenizer, configs, step = load_run(args.workdir)
+    if args.text_file:
+        from gptjax.research import pretrained
+
+        out = pretrained.text_file_loss(
+            cfg, params, tokenizer, args.text_file, args.window, args.batch_size
+        )
+        print(
+            f"step {step}: {args.text_file} loss {out['loss']:.6f}, perplexity "
+            f"{out['perplexity']:.4f} over {out['tokens']:,} tokens "
+            f"({out['windows']} windows of up to {out['window']} tokens)"
+        )
+        return
     if not args.task:
         out = evaluate.split_perplexity(
             cfg,
@@ -121,7 +134,23 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
     e.add_argument("--shots", default="0", help="demonstrations K, or a list such as 0,1,5")
     e.add_argument("--max_examples", type=int, default=200)
     e.add_argument("--split", default="validation", help="split for perplexity")
-    e.add_argument("--batch_size", type=int, default=16)
+    e.add_argument(
+        "--text_file",
+        default=None,
+        help="perplexity of a decoder on this UTF-8 file instead: tokenized once, cut into "
+        "non-overlapping windows of --window tokens (the last, partial one included), each "
+        "scored on all its next-token predictions (a window's first token is context only), "
+        "as Hugging Face's perplexity recipe with stride = max_length",
+    )
+    e.add_argument(
+        "--window", type=int, default=None, help="--text_file's window (default: max_len)"
+    )
+    e.add_argument(
+        "--batch_size",
+        type=int,
+        default=16,
+        help="sequences per batch (lower it if memory is short)",
+    )
     e.add_argument("--max_batches", type=int, default=50)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument(

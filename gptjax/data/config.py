@@ -137,7 +137,8 @@ def workdir_tokenizer(
         return load_tokenizer(path)
     if data_cfg is None:
         raise FileNotFoundError(
-            f"no tokenizer in {workdir!r}: is it a gptjax workdir (written by `gptjax train`)?"
+            f"no tokenizer in {workdir!r}: save the model's tokenizer there "
+            "(Tokenizer.save), or check that it is a gptjax workdir"
         )
     tokenizer = build_tokenizer(data_cfg)
     if save:
