@@ -35,7 +35,16 @@ def cmd_train(args) -> None:
     """Train (or resume) in --workdir with the default eval hooks (sample preview, exact match)."""
     from gptjax.evals.hooks import train_with_defaults
 
-    summary = train_with_defaults(args.workdir, stop_after=args.stop_after, dry_run=args.dry_run)
+    kw = {}
+    if args.init_from:  # overrides TrainConfig.init_from from gin
+        import dataclasses
+
+        from gptjax.training.step import TrainConfig
+
+        kw["train_cfg"] = dataclasses.replace(TrainConfig(), init_from=args.init_from)
+    summary = train_with_defaults(
+        args.workdir, stop_after=args.stop_after, dry_run=args.dry_run, **kw
+    )
     if not args.dry_run:
         print(
             f"done: step {summary['end_step']}, train loss {summary.get('train/loss', 'n/a')}, "
@@ -284,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry_run",
         action="store_true",
         help="compile for the configured mesh, report memory/FLOPs, do not train",
+    )
+    t.add_argument(
+        "--init_from",
+        default=None,
+        help="start from this workdir's params (an earlier run, an imported GPT-2): fresh "
+        "optimizer, step 0, its tokenizer; ignored once --workdir has a checkpoint",
     )
     t.add_argument("--sample_after", action="store_true", help="print a sample when done")
     sampling(t)

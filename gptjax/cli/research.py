@@ -91,9 +91,9 @@ def cmd_finetune(args) -> None:
     """GPT-1 fine-tuning of a pretrained workdir on a demo task (FinetuneConfig from gin)."""
     overrides = {k: getattr(args, k) for k in ("task", "steps") if getattr(args, k) is not None}
     ft_cfg = finetune_lib.FinetuneConfig(**overrides)
-    summary = finetune_lib.finetune(args.workdir, args.out, ft_cfg)
+    summary = finetune_lib.finetune(args.init_from or args.workdir, args.out, ft_cfg)
     print(
-        f"{ft_cfg.task} ({summary['kind']}): accuracy {summary['accuracy_before']:.3f} before, "
+        f"{summary['task']} ({summary['kind']}): accuracy {summary['accuracy_before']:.3f} before, "
         f"{summary['accuracy']:.3f} ± {summary['accuracy_stderr']:.3f} after "
         f"{summary['steps']} steps (chance {summary['chance']:.3f}); written to {args.out}"
     )
@@ -165,6 +165,12 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
     f = subparsers.add_parser("finetune", help="GPT-1 fine-tuning of a pretrained workdir")
     common(f)
     f.add_argument("--out", required=True, help="directory for the fine-tuned run")
+    f.add_argument(
+        "--init_from",
+        default=None,
+        help="the workdir whose params the trunk starts from (default: --workdir); the task "
+        "head is new",
+    )
     f.add_argument("--task", default=None, help=f"one of {', '.join(finetune_lib.TASKS)}")
     f.add_argument("--steps", type=int, default=None)
     s = subparsers.add_parser("sweep", help="run an ablation sweep defined by a gin file")

@@ -1,20 +1,28 @@
-"""`gptjax sft | reward | ppo | rlhf | chat`: the InstructGPT stages from the command line.
+"""`gptjax sft | reward | ppo | dpo | rlhf | chat`: the InstructGPT stages from the command line.
 
 main.py finds this module through its PLUGINS list, parses the gin files before calling a
-command, and turns ValueError / FileNotFoundError into one-line errors.
+command, and turns ValueError / FileNotFoundError into one-line errors. `--init_from` (and
+`ppo --critic_init_from`) override the stage config's field of that name from gin.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
 
-def cmd_sft(args) -> None:
-    from gptjax.rlhf.sft import run_sft
+def _with(cfg, args, *names):
+    """`cfg` with the fields among `names` that the command line set."""
+    changes = {n: getattr(args, n) for n in names if getattr(args, n, None)}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
-    s = run_sft(args.workdir)
+
+def cmd_sft(args) -> None:
+    from gptjax.rlhf.sft import SFTConfig, run_sft
+
+    s = run_sft(args.workdir, sft_cfg=_with(SFTConfig(), args, "init_from"))
     print(
         f"sft done: loss {s['sft/loss']:.4f}, held-out loss {s['sft/heldout_loss']:.4f}; "
         f"workdir {args.workdir}"
@@ -22,9 +30,10 @@ def cmd_sft(args) -> None:
 
 
 def cmd_reward(args) -> None:
-    from gptjax.rlhf.reward import run_reward
+    from gptjax.rlhf.reward import RewardConfig, run_reward
 
-    s = run_reward(args.workdir, args.sft_workdir)
+    rm_cfg = _with(RewardConfig(), args, "init_from")
+    s = run_reward(args.workdir, args.sft_workdir, rm_cfg=rm_cfg)
     print(
         f"reward model done: held-out accuracy {s['reward/heldout_accuracy']:.3f}; "
         f"workdir {args.workdir}"
@@ -33,15 +42,27 @@ def cmd_reward(args) -> None:
 
 def cmd_ppo(args) -> None:
     from gptjax.rlhf.pipeline import run_ppo
+    from gptjax.rlhf.ppo import PPOConfig
 
-    s = run_ppo(args.workdir, args.sft_workdir, args.reward_workdir)
+    ppo_cfg = _with(PPOConfig(), args, "init_from", "critic_init_from")
+    s = run_ppo(args.workdir, args.sft_workdir, args.reward_workdir, ppo_cfg=ppo_cfg)
     print(json.dumps(s, indent=2))
+
+
+def cmd_dpo(args) -> None:
+    from gptjax.rlhf.dpo import run_dpo
+
+    s = run_dpo(args.workdir, args.sft_workdir)
+    print(
+        f"dpo done: held-out loss {s['heldout/loss']:.4f} (from {s['heldout/loss_start']:.4f}), "
+        f"implicit-reward accuracy {s['heldout/accuracy']:.3f}; workdir {args.workdir}"
+    )
 
 
 def cmd_rlhf(args) -> None:
     from gptjax.rlhf.pipeline import run_rlhf
 
-    s = run_rlhf(args.workdir)
+    s = run_rlhf(args.workdir, init_from=args.init_from)
     keys = (
         "reward/heldout_accuracy",
         "ppo/gold_reward_start",
@@ -94,27 +115,51 @@ def _read_lines(interactive: bool):
         yield line
 
 
+def _init_from(parser, what: str) -> None:
+    parser.add_argument(
+        "--init_from",
+        default=None,
+        help=f"a workdir to start from: {what}; params only, fresh optimizer, step 0; "
+        "ignored when --workdir already holds the finished stage",
+    )
+
+
 def register(subparsers, common, sampling) -> dict:
     """Add the RLHF subcommands; returns {name: fn(args)} for main.py."""
     # Register the gin configurables (SFTConfig, RewardConfig, PPOConfig, make_task) before
     # main.py parses the gin files.
-    from gptjax.rlhf import pipeline, ppo, reward, sft, tasks  # noqa: F401
+    from gptjax.rlhf import dpo, pipeline, ppo, reward, sft, tasks  # noqa: F401
 
     p = subparsers.add_parser("sft", help="stage 1: supervised fine-tuning (prompt-masked loss)")
     common(p)
+    _init_from(p, "the policy's params and tokenizer (default: pretrain from scratch)")
     p = subparsers.add_parser("reward", help="stage 2: reward model on ranked comparisons")
     common(p)
-    p.add_argument("--sft_workdir", required=True, help="the SFT workdir to start from")
+    p.add_argument("--sft_workdir", required=True, help="the policy whose samples are ranked")
+    _init_from(p, "the RM trunk's params, a fresh head (default: --sft_workdir)")
     p = subparsers.add_parser("ppo", help="stage 3: PPO(-ptx) against the reward model")
     common(p)
-    p.add_argument("--sft_workdir", required=True, help="policy init and KL reference")
+    p.add_argument("--sft_workdir", required=True, help="KL reference (and default policy init)")
     p.add_argument("--reward_workdir", required=True, help="reward model (and critic init)")
+    _init_from(p, "the policy's starting params (default: --sft_workdir)")
+    p.add_argument(
+        "--critic_init_from",
+        default=None,
+        help="workdir of the value model's start: a reward model, or any model's trunk with "
+        "a fresh head (default: --reward_workdir)",
+    )
+    p = subparsers.add_parser(
+        "dpo", help="DPO (or IPO, DPOConfig.loss_type) on the reward model's comparison data"
+    )
+    common(p)
+    p.add_argument("--sft_workdir", required=True, help="the starting policy and reference")
     p = subparsers.add_parser(
         "rlhf",
         help="SFT -> reward model -> PPO, into WORKDIR/{sft,reward,"
         "ppo} with WORKDIR/summary.json and a plot",
     )
     common(p)
+    _init_from(p, "SFT's starting params and tokenizer (default: pretrain from scratch)")
     p = subparsers.add_parser("chat", help="talk to a trained policy (stdin lines, pipes too)")
     common(p)
     sampling(p)
@@ -123,6 +168,7 @@ def register(subparsers, common, sampling) -> dict:
         "sft": cmd_sft,
         "reward": cmd_reward,
         "ppo": cmd_ppo,
+        "dpo": cmd_dpo,
         "rlhf": cmd_rlhf,
         "chat": cmd_chat,
     }

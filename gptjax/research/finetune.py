@@ -30,6 +30,11 @@ Batches hold `tokens` (B, C, T), right-padded, `extract` (B, C) positions of `<e
 `segment` (B, C, T) token types, `lm_mask` (B, C, T-1) which next-token targets count for L1,
 and `label` (B,). Right padding is invisible to every family: causal trunks never look ahead,
 and the encoders mask every position after `<extract>`.
+
+The trunk starts from the pretrained workdir's params (any workdir: a `gptjax train` run, an
+imported GPT-2; `workdir.init_params_from`, restored straight onto the fine-tuning mesh), the
+task head is new (`init_head`), and the optimizer starts fresh at step 0. An `out_dir` that
+already holds fine-tuned params is a finished run: its summary is returned, nothing is redone.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from gptjax.config import ModelConfig, Seq2SeqConfig
+from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import Specials
 from gptjax.models import bert as encoder
 from gptjax.models import family, layers
@@ -60,6 +66,7 @@ from gptjax.research.gpt1_tasks import (
     encode_examples,
     make_batch,
 )
+from gptjax.training import workdir as workdir_lib
 from gptjax.training.metrics import MetricWriter
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import (
@@ -69,7 +76,6 @@ from gptjax.training.step import (
     place_state,
     with_dropout_keys,
 )
-from gptjax.training.workdir import load_run
 
 # ---------------------------------------------------------------------- heads
 
@@ -410,6 +416,31 @@ def _optimizer(ft: FinetuneConfig):
     return make_optimizer(opt_cfg, ft.steps)
 
 
+def initial_params(pretrained_workdir: str, ft: FinetuneConfig, mesh, rules):
+    """(source, params): the trunk from `pretrained_workdir`'s params (`init_params_from`,
+    on the fine-tuning mesh; its own model config) and a fresh head for `ft.task`, whose
+    key is `ft.seed`'s."""
+    cfg = workdir_lib.source_config(pretrained_workdir)
+    kind, n_classes = TASKS[ft.task]
+    if ft.seq_len > cfg.max_len:
+        raise ValueError(
+            f"FinetuneConfig.seq_len={ft.seq_len} exceeds the model's max_len {cfg.max_len}."
+        )
+    trunk_shardings = param_shardings(cfg, mesh, rules)["gpt"]
+    src = workdir_lib.init_params_from(pretrained_workdir, cfg, mesh, rules, trunk_shardings)
+    head = init_head(kind, cfg.d_model, n_classes, jax.random.key(ft.seed))
+    return src, {"gpt": src.params, "head": head}
+
+
+def _finished(out_dir: str) -> dict | None:
+    """The summary of a fine-tuning run already saved in `out_dir` (never overwritten)."""
+    path = os.path.join(out_dir, "summary.json")
+    if not (os.path.isdir(os.path.join(out_dir, "params")) and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def finetune(
     pretrained_workdir: str,
     out_dir: str,
@@ -418,24 +449,21 @@ def finetune(
 ) -> dict:
     """Fine-tune a pretrained run on a demo task over the mesh of `mesh_cfg` (default: gin's
     MeshConfig); metrics.jsonl, summary.json and the fine-tuned params (orbax) go to
-    `out_dir`."""
+    `out_dir` (if it holds them already, their summary is returned and nothing runs)."""
     ft, mesh_cfg = ft or FinetuneConfig(), mesh_cfg or sharding.MeshConfig()
-    cfg, gpt_params, tokenizer, configs, step = load_run(pretrained_workdir)
-    if ft.seq_len > cfg.max_len:
-        raise ValueError(
-            f"FinetuneConfig.seq_len={ft.seq_len} exceeds the model's max_len {cfg.max_len}."
-        )
-    kind, n_classes = TASKS[ft.task]
-    sp, examples = _task_data(ft, tokenizer, configs["data"])
+    if (done := _finished(out_dir)) is not None:
+        return done
+    mesh = sharding.make_mesh(mesh_cfg)
+    rules = logical.logical_axis_rules(mesh_cfg.rules)
+    src, params = initial_params(pretrained_workdir, ft, mesh, rules)
+    cfg, (kind, n_classes) = src.cfg, TASKS[ft.task]
+    tokenizer = workdir_lib.source_tokenizer(pretrained_workdir, required=True)
+    sp, examples = _task_data(ft, tokenizer, src.configs.get("data", DataConfig()))
     eval_batches = [
         make_batch(kind, examples["validation"][i : i + ft.batch_size], sp, ft.seq_len)
         for i in range(0, ft.n_eval, ft.batch_size)
     ]
-    key = jax.random.key(ft.seed)
-    params = {"gpt": gpt_params, "head": init_head(kind, cfg.d_model, n_classes, key)}
-    optimizer = _optimizer(ft)
-    mesh = sharding.make_mesh(mesh_cfg)
-    rules = logical.logical_axis_rules(mesh_cfg.rules)
+    key, optimizer = jax.random.key(ft.seed), _optimizer(ft)
     step_fn, shards = make_train_step(cfg, kind, ft, optimizer, params, mesh, rules)
     state, logits_fn = place_state(optimizer, params, key, shards), make_logits(cfg, kind)
     before = accuracy(logits_fn, state.params, eval_batches)
@@ -452,7 +480,7 @@ def finetune(
         "kind": kind,
         "family": family.family_of(cfg).name,
         "pretrained": pretrained_workdir,
-        "pretrained_step": step,
+        "pretrained_step": src.step,
         "steps": ft.steps,
         "accuracy_before": before[0],
         "accuracy": after[0],

@@ -35,12 +35,10 @@ from gptjax.data.gpt2_tokenizer import GPT2Tokenizer
 from gptjax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from gptjax.evals.in_context import perplexity
 from gptjax.models import family
-from gptjax.parallel import logical
-from gptjax.parallel import mesh as sharding
 from gptjax.training import checkpoint as ckpt_lib
+from gptjax.training import workdir as workdir_lib
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, Trainer, abstract_state, make_trainer, place_state
-from gptjax.training.workdir import load_configs
 
 # The data iterator's position before its first batch (`TokenBatchIterator.get_state()` of a
 # fresh iterator, for corpora and tasks alike), saved so `gptjax train` can resume step 0.
@@ -64,9 +62,7 @@ class Imported:
 
 def one_device_trainer(configs: dict) -> Trainer:
     """The run's trainer on a one-device mesh: the layout `load_run` restores into."""
-    mesh_cfg = sharding.MeshConfig(shape={"data": 1, "fsdp": 1, "tensor": 1})
-    mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:1])
-    rules = logical.logical_axis_rules(mesh_cfg.rules)
+    mesh, rules = workdir_lib.one_device_mesh()
     train_cfg = configs["train"]
     return make_trainer(
         configs["model"], configs["optimizer"], train_cfg.steps, mesh, rules, train_cfg.batch_size
@@ -76,14 +72,8 @@ def one_device_trainer(configs: dict) -> Trainer:
 def restore_params(workdir: str) -> tuple[ModelConfig, dict, int]:
     """(model config, params, step) of a workdir's newest good checkpoint; unlike `load_run`
     it needs no tokenizer (an import may have none)."""
-    configs = load_configs(workdir)
-    trainer = one_device_trainer(configs)
-    with ckpt_lib.CheckpointManager(workdir, read_only=True) as manager:
-        restored = manager.restore(abstract_state(trainer))
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir!r}/checkpoints yet.")
-    step, state, _ = restored
-    return configs["model"], state.params, step
+    src = workdir_lib.init_params_from(workdir)
+    return src.cfg, src.params, src.step
 
 
 def checked_params(params: dict, abstract_params, source: str) -> dict:

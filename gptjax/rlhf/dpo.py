@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import os
 
 import gin
 import jax
@@ -239,7 +237,10 @@ def run_dpo(
     mesh_cfg: sharding.MeshConfig | None = None,
 ) -> dict:
     """DPO end to end from an SFT workdir: comparisons, reference log-probs, training,
-    held-out stats; the policy is saved as a workdir `gptjax sample|chat` read."""
+    held-out stats; the policy is saved as a workdir `gptjax sample|chat` read (a workdir
+    that already holds a finished run returns its summary: `sft.finished_stage`)."""
+    if (done := sft.finished_stage(workdir)) is not None:
+        return done
     dpo_cfg, rm_cfg, task = (
         dpo_cfg or DPOConfig(),
         rm_cfg or RewardConfig(),
@@ -288,7 +289,6 @@ def run_dpo(
         writer.close()
     train_cfg = TrainConfig(steps=dpo_cfg.steps, batch_size=dpo_cfg.batch_size)
     meta = {"stage": "dpo", "task": task.name, **dataclasses.asdict(dpo_cfg)}
+    sft.write_summary(workdir, summary)  # before the checkpoint: see sft.finished_stage
     sft.save_policy(workdir, state, cfg, opt_cfg, tokenizer, train_cfg, meta)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     return summary

@@ -9,6 +9,7 @@ the end vs its target; pretraining LM loss before/after, the PPO-ptx question) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, ppo, reward, sft, tasks
 from gptjax.training import metrics as metrics_lib
+from gptjax.training import workdir as workdir_lib
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import TrainConfig, TrainState
 
@@ -142,14 +144,49 @@ def _save_ppo_policy(
     )
 
 
-def _ppo_start(fns, sft_params, rm_params, norm, ppo_cfg: ppo.PPOConfig):
-    """(frozen models, PPO state): the reference policy (a copy of SFT's, never donated), the
-    reward model and its normalisation; the policy from SFT and the critic from the reward
-    model."""
-    ref = jax.device_put(jax.device_get(sft_params), fns.state_shardings.params["policy"])
-    models = {"ref": ref, "rm": rm_params, "norm": norm}
-    critic = ppo.critic_from_reward(rm_params, norm)
-    return models, ppo.init_state(fns, sft_params, critic, ppo_cfg.seed)
+def _starting_critic(
+    source: str, reward_workdir: str, rm: tuple, tokenizer, mesh, rules, key
+) -> dict:
+    """The value model's params: a reward workdir's RM with its normalisation folded into the
+    head (InstructGPT: the RM itself, unless `source` names another), or any other
+    workdir's trunk with a fresh head (`reward.from_policy`); the RM's config either way."""
+    rm_cfg, rm_params, norm = rm
+    if source == reward_workdir:
+        return ppo.critic_from_reward(rm_params, norm)
+    if reward.is_reward_workdir(source):
+        workdir_lib.source_config(source, rm_cfg)  # the same model as the RM, or an error
+        _, critic_params, critic_norm = reward.load_reward(source, mesh, rules)
+        return ppo.critic_from_reward(critic_params, critic_norm)
+    workdir_lib.check_tokenizer(source, tokenizer, "the policy's")
+    trunk = workdir_lib.init_params_from(source, rm_cfg, mesh, rules).params
+    return reward.from_policy(rm_cfg, trunk, key)
+
+
+def start_ppo(
+    fns, cfg, tokenizer, sft_workdir: str, reward_workdir: str, rm: tuple, ppo_cfg, mesh, rules
+):
+    """(frozen models, PPO state) on the PPO mesh: the reference policy (SFT's, never
+    donated), the reward model `rm` = (config, params, norm); the policy from
+    `ppo_cfg.init_from` (default SFT's) and the critic from `ppo_cfg.critic_init_from`
+    (default the RM), each with fresh optimizer state at step 0."""
+    policy_shardings = fns.state_shardings.params["policy"]
+    ref = workdir_lib.init_params_from(sft_workdir, cfg, mesh, rules, policy_shardings).params
+    policy = ref  # init_state copies it through the host: the state never aliases the ref
+    if ppo_cfg.init_from:
+        workdir_lib.check_tokenizer(ppo_cfg.init_from, tokenizer, "the SFT policy's")
+        src = workdir_lib.init_params_from(ppo_cfg.init_from, cfg, mesh, rules, policy_shardings)
+        policy = src.params
+    critic = _starting_critic(
+        ppo_cfg.critic_init_from or reward_workdir,
+        reward_workdir,
+        rm,
+        tokenizer,
+        mesh,
+        rules,
+        jax.random.fold_in(jax.random.key(ppo_cfg.seed), 3),
+    )
+    models = {"ref": ref, "rm": rm[1], "norm": rm[2]}
+    return models, ppo.init_state(fns, policy, critic, ppo_cfg.seed)
 
 
 def _start_summary(start: dict, ptx_lm_loss: float, ppo_cfg: ppo.PPOConfig) -> dict:
@@ -179,9 +216,13 @@ def run_ppo(
     if opt_cfg is None:
         with gin.config_scope("ppo"):
             opt_cfg = OptimizerConfig()
-    cfg, sft_params, tokenizer = sft.load_policy(sft_workdir)
+    if (done := sft.finished_stage(workdir)) is not None:
+        return done
+    cfg = workdir_lib.source_config(sft_workdir)
+    tokenizer = workdir_lib.source_tokenizer(sft_workdir, required=True)
+    workdir_lib.check_tokenizer(reward_workdir, tokenizer, "the SFT policy's")
     mesh, rules = sft.stage_mesh(mesh_cfg)
-    rm_cfg, rm_params, norm = reward.load_reward(reward_workdir, mesh, rules)
+    rm = reward.load_reward(reward_workdir, mesh, rules)
     train_prompts = tasks.prompts(task, ppo_cfg.n_prompts, ppo_cfg.seed)
     eval_prompts = tasks.prompts(task, ppo_cfg.eval_prompts, ppo_cfg.seed + 99)
     width = max(len(chat.prompt_ids(tokenizer, p)) for p in train_prompts + eval_prompts)
@@ -197,8 +238,10 @@ def run_ppo(
 
     try:
         with logical.use_mesh(mesh, rules):
-            fns = ppo.make_ppo(cfg, rm_cfg, ppo_cfg, opt_cfg, width, mesh, rules)
-            models, state = _ppo_start(fns, sft_params, rm_params, norm, ppo_cfg)
+            fns = ppo.make_ppo(cfg, rm[0], ppo_cfg, opt_cfg, width, mesh, rules)
+            models, state = start_ppo(
+                fns, cfg, tokenizer, sft_workdir, reward_workdir, rm, ppo_cfg, mesh, rules
+            )
             start = evaluate(state.params["policy"], 1_000_001)
             summary = _start_summary(start, lm_loss(cfg, models["ref"], ptx_held), ppo_cfg)
             state, history, kl_coef = _ppo_iterations(
@@ -221,8 +264,10 @@ def run_ppo(
         writer.close()
     summary |= _end_summary(start, end, history, kl_coef)
     summary |= {"ppo/steps": ppo_cfg.steps, "ppo/wall_s": time.perf_counter() - t_start}
+    summary |= {"ppo/init_from": ppo_cfg.init_from or sft_workdir}
+    summary["ppo/critic_init_from"] = ppo_cfg.critic_init_from or reward_workdir
+    sft.write_summary(workdir, summary)
     _save_ppo_policy(workdir, state, cfg, opt_cfg, tokenizer, ppo_cfg, seq_len, task)
-    _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 
@@ -260,12 +305,19 @@ def _write_json(path: str, obj: dict) -> None:
         json.dump(obj, f, indent=2)
 
 
-def run_rlhf(workdir: str, mesh_cfg: sharding.MeshConfig | None = None) -> dict:
-    """All three stages with gin's configs; returns (and writes) the pipeline summary."""
+def run_rlhf(
+    workdir: str, mesh_cfg: sharding.MeshConfig | None = None, init_from: str | None = None
+) -> dict:
+    """All three stages with gin's configs (SFT from `init_from` when given, else
+    `SFTConfig.init_from`); returns (and writes) the pipeline summary. A rerun skips the
+    stages that finished (`sft.finished_stage`)."""
     t0 = time.perf_counter()
     dirs = {s: os.path.join(workdir, s) for s in ("sft", "reward", "ppo")}
     summary = {"stages": dirs}
-    summary |= sft.run_sft(dirs["sft"], mesh_cfg=mesh_cfg)
+    sft_cfg = sft.SFTConfig()
+    if init_from:
+        sft_cfg = dataclasses.replace(sft_cfg, init_from=init_from)
+    summary |= sft.run_sft(dirs["sft"], sft_cfg=sft_cfg, mesh_cfg=mesh_cfg)
     summary["sft/wall_s"] = time.perf_counter() - t0
     summary |= reward.run_reward(dirs["reward"], dirs["sft"], mesh_cfg=mesh_cfg)
     summary["reward/wall_s"] = time.perf_counter() - t0 - summary["sft/wall_s"]

@@ -48,6 +48,11 @@ class PPOConfig:
     Ziegler et al.'s controller towards kl_target nats per reply over kl_horizon samples.
     no_stop_penalty: the score of a reply without an end-of-turn token (it is cut there).
     ptx_coef: γ of PPO-ptx (0 = plain PPO); ptx_batch_size pretraining rows per minibatch.
+    init_from: the workdir whose params the policy starts from (None: the SFT workdir, which
+    is always the KL reference; e.g. an earlier PPO run's to go on from it).
+    critic_init_from: the value model's start (None: the reward workdir, its normalisation
+    folded into the head); another reward workdir likewise, any other workdir gives the trunk
+    with a fresh head. Its model config must be the reward model's.
     """
 
     steps: int = 60
@@ -72,6 +77,8 @@ class PPOConfig:
     ptx_batch_size: int = 16
     n_prompts: int = 2048
     eval_prompts: int = 256
+    init_from: str | None = None
+    critic_init_from: str | None = None
     seed: int = 2
 
     def __post_init__(self):

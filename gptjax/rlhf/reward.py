@@ -7,6 +7,10 @@ whole conversation. Training data are K samples per prompt from the SFT policy, 
 task's gold reward, with all C(K, 2) comparisons of a prompt in one batch element
 (`losses.reward_ranking_loss`); or HH jsonl `chosen`/`rejected` pairs (K = 2).
 
+The trunk starts from `RewardConfig.init_from` (default: the SFT workdir; any workdir whose
+tokenizer is the policy's, since the RM scores the policy's ids), its params only
+(`workdir.init_params_from`); the head is always new. The RM's model config is that workdir's.
+
 After training, a gain and bias are fitted so the reference policy's samples score mean 0, std 1:
 PPO's KL coefficient and value scale then mean the same thing whatever the RM's raw scale.
 """
@@ -26,13 +30,14 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptjax.config import ModelConfig
-from gptjax.data.tokenizer import Tokenizer
+from gptjax.data.tokenizer import Tokenizer, check_vocab
 from gptjax.models import gpt as model
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, comparisons, losses, sft, tasks
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
+from gptjax.training import workdir as workdir_lib
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
 from gptjax.training.step import jit_train_step, make_update, place_state
 
@@ -51,6 +56,8 @@ class RewardConfig:
     norm_samples, norm_temperature: reference samples that fix the gain and bias (use PPO's
     rollout temperature: that is the distribution PPO starts from).
     hh_path: train on Anthropic HH jsonl(.gz) pairs instead; hh_seq_len tokens per conversation.
+    init_from: the workdir whose params the RM's trunk starts from (None: the SFT workdir);
+    the scalar head is freshly initialised (`init_head`) whatever the source.
     """
 
     k: int = 4
@@ -64,6 +71,7 @@ class RewardConfig:
     norm_temperature: float = 0.7
     hh_path: str | None = None
     hh_seq_len: int = 256
+    init_from: str | None = None
     log_every: int = 50
     seed: int = 1
 
@@ -224,12 +232,32 @@ def _n_pairs(ranks_BK, valid_BK):
     return ((ranks_BK[:, :, None] < ranks_BK[:, None, :]) & v[:, :, None] & v[:, None, :]).sum()
 
 
-def save_reward(workdir: str, cfg: ModelConfig, params: dict, norm: dict, extra: dict) -> None:
+def save_reward(
+    workdir: str,
+    cfg: ModelConfig,
+    params: dict,
+    norm: dict,
+    extra: dict,
+    tokenizer: Tokenizer | None = None,
+) -> None:
+    """config.json (the model, `extra` as 'rlhf'), the tokenizer whose ids the RM scores (so
+    PPO can check it is the policy's) and one checkpoint of {'params', 'norm'}."""
     os.makedirs(workdir, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump({"model": dataclasses.asdict(cfg), "rlhf": extra}, f, indent=2)
     with ckpt_lib.CheckpointManager(workdir, max_to_keep=1) as manager:
         manager.save(int(extra.get("steps", 0)), {"params": params, "norm": norm}, {}, force=True)
+
+
+def is_reward_workdir(workdir: str) -> bool:
+    """Whether `workdir` holds a reward model (`save_reward`), not a policy."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return (json.load(f).get("rlhf") or {}).get("stage") == "reward"
 
 
 def load_reward(workdir: str, mesh=None, rules=None) -> tuple[ModelConfig, dict, dict]:
@@ -309,11 +337,13 @@ def reference_norm(
     rm_cfg: RewardConfig,
     width: int,
     key: jax.Array,
+    policy_cfg: ModelConfig | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """(raw scores, norm) of the reference policy's own samples at PPO's temperature."""
+    """(raw scores, norm) of the reference policy's own samples at PPO's temperature; the
+    policy's config is `policy_cfg` when it is not the RM's `cfg`."""
     norm_prompts = tasks.prompts(task, rm_cfg.norm_samples, rm_cfg.seed + 7)
     ref = chat.generate_replies(
-        cfg,
+        policy_cfg or cfg,
         policy_params,
         tokenizer,
         [chat.prompt_ids(tokenizer, p) for p in norm_prompts],
@@ -327,6 +357,33 @@ def reference_norm(
     return raw, fit_norm(raw)
 
 
+def start_reward(
+    source: str,
+    tokenizer: Tokenizer,
+    opt_cfg: OptimizerConfig,
+    steps: int,
+    mesh,
+    rules,
+    key: jax.Array,
+):
+    """(RM model config, jitted step, step-0 TrainState): the trunk from `source`'s params
+    (its config; its tokenizer checked to be the policy's `tokenizer`), a fresh head."""
+    workdir_lib.check_tokenizer(source, tokenizer, "the SFT policy's")
+    src = workdir_lib.init_params_from(source, None, mesh, rules)
+    check_vocab(tokenizer, src.cfg.vocab_size)
+    step_fn, state = init_reward(src.cfg, src.params, opt_cfg, steps, mesh, rules, key)
+    return src.cfg, step_fn, state
+
+
+def _check_fits(cfg: ModelConfig, *arrays: dict) -> None:
+    longest = max(a["tokens"].shape[-1] for a in arrays)
+    if longest > cfg.max_len:
+        raise ValueError(
+            f"comparisons of {longest} tokens exceed the reward model's max_len {cfg.max_len}; "
+            "start it from a longer-context workdir (RewardConfig.init_from) or shorten them."
+        )
+
+
 def run_reward(
     workdir: str,
     sft_workdir: str,
@@ -336,12 +393,17 @@ def run_reward(
     task=None,
     mesh_cfg: sharding.MeshConfig | None = None,
 ) -> dict:
-    """Stage 2 end to end: label comparisons, train, held-out accuracy, normalise, save."""
+    """Stage 2 end to end: label comparisons (with the SFT policy's samples), train the RM
+    (trunk from `rm_cfg.init_from`, default the SFT workdir), held-out accuracy, normalise,
+    save. Returns the summary (the saved one if `workdir` already holds the finished stage)."""
     rm_cfg, task = rm_cfg or RewardConfig(), task or tasks.make_task()
     if opt_cfg is None:
         with gin.config_scope("reward"):
             opt_cfg = OptimizerConfig()
+    if (done := sft.finished_stage(workdir)) is not None:
+        return done
     cfg, policy_params, tokenizer = sft.load_policy(sft_workdir)
+    source = rm_cfg.init_from or sft_workdir
     mesh, rules = sft.stage_mesh(mesh_cfg)
     key = jax.random.key(rm_cfg.seed)
     train, held, width = comparisons.comparison_data(
@@ -351,14 +413,23 @@ def run_reward(
     summary: dict = {}
     try:
         with logical.use_mesh(mesh, rules):
-            step_fn, state = init_reward(
-                cfg, policy_params, opt_cfg, rm_cfg.steps, mesh, rules, key
+            rm_model_cfg, step_fn, state = start_reward(
+                source, tokenizer, opt_cfg, rm_cfg.steps, mesh, rules, key
             )
-            summary["reward/heldout_accuracy_start"] = accuracy(cfg, state.params, held)
+            _check_fits(rm_model_cfg, train, held)
+            summary["reward/heldout_accuracy_start"] = accuracy(rm_model_cfg, state.params, held)
             state = train_reward(step_fn, state, train, rm_cfg, mesh, rules, writer)
-            summary["reward/heldout_accuracy"] = accuracy(cfg, state.params, held)
+            summary["reward/heldout_accuracy"] = accuracy(rm_model_cfg, state.params, held)
             raw, norm = reference_norm(
-                cfg, state.params, policy_params, tokenizer, task, rm_cfg, width, key
+                rm_model_cfg,
+                state.params,
+                policy_params,
+                tokenizer,
+                task,
+                rm_cfg,
+                width,
+                key,
+                policy_cfg=cfg,
             )
     finally:
         writer.close()
@@ -370,15 +441,16 @@ def run_reward(
     writer = metrics_lib.MetricWriter(workdir)
     writer.write(rm_cfg.steps, summary)
     writer.close()
+    summary["reward/init_from"] = source
+    sft.write_summary(workdir, summary)
     save_reward(
         workdir,
-        cfg,
+        rm_model_cfg,
         jax.device_get(state.params),
         jax.device_get(norm),
-        {"stage": "reward", "steps": rm_cfg.steps, "task": task.name},
+        {"stage": "reward", "steps": rm_cfg.steps, "task": task.name, "init_from": source},
+        tokenizer,
     )
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     return summary
 
 

@@ -9,7 +9,11 @@ with its shardings and donation; its held-out loss is the one eval path,
 
 Without a pretrained workdir (`SFTConfig.init_from`), a short unmasked "pretraining" phase on the
 task's plain-text corpus runs first, so the SFT model also has an LM loss worth protecting; PPO-ptx
-mixes that corpus back in.
+mixes that corpus back in. With one, SFT starts from its params and tokenizer
+(`workdir.init_params_from`: params only, a fresh optimizer, step 0).
+
+Every stage saves its checkpoint once, last (`finished_stage`): a stage workdir that holds one
+has finished, and running the stage there again returns its summary instead of training over it.
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, tasks
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
+from gptjax.training import workdir as workdir_lib
 from gptjax.training.eval_loss import weighted_mean_loss
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, TrainState, make_trainer
-from gptjax.training.workdir import load_run
 
 log = logging.getLogger("gptjax")
 
@@ -53,7 +57,9 @@ class SFTConfig:
     pretrain_steps: unmasked LM steps on the task corpus first (skipped with init_from).
     steps: SFT steps on demonstrations; batch_size in sequences of seq_len + 1 tokens.
     n_demonstrations: distinct prompt/response pairs (InstructGPT: ~13k prompts).
-    init_from: a `gptjax train` workdir to start from (its tokenizer is kept).
+    init_from: a workdir to start from (a `gptjax train` run, an imported GPT-2, an earlier
+    policy): its params and tokenizer; its model config unless `run_sft` is given one (then
+    checked against it: `workdir.check_compatible`).
     tokenizer_vocab_size: the task BPE's size when starting from scratch.
     """
 
@@ -170,8 +176,40 @@ def save_policy(
 
 def load_policy(workdir: str):
     """(model_cfg, params, tokenizer) of a policy workdir (SFT, PPO or `gptjax train`)."""
-    cfg, params, tokenizer, _, _ = load_run(workdir)
+    cfg, params, tokenizer, _, _ = workdir_lib.load_run(workdir)
     return cfg, params, tokenizer
+
+
+def finished_stage(workdir: str) -> dict | None:
+    """The summary of the stage that already ran in `workdir`, or None if none did.
+
+    A stage writes summary.json, then its one checkpoint, last: a checkpoint means the stage
+    finished. It is kept, never trained over (the stage's init_from is then ignored), and
+    a pipeline rerun after a crash goes on from the first unfinished stage.
+    """
+    if not os.path.isdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
+        return None
+    with ckpt_lib.CheckpointManager(workdir, read_only=True) as manager:
+        step = manager.latest_step()
+    if step is None:
+        return None
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{workdir!r} holds a checkpoint (step {step}) but no summary.json, so its stage "
+            f"did not finish; move {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)} away to "
+            "run the stage again."
+        )
+    log.info("%s already holds its finished stage (step %d): not run again", workdir, step)
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+    """summary.json of a stage (before its checkpoint: see `finished_stage`)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def _train(
@@ -207,12 +245,21 @@ def masked_eval_loss(
 
 
 def _starting_policy(sft_cfg: SFTConfig, model_cfg: ModelConfig | None, task):
-    """(config, params or None, tokenizer): the policy `init_from` names, or a fresh model
-    (`model_cfg`, else gin's ModelConfig) with a tokenizer trained on the task."""
+    """(config, tokenizer): `init_from`'s (its config checked against `model_cfg` when one
+    is given), or a fresh model's (`model_cfg`, else gin's ModelConfig) with a tokenizer
+    trained on the task."""
     if sft_cfg.init_from:
-        return load_policy(sft_cfg.init_from)
+        cfg = workdir_lib.source_config(sft_cfg.init_from, model_cfg)
+        return cfg, workdir_lib.source_tokenizer(sft_cfg.init_from, required=True)
     tokenizer = tasks.build_tokenizer(task, sft_cfg.tokenizer_vocab_size, sft_cfg.seed)
-    return model_cfg or ModelConfig(), None, tokenizer
+    return model_cfg or ModelConfig(), tokenizer
+
+
+def _initial_state(trainer, sft_cfg: SFTConfig) -> TrainState:
+    """Step 0: `init_from`'s params on the trainer's shardings (fresh optimizer), or random."""
+    if sft_cfg.init_from:
+        return workdir_lib.init_state_from(sft_cfg.init_from, trainer, sft_cfg.seed)[0]
+    return trainer.init_train_state(sft_cfg.seed)
 
 
 def _pretrain(trainer, state, task, tokenizer, sft_cfg: SFTConfig, steps: int, writer):
@@ -232,12 +279,15 @@ def run_sft(
     task=None,
     mesh_cfg: sharding.MeshConfig | None = None,
 ) -> dict:
-    """Stage 1 end to end: tokenizer, (pretraining,) SFT, save; returns a summary dict."""
+    """Stage 1 end to end: tokenizer, (pretraining,) SFT, save; returns a summary dict (the
+    saved one if `workdir` already holds the finished stage: `finished_stage`)."""
     sft_cfg, task = sft_cfg or SFTConfig(), task or tasks.make_task()
     if opt_cfg is None:
         with gin.config_scope("sft"):
             opt_cfg = OptimizerConfig()
-    model_cfg, params, tokenizer = _starting_policy(sft_cfg, model_cfg, task)
+    if (done := finished_stage(workdir)) is not None:
+        return done
+    model_cfg, tokenizer = _starting_policy(sft_cfg, model_cfg, task)
     check_vocab(tokenizer, model_cfg.vocab_size)
     pretrain = 0 if sft_cfg.init_from else sft_cfg.pretrain_steps
     total = pretrain + sft_cfg.steps
@@ -247,13 +297,15 @@ def run_sft(
     demos = demonstration_arrays(tokenizer, pairs, sft_cfg.seq_len)
     train_demos = {k: v[256:] for k, v in demos.items()}
     heldout = {k: v[:256] for k, v in demos.items()}
-    summary: dict = {"sft/steps": sft_cfg.steps, "sft/pretrain_steps": pretrain}
+    summary: dict = {
+        "sft/steps": sft_cfg.steps,
+        "sft/pretrain_steps": pretrain,
+        "sft/init_from": sft_cfg.init_from,
+    }
     writer = metrics_lib.MetricWriter(workdir)
     try:
         with logical.use_mesh(mesh, rules):
-            state = trainer.init_train_state(sft_cfg.seed)
-            if params is not None:
-                state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
+            state = _initial_state(trainer, sft_cfg)
             if pretrain:
                 state, summary["pretrain/loss"] = _pretrain(
                     trainer, state, task, tokenizer, sft_cfg, pretrain, writer
@@ -272,8 +324,7 @@ def run_sft(
     finally:
         writer.close()
     train_cfg = TrainConfig(steps=total, batch_size=sft_cfg.batch_size, seq_len=sft_cfg.seq_len)
-    meta = {"stage": "sft", "task": task.name}
+    meta = {"stage": "sft", "task": task.name, "init_from": sft_cfg.init_from}
+    write_summary(workdir, summary)
     save_policy(workdir, state, model_cfg, opt_cfg, tokenizer, train_cfg, meta)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
     return summary

@@ -34,6 +34,7 @@ from gptjax.parallel import mesh as sharding
 from gptjax.training import batches
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
+from gptjax.training import workdir as workdir_lib
 from gptjax.training.eval_loss import weighted_mean_loss
 from gptjax.training.optimizer import OptimizerConfig
 from gptjax.training.step import TrainConfig, Trainer, abstract_state, make_trainer
@@ -81,18 +82,30 @@ def evaluate(trainer: Trainer, params, batches: Iterable[dict], n_batches: int) 
     return {"eval/loss": out["loss"], "eval/perplexity": out["perplexity"]}
 
 
+def fresh_state(trainer: Trainer, train_cfg: TrainConfig) -> tuple[Any, int | None]:
+    """(step-0 train state, init_from's step or None) of a run without a checkpoint: from
+    `train_cfg.init_from`'s params (`workdir.init_state_from`), or a random init."""
+    if not train_cfg.init_from:
+        return trainer.init_train_state(train_cfg.seed), None
+    return workdir_lib.init_state_from(train_cfg.init_from, trainer, train_cfg.seed)
+
+
 def _restore(
-    manager: ckpt_lib.CheckpointManager, trainer: Trainer, train_iter, seed: int
-) -> tuple[int, Any, int]:
-    """(start step, train state, updates skipped so far): from the newest good checkpoint
-    (the data iterator put back where it was), or a fresh state at step 0."""
+    manager: ckpt_lib.CheckpointManager, trainer: Trainer, train_iter, train_cfg: TrainConfig
+) -> tuple[int, Any, int, int | None]:
+    """(start step, train state, updates skipped so far, init_from's step): from the newest
+    good checkpoint (the data iterator put back where it was; init_from is then ignored),
+    or `fresh_state` at step 0."""
     restored = manager.restore(abstract_state(trainer))
     if restored is None:
-        return 0, trainer.init_train_state(seed), 0
+        state, source_step = fresh_state(trainer, train_cfg)
+        return 0, state, 0, source_step
     start, state, meta = restored
     train_iter.set_state(meta["data"])
     log.info("resumed from step %d in %s", start, manager.workdir)
-    return start, state, int(meta.get("skipped_updates", 0))
+    if train_cfg.init_from:
+        log.info("TrainConfig.init_from=%r is ignored: the run resumes", train_cfg.init_from)
+    return start, state, int(meta.get("skipped_updates", 0)), None
 
 
 @dataclasses.dataclass
@@ -320,6 +333,13 @@ def _start(
             "OptimizerConfig.batch_ramp_tokens (GPT-3's batch ramp) is for decoder "
             "models; set it to 0 for encoder and seq2seq runs."
         )
+    manager = ckpt_lib.CheckpointManager(
+        workdir, checkpoint_every=train_cfg.checkpoint_every, max_to_keep=train_cfg.keep_checkpoints
+    )
+    if train_cfg.init_from and manager.latest_step() is None:  # a resume ignores init_from
+        # Before any data work: the source's model must be this one, its tokenizer the run's.
+        workdir_lib.source_config(train_cfg.init_from, model_cfg)
+        workdir_lib.adopt_tokenizer(train_cfg.init_from, workdir, data_cfg, save=primary)
     tokenizer, train_iter, eval_factory = batches.prepare_data(
         workdir, model_cfg, data_cfg, train_cfg, primary
     )
@@ -329,11 +349,11 @@ def _start(
             {"model": model_cfg, "train": train_cfg, "optimizer": opt_cfg, "data": data_cfg},
         )
     run_hooks = list(hooks(model_cfg, data_cfg, train_cfg, tokenizer)) if hooks else []
-    manager = ckpt_lib.CheckpointManager(
-        workdir, checkpoint_every=train_cfg.checkpoint_every, max_to_keep=train_cfg.keep_checkpoints
-    )
-    start, state, skipped = _restore(manager, trainer, train_iter, train_cfg.seed)
+    start, state, skipped, source_step = _restore(manager, trainer, train_iter, train_cfg)
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, start + stop_after)
+    summary = {"start_step": start, "steps": train_cfg.steps, "preempted": False}
+    if source_step is not None:
+        summary |= {"init_from": train_cfg.init_from, "init_from_step": source_step}
     return _Run(
         workdir=workdir,
         model_cfg=model_cfg,
@@ -356,7 +376,7 @@ def _start(
         start=start,
         end=end,
         skipped=skipped,
-        summary={"start_step": start, "steps": train_cfg.steps, "preempted": False},
+        summary=summary,
         clock=Throughput(train_cfg.batch_size * train_cfg.seq_len, start),
         primary=primary,
         peak=train_cfg.peak_flops or metrics_lib.peak_flops(),

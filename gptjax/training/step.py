@@ -1,9 +1,10 @@
 """Train state, the jitted train/eval steps, and their shardings.
 
-Exactly three functions are jitted here, once each, with explicit shardings:
+Three functions are jitted here, once each, with explicit shardings:
 `init_train_state` (eval_shape → shardings → jit(init, out_shardings)),
 `train_step(state, batch) -> (state, metrics)` with the state donated, and
-`eval_step(params, batch) -> sums`. The loop that drives them is in `loop.py`;
+`eval_step(params, batch) -> sums`; and `state_from_params`, the step-0 state of a
+run that starts from given params (`init_from`). The loop that drives them is in `loop.py`;
 it traces and calls them inside `logical.use_mesh(mesh, rules)`, which is
 what the model's activation constraints read.
 
@@ -54,6 +55,11 @@ class TrainConfig:
     than `max_consecutive_skips` in a row stop the run before it saves.
     peak_flops: the per-device peak for MFU, where the device table has none
     (on CPU there is no honest one, so MFU is not shown unless this is set).
+    init_from: a workdir whose params the run starts from (continued pretraining of an
+    earlier run or an imported GPT-2): its newest good checkpoint's params only, with a
+    fresh optimizer state, step 0 and the run's own data order; its tokenizer becomes the
+    run's (`workdir.init_params_from`, `workdir.adopt_tokenizer`). Ignored once the run's
+    own workdir has a checkpoint: that is resumed, never overwritten.
     """
 
     steps: int = 1000
@@ -70,6 +76,7 @@ class TrainConfig:
     peak_flops: float | None = None
     max_consecutive_skips: int = 5
     compilation_cache_dir: str | None = "~/.cache/gptjax/jax_cache"
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in (
@@ -342,6 +349,24 @@ class Trainer:
 def _init(cfg: ModelConfig, optimizer, seed: int) -> TrainState:
     init_key, rng = jax.random.split(jax.random.key(seed))
     return initial_state(optimizer, family.init_params(cfg, init_key), rng)
+
+
+def _init_from_params(optimizer, params, seed) -> TrainState:
+    _, rng = jax.random.split(jax.random.key(seed))  # the rng `_init` gives the same seed
+    return initial_state(optimizer, params, rng)
+
+
+def state_from_params(trainer: Trainer, params, seed: int) -> TrainState:
+    """Step 0 of a run that starts from `params` (already on the trainer's param shardings,
+    e.g. from `workdir.init_params_from`): fresh optimizer state (zero moments), the rng that
+    `init_train_state(seed)` has. Jitted onto the state shardings with `params` donated, so
+    no host copy (a pod's params are not on one host) and no second copy of the params."""
+    init = jax.jit(
+        functools.partial(_init_from_params, trainer.optimizer),
+        out_shardings=trainer.state_shardings,
+        donate_argnums=0,
+    )
+    return init(params, seed)
 
 
 def _train_metrics(schedule):
