@@ -544,17 +544,22 @@ _EXPORTS = {
 }  # keyed by our config class
 
 
+def read_config(directory: str) -> dict:
+    """A Hugging Face model directory's config.json, as a dict."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"no config.json in {directory!r}; expected a Hugging Face model directory "
+            "(config.json + model.safetensors or pytorch_model.bin)."
+        )
+    with open(config_path) as f:
+        return json.load(f)
+
+
 def load_hf_state_dict(directory: str) -> tuple[dict, dict]:
     """(state_dict, config dict) from a Hugging Face model directory
     (`config.json` plus `model.safetensors` or `pytorch_model.bin`)."""
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(
-            f"no config.json in {directory!r}; expected a Hugging Face "
-            "model directory (config.json + model.safetensors)."
-        )
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    hf_config = read_config(directory)
     st_path, bin_path = (
         os.path.join(directory, f) for f in ("model.safetensors", "pytorch_model.bin")
     )

@@ -136,14 +136,7 @@ def write_run_files(workdir: str, configs: dict, header: str) -> None:
 def read_hf_config(directory: str) -> dict:
     """The directory's config.json, refused before any weight is read when gptjax cannot
     import its model_type."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no config.json in {directory!r}; expected a Hugging Face model directory "
-            "(config.json + model.safetensors or pytorch_model.bin)."
-        )
-    with open(path) as f:
-        hf_config = json.load(f)
+    hf_config = hf.read_config(directory)
     model_type = hf_config.get("model_type", "gpt2")  # as hf.load_hf reads it
     supported = hf.MODEL_TYPES
     if model_type not in supported:

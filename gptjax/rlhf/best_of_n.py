@@ -9,7 +9,6 @@ over-optimisation curves: proxy and gold reward against sqrt(KL), next to PPO's.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -28,20 +27,10 @@ def analytic_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _scores(cfg, params, norm, tokens_BT, mask_BT):
-    return reward.scores(cfg, params, norm, tokens_BT, mask_BT)
-
-
 def score_rows(rm_cfg, rm_params, norm, tokens, mask, chunk: int) -> np.ndarray:
     """The reward model's normalised score of each row, `chunk` rows per call."""
-    out = []
-    for start in range(0, len(tokens), chunk):
-        t, m = tokens[start : start + chunk], mask[start : start + chunk]
-        pad = chunk - len(t)  # one compiled shape: repeat the last row
-        t, m = (np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in (t, m))
-        out.append(np.asarray(_scores(rm_cfg, rm_params, norm, t, m))[: chunk - pad])
-    return np.concatenate(out)
+    raw = reward.batched_raw_scores(rm_cfg, rm_params, tokens, mask, batch_size=chunk)
+    return np.asarray(norm["gain"]) * raw + np.asarray(norm["bias"])
 
 
 def best_of_n(

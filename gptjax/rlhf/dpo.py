@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import gin
 import jax
@@ -23,7 +22,7 @@ from jaxtyping import Array, Float, Int
 from gptjax.config import ModelConfig
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
-from gptjax.rlhf import comparisons, ppo, sft, tasks
+from gptjax.rlhf import comparisons, ppo, reward, sft, tasks
 from gptjax.rlhf.losses import (
     Mask,
     Scalar,
@@ -107,8 +106,6 @@ def dpo_loss(logps_BK, ref_logps_BK, ranks_BK, valid_BK, **kw) -> tuple[Scalar, 
 
 
 # ----------------------------------------------------------------------------- training
-
-log = logging.getLogger("gptjax")
 
 
 @gin.configurable
@@ -272,17 +269,9 @@ def run_dpo(
     try:
         with logical.use_mesh(mesh, rules):
             state = place_state(optimizer, policy_params, jax.random.fold_in(key, 1), state_shard)
-            for i in range(1, dpo_cfg.steps + 1):
-                state, stats = step_fn(state, sharding.make_global_batch(next(it), mesh, rules))
-                if i % dpo_cfg.log_every == 0 or i == dpo_cfg.steps:
-                    stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-                    writer.write(i, stats)
-                    log.info(
-                        "dpo step %d: loss %.4f, accuracy %.3f",
-                        i,
-                        stats["dpo/loss"],
-                        stats["dpo/accuracy"],
-                    )
+            state = reward.train_steps(
+                step_fn, state, it, dpo_cfg.steps, dpo_cfg.log_every, mesh, rules, writer, "dpo"
+            )
             summary |= heldout_stats(cfg, state.params, held, dpo_cfg)
             writer.write(dpo_cfg.steps, summary)
     finally:

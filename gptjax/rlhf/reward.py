@@ -309,23 +309,34 @@ def init_reward(
     return step_fn, place_state(optimizer, params, jax.random.fold_in(key, 4), state_shard)
 
 
+def train_steps(
+    step_fn, state, batch_iter, steps: int, log_every: int, mesh, rules, writer, prefix
+):
+    """`steps` updates on `batch_iter`'s batches, every `log_every`-th (and the last) logged
+    with `prefix`'s loss and accuracy (the reward model's and DPO's loop); the final state."""
+    for i in range(1, steps + 1):
+        state, stats = step_fn(state, sharding.make_global_batch(next(batch_iter), mesh, rules))
+        if i % log_every == 0 or i == steps:
+            stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+            writer.write(i, stats)
+            log.info(
+                "%s step %d: loss %.4f, accuracy %.3f",
+                prefix,
+                i,
+                stats[f"{prefix}/loss"],
+                stats[f"{prefix}/accuracy"],
+            )
+    return state
+
+
 def train_reward(step_fn, state, train: dict, rm_cfg: RewardConfig, mesh, rules, writer):
     """`rm_cfg.steps` RM steps on shuffled batches of `train`, logged; the final state."""
     it = sft.batches(
         {k: train[k] for k in ("tokens", "mask", "ranks", "valid")}, rm_cfg.batch_size, rm_cfg.seed
     )
-    for i in range(1, rm_cfg.steps + 1):
-        state, stats = step_fn(state, sharding.make_global_batch(next(it), mesh, rules))
-        if i % rm_cfg.log_every == 0 or i == rm_cfg.steps:
-            stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-            writer.write(i, stats)
-            log.info(
-                "reward step %d: loss %.4f, accuracy %.3f",
-                i,
-                stats["reward/loss"],
-                stats["reward/accuracy"],
-            )
-    return state
+    return train_steps(
+        step_fn, state, it, rm_cfg.steps, rm_cfg.log_every, mesh, rules, writer, "reward"
+    )
 
 
 def reference_norm(
@@ -454,11 +465,14 @@ def run_reward(
     return summary
 
 
+_jit_raw_scores = jax.jit(raw_scores, static_argnums=0)
+
+
 def batched_raw_scores(
     cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
     """raw_scores over many rows, in fixed-size (padded) chunks so it compiles once."""
-    fn = jax.jit(functools.partial(raw_scores, cfg))
+    fn = functools.partial(_jit_raw_scores, cfg)  # jitted once per config, not per call
     out = []
     for i in range(0, len(tokens), batch_size):
         t, m = tokens[i : i + batch_size], mask[i : i + batch_size]
