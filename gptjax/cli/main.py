@@ -1,7 +1,7 @@
 """The `gptjax` command line: train | sample | tokenizer | prepare | convert | import, and plugins.
 
-The plugins add eval | finetune | sweep (cli/research.py) and sft | reward | ppo | rlhf | chat
-(cli/rlhf.py).
+The plugins add eval | finetune | sweep (cli/research.py) and sft | reward | ppo | dpo | rlhf |
+align-study | chat (cli/rlhf.py).
 
 Every run is configured by gin files (`--gin_file`, repeatable) and
 bindings (`--gin_bindings`, repeatable); see experiments/. Errors a user can

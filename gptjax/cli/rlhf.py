@@ -1,4 +1,5 @@
-"""`gptjax sft | reward | ppo | dpo | rlhf | chat`: the InstructGPT stages from the command line.
+"""`gptjax sft | reward | ppo | dpo | rlhf | align-study | chat`: the InstructGPT stages and
+the methods compared with PPO, from the command line.
 
 main.py finds this module through its PLUGINS list, parses the gin files before calling a
 command, and turns ValueError / FileNotFoundError into one-line errors. `--init_from` (and
@@ -44,7 +45,7 @@ def cmd_ppo(args) -> None:
     from gptjax.rlhf.pipeline import run_ppo
     from gptjax.rlhf.ppo import PPOConfig
 
-    ppo_cfg = _with(PPOConfig(), args, "init_from", "critic_init_from")
+    ppo_cfg = _with(PPOConfig(), args, "init_from", "critic_init_from", "algo", "group_size")
     s = run_ppo(args.workdir, args.sft_workdir, args.reward_workdir, ppo_cfg=ppo_cfg)
     print(json.dumps(s, indent=2))
 
@@ -57,6 +58,15 @@ def cmd_dpo(args) -> None:
         f"dpo done: held-out loss {s['heldout/loss']:.4f} (from {s['heldout/loss_start']:.4f}), "
         f"implicit-reward accuracy {s['heldout/accuracy']:.3f}; workdir {args.workdir}"
     )
+
+
+def cmd_align_study(args) -> None:
+    from gptjax.rlhf.align_study import run_study
+
+    s = run_study(args.workdir)
+    print(s["markdown"], end="")
+    plots = ", ".join(s["plots"].values())
+    print(f"table: {os.path.join(args.workdir, 'study.md')}; plots: {plots}")
 
 
 def cmd_rlhf(args) -> None:
@@ -128,7 +138,7 @@ def register(subparsers, common, sampling) -> dict:
     """Add the RLHF subcommands; returns {name: fn(args)} for main.py."""
     # Register the gin configurables (SFTConfig, RewardConfig, PPOConfig, make_task) before
     # main.py parses the gin files.
-    from gptjax.rlhf import dpo, pipeline, ppo, reward, sft, tasks  # noqa: F401
+    from gptjax.rlhf import align_study, dpo, pipeline, ppo, reward, sft, tasks  # noqa: F401
 
     p = subparsers.add_parser("sft", help="stage 1: supervised fine-tuning (prompt-masked loss)")
     common(p)
@@ -142,6 +152,18 @@ def register(subparsers, common, sampling) -> dict:
     p.add_argument("--sft_workdir", required=True, help="KL reference (and default policy init)")
     p.add_argument("--reward_workdir", required=True, help="reward model (and critic init)")
     _init_from(p, "the policy's starting params (default: --sft_workdir)")
+    p.add_argument(
+        "--algo",
+        choices=("ppo", "rloo", "grpo"),
+        default=None,
+        help="ppo (GAE + critic, the default) or the critic-free rloo / grpo (PPOConfig.algo)",
+    )
+    p.add_argument(
+        "--group_size",
+        type=int,
+        default=None,
+        help="K replies per prompt for rloo / grpo (PPOConfig.group_size, default 4)",
+    )
     p.add_argument(
         "--critic_init_from",
         default=None,
@@ -160,6 +182,12 @@ def register(subparsers, common, sampling) -> dict:
     )
     common(p)
     _init_from(p, "SFT's starting params and tokenizer (default: pretrain from scratch)")
+    p = subparsers.add_parser(
+        "align-study",
+        help="PPO, PPO-ptx, DPO, RLOO, GRPO and best-of-n from one SFT policy and reward model: "
+        "WORKDIR/study.md, study.json, gold_vs_kl.png, overoptimization.png",
+    )
+    common(p)
     p = subparsers.add_parser("chat", help="talk to a trained policy (stdin lines, pipes too)")
     common(p)
     sampling(p)
@@ -170,5 +198,6 @@ def register(subparsers, common, sampling) -> dict:
         "ppo": cmd_ppo,
         "dpo": cmd_dpo,
         "rlhf": cmd_rlhf,
+        "align-study": cmd_align_study,
         "chat": cmd_chat,
     }

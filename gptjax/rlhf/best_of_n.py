@@ -53,7 +53,8 @@ def best_of_n(
 
     Returns 'tokens' and 'mask' (B, width + max_new_tokens) of the kept replies, 'scores' (B,)
     their proxy reward, 'all_scores' (B, n) every sample's (the first m columns give best-of-m
-    for m < n from the same draws), and 'kl' = analytic_kl(n).
+    for m < n from the same draws), 'all_tokens' / 'all_mask' (B, n, L) every sample, and
+    'kl' = analytic_kl(n).
     """
     ids = [chat.prompt_ids(tokenizer, p) for p in prompts]
     repeated = [p for p in ids for _ in range(n)]  # row b * n + j: prompt b, sample j
@@ -76,5 +77,7 @@ def best_of_n(
         "mask": out["mask"][rows_B],
         "scores": scores_BN.max(axis=1),
         "all_scores": scores_BN,
+        "all_tokens": out["tokens"].reshape(len(prompts), n, -1),
+        "all_mask": out["mask"].reshape(len(prompts), n, -1),
         "kl": np.float64(analytic_kl(n)),
     }

@@ -46,6 +46,25 @@ def lm_loss(cfg, params, windows: np.ndarray, batch_size: int = 32) -> float:
     return sft.masked_eval_loss(cfg, params, {"tokens": windows, "loss_mask": mask}, batch_size)
 
 
+def check_context(cfg, width: int, max_new_tokens: int, field: str) -> None:
+    """One line naming the numbers when prompts plus replies do not fit the model's context."""
+    if width + max_new_tokens > cfg.max_len:
+        raise ValueError(
+            f"the longest prompt ({width} tokens) plus {field}={max_new_tokens} exceeds the "
+            f"model's context of {cfg.max_len} tokens: lower {field}, shorten the prompts, "
+            "or use a model with a longer max_len."
+        )
+
+
+def iteration_prompts(prompts: list, it: int, ppo_cfg: ppo.PPOConfig) -> list:
+    """Iteration `it`'s batch_size rollout prompts: the next batch_size / K prompts in turn,
+    each K times in a row (K = 1 for PPO, group_size for RLOO / GRPO's groups)."""
+    k = ppo_cfg.samples_per_prompt
+    n = ppo_cfg.batch_size // k
+    lo = (it - 1) * n % len(prompts)
+    return [p for p in (prompts * 2)[lo : lo + n] for _ in range(k)]
+
+
 def _ppo_iterations(
     fns,
     state,
@@ -66,8 +85,7 @@ def _ppo_iterations(
     controller, kl_coef = ppo_cfg.controller(), ppo_cfg.controller().init()
     history = []
     for it in range(1, ppo_cfg.steps + 1):
-        lo = (it - 1) * ppo_cfg.batch_size % len(prompts)
-        batch_prompts = (prompts * 2)[lo : lo + ppo_cfg.batch_size]
+        batch_prompts = iteration_prompts(prompts, it, ppo_cfg)
         batch = ppo.rollout(
             cfg,
             state.params["policy"],
@@ -95,7 +113,8 @@ def _ppo_iterations(
         history.append(stats)
         if it % 10 == 0 or it == ppo_cfg.steps:
             log.info(
-                "ppo %d: gold %.3f score %.3f kl %.2f beta %.4f approxkl %.4f",
+                "%s %d: gold %.3f score %.3f kl %.2f beta %.4f approxkl %.4f",
+                ppo_cfg.algo,
                 it,
                 stats["ppo/gold_reward"],
                 stats["objective/scores"],
@@ -140,7 +159,7 @@ def _save_ppo_policy(
         opt_cfg,
         tokenizer,
         TrainConfig(steps=ppo_cfg.steps, batch_size=ppo_cfg.batch_size, seq_len=seq_len),
-        {"stage": "ppo", "task": task.name},
+        {"stage": ppo_cfg.algo, "task": task.name},
     )
 
 
@@ -176,15 +195,17 @@ def start_ppo(
         workdir_lib.check_tokenizer(ppo_cfg.init_from, tokenizer, "the SFT policy's")
         src = workdir_lib.init_params_from(ppo_cfg.init_from, cfg, mesh, rules, policy_shardings)
         policy = src.params
-    critic = _starting_critic(
-        ppo_cfg.critic_init_from or reward_workdir,
-        reward_workdir,
-        rm,
-        tokenizer,
-        mesh,
-        rules,
-        jax.random.fold_in(jax.random.key(ppo_cfg.seed), 3),
-    )
+    critic = None  # RLOO / GRPO have none
+    if ppo_cfg.has_critic:
+        critic = _starting_critic(
+            ppo_cfg.critic_init_from or reward_workdir,
+            reward_workdir,
+            rm,
+            tokenizer,
+            mesh,
+            rules,
+            jax.random.fold_in(jax.random.key(ppo_cfg.seed), 3),
+        )
     models = {"ref": ref, "rm": rm[1], "norm": rm[2]}
     return models, ppo.init_state(fns, policy, critic, ppo_cfg.seed)
 
@@ -192,6 +213,8 @@ def start_ppo(
 def _start_summary(start: dict, ptx_lm_loss: float, ppo_cfg: ppo.PPOConfig) -> dict:
     """The run's settings and the policy's scores before PPO."""
     return {
+        "ppo/algo": ppo_cfg.algo,
+        "ppo/group_size": ppo_cfg.samples_per_prompt,
         "ppo/kl_target": ppo_cfg.kl_target if ppo_cfg.adaptive_kl else None,
         "ppo/ptx_coef": ppo_cfg.ptx_coef,
         "ppo/gold_reward_start": start["gold_reward"],
@@ -226,6 +249,7 @@ def run_ppo(
     train_prompts = tasks.prompts(task, ppo_cfg.n_prompts, ppo_cfg.seed)
     eval_prompts = tasks.prompts(task, ppo_cfg.eval_prompts, ppo_cfg.seed + 99)
     width = max(len(chat.prompt_ids(tokenizer, p)) for p in train_prompts + eval_prompts)
+    check_context(cfg, width, ppo_cfg.max_new_tokens, "PPOConfig.max_new_tokens")
     seq_len = min(cfg.max_len - 1, 48)
     ptx_train, ptx_held = ptx_data(tokenizer, task, seq_len, 0)
     key = jax.random.key(ppo_cfg.seed)
@@ -265,7 +289,8 @@ def run_ppo(
     summary |= _end_summary(start, end, history, kl_coef)
     summary |= {"ppo/steps": ppo_cfg.steps, "ppo/wall_s": time.perf_counter() - t_start}
     summary |= {"ppo/init_from": ppo_cfg.init_from or sft_workdir}
-    summary["ppo/critic_init_from"] = ppo_cfg.critic_init_from or reward_workdir
+    if ppo_cfg.has_critic:
+        summary["ppo/critic_init_from"] = ppo_cfg.critic_init_from or reward_workdir
     sft.write_summary(workdir, summary)
     _save_ppo_policy(workdir, state, cfg, opt_cfg, tokenizer, ppo_cfg, seq_len, task)
     return summary

@@ -11,6 +11,9 @@ Log-probs are those of the *sampling* policy, softmax(logits / temperature), for
 the reference alike (as lm-human-preferences does), so ratio and KL compare like with like. The
 critic is a separate network initialised from the reward model (InstructGPT); the reference and
 reward models are frozen: plain param trees sharded like the policy, with no optimizer state.
+
+RLOO and GRPO (`PPOConfig.algo`) are this trainer with K replies per prompt and the group
+baselines of `group.py` in place of the critic and GAE.
 """
 
 from __future__ import annotations
@@ -25,17 +28,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int
 
 from gptjax.config import ModelConfig
-from gptjax.models import family
 from gptjax.models import gpt as model
 from gptjax.parallel import mesh as sharding
-from gptjax.rlhf import chat, losses, reward
+from gptjax.rlhf import chat, group, losses, reward, scoring
+from gptjax.rlhf.scoring import critic_values, policy_outputs
 from gptjax.training.optimizer import make_optimizer
 from gptjax.training.step import TrainState, jit_train_step, make_update, place_state
 
 log = logging.getLogger("gptjax")
+
+ALGOS = ("ppo", "rloo", "grpo")
+# Logged for the first minibatch of each rollout too, where the policy is still the sampler's
+# (ratio 1, approxkl 0, clipfrac 0; for GRPO at the first iteration kl_ref 0 as well).
+FIRST_MINIBATCH_CHECKS = (
+    "policy/approxkl",
+    "policy/clipfrac",
+    "policy/ratio_mean",
+    "policy/kl_ref",
+    "val/clipfrac",
+)
 
 
 @gin.configurable
@@ -53,8 +66,13 @@ class PPOConfig:
     critic_init_from: the value model's start (None: the reward workdir, its normalisation
     folded into the head); another reward workdir likewise, any other workdir gives the trunk
     with a fresh head. Its model config must be the reward model's.
+    algo: 'ppo' (GAE with a critic), or the critic-free 'rloo' / 'grpo' (`group.py`), which
+    sample group_size = K replies for each of batch_size / K prompts per iteration, so every
+    algorithm sees batch_size sampled replies per iteration.
     """
 
+    algo: str = "ppo"
+    group_size: int = 4
     steps: int = 60
     batch_size: int = 64
     minibatches: int = 4
@@ -82,6 +100,18 @@ class PPOConfig:
     seed: int = 2
 
     def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"PPOConfig.algo {self.algo!r} is not one of {ALGOS}.")
+        if self.algo != "ppo" and self.group_size < 2:
+            raise ValueError(
+                f"PPOConfig.group_size={self.group_size}: {self.algo} needs K >= 2 replies per "
+                "prompt (its baseline is the other replies'); set group_size to 2 or more."
+            )
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"PPOConfig.batch_size={self.batch_size} is not divisible by "
+                f"group_size={self.group_size} ({self.algo} samples K replies per prompt)"
+            )
         if self.batch_size % self.minibatches:
             raise ValueError(
                 f"PPOConfig.batch_size={self.batch_size} is not divisible by "
@@ -93,6 +123,14 @@ class PPOConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)}")
 
+    @property
+    def samples_per_prompt(self) -> int:
+        return 1 if self.algo == "ppo" else self.group_size
+
+    @property
+    def has_critic(self) -> bool:
+        return self.algo == "ppo"
+
     def controller(self):
         if self.adaptive_kl:
             return losses.AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
@@ -100,29 +138,6 @@ class PPOConfig:
 
 
 # ----------------------------------------------------------------------------- scoring
-
-
-def policy_outputs(
-    cfg: ModelConfig,
-    params,
-    tokens_BL: Int[Array, "B L"],
-    mask_BL: Int[Array, "B L"],
-    width: int,
-    temperature: float,
-) -> tuple[Float[Array, "B R"], Float[Array, "B R"]]:
-    """Log-prob and entropy of each response token (slots width..L-1) under softmax(logits/τ)."""
-    logits_BRV = model.forward(cfg, params, tokens_BL, mask=mask_BL)[:, width - 1 : -1]
-    logp_BRV = jax.nn.log_softmax(logits_BRV / temperature, axis=-1)
-    logp_BR = jnp.take_along_axis(logp_BRV, tokens_BL[:, width:, None], axis=-1)[..., 0]
-    entropy_BR = -jnp.sum(jnp.exp(logp_BRV) * logp_BRV, axis=-1)
-    return logp_BR, entropy_BR
-
-
-def critic_values(
-    cfg: ModelConfig, params, tokens_BL: Int[Array, "B L"], mask_BL: Int[Array, "B L"], width: int
-) -> Float[Array, "B R"]:
-    """V(state before response token t), read where the policy's logits for token t are."""
-    return reward.head_values(cfg, params, tokens_BL, mask_BL)[:, width - 1 : -1]
 
 
 def critic_from_reward(rm_params: dict, norm: dict) -> dict:
@@ -149,44 +164,26 @@ def make_experience(
 
     `models` holds 'policy', 'ref', 'critic', 'rm' params and the RM 'norm'.
     """
-    resp_mask_BR = mask_BL[:, width:]
-    valid_BR = resp_mask_BR != 0
-    logp_BR, entropy_BR = policy_outputs(
-        cfg, models["policy"], tokens_BL, mask_BL, width, ppo_cfg.temperature
-    )
-    ref_logp_BR, _ = policy_outputs(
-        cfg, models["ref"], tokens_BL, mask_BL, width, ppo_cfg.temperature
-    )
+    s = scoring.score_rollout(cfg, rm_model_cfg, ppo_cfg, width, models, tokens_BL, mask_BL, done_B)
+    resp_mask_BR = s["resp_mask"]
     values_BR = critic_values(rm_model_cfg, models["critic"], tokens_BL, mask_BL, width)
-    rm_B = reward.scores(rm_model_cfg, models["rm"], models["norm"], tokens_BL, mask_BL)
-    score_B = jnp.where(done_B, rm_B, ppo_cfg.no_stop_penalty)
-    kl_BR = jnp.where(valid_BR, losses.kl_estimate(logp_BR, ref_logp_BR, ppo_cfg.kl_estimator), 0)
-    rewards_BR = losses.per_token_rewards(score_B, kl_BR, resp_mask_BR, kl_coef)
+    rewards_BR = losses.per_token_rewards(s["score"], s["kl"], resp_mask_BR, kl_coef)
     adv_BR, returns_BR = losses.gae(rewards_BR, values_BR, resp_mask_BR, ppo_cfg.gamma, ppo_cfg.lam)
     if ppo_cfg.whiten_advantages:
         adv_BR = losses.masked_whiten(adv_BR, resp_mask_BR)
-    kl_B = kl_BR.sum(axis=1)
     exp = {
         "tokens": tokens_BL,
         "mask": mask_BL,
         "resp_mask": resp_mask_BR,
-        "logprobs": logp_BR,
+        "logprobs": s["logprobs"],
         "values": values_BR,
         "advantages": adv_BR,
         "returns": returns_BR,
     }
-    stats = {
-        "objective/kl": kl_B.mean(),
-        "objective/kl_coef": jnp.asarray(kl_coef),
-        "objective/scores": score_B.mean(),
-        "objective/rm_scores": rm_B.mean(),
-        "objective/score_total": (score_B - kl_coef * kl_B).mean(),
-        "objective/entropy": losses.masked_mean(entropy_BR, resp_mask_BR),
+    stats = scoring.objective_stats(s, done_B, kl_coef) | {
         "ppo/returns/mean": losses.masked_mean(returns_BR, resp_mask_BR),
         "ppo/returns/var": losses.masked_var(returns_BR, resp_mask_BR),
         "ppo/val/mean": losses.masked_mean(values_BR, resp_mask_BR),
-        "ppo/stop_rate": done_B.astype(jnp.float32).mean(),
-        "ppo/response_length": resp_mask_BR.sum(axis=1).astype(jnp.float32).mean(),
     }
     return exp, stats
 
@@ -220,10 +217,7 @@ def minibatch_terms(
     sums = {"policy": pg_sum, "value": ppo_cfg.vf_coef * vf_sum}
     weights = {"policy": n_tokens, "value": n_tokens}
     stats |= vf_stats
-    if "ptx_tokens" in mb:
-        ptx_sum, n_ptx = family.loss_sums(cfg, params["policy"], {"tokens": mb["ptx_tokens"]})
-        sums["ptx"], weights["ptx"] = ppo_cfg.ptx_coef * ptx_sum, n_ptx
-        stats["ptx/loss"] = ptx_sum / jnp.maximum(n_ptx, 1.0)
+    scoring.add_ptx(cfg, ppo_cfg.ptx_coef, params["policy"], mb, sums, weights, stats)
     return sums, weights, stats
 
 
@@ -296,14 +290,17 @@ class PPOFunctions:
     state_shardings: TrainState
 
 
-def _abstract_params(cfg: ModelConfig, rm_model_cfg: ModelConfig) -> dict:
+def _abstract_params(cfg: ModelConfig, rm_model_cfg: ModelConfig, has_critic: bool) -> dict:
     key = jax.random.key(0)
-    return jax.eval_shape(
-        lambda: {
-            "policy": model.init_params(cfg, key),
-            "critic": reward.from_policy(rm_model_cfg, model.init_params(rm_model_cfg, key), key),
-        }
-    )
+
+    def init():
+        params = {"policy": model.init_params(cfg, key)}
+        if has_critic:
+            trunk = model.init_params(rm_model_cfg, key)
+            params["critic"] = reward.from_policy(rm_model_cfg, trunk, key)
+        return params
+
+    return jax.eval_shape(init)
 
 
 def make_ppo(
@@ -315,25 +312,26 @@ def make_ppo(
     mesh,
     rules,
 ) -> PPOFunctions:
-    """Jit experience scoring, and the PPO update as a `step.jit_train_step` (explicit
-    shardings, the state donated)."""
+    """Jit experience scoring, and the update as a `step.jit_train_step` (explicit shardings,
+    the state donated): PPO's GAE and critic, or RLOO's / GRPO's group baselines without one
+    (`ppo_cfg.algo`), on the same rollouts, epochs of minibatches and optimizer."""
     optimizer = make_optimizer(opt_cfg, ppo_cfg.steps * ppo_cfg.epochs * ppo_cfg.minibatches)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    p_shard = {
-        "policy": sharding.param_shardings(cfg, mesh, rules),
-        "critic": reward.param_shardings(rm_model_cfg, mesh, rules),
-    }
+    p_shard = {"policy": sharding.param_shardings(cfg, mesh, rules)}
+    if ppo_cfg.has_critic:
+        p_shard["critic"] = reward.param_shardings(rm_model_cfg, mesh, rules)
+        experience_fn = functools.partial(make_experience, cfg, rm_model_cfg, ppo_cfg, width)
+        objective = functools.partial(minibatch_terms, cfg, rm_model_cfg, ppo_cfg, width)
+    else:
+        experience_fn = functools.partial(group.group_experience, cfg, rm_model_cfg, ppo_cfg, width)
+        objective = functools.partial(group.group_minibatch_terms, cfg, ppo_cfg, width)
     rows = sharding.batch_sharding(mesh, rules, ndim=1)
-    experience = jax.jit(
-        functools.partial(make_experience, cfg, rm_model_cfg, ppo_cfg, width),
-        out_shardings=(rows, rep),
-    )
-    objective = functools.partial(minibatch_terms, cfg, rm_model_cfg, ppo_cfg, width)
+    experience = jax.jit(experience_fn, out_shardings=(rows, rep))
     minibatch_update = make_update(objective, optimizer, opt_cfg.grad_accum_steps)
     update, state_shard = jit_train_step(
         functools.partial(epochs_update, ppo_cfg, minibatch_update),
         optimizer,
-        _abstract_params(cfg, rm_model_cfg),
+        _abstract_params(cfg, rm_model_cfg, ppo_cfg.has_critic),
         p_shard,
         (rows, rep),
         mesh,
@@ -342,17 +340,16 @@ def make_ppo(
 
 
 def init_state(fns: PPOFunctions, policy_params, critic_params, seed: int) -> TrainState:
-    """Trainable policy + critic with their optimizer state, on the state shardings.
+    """Trainable policy + critic (None for RLOO / GRPO) with their optimizer state, on the
+    state shardings.
 
     Params go through host memory, so the policy never shares buffers with the frozen
     reference (the update donates its state).
     """
-    return place_state(
-        fns.optimizer,
-        {"policy": policy_params, "critic": critic_params},
-        jax.random.key(seed),
-        fns.state_shardings,
-    )
+    params = {"policy": policy_params}
+    if critic_params is not None:
+        params["critic"] = critic_params
+    return place_state(fns.optimizer, params, jax.random.key(seed), fns.state_shardings)
 
 
 def gold_rewards(task, tokenizer, prompts: list, tokens: np.ndarray, width: int) -> np.ndarray:
@@ -395,7 +392,7 @@ def iteration(
 ) -> tuple[TrainState, dict]:
     """Score one rollout batch, update on it; returns host-side stats of both."""
     exp, stats = fns.experience(
-        models | {"policy": state.params["policy"], "critic": state.params["critic"]},
+        models | state.params,
         batch["tokens"],
         batch["mask"],
         batch["done"],
@@ -407,7 +404,8 @@ def iteration(
     out |= {k: float(np.mean(v)) for k, v in train_stats.items()}
     out |= {
         f"{k}/first_minibatch": float(train_stats[k][0, 0])
-        for k in ("policy/approxkl", "policy/clipfrac", "policy/ratio_mean", "val/clipfrac")
+        for k in FIRST_MINIBATCH_CHECKS
+        if k in train_stats
     }
     return state, out
 
