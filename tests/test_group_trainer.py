@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax.rlhf import group, ppo, reward, scoring
+from gptjax.rlhf import group_rl, ppo, reward, scoring
 from tests.rlhf_fixtures import CFG, params
 
 WIDTH, K, B = 4, 4, 8
@@ -41,7 +41,7 @@ def rollout():
 def test_group_advantages_equal_a_float64_loop_over_consecutive_groups(rollout, algo):
     models, tokens, mask, done = rollout
     cfg, beta = _cfg(algo), 0.3
-    exp, _ = jax.jit(functools.partial(group.group_experience, CFG, CFG, cfg, WIDTH))(
+    exp, _ = jax.jit(functools.partial(group_rl.group_experience, CFG, CFG, cfg, WIDTH))(
         models, tokens, mask, done, beta
     )
     s = jax.device_get(scoring.score_rollout(CFG, CFG, cfg, WIDTH, models, tokens, mask, done))
@@ -63,8 +63,8 @@ def test_group_advantages_equal_a_float64_loop_over_consecutive_groups(rollout, 
 def test_grpo_first_minibatch_ratio_1_and_kl_in_the_loss(rollout):
     models, tokens, mask, done = rollout
     cfg, beta = _cfg("grpo"), 0.5
-    exp, _ = group.group_experience(CFG, CFG, cfg, WIDTH, models, tokens, mask, done, beta)
-    sums, weights, stats = group.group_minibatch_terms(
+    exp, _ = group_rl.group_experience(CFG, CFG, cfg, WIDTH, models, tokens, mask, done, beta)
+    sums, weights, stats = group_rl.group_minibatch_terms(
         CFG, cfg, WIDTH, {"policy": models["policy"]}, exp
     )
     assert float(stats["policy/ratio_mean"]) == pytest.approx(1.0, abs=1e-6)

@@ -61,7 +61,7 @@ def cmd_dpo(args) -> None:
 
 
 def cmd_align_study(args) -> None:
-    from gptjax.rlhf.align_study import run_study
+    from gptjax.rlhf.study import run_study
 
     s = run_study(args.workdir)
     print(s["markdown"], end="")
@@ -138,7 +138,7 @@ def register(subparsers, common, sampling) -> dict:
     """Add the RLHF subcommands; returns {name: fn(args)} for main.py."""
     # Register the gin configurables (SFTConfig, RewardConfig, PPOConfig, make_task) before
     # main.py parses the gin files.
-    from gptjax.rlhf import align_study, dpo, pipeline, ppo, reward, sft, tasks  # noqa: F401
+    from gptjax.rlhf import dpo, pipeline, ppo, reward, sft, study, tasks  # noqa: F401
 
     p = subparsers.add_parser("sft", help="stage 1: supervised fine-tuning (prompt-masked loss)")
     common(p)

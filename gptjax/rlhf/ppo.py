@@ -13,7 +13,7 @@ critic is a separate network initialised from the reward model (InstructGPT); th
 reward models are frozen: plain param trees sharded like the policy, with no optimizer state.
 
 RLOO and GRPO (`PPOConfig.algo`) are this trainer with K replies per prompt and the group
-baselines of `group.py` in place of the critic and GAE.
+baselines of `group_rl.py` in place of the critic and GAE.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import optax
 from gptjax.config import ModelConfig
 from gptjax.models import gpt as model
 from gptjax.parallel import mesh as sharding
-from gptjax.rlhf import chat, group, losses, reward, scoring
+from gptjax.rlhf import chat, group_rl, losses, reward, scoring
 from gptjax.rlhf.scoring import critic_values, policy_outputs
 from gptjax.training.optimizer import make_optimizer
 from gptjax.training.step import TrainState, jit_train_step, make_update, place_state
@@ -66,7 +66,7 @@ class PPOConfig:
     critic_init_from: the value model's start (None: the reward workdir, its normalisation
     folded into the head); another reward workdir likewise, any other workdir gives the trunk
     with a fresh head. Its model config must be the reward model's.
-    algo: 'ppo' (GAE with a critic), or the critic-free 'rloo' / 'grpo' (`group.py`), which
+    algo: 'ppo' (GAE with a critic), or the critic-free 'rloo' / 'grpo' (`group_rl.py`), which
     sample group_size = K replies for each of batch_size / K prompts per iteration, so every
     algorithm sees batch_size sampled replies per iteration.
     """
@@ -323,8 +323,10 @@ def make_ppo(
         experience_fn = functools.partial(make_experience, cfg, rm_model_cfg, ppo_cfg, width)
         objective = functools.partial(minibatch_terms, cfg, rm_model_cfg, ppo_cfg, width)
     else:
-        experience_fn = functools.partial(group.group_experience, cfg, rm_model_cfg, ppo_cfg, width)
-        objective = functools.partial(group.group_minibatch_terms, cfg, ppo_cfg, width)
+        experience_fn = functools.partial(
+            group_rl.group_experience, cfg, rm_model_cfg, ppo_cfg, width
+        )
+        objective = functools.partial(group_rl.group_minibatch_terms, cfg, ppo_cfg, width)
     rows = sharding.batch_sharding(mesh, rules, ndim=1)
     experience = jax.jit(experience_fn, out_shardings=(rows, rep))
     minibatch_update = make_update(objective, optimizer, opt_cfg.grad_accum_steps)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from gptjax.cli import main as main_lib
-from gptjax.rlhf import align_study, best_of_n
+from gptjax.rlhf import best_of_n
+from gptjax.rlhf import study as align_study
 from tests.rlhf_fixtures import compilation_cache
 from tests.test_rlhf_pipeline import TINY
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.rlhf import group
+from gptjax.rlhf import group_rl as group
 
 
 @pytest.fixture(autouse=True)
