@@ -27,6 +27,7 @@ STUDY = [
     "StudyConfig.eval_prompts = 16",
     "StudyConfig.group_size = 4",
     "StudyConfig.best_of_n = 4",
+    "StudyConfig.curve_draws = 8",
 ]
 
 
@@ -69,7 +70,8 @@ def test_the_sft_reference_has_kl_zero_and_best_of_n_its_closed_form(study):
     assert rows["sft"]["kl"] == 0.0  # the policy is its own reference
     assert rows["best_of_n"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
     curve = s["best_of_n_curves"][0]
-    assert [p["n"] for p in curve] == [1, 2, 4]
+    assert [p["n"] for p in curve] == [1, 2, 4, 8]
+    assert rows["best_of_n"]["gold"] == curve[2]["gold"]  # the table's n = 4 of the 8 draws
     # Best-of-m's proxy reward can only grow with m (the same draws, a larger max).
     assert np.all(np.diff([p["proxy"] for p in curve]) >= 0)
     assert rows["best_of_n"]["samples"] == 4 * 16 and rows["ppo"]["samples"] == 2 * 16

@@ -34,8 +34,18 @@ import gin
 import jax
 import numpy as np
 
-from gptjax.rlhf import best_of_n, chat, dpo, pipeline, ppo, reward, scoring, sft, tasks
-from gptjax.training import metrics as metrics_lib
+from gptjax.rlhf import (
+    best_of_n,
+    chat,
+    dpo,
+    pipeline,
+    ppo,
+    reward,
+    scoring,
+    sft,
+    study_plots,
+    tasks,
+)
 
 log = logging.getLogger("gptjax")
 
@@ -67,6 +77,7 @@ class StudyConfig:
     group_size: int = 4
     ptx_coef: float = 1.0
     eval_prompts: int = 256
+    curve_draws: int = 64
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -160,9 +171,11 @@ class Judge:
         }
 
 
-def best_of_n_curve(judge: Judge, n: int, key) -> dict:
-    """Best-of-m for m = 1, 2, 4, …, n from one set of n SFT samples per held-out prompt:
-    rows of m, analytic KL, proxy and gold; plus the table row at m = n."""
+def best_of_n_curve(judge: Judge, n: int, key, draws: int | None = None) -> dict:
+    """Best-of-m for m = 1, 2, 4, …, `draws` (default n) from one set of SFT samples per
+    held-out prompt: rows of m, analytic KL, proxy and gold; plus the table row at m = n (its
+    wall time the sampling and scoring time pro rata, n / draws of the whole)."""
+    draws = max(n, draws or n)
     t0 = time.perf_counter()
     out = best_of_n.best_of_n(
         judge.cfg,
@@ -171,29 +184,30 @@ def best_of_n_curve(judge: Judge, n: int, key) -> dict:
         *judge.rm,
         judge.prompts,
         judge.width,
-        n=n,
+        n=draws,
         key=key,
         max_new_tokens=judge.max_new_tokens,
         temperature=judge.temperature,
         chunk=64,
     )
+    wall = (time.perf_counter() - t0) * n / draws
     b = len(judge.prompts)
-    flat = out["all_tokens"].reshape(b * n, -1)
-    gold_BN = judge.gold(flat, [p for p in judge.prompts for _ in range(n)]).reshape(b, n)
-    wall = time.perf_counter() - t0
-    curve, rows_B = [], np.arange(b)
-    for m in [2**i for i in range(int(math.log2(n)) + 1)] + ([n] if n & (n - 1) else []):
+    flat = out["all_tokens"].reshape(b * draws, -1)
+    gold_BN = judge.gold(flat, [p for p in judge.prompts for _ in range(draws)]).reshape(b, draws)
+    rows_B = np.arange(b)
+
+    def best_of(m: int) -> dict:
         pick_B = out["all_scores"][:, :m].argmax(axis=1)
-        curve.append(
-            {
-                "n": m,
-                "kl": best_of_n.analytic_kl(m),
-                "proxy": float(out["all_scores"][rows_B, pick_B].mean()),
-                "gold": float(gold_BN[rows_B, pick_B].mean()),
-            }
-        )
-    row = {k: curve[-1][k] for k in ("gold", "proxy", "kl")} | {"wall_s": wall, "n": n}
-    return {"row": row, "curve": curve}
+        return {
+            "n": m,
+            "kl": best_of_n.analytic_kl(m),
+            "proxy": float(out["all_scores"][rows_B, pick_B].mean()),
+            "gold": float(gold_BN[rows_B, pick_B].mean()),
+        }
+
+    ms = sorted({2**i for i in range(int(math.log2(draws)) + 1)} | {n, draws})
+    row = {k: v for k, v in best_of(n).items() if k != "n"} | {"wall_s": wall, "n": n}
+    return {"row": row, "curve": [best_of(m) for m in ms]}
 
 
 # ----------------------------------------------------------------------------- training
@@ -286,72 +300,6 @@ def markdown_table(lines: list[dict]) -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-# ----------------------------------------------------------------------------- the plots
-
-
-def ppo_trajectory(workdirs: list[str]) -> dict[str, np.ndarray]:
-    """√KL, proxy (RM) and gold reward per iteration of PPO runs' rollouts, mean over runs."""
-    runs = [metrics_lib.read_metrics(w) for w in workdirs]
-    n = min(len(r) for r in runs)
-    pick = lambda key: np.mean([[row[key] for row in r[:n]] for r in runs], axis=0)  # noqa: E731
-    return {
-        "sqrt_kl": np.sqrt(np.maximum(pick("objective/kl"), 0)),
-        "proxy": pick("objective/rm_scores"),
-        "gold": pick("ppo/gold_reward"),
-    }
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_gold_vs_kl(rows: list[dict], path: str) -> str:
-    """Each method's final policy: gold reward against KL to SFT, a point per seed."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        mine = [r for r in rows if r["method"] == method]
-        ax.scatter([r["kl"] for r in mine], [r["gold"] for r in mine], label=method, color=f"C{i}")
-    ax.set_xlabel("KL(policy ‖ SFT), nats")
-    ax.set_ylabel("gold reward (held-out prompts)")
-    ax.set_title("Gold reward vs KL, one point per seed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_overoptimization(bon_curves: list[list[dict]], ppo_traj: dict | None, path: str) -> str:
-    """Gao et al. (2022): proxy (dashed) and gold (solid) reward against √KL, for best-of-m
-    (mean over seeds) and along PPO's iterations."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    m = np.array([[p["n"] for p in c] for c in bon_curves])[0]
-    x = np.sqrt([best_of_n.analytic_kl(int(k)) for k in m])
-    for key, ls in (("proxy", "--"), ("gold", "-")):
-        y = np.mean([[p[key] for p in c] for c in bon_curves], axis=0)
-        ax.plot(x, y, ls, marker="o", color="C0", label=f"best-of-n {key}")
-    if ppo_traj is not None:
-        for key, ls in (("proxy", "--"), ("gold", "-")):
-            ax.plot(ppo_traj["sqrt_kl"], ppo_traj[key], ls, color="C1", label=f"PPO {key}")
-    ax.set_xlabel("√KL(policy ‖ SFT)")
-    ax.set_ylabel("reward")
-    ax.set_title("Over-optimisation: proxy vs gold reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------- the study
 
 
@@ -384,7 +332,8 @@ def run_study(workdir: str, study: StudyConfig | None = None, mesh_cfg=None) -> 
             rows.append({"method": method, "seed": seed, **got, "wall_s": wall})
             log.info("study seed %d %s: %s", seed, method, rows[-1])
         if "best_of_n" in study.methods:
-            bon = best_of_n_curve(judge, n, jax.random.fold_in(key, 10_000 + seed))
+            bon_key = jax.random.fold_in(key, 10_000 + seed)
+            bon = best_of_n_curve(judge, n, bon_key, study.curve_draws)
             lm = rows[0]["lm_loss"]  # the SFT policy's own
             rows.append({"method": "best_of_n", "seed": seed, **bon["row"], "lm_loss": lm})
             curves.append(bon["curve"])
@@ -398,11 +347,14 @@ def write_outputs(workdir: str, rows: list[dict], curves: list, study: StudyConf
     lines = aggregate(rows)
     table = markdown_table(lines)
     ppo_dirs = [os.path.join(workdir, f"seed{s}", "ppo") for s in study.seeds]
-    traj = ppo_trajectory(ppo_dirs) if "ppo" in study.methods else None
-    plots = {"gold_vs_kl": plot_gold_vs_kl(rows, os.path.join(workdir, "gold_vs_kl.png"))}
+    traj = study_plots.ppo_trajectory(ppo_dirs) if "ppo" in study.methods else None
+    plots = {
+        "gold_vs_kl": study_plots.plot_gold_vs_kl(rows, os.path.join(workdir, "gold_vs_kl.png"))
+    }
     if curves:
-        plots["overoptimization"] = plot_overoptimization(
-            curves, traj, os.path.join(workdir, "overoptimization.png")
+        ppo_rows = [r for r in rows if r["method"] == "ppo"]
+        plots["overoptimization"] = study_plots.plot_overoptimization(
+            curves, traj, ppo_rows, os.path.join(workdir, "overoptimization.png")
         )
     summary = {"table": lines, "rows": rows, "best_of_n_curves": curves, "plots": plots}
     with open(os.path.join(workdir, "study.json"), "w") as f:
