@@ -12,16 +12,28 @@ PEFT), so a fresh adapter leaves the model exactly as it was; `a` starts Kaiming
 optimizer then holds moments for the adapters only (`optimizer_state_bytes` measures it).
 
 Adapter trees mirror the params tree: `{"h": {"attn": {"c_attn": {"a": ..., "b": ...}}}}`.
+
+Trainers hold an *adapted* subtree, the plain dict `{"frozen": base params, "adapters": ...}`
+(`attach`), wherever their params tree should train low-rank (the whole policy, a reward
+model's trunk), so checkpoints and shardings treat it like any params tree. Their objective
+runs on `materialize(cfg, params)` (`wrap_objective`), which merges every adapted subtree
+with its base held constant; `freeze_frozen(optimizer)` keeps optimizer state for the
+adapters (and any other trainable leaf, e.g. a head) only; `parallel.mesh.lora_shardings`
+lays the adapters out by their logical axes. What a trainer saves is `materialize`'s ordinary
+params.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Params = dict[str, Any]
 
@@ -141,3 +153,108 @@ def optimizer_state_bytes(optimizer, tree: Params) -> int:
     """Bytes of `optimizer`'s state for `tree`, from shapes only (nothing is allocated)."""
     state = jax.eval_shape(optimizer.init, tree)
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+
+
+# ------------------------------------------------------------------- adapted subtrees
+
+ADAPTED_KEYS = frozenset({"frozen", "adapters"})
+
+
+def from_rank(rank: int, alpha: float, owner: str) -> LoRAConfig | None:
+    """A trainer config's LoRA: None for rank 0 (full fine-tuning), else LoRAConfig(rank,
+    alpha); `owner` (e.g. 'SFTConfig') names the config in the error for a negative rank."""
+    if rank < 0:
+        raise ValueError(f"{owner}.lora_rank must be >= 0 (0: full fine-tuning), got {rank}.")
+    return LoRAConfig(rank=rank, alpha=alpha) if rank else None
+
+
+def attach(cfg: LoRAConfig, params: Params, key: jax.Array) -> Params:
+    """The adapted subtree of `params`: `{"frozen": params, "adapters": fresh adapters}`."""
+    return {"frozen": params, "adapters": init_adapters(cfg, params, key)}
+
+
+def is_adapted(tree) -> bool:
+    """Whether `tree` is an adapted subtree (a dict with exactly the keys frozen, adapters)."""
+    return isinstance(tree, dict) and set(tree) == ADAPTED_KEYS
+
+
+def materialize(cfg: LoRAConfig | None, tree):
+    """`tree` with every adapted subtree replaced by its merged params (the base under
+    stop_gradient, so only the adapters get gradients); every other node as it is.
+
+    With `cfg` None (full fine-tuning) a tree without adapted subtrees is returned as is.
+    """
+    if is_adapted(tree):
+        if cfg is None:
+            raise ValueError("the params hold LoRA adapters but no LoRAConfig was given.")
+        return merge(cfg, jax.lax.stop_gradient(tree["frozen"]), tree["adapters"])
+    if isinstance(tree, dict):
+        return {k: materialize(cfg, v) for k, v in tree.items()}
+    return tree
+
+
+_materialize = jax.jit(materialize, static_argnums=0)
+
+
+def merged_params(cfg: LoRAConfig | None, tree):
+    """`materialize`, jitted once per config (the params a trainer evaluates, samples and
+    saves); `tree` itself, uncopied, for None."""
+    return tree if cfg is None else _materialize(cfg, tree)
+
+
+def wrap_objective(cfg: LoRAConfig | None, objective: Callable) -> Callable:
+    """`objective(params, *args, **kw)` run on `materialize(cfg, params)`, returning what it
+    returns (e.g. `step.make_update`'s (sums, weights, stats)); `objective` itself for None."""
+    if cfg is None:
+        return objective
+
+    @functools.wraps(objective)
+    def adapted(params, *args, **kw):
+        return objective(materialize(cfg, params), *args, **kw)
+
+    return adapted
+
+
+def _view(tree, fill, frozen: bool = False):
+    """`tree` with each leaf under an adapted subtree's "frozen" replaced by `fill(leaf)`."""
+    if is_adapted(tree) and not frozen:
+        return {
+            "frozen": _view(tree["frozen"], fill, True),
+            "adapters": _view(tree["adapters"], fill),
+        }
+    if isinstance(tree, dict):
+        return {k: _view(v, fill, frozen) for k, v in tree.items()}
+    return fill(tree) if frozen else tree
+
+
+def _empty(x):
+    return jnp.zeros((0,) * jnp.ndim(x), x.dtype)
+
+
+def freeze_frozen(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` over every leaf but the base params of adapted subtrees, whose updates are
+    zero: its state (Adam's moments) holds only the adapters and other trainable leaves.
+
+    `optimizer` sees each base leaf as an empty array of its rank (shape (0, ..., 0)), so its
+    state keeps the params' tree at zero bytes for the base, and whatever shards the params
+    shards the state (`mesh.opt_state_shardings`); its clipping sees the trainable gradients.
+    """
+
+    def init(params):
+        return optimizer.init(_view(params, _empty))
+
+    def update(updates, state, params=None):
+        inner = None if params is None else _view(params, _empty)
+        new, state = optimizer.update(_view(updates, _empty), state, inner)
+        return _graft(new, _view(updates, jnp.zeros_like)), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _graft(new, full):
+    """`new` with the base subtrees of `full` put back in place of its empty ones."""
+    if is_adapted(full):
+        return {"frozen": full["frozen"], "adapters": _graft(new["adapters"], full["adapters"])}
+    if isinstance(full, dict):
+        return {k: _graft(new[k], v) for k, v in full.items()}
+    return new

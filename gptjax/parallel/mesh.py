@@ -37,7 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptjax.config import ModelConfig
-from gptjax.models import family
+from gptjax.models import family, lora
 from gptjax.parallel.logical import (
     BATCH_AXES,
     MESH_AXES,
@@ -175,6 +175,15 @@ def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules | str) -> Any:
     """Shardings of the model family's `init_params(cfg, key)`, leaf for leaf."""
     return tree_shardings(family.param_axes(cfg), mesh, rules)
+
+
+def lora_shardings(
+    cfg: lora.LoRAConfig, base_shardings: Any, base_axes: Any, mesh: Mesh, rules: Rules | str
+) -> Any:
+    """Shardings of a LoRA-adapted subtree (`lora.attach`): the base's as given, the
+    adapters' from their logical axes (`lora.adapter_axes` of the base's `base_axes`)."""
+    adapters = tree_shardings(lora.adapter_axes(cfg, base_axes), mesh, rules)
+    return {"frozen": base_shardings, "adapters": adapters}
 
 
 def opt_state_shardings(

@@ -35,6 +35,10 @@ The trunk starts from the pretrained workdir's params (any workdir: a `gptjax tr
 imported GPT-2; `workdir.init_params_from`, restored straight onto the fine-tuning mesh), the
 task head is new (`init_head`), and the optimizer starts fresh at step 0. An `out_dir` that
 already holds fine-tuned params is a finished run: its summary is returned, nothing is redone.
+
+With `FinetuneConfig.lora_rank` > 0 a GPT or BERT trunk trains as low-rank adapters
+(`models.lora`) and the head fully, the optimizer state covering those two only; the saved
+params are the merged ones, as a full fine-tuning run saves them.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from gptjax.config import ModelConfig, Seq2SeqConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.tokenizer import Specials
 from gptjax.models import bert as encoder
-from gptjax.models import family, layers
+from gptjax.models import family, layers, lora
 from gptjax.models import gpt as model
 from gptjax.models import transformer as seq2seq
 from gptjax.parallel import logical
@@ -272,6 +276,8 @@ class FinetuneConfig:
 
     seq_len: tokens per sequence, specials included (the model's max_len at most).
     grad_accum_steps: microbatches per step (exact: `step.make_update`).
+    lora_rank: 0 trains every param; r > 0 trains rank-r adapters of the trunk's attention and
+    MLP kernels (scaled by lora_alpha / r; GPT and BERT trunks) and the whole head.
     """
 
     task: str = "real_or_shuffled"
@@ -288,6 +294,8 @@ class FinetuneConfig:
     log_every: int = 25
     seed: int = 0
     grad_accum_steps: int = 1
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -308,38 +316,47 @@ class FinetuneConfig:
                 f"FinetuneConfig.batch_size={self.batch_size} is not divisible by "
                 f"grad_accum_steps={self.grad_accum_steps}."
             )
+        lora.from_rank(self.lora_rank, self.lora_alpha, "FinetuneConfig")  # a negative rank raises
+
+    @property
+    def lora(self) -> lora.LoRAConfig | None:
+        """The trunk's LoRA, None for full fine-tuning (lora_rank 0)."""
+        return lora.from_rank(self.lora_rank, self.lora_alpha, "FinetuneConfig")
 
 
 HEAD_AXES = {"kernel": ("embed", None), "bias": (None,)}  # logical axes of a task head
 
 
-def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
-    """The trunk sharded like pretraining (its family's logical axes), the head by HEAD_AXES."""
-    return {
-        "gpt": sharding.param_shardings(cfg, mesh, rules),
-        "head": sharding.tree_shardings(HEAD_AXES, mesh, rules),
-    }
+def param_shardings(cfg: ModelConfig, mesh, rules, lcfg: lora.LoRAConfig | None = None) -> dict:
+    """The trunk sharded like pretraining (its family's logical axes; with `lcfg`, an adapted
+    trunk: `mesh.lora_shardings`), the head by HEAD_AXES."""
+    trunk = sharding.param_shardings(cfg, mesh, rules)
+    if lcfg is not None:
+        trunk = sharding.lora_shardings(lcfg, trunk, family.param_axes(cfg), mesh, rules)
+    return {"gpt": trunk, "head": sharding.tree_shardings(HEAD_AXES, mesh, rules)}
 
 
 def make_train_step(
     cfg: ModelConfig, kind: str, ft: FinetuneConfig, optimizer, params, mesh, rules
 ):
     """(step, state shardings): fine-tuning's `step.jit_train_step` over `step.make_update`
-    of L3, each row with its own dropout key. Rows are split over the mesh's batch axes."""
+    of L3, each row with its own dropout key. Rows are split over the mesh's batch axes. With
+    `ft.lora`, `params` hold an adapted trunk (`adapt_trunk`) and `optimizer` is
+    `lora.freeze_frozen`'s."""
     sharding.check_divisible(cfg, mesh, rules, ft.batch_size // ft.grad_accum_steps)
 
     def objective(params, mb):
         return finetune_terms(cfg, params, mb, kind, ft.lm_coef, ft.clf_dropout, dropout_key(mb))
 
     update = with_dropout_keys(
-        make_update(objective, optimizer, ft.grad_accum_steps),
+        make_update(lora.wrap_objective(ft.lora, objective), optimizer, ft.grad_accum_steps),
         rows=lambda batch: batch["label"].shape[0],
     )
     return jit_train_step(
         update,
         optimizer,
         params,
-        param_shardings(cfg, mesh, rules),
+        param_shardings(cfg, mesh, rules, ft.lora),
         (sharding.batch_sharding(mesh, rules, ndim=1),),
         mesh,
     )
@@ -404,7 +421,8 @@ def _save(out_dir: str, params, summary: dict) -> None:
 
 
 def _optimizer(ft: FinetuneConfig):
-    """GPT-1's fine-tuning schedule: warmup, then linear decay to 0; clipping at 1."""
+    """GPT-1's fine-tuning schedule: warmup, then linear decay to 0; clipping at 1 (over the
+    adapters and head only with `ft.lora`: `lora.freeze_frozen`)."""
     opt_cfg = OptimizerConfig(
         peak_lr=ft.lr,
         warmup_steps=ft.warmup_steps,
@@ -413,7 +431,22 @@ def _optimizer(ft: FinetuneConfig):
         weight_decay=ft.weight_decay,
         clip_norm=1.0,
     )
-    return make_optimizer(opt_cfg, ft.steps)
+    optimizer = make_optimizer(opt_cfg, ft.steps)
+    return optimizer if ft.lora is None else lora.freeze_frozen(optimizer)
+
+
+def adapt_trunk(cfg: ModelConfig, ft: FinetuneConfig, params: dict) -> dict:
+    """`{'gpt': trunk, 'head': ...}` with LoRA adapters on the trunk (`lora.attach`, key from
+    `ft.seed`), or as it is without `ft.lora`."""
+    if ft.lora is None:
+        return params
+    if family.family_of(cfg) is family.SEQ2SEQ:
+        raise ValueError(
+            f"FinetuneConfig.lora_rank={ft.lora_rank}: LoRA fine-tuning adapts GPT and BERT "
+            "trunks, not an encoder-decoder; set lora_rank=0."
+        )
+    key = jax.random.fold_in(jax.random.key(ft.seed), 1)
+    return {**params, "gpt": lora.attach(ft.lora, params["gpt"], key)}
 
 
 def initial_params(pretrained_workdir: str, ft: FinetuneConfig, mesh, rules):
@@ -463,15 +496,16 @@ def finetune(
         make_batch(kind, examples["validation"][i : i + ft.batch_size], sp, ft.seq_len)
         for i in range(0, ft.n_eval, ft.batch_size)
     ]
-    key, optimizer = jax.random.key(ft.seed), _optimizer(ft)
+    key, optimizer, params = jax.random.key(ft.seed), _optimizer(ft), adapt_trunk(cfg, ft, params)
     step_fn, shards = make_train_step(cfg, kind, ft, optimizer, params, mesh, rules)
     state, logits_fn = place_state(optimizer, params, key, shards), make_logits(cfg, kind)
-    before = accuracy(logits_fn, state.params, eval_batches)
+    before = accuracy(logits_fn, lora.merged_params(ft.lora, state.params), eval_batches)
     writer = MetricWriter(out_dir)
     try:
         with logical.use_mesh(mesh, rules):
             state = _train(step_fn, state, examples["train"], kind, sp, ft, mesh, rules, writer)
-        after = accuracy(logits_fn, state.params, eval_batches)
+        params = lora.merged_params(ft.lora, state.params)  # ordinary params
+        after = accuracy(logits_fn, params, eval_batches)
         writer.write(ft.steps, {"eval/accuracy": after[0]})
     finally:
         writer.close()
@@ -486,7 +520,8 @@ def finetune(
         "accuracy": after[0],
         "accuracy_stderr": after[1],
         "chance": 1 / n_classes,
+        "lora_rank": ft.lora_rank,
         "config": dataclasses.asdict(ft),
     }
-    _save(out_dir, state.params, summary)
+    _save(out_dir, params, summary)
     return summary

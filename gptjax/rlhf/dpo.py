@@ -6,6 +6,8 @@ Training (`run_dpo`) starts from an SFT policy, on the reward model's comparison
 samples per task prompt ranked by the gold reward, or HH chosen/rejected pairs). The
 reference log-probs are computed once, before the first step, and stored with the data, so
 no reference model is held during training; the update is the shared `step.make_update`.
+With `DPOConfig.lora_rank` > 0 the policy trains as low-rank adapters (`models.lora`), the
+optimizer state covering them only, and the merged policy is saved.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptjax.config import ModelConfig
+from gptjax.models import family, lora
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import comparisons, ppo, reward, sft, tasks
@@ -115,7 +118,8 @@ class DPOConfig:
 
     beta: the KL strength (Rafailov et al.: 0.1-0.5); label_smoothing: cDPO's eps; loss_type:
     'sigmoid' (DPO) or 'ipo'. steps, batch_size: updates and prompts (each with its K
-    responses) per update.
+    responses) per update. lora_rank: 0 trains every param; r > 0 trains rank-r adapters of
+    the policy's attention and MLP kernels, scaled by lora_alpha / r.
     """
 
     beta: float = 0.1
@@ -125,12 +129,20 @@ class DPOConfig:
     batch_size: int = 16
     log_every: int = 50
     seed: int = 3
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"DPOConfig.loss_type {self.loss_type!r} is not one of {DPO_LOSSES}.")
         if self.beta <= 0 or self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("DPOConfig.beta, steps and batch_size must be positive.")
+        lora.from_rank(self.lora_rank, self.lora_alpha, "DPOConfig")  # a negative rank raises
+
+    @property
+    def lora(self) -> lora.LoRAConfig | None:
+        """The policy's LoRA, None for full fine-tuning (lora_rank 0)."""
+        return lora.from_rank(self.lora_rank, self.lora_alpha, "DPOConfig")
 
     @property
     def loss_options(self) -> dict:
@@ -210,6 +222,30 @@ def heldout_stats(cfg, params, arrays: dict, dpo_cfg: DPOConfig, batch_size: int
     return {f"heldout/{k.split('/', 1)[1]}": float(v) for k, v in stats.items()}
 
 
+def make_train_step(cfg: ModelConfig, dpo_cfg: DPOConfig, opt_cfg, policy_params, mesh, rules, key):
+    """(jitted step, step-0 state): DPO's `step.jit_train_step` over `step.make_update`, on the
+    policy's params or (with `dpo_cfg.lora`) on adapters of them (`lora.attach`)."""
+    lcfg = dpo_cfg.lora
+    optimizer = make_optimizer(opt_cfg, dpo_cfg.steps)
+    params, shardings = policy_params, sharding.param_shardings(cfg, mesh, rules)
+    if lcfg is not None:
+        optimizer = lora.freeze_frozen(optimizer)
+        params = lora.attach(lcfg, policy_params, jax.random.fold_in(key, 2))
+        shardings = sharding.lora_shardings(lcfg, shardings, family.param_axes(cfg), mesh, rules)
+    objective = lora.wrap_objective(lcfg, dpo_objective(cfg, dpo_cfg))
+    update = make_update(objective, optimizer, opt_cfg.grad_accum_steps)
+    step_fn, state_shard = jit_train_step(
+        lambda p, o, batch, key: update(p, o, batch),
+        optimizer,
+        params,
+        shardings,
+        (sharding.batch_sharding(mesh, rules, ndim=1),),
+        mesh,
+        _step_metrics,
+    )
+    return step_fn, place_state(optimizer, params, jax.random.fold_in(key, 1), state_shard)
+
+
 def _prepare(cfg, policy_params, tokenizer, task, rm_cfg: RewardConfig, key):
     """(train, held-out) arrays with response masks and the reference's log-probs."""
     train, held, width = comparisons.comparison_data(
@@ -250,17 +286,6 @@ def run_dpo(
     mesh, rules = sft.stage_mesh(mesh_cfg)
     key = jax.random.key(dpo_cfg.seed)
     train, held = _prepare(cfg, policy_params, tokenizer, task, rm_cfg, key)
-    optimizer = make_optimizer(opt_cfg, dpo_cfg.steps)
-    update = make_update(dpo_objective(cfg, dpo_cfg), optimizer, opt_cfg.grad_accum_steps)
-    step_fn, state_shard = jit_train_step(
-        lambda p, o, batch, key: update(p, o, batch),
-        optimizer,
-        policy_params,
-        sharding.param_shardings(cfg, mesh, rules),
-        (sharding.batch_sharding(mesh, rules, ndim=1),),
-        mesh,
-        _step_metrics,
-    )
     names = ("tokens", "mask", "response", "ranks", "valid", "ref_logps")
     it = sft.batches({k: train[k] for k in names}, dpo_cfg.batch_size, dpo_cfg.seed)
     summary = heldout_stats(cfg, policy_params, held, dpo_cfg)  # at the reference: log 2
@@ -268,16 +293,19 @@ def run_dpo(
     writer = metrics_lib.MetricWriter(workdir)
     try:
         with logical.use_mesh(mesh, rules):
-            state = place_state(optimizer, policy_params, jax.random.fold_in(key, 1), state_shard)
+            step_fn, state = make_train_step(cfg, dpo_cfg, opt_cfg, policy_params, mesh, rules, key)
             state = reward.train_steps(
                 step_fn, state, it, dpo_cfg.steps, dpo_cfg.log_every, mesh, rules, writer, "dpo"
             )
+            if dpo_cfg.lora is not None:
+                state = sft.merged_state(dpo_cfg.lora, state, dpo_cfg.steps)
             summary |= heldout_stats(cfg, state.params, held, dpo_cfg)
             writer.write(dpo_cfg.steps, summary)
     finally:
         writer.close()
     train_cfg = TrainConfig(steps=dpo_cfg.steps, batch_size=dpo_cfg.batch_size)
     meta = {"stage": "dpo", "task": task.name, **dataclasses.asdict(dpo_cfg)}
+    summary["dpo/lora_rank"] = dpo_cfg.lora_rank
     sft.write_summary(workdir, summary)  # before the checkpoint: see sft.finished_stage
     sft.save_policy(workdir, state, cfg, opt_cfg, tokenizer, train_cfg, meta)
     return summary

@@ -88,7 +88,7 @@ def _ppo_iterations(
         batch_prompts = iteration_prompts(prompts, it, ppo_cfg)
         batch = ppo.rollout(
             cfg,
-            state.params["policy"],
+            fns.params(state)["policy"],
             tokenizer,
             batch_prompts,
             width,
@@ -142,10 +142,11 @@ def _end_summary(start: dict, end: dict, history: list, kl_coef) -> dict:
 
 
 def _save_ppo_policy(
-    workdir: str, state, cfg, opt_cfg, tokenizer, ppo_cfg: ppo.PPOConfig, seq_len: int, task
+    workdir: str, state, policy, cfg, opt_cfg, tokenizer, ppo_cfg: ppo.PPOConfig, seq_len, task
 ) -> None:
-    """The policy as a policy workdir (`sft.save_policy`), with a fresh optimizer state."""
-    policy = jax.device_get(state.params["policy"])
+    """The (merged) policy as a policy workdir (`sft.save_policy`), with a fresh optimizer
+    state."""
+    policy = jax.device_get(policy)
     final = TrainState(
         step=state.step,
         params=policy,
@@ -266,7 +267,7 @@ def run_ppo(
             models, state = start_ppo(
                 fns, cfg, tokenizer, sft_workdir, reward_workdir, rm, ppo_cfg, mesh, rules
             )
-            start = evaluate(state.params["policy"], 1_000_001)
+            start = evaluate(fns.params(state)["policy"], 1_000_001)
             summary = _start_summary(start, lm_loss(cfg, models["ref"], ptx_held), ppo_cfg)
             state, history, kl_coef = _ppo_iterations(
                 fns,
@@ -282,17 +283,21 @@ def run_ppo(
                 key,
                 writer,
             )
-            end = evaluate(state.params["policy"], 1_000_002)
-            summary["ppo/ptx_lm_loss_end"] = lm_loss(cfg, state.params["policy"], ptx_held)
+            policy = fns.params(state)["policy"]
+            end = evaluate(policy, 1_000_002)
+            summary["ppo/ptx_lm_loss_end"] = lm_loss(cfg, policy, ptx_held)
     finally:
         writer.close()
     summary |= _end_summary(start, end, history, kl_coef)
     summary |= {"ppo/steps": ppo_cfg.steps, "ppo/wall_s": time.perf_counter() - t_start}
-    summary |= {"ppo/init_from": ppo_cfg.init_from or sft_workdir}
+    summary |= {
+        "ppo/init_from": ppo_cfg.init_from or sft_workdir,
+        "ppo/lora_rank": ppo_cfg.lora_rank,
+    }
     if ppo_cfg.has_critic:
         summary["ppo/critic_init_from"] = ppo_cfg.critic_init_from or reward_workdir
     sft.write_summary(workdir, summary)
-    _save_ppo_policy(workdir, state, cfg, opt_cfg, tokenizer, ppo_cfg, seq_len, task)
+    _save_ppo_policy(workdir, state, policy, cfg, opt_cfg, tokenizer, ppo_cfg, seq_len, task)
     return summary
 
 

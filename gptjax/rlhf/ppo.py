@@ -30,7 +30,9 @@ import numpy as np
 import optax
 
 from gptjax.config import ModelConfig
+from gptjax.models import family
 from gptjax.models import gpt as model
+from gptjax.models import lora as lora_lib
 from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, group_rl, losses, reward, scoring
 from gptjax.rlhf.scoring import critic_values, policy_outputs
@@ -69,6 +71,9 @@ class PPOConfig:
     algo: 'ppo' (GAE with a critic), or the critic-free 'rloo' / 'grpo' (`group_rl.py`), which
     sample group_size = K replies for each of batch_size / K prompts per iteration, so every
     algorithm sees batch_size sampled replies per iteration.
+    lora_rank: 0 trains every policy param; r > 0 trains rank-r adapters of the policy's
+    attention and MLP kernels (`models.lora`, scaled by lora_alpha / r), the optimizer state
+    over the adapters only; the critic is trained in full. The saved policy is merged.
     """
 
     algo: str = "ppo"
@@ -97,9 +102,12 @@ class PPOConfig:
     eval_prompts: int = 256
     init_from: str | None = None
     critic_init_from: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
     seed: int = 2
 
     def __post_init__(self):
+        lora_lib.from_rank(self.lora_rank, self.lora_alpha, "PPOConfig")  # rank < 0 raises
         if self.algo not in ALGOS:
             raise ValueError(f"PPOConfig.algo {self.algo!r} is not one of {ALGOS}.")
         if self.algo != "ppo" and self.group_size < 2:
@@ -122,6 +130,11 @@ class PPOConfig:
         for name in ("steps", "epochs", "max_new_tokens", "eval_prompts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PPOConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def lora(self) -> lora_lib.LoRAConfig | None:
+        """The policy's LoRA, None for full training (lora_rank 0)."""
+        return lora_lib.from_rank(self.lora_rank, self.lora_alpha, "PPOConfig")
 
     @property
     def samples_per_prompt(self) -> int:
@@ -288,13 +301,21 @@ class PPOFunctions:
     update: object
     optimizer: optax.GradientTransformation
     state_shardings: TrainState
+    lora: lora_lib.LoRAConfig | None = None
+
+    def params(self, state: TrainState) -> dict:
+        """The state's params as the models run them: the policy merged with its LoRA
+        adapters when it has them (what rollouts, evaluation and the saved policy use)."""
+        return lora_lib.merged_params(self.lora, state.params)
 
 
-def _abstract_params(cfg: ModelConfig, rm_model_cfg: ModelConfig, has_critic: bool) -> dict:
-    key = jax.random.key(0)
+def _abstract_params(cfg: ModelConfig, rm_model_cfg: ModelConfig, ppo_cfg: PPOConfig) -> dict:
+    key, has_critic = jax.random.key(0), ppo_cfg.has_critic
 
     def init():
         params = {"policy": model.init_params(cfg, key)}
+        if ppo_cfg.lora is not None:
+            params["policy"] = lora_lib.attach(ppo_cfg.lora, params["policy"], key)
         if has_critic:
             trunk = model.init_params(rm_model_cfg, key)
             params["critic"] = reward.from_policy(rm_model_cfg, trunk, key)
@@ -315,9 +336,14 @@ def make_ppo(
     """Jit experience scoring, and the update as a `step.jit_train_step` (explicit shardings,
     the state donated): PPO's GAE and critic, or RLOO's / GRPO's group baselines without one
     (`ppo_cfg.algo`), on the same rollouts, epochs of minibatches and optimizer."""
+    lcfg = ppo_cfg.lora
     optimizer = make_optimizer(opt_cfg, ppo_cfg.steps * ppo_cfg.epochs * ppo_cfg.minibatches)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_shard = {"policy": sharding.param_shardings(cfg, mesh, rules)}
+    if lcfg is not None:
+        optimizer = lora_lib.freeze_frozen(optimizer)
+        axes = family.param_axes(cfg)
+        p_shard["policy"] = sharding.lora_shardings(lcfg, p_shard["policy"], axes, mesh, rules)
     if ppo_cfg.has_critic:
         p_shard["critic"] = reward.param_shardings(rm_model_cfg, mesh, rules)
         experience_fn = functools.partial(make_experience, cfg, rm_model_cfg, ppo_cfg, width)
@@ -329,16 +355,17 @@ def make_ppo(
         objective = functools.partial(group_rl.group_minibatch_terms, cfg, ppo_cfg, width)
     rows = sharding.batch_sharding(mesh, rules, ndim=1)
     experience = jax.jit(experience_fn, out_shardings=(rows, rep))
+    objective = lora_lib.wrap_objective(lcfg, objective)
     minibatch_update = make_update(objective, optimizer, opt_cfg.grad_accum_steps)
     update, state_shard = jit_train_step(
         functools.partial(epochs_update, ppo_cfg, minibatch_update),
         optimizer,
-        _abstract_params(cfg, rm_model_cfg, ppo_cfg.has_critic),
+        _abstract_params(cfg, rm_model_cfg, ppo_cfg),
         p_shard,
         (rows, rep),
         mesh,
     )
-    return PPOFunctions(experience, update, optimizer, state_shard)
+    return PPOFunctions(experience, update, optimizer, state_shard, lcfg)
 
 
 def init_state(fns: PPOFunctions, policy_params, critic_params, seed: int) -> TrainState:
@@ -349,6 +376,9 @@ def init_state(fns: PPOFunctions, policy_params, critic_params, seed: int) -> Tr
     reference (the update donates its state).
     """
     params = {"policy": policy_params}
+    if fns.lora is not None:  # fresh adapters (b = 0: the policy is unchanged at step 0)
+        key = jax.random.fold_in(jax.random.key(seed), 7)
+        params["policy"] = lora_lib.attach(fns.lora, jax.device_get(policy_params), key)
     if critic_params is not None:
         params["critic"] = critic_params
     return place_state(fns.optimizer, params, jax.random.key(seed), fns.state_shardings)
@@ -394,7 +424,7 @@ def iteration(
 ) -> tuple[TrainState, dict]:
     """Score one rollout batch, update on it; returns host-side stats of both."""
     exp, stats = fns.experience(
-        models | state.params,
+        models | fns.params(state),
         batch["tokens"],
         batch["mask"],
         batch["done"],

@@ -11,6 +11,9 @@ The trunk starts from `RewardConfig.init_from` (default: the SFT workdir; any wo
 tokenizer is the policy's, since the RM scores the policy's ids), its params only
 (`workdir.init_params_from`); the head is always new. The RM's model config is that workdir's.
 
+With `RewardConfig.lora_rank` > 0 the trunk trains as low-rank adapters (`models.lora`) and
+the head fully, the optimizer state covering those two only; the saved RM is the merged one.
+
 After training, a gain and bias are fitted so the reference policy's samples score mean 0, std 1:
 PPO's KL coefficient and value scale then mean the same thing whatever the RM's raw scale.
 """
@@ -32,6 +35,7 @@ from jaxtyping import Array, Float, Int
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizer import Tokenizer, check_vocab
 from gptjax.models import gpt as model
+from gptjax.models import lora
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, comparisons, losses, sft, tasks
@@ -58,6 +62,8 @@ class RewardConfig:
     hh_path: train on Anthropic HH jsonl(.gz) pairs instead; hh_seq_len tokens per conversation.
     init_from: the workdir whose params the RM's trunk starts from (None: the SFT workdir);
     the scalar head is freshly initialised (`init_head`) whatever the source.
+    lora_rank: 0 trains every param; r > 0 trains rank-r adapters of the trunk's attention and
+    MLP kernels (scaled by lora_alpha / r) and the whole head.
     """
 
     k: int = 4
@@ -74,6 +80,8 @@ class RewardConfig:
     init_from: str | None = None
     log_every: int = 50
     seed: int = 1
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
         if self.k < 2:
@@ -81,6 +89,12 @@ class RewardConfig:
         for name in ("n_prompts", "heldout_prompts", "steps", "batch_size", "norm_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RewardConfig.{name} must be positive, got {getattr(self, name)}")
+        lora.from_rank(self.lora_rank, self.lora_alpha, "RewardConfig")  # a negative rank raises
+
+    @property
+    def lora(self) -> lora.LoRAConfig | None:
+        """The trunk's LoRA, None for full fine-tuning (lora_rank 0)."""
+        return lora.from_rank(self.lora_rank, self.lora_alpha, "RewardConfig")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -184,22 +198,35 @@ def _step_metrics(m: dict, step) -> dict:
     }
 
 
-def param_shardings(cfg: ModelConfig, mesh, rules) -> dict:
-    """Trunk sharded like the policy (same logical axes); the tiny head replicated."""
+def param_shardings(cfg: ModelConfig, mesh, rules, lcfg: lora.LoRAConfig | None = None) -> dict:
+    """Trunk sharded like the policy (same logical axes; with `lcfg`, an adapted trunk:
+    `mesh.lora_shardings`); the tiny head replicated."""
     trunk = sharding.param_shardings(cfg, mesh, rules)
     trunk = {k: v for k, v in trunk.items() if k != "lm_head"}
+    if lcfg is not None:
+        trunk = sharding.lora_shardings(lcfg, trunk, model.param_axes(cfg), mesh, rules)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return {"trunk": trunk, "head": {"kernel": rep, "bias": rep}}
 
 
-def make_train_step(cfg: ModelConfig, optimizer, params, mesh, rules, grad_accum_steps: int = 1):
-    """(step, state shardings): the RM's `step.jit_train_step` over `step.make_update`."""
-    update = make_update(ranking_objective(cfg), optimizer, grad_accum_steps)
+def make_train_step(
+    cfg: ModelConfig,
+    optimizer,
+    params,
+    mesh,
+    rules,
+    grad_accum_steps: int = 1,
+    lcfg: lora.LoRAConfig | None = None,
+):
+    """(step, state shardings): the RM's `step.jit_train_step` over `step.make_update`; with
+    `lcfg`, of an RM whose trunk is adapted (`lora.attach`)."""
+    objective = lora.wrap_objective(lcfg, ranking_objective(cfg))
+    update = make_update(objective, optimizer, grad_accum_steps)
     return jit_train_step(
         lambda p, o, batch, key: update(p, o, batch),
         optimizer,
         params,
-        param_shardings(cfg, mesh, rules),
+        param_shardings(cfg, mesh, rules, lcfg),
         (sharding.batch_sharding(mesh, rules, ndim=1),),
         mesh,
         _step_metrics,
@@ -298,13 +325,18 @@ def init_reward(
     mesh,
     rules,
     key: jax.Array,
+    lcfg: lora.LoRAConfig | None = None,
 ):
-    """(jitted step, step-0 TrainState) of an RM made from the policy's trunk."""
+    """(jitted step, step-0 TrainState) of an RM made from the policy's trunk (with `lcfg`:
+    adapters on the trunk, the optimizer over them and the head only)."""
     optimizer = make_optimizer(opt_cfg, steps)
     # From host memory: the step donates its state, the sampler still needs the policy.
     params = from_policy(cfg, jax.device_get(policy_params), jax.random.fold_in(key, 2))
+    if lcfg is not None:
+        optimizer = lora.freeze_frozen(optimizer)
+        params["trunk"] = lora.attach(lcfg, params["trunk"], jax.random.fold_in(key, 5))
     step_fn, state_shard = make_train_step(
-        cfg, optimizer, params, mesh, rules, opt_cfg.grad_accum_steps
+        cfg, optimizer, params, mesh, rules, opt_cfg.grad_accum_steps, lcfg
     )
     return step_fn, place_state(optimizer, params, jax.random.fold_in(key, 4), state_shard)
 
@@ -376,13 +408,15 @@ def start_reward(
     mesh,
     rules,
     key: jax.Array,
+    lcfg: lora.LoRAConfig | None = None,
 ):
     """(RM model config, jitted step, step-0 TrainState): the trunk from `source`'s params
-    (its config; its tokenizer checked to be the policy's `tokenizer`), a fresh head."""
+    (its config; its tokenizer checked to be the policy's `tokenizer`), a fresh head; with
+    `lcfg`, LoRA on the trunk (`init_reward`)."""
     workdir_lib.check_tokenizer(source, tokenizer, "the SFT policy's")
     src = workdir_lib.init_params_from(source, None, mesh, rules)
     check_vocab(tokenizer, src.cfg.vocab_size)
-    step_fn, state = init_reward(src.cfg, src.params, opt_cfg, steps, mesh, rules, key)
+    step_fn, state = init_reward(src.cfg, src.params, opt_cfg, steps, mesh, rules, key, lcfg)
     return src.cfg, step_fn, state
 
 
@@ -425,23 +459,19 @@ def run_reward(
     try:
         with logical.use_mesh(mesh, rules):
             rm_model_cfg, step_fn, state = start_reward(
-                source, tokenizer, opt_cfg, rm_cfg.steps, mesh, rules, key
+                source, tokenizer, opt_cfg, rm_cfg.steps, mesh, rules, key, rm_cfg.lora
             )
             _check_fits(rm_model_cfg, train, held)
-            summary["reward/heldout_accuracy_start"] = accuracy(rm_model_cfg, state.params, held)
+            params = lora.merged_params(rm_cfg.lora, state.params)
+            summary["reward/heldout_accuracy_start"] = accuracy(rm_model_cfg, params, held)
             state = train_reward(step_fn, state, train, rm_cfg, mesh, rules, writer)
-            summary["reward/heldout_accuracy"] = accuracy(rm_model_cfg, state.params, held)
-            raw, norm = reference_norm(
-                rm_model_cfg,
-                state.params,
-                policy_params,
-                tokenizer,
-                task,
-                rm_cfg,
-                width,
-                key,
-                policy_cfg=cfg,
-            )
+            params = lora.merged_params(rm_cfg.lora, state.params)  # ordinary RM params
+            summary["reward/heldout_accuracy"] = accuracy(rm_model_cfg, params, held)
+        # Outside the RM's mesh: the policy samples on its own (one-device) params, as in
+        # `comparison_data`; inside a larger mesh jit refuses them.
+        raw, norm = reference_norm(
+            rm_model_cfg, params, policy_params, tokenizer, task, rm_cfg, width, key, policy_cfg=cfg
+        )
     finally:
         writer.close()
     summary |= {
@@ -452,14 +482,15 @@ def run_reward(
     writer = metrics_lib.MetricWriter(workdir)
     writer.write(rm_cfg.steps, summary)
     writer.close()
-    summary["reward/init_from"] = source
+    summary |= {"reward/init_from": source, "reward/lora_rank": rm_cfg.lora_rank}
     sft.write_summary(workdir, summary)
+    meta = {"stage": "reward", "steps": rm_cfg.steps, "task": task.name, "init_from": source}
     save_reward(
         workdir,
         rm_model_cfg,
-        jax.device_get(state.params),
+        jax.device_get(params),
         jax.device_get(norm),
-        {"stage": "reward", "steps": rm_cfg.steps, "task": task.name, "init_from": source},
+        meta | {"lora_rank": rm_cfg.lora_rank},
         tokenizer,
     )
     return summary

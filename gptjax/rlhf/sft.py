@@ -12,6 +12,11 @@ task's plain-text corpus runs first, so the SFT model also has an LM loss worth 
 mixes that corpus back in. With one, SFT starts from its params and tokenizer
 (`workdir.init_params_from`: params only, a fresh optimizer, step 0).
 
+With `SFTConfig.lora_rank` > 0 the SFT steps train low-rank adapters of the whole policy
+(`models.lora`; the pretraining phase, if any, still trains every param), with optimizer state
+for the adapters only; the saved policy is the merged one, ordinary params that every reader
+of a policy workdir loads unchanged.
+
 Every stage saves its checkpoint once, last (`finished_stage`): a stage workdir that holds one
 has finished, and running the stage there again returns its summary instead of training over it.
 """
@@ -35,16 +40,17 @@ from gptjax.config import ModelConfig
 from gptjax.data.config import DataConfig
 from gptjax.data.pipeline import encode_documents, pack_windows
 from gptjax.data.tokenizer import Tokenizer, check_vocab
-from gptjax.models import family
+from gptjax.models import family, lora
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
 from gptjax.rlhf import chat, tasks
 from gptjax.training import checkpoint as ckpt_lib
 from gptjax.training import metrics as metrics_lib
+from gptjax.training import step as step_lib
 from gptjax.training import workdir as workdir_lib
 from gptjax.training.eval_loss import weighted_mean_loss
-from gptjax.training.optimizer import OptimizerConfig
-from gptjax.training.step import TrainConfig, TrainState, make_trainer
+from gptjax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from gptjax.training.step import TrainConfig, Trainer, TrainState, make_trainer
 
 log = logging.getLogger("gptjax")
 
@@ -61,6 +67,8 @@ class SFTConfig:
     policy): its params and tokenizer; its model config unless `run_sft` is given one (then
     checked against it: `workdir.check_compatible`).
     tokenizer_vocab_size: the task BPE's size when starting from scratch.
+    lora_rank: 0 trains every param; r > 0 trains rank-r adapters of the policy's attention
+    and MLP kernels in the SFT steps (`lora.LoRAConfig`), scaled by lora_alpha / r.
     """
 
     steps: int = 300
@@ -72,11 +80,19 @@ class SFTConfig:
     tokenizer_vocab_size: int = 512
     log_every: int = 50
     seed: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "n_demonstrations", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SFTConfig.{name} must be positive, got {getattr(self, name)}")
+        lora.from_rank(self.lora_rank, self.lora_alpha, "SFTConfig")  # a negative rank raises
+
+    @property
+    def lora(self) -> lora.LoRAConfig | None:
+        """The SFT steps' LoRA, None for full fine-tuning (lora_rank 0)."""
+        return lora.from_rank(self.lora_rank, self.lora_alpha, "SFTConfig")
 
 
 def stage_mesh(mesh_cfg: sharding.MeshConfig | None = None):
@@ -262,12 +278,88 @@ def _initial_state(trainer, sft_cfg: SFTConfig) -> TrainState:
     return trainer.init_train_state(sft_cfg.seed)
 
 
+def _base_params(trainer: Trainer, sft_cfg: SFTConfig):
+    """The params LoRA adapts when SFT is the first phase: `init_from`'s on the trainer's
+    shardings (no optimizer state for them), or a random init."""
+    if sft_cfg.init_from:
+        return workdir_lib.init_params_from(
+            sft_cfg.init_from,
+            trainer.cfg,
+            trainer.mesh,
+            trainer.rules,
+            trainer.state_shardings.params,
+        ).params
+    return trainer.init_train_state(sft_cfg.seed).params
+
+
+def make_lora_trainer(
+    trainer: Trainer, opt_cfg: OptimizerConfig, sft_cfg: SFTConfig, base
+) -> tuple[Trainer, TrainState]:
+    """(trainer, step-0 state) of SFT over `sft_cfg.lora` adapters of `base` (the policy):
+    `trainer`'s loss, batches and mesh, an optimizer (its own schedule over `sft_cfg.steps`)
+    whose state covers the adapters only (`lora.freeze_frozen`)."""
+    lcfg, cfg, mesh = sft_cfg.lora, trainer.cfg, trainer.mesh
+    schedule = make_schedule(opt_cfg, sft_cfg.steps)
+    optimizer = lora.freeze_frozen(make_optimizer(opt_cfg, sft_cfg.steps, schedule))
+    k_adapters, k_rng = jax.random.split(jax.random.key(sft_cfg.seed + 1))
+    params = lora.attach(lcfg, base, k_adapters)
+    shardings = sharding.lora_shardings(
+        lcfg, trainer.state_shardings.params, family.param_axes(cfg), mesh, trainer.rules
+    )
+    objective = lora.wrap_objective(lcfg, step_lib.family_objective(cfg))
+    update = step_lib.make_update(objective, optimizer, opt_cfg.grad_accum_steps)
+    train_step, state_shardings = step_lib.jit_train_step(
+        step_lib.with_dropout_keys(update),
+        optimizer,
+        params,
+        shardings,
+        (trainer.batch_sharding,),
+        mesh,
+        step_lib._train_metrics(schedule),  # make_trainer's names: train/loss, lr
+    )
+    adapted = dataclasses.replace(
+        trainer,
+        optimizer=optimizer,
+        schedule=schedule,
+        state_shardings=state_shardings,
+        train_step=train_step,
+        init_train_state=None,
+    )
+    return adapted, step_lib.place_state(optimizer, params, k_rng, state_shardings)
+
+
+def merged_state(lcfg: lora.LoRAConfig, state: TrainState, step: int) -> TrainState:
+    """A LoRA run's state as a policy workdir saves it: the merged params at `step`, no
+    optimizer state (nothing reads a stage's moments; the adapters' fit no other params)."""
+    params = lora.merged_params(lcfg, state.params)
+    return state.replace(step=jnp.asarray(step, jnp.int32), params=params, opt_state={})
+
+
 def _pretrain(trainer, state, task, tokenizer, sft_cfg: SFTConfig, steps: int, writer):
     """Next-token pretraining on the task's documents before SFT: (state, last loss)."""
     docs = task.pretrain_documents(2000, np.random.default_rng(sft_cfg.seed + 1))
     windows = corpus_windows(tokenizer, docs, sft_cfg.seq_len)
     batches_ = lm_batches(windows, sft_cfg.batch_size, sft_cfg.seed)
     return _train(trainer, state, batches_, steps, writer, "pretrain", sft_cfg.log_every, 0)
+
+
+def _before_sft(
+    trainer, opt_cfg, sft_cfg: SFTConfig, task, tokenizer, pretrain: int, writer, summary
+):
+    """(trainer, state) the SFT steps start from: the initial state, after `pretrain`
+    pretraining steps (their last loss into `summary`); with `sft_cfg.lora`, the LoRA trainer
+    over those params (`make_lora_trainer`)."""
+    state = None  # LoRA from init_from: its params only, no full optimizer state
+    if sft_cfg.lora is None or pretrain:
+        state = _initial_state(trainer, sft_cfg)
+    if pretrain:
+        state, summary["pretrain/loss"] = _pretrain(
+            trainer, state, task, tokenizer, sft_cfg, pretrain, writer
+        )
+    if sft_cfg.lora is None:
+        return trainer, state
+    base = _base_params(trainer, sft_cfg) if state is None else state.params
+    return make_lora_trainer(trainer, opt_cfg, sft_cfg, base)
 
 
 def run_sft(
@@ -301,17 +393,16 @@ def run_sft(
         "sft/steps": sft_cfg.steps,
         "sft/pretrain_steps": pretrain,
         "sft/init_from": sft_cfg.init_from,
+        "sft/lora_rank": sft_cfg.lora_rank,
     }
     writer = metrics_lib.MetricWriter(workdir)
     try:
         with logical.use_mesh(mesh, rules):
-            state = _initial_state(trainer, sft_cfg)
-            if pretrain:
-                state, summary["pretrain/loss"] = _pretrain(
-                    trainer, state, task, tokenizer, sft_cfg, pretrain, writer
-                )
+            sft_trainer, state = _before_sft(
+                trainer, opt_cfg, sft_cfg, task, tokenizer, pretrain, writer, summary
+            )
             state, summary["sft/loss"] = _train(
-                trainer,
+                sft_trainer,
                 state,
                 batches(train_demos, sft_cfg.batch_size, sft_cfg.seed),
                 sft_cfg.steps,
@@ -320,11 +411,18 @@ def run_sft(
                 sft_cfg.log_every,
                 pretrain,
             )
+            if sft_cfg.lora is not None:
+                state = merged_state(sft_cfg.lora, state, total)
             summary["sft/heldout_loss"] = masked_eval_loss(model_cfg, state.params, heldout, 32)
     finally:
         writer.close()
     train_cfg = TrainConfig(steps=total, batch_size=sft_cfg.batch_size, seq_len=sft_cfg.seq_len)
-    meta = {"stage": "sft", "task": task.name, "init_from": sft_cfg.init_from}
+    meta = {
+        "stage": "sft",
+        "task": task.name,
+        "init_from": sft_cfg.init_from,
+        "lora_rank": sft_cfg.lora_rank,
+    }
     write_summary(workdir, summary)
     save_policy(workdir, state, model_cfg, opt_cfg, tokenizer, train_cfg, meta)
     return summary

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 # Leaf names that are "matrices" and get weight decay. Stacked layers have a leading `layers` axis,
 # so a per-layer LayerNorm scale is 2-D `(L, D)` and ndim cannot tell it from a matrix: the
 # name decides. `kernel` covers every dense layer (attention, MLP, task/reward heads); the rest
-# are embedding tables (token, position, untied output, and Flax's `nn.Embed` name).
-DECAY_NAMES = frozenset({"kernel", "embedding", "wte", "wpe", "wtt", "lm_head"})
+# are embedding tables (token, position, untied output, and Flax's `nn.Embed` name), and LoRA's
+# factors `a`, `b` (`models.lora`; decayed, as PEFT under Hugging Face's Trainer does).
+DECAY_NAMES = frozenset({"kernel", "embedding", "wte", "wpe", "wtt", "lm_head", "a", "b"})
 # Names that never get decay: biases and LayerNorm gains/offsets. Any other name is also left
 # undecayed, but logged, so a new parameter type does not silently escape the rule unnoticed.
 NO_DECAY_NAMES = frozenset({"bias", "scale", "final_logits_bias"})
