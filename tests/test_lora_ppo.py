@@ -72,3 +72,19 @@ def test_the_optimizer_state_covers_the_adapters_only(run):
     got = lora.optimizer_state_bytes(fns.optimizer, {"policy": raw["policy"]})
     want = lora.optimizer_state_bytes(make_optimizer(OPT, 10), raw["policy"]["adapters"])
     assert got <= want + 64 and got < full / 4
+
+
+def test_cli_lora_rank_reaches_the_stage_config_and_bad_ranks_are_one_line(tmp_path, capsys):
+    import gin
+
+    from gptjax.cli import main as main_lib
+
+    gin.clear_config()
+    try:
+        code = main_lib.main(["sft", f"--workdir={tmp_path}/s", "--lora_rank=-1"])
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err
+    assert code == 1 and "SFTConfig.lora_rank must be >= 0" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="PPOConfig.lora_rank"):
+        ppo.PPOConfig(lora_rank=-2)

@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         TrainingDivergedError,
     ) as e:
-        msg = str(e).strip().splitlines()
+        # gin appends where the configurable was called; the message itself says what to do.
+        msg = [m for m in str(e).strip().splitlines() if "In call to configurable" not in m]
         print(
             f"gptjax {args.command}: error: {msg[0] if msg else type(e).__name__}"
             + ("".join(f"\n  {m}" for m in msg[1:4])),

@@ -23,7 +23,7 @@ def _with(cfg, args, *names):
 def cmd_sft(args) -> None:
     from gptjax.rlhf.sft import SFTConfig, run_sft
 
-    s = run_sft(args.workdir, sft_cfg=_with(SFTConfig(), args, "init_from"))
+    s = run_sft(args.workdir, sft_cfg=_with(SFTConfig(), args, "init_from", "lora_rank"))
     print(
         f"sft done: loss {s['sft/loss']:.4f}, held-out loss {s['sft/heldout_loss']:.4f}; "
         f"workdir {args.workdir}"
@@ -33,7 +33,7 @@ def cmd_sft(args) -> None:
 def cmd_reward(args) -> None:
     from gptjax.rlhf.reward import RewardConfig, run_reward
 
-    rm_cfg = _with(RewardConfig(), args, "init_from")
+    rm_cfg = _with(RewardConfig(), args, "init_from", "lora_rank")
     s = run_reward(args.workdir, args.sft_workdir, rm_cfg=rm_cfg)
     print(
         f"reward model done: held-out accuracy {s['reward/heldout_accuracy']:.3f}; "
@@ -45,15 +45,16 @@ def cmd_ppo(args) -> None:
     from gptjax.rlhf.pipeline import run_ppo
     from gptjax.rlhf.ppo import PPOConfig
 
-    ppo_cfg = _with(PPOConfig(), args, "init_from", "critic_init_from", "algo", "group_size")
+    names = ("init_from", "critic_init_from", "algo", "group_size", "lora_rank")
+    ppo_cfg = _with(PPOConfig(), args, *names)
     s = run_ppo(args.workdir, args.sft_workdir, args.reward_workdir, ppo_cfg=ppo_cfg)
     print(json.dumps(s, indent=2))
 
 
 def cmd_dpo(args) -> None:
-    from gptjax.rlhf.dpo import run_dpo
+    from gptjax.rlhf.dpo import DPOConfig, run_dpo
 
-    s = run_dpo(args.workdir, args.sft_workdir)
+    s = run_dpo(args.workdir, args.sft_workdir, dpo_cfg=_with(DPOConfig(), args, "lora_rank"))
     print(
         f"dpo done: held-out loss {s['heldout/loss']:.4f} (from {s['heldout/loss_start']:.4f}), "
         f"implicit-reward accuracy {s['heldout/accuracy']:.3f}; workdir {args.workdir}"
@@ -134,6 +135,16 @@ def _init_from(parser, what: str) -> None:
     )
 
 
+def _lora(parser) -> None:
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="train rank-r LoRA adapters of the attention and MLP kernels instead of every "
+        "param (the stage config's lora_rank; 0 = full training); the merged model is saved",
+    )
+
+
 def register(subparsers, common, sampling) -> dict:
     """Add the RLHF subcommands; returns {name: fn(args)} for main.py."""
     # Register the gin configurables (SFTConfig, RewardConfig, PPOConfig, make_task) before
@@ -142,13 +153,16 @@ def register(subparsers, common, sampling) -> dict:
 
     p = subparsers.add_parser("sft", help="stage 1: supervised fine-tuning (prompt-masked loss)")
     common(p)
+    _lora(p)
     _init_from(p, "the policy's params and tokenizer (default: pretrain from scratch)")
     p = subparsers.add_parser("reward", help="stage 2: reward model on ranked comparisons")
     common(p)
+    _lora(p)
     p.add_argument("--sft_workdir", required=True, help="the policy whose samples are ranked")
     _init_from(p, "the RM trunk's params, a fresh head (default: --sft_workdir)")
     p = subparsers.add_parser("ppo", help="stage 3: PPO(-ptx) against the reward model")
     common(p)
+    _lora(p)
     p.add_argument("--sft_workdir", required=True, help="KL reference (and default policy init)")
     p.add_argument("--reward_workdir", required=True, help="reward model (and critic init)")
     _init_from(p, "the policy's starting params (default: --sft_workdir)")
@@ -174,6 +188,7 @@ def register(subparsers, common, sampling) -> dict:
         "dpo", help="DPO (or IPO, DPOConfig.loss_type) on the reward model's comparison data"
     )
     common(p)
+    _lora(p)
     p.add_argument("--sft_workdir", required=True, help="the starting policy and reference")
     p = subparsers.add_parser(
         "rlhf",
