@@ -21,7 +21,7 @@ import numpy as np
 
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
-from gptjax.rlhf import chat, ppo, reward, sft, tasks
+from gptjax.rlhf import chat, comparisons, ppo, reward, sft, tasks
 from gptjax.training import metrics as metrics_lib
 from gptjax.training import workdir as workdir_lib
 from gptjax.training.optimizer import OptimizerConfig, make_optimizer
@@ -44,16 +44,6 @@ def lm_loss(cfg, params, windows: np.ndarray, batch_size: int = 32) -> float:
     """Mean next-token loss of `params` on pretraining windows (the ptx regression metric)."""
     mask = np.ones((len(windows), windows.shape[1] - 1), np.int32)
     return sft.masked_eval_loss(cfg, params, {"tokens": windows, "loss_mask": mask}, batch_size)
-
-
-def check_context(cfg, width: int, max_new_tokens: int, field: str) -> None:
-    """One line naming the numbers when prompts plus replies do not fit the model's context."""
-    if width + max_new_tokens > cfg.max_len:
-        raise ValueError(
-            f"the longest prompt ({width} tokens) plus {field}={max_new_tokens} exceeds the "
-            f"model's context of {cfg.max_len} tokens: lower {field}, shorten the prompts, "
-            "or use a model with a longer max_len."
-        )
 
 
 def iteration_prompts(prompts: list, it: int, ppo_cfg: ppo.PPOConfig) -> list:
@@ -250,7 +240,7 @@ def run_ppo(
     train_prompts = tasks.prompts(task, ppo_cfg.n_prompts, ppo_cfg.seed)
     eval_prompts = tasks.prompts(task, ppo_cfg.eval_prompts, ppo_cfg.seed + 99)
     width = max(len(chat.prompt_ids(tokenizer, p)) for p in train_prompts + eval_prompts)
-    check_context(cfg, width, ppo_cfg.max_new_tokens, "PPOConfig.max_new_tokens")
+    comparisons.check_prompt_fits(cfg, width, ppo_cfg.max_new_tokens, "PPOConfig.max_new_tokens")
     seq_len = min(cfg.max_len - 1, 48)
     ptx_train, ptx_held = ptx_data(tokenizer, task, seq_len, 0)
     key = jax.random.key(ppo_cfg.seed)

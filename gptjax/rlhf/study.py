@@ -37,6 +37,7 @@ import numpy as np
 from gptjax.rlhf import (
     best_of_n,
     chat,
+    comparisons,
     dpo,
     pipeline,
     ppo,
@@ -251,7 +252,7 @@ def make_judge(dirs: dict, study: StudyConfig, task, mesh_cfg) -> Judge:
     prompts = tasks.prompts(task, study.eval_prompts, 424242)
     width = max(len(chat.prompt_ids(tokenizer, p)) for p in prompts)
     ppo_cfg = ppo.PPOConfig()
-    pipeline.check_context(cfg, width, ppo_cfg.max_new_tokens, "PPOConfig.max_new_tokens")
+    comparisons.check_prompt_fits(cfg, width, ppo_cfg.max_new_tokens, "PPOConfig.max_new_tokens")
     _, held = pipeline.ptx_data(tokenizer, task, min(cfg.max_len - 1, 48), 0)
     return Judge(
         cfg,
