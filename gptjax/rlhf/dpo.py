@@ -25,7 +25,7 @@ from gptjax.config import ModelConfig
 from gptjax.models import family, lora
 from gptjax.parallel import logical
 from gptjax.parallel import mesh as sharding
-from gptjax.rlhf import comparisons, ppo, reward, sft, tasks
+from gptjax.rlhf import comparisons, reward, scoring, sft, tasks
 from gptjax.rlhf.losses import (
     Mask,
     Scalar,
@@ -165,7 +165,7 @@ def response_mask(tokens_NKT: np.ndarray, mask_NKT: np.ndarray, width: int | Non
 
 def sequence_logps(cfg: ModelConfig, params, tokens_BT, mask_BT, response_BT) -> jax.Array:
     """log pi(response | prompt): the summed log-probs of the response tokens."""
-    logp_BT1, _ = ppo.policy_outputs(cfg, params, tokens_BT, mask_BT, 1, 1.0)
+    logp_BT1, _ = scoring.policy_outputs(cfg, params, tokens_BT, mask_BT, 1, 1.0)
     return jnp.sum(logp_BT1 * response_BT[:, 1:], axis=1)
 
 

@@ -76,9 +76,10 @@ def _ppo_iterations(
     history = []
     for it in range(1, ppo_cfg.steps + 1):
         batch_prompts = iteration_prompts(prompts, it, ppo_cfg)
+        params = fns.params(state)  # LoRA: merged once for the rollout and the scoring
         batch = ppo.rollout(
             cfg,
-            fns.params(state)["policy"],
+            params["policy"],
             tokenizer,
             batch_prompts,
             width,
@@ -90,7 +91,7 @@ def _ppo_iterations(
             shape = (ppo_cfg.epochs, ppo_cfg.minibatches, ppo_cfg.ptx_batch_size)
             ptx = ptx_train[rng.integers(len(ptx_train), size=shape)]
         t0 = time.perf_counter()
-        state, stats = ppo.iteration(fns, state, models, kl_coef, batch, ptx)
+        state, stats = ppo.iteration(fns, state, models, kl_coef, batch, ptx, params)
         gold = ppo.gold_rewards(task, tokenizer, batch_prompts, batch["tokens"], width)
         stats |= {
             "ppo/gold_reward": float(gold.mean()),

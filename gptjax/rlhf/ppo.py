@@ -420,11 +420,18 @@ def evaluate(
 
 
 def iteration(
-    fns: PPOFunctions, state: TrainState, models: dict, kl_coef, batch: dict, ptx_EMbT
+    fns: PPOFunctions,
+    state: TrainState,
+    models: dict,
+    kl_coef,
+    batch: dict,
+    ptx_EMbT,
+    params: dict | None = None,
 ) -> tuple[TrainState, dict]:
-    """Score one rollout batch, update on it; returns host-side stats of both."""
+    """Score one rollout batch, update on it; returns host-side stats of both. `params`:
+    `fns.params(state)` when the caller already has it (the rollout's)."""
     exp, stats = fns.experience(
-        models | fns.params(state),
+        models | (fns.params(state) if params is None else params),
         batch["tokens"],
         batch["mask"],
         batch["done"],

@@ -29,6 +29,19 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: str, legend_size: int):
+    """Label, grid and legend `ax`, write `fig` to `path` as a PNG and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_gold_vs_kl(rows: list[dict], path: str) -> str:
     """Each method's final policy: gold reward against KL to SFT, a point per seed."""
     plt = _pyplot()
@@ -36,15 +49,10 @@ def plot_gold_vs_kl(rows: list[dict], path: str) -> str:
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method]
         ax.scatter([r["kl"] for r in mine], [r["gold"] for r in mine], label=method, color=f"C{i}")
-    ax.set_xlabel("KL(policy ‖ SFT), nats")
-    ax.set_ylabel("gold reward (held-out prompts)")
-    ax.set_title("Gold reward vs KL, one point per seed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(
+        plt, fig, ax, "KL(policy ‖ SFT), nats", "gold reward (held-out prompts)",
+        "Gold reward vs KL, one point per seed", path, 8,
+    )  # fmt: skip
 
 
 def plot_overoptimization(
@@ -72,12 +80,7 @@ def plot_overoptimization(
                 sqrt_kl, [r[key] for r in ppo_rows], s=60, facecolors=face, edgecolors="C3",
                 label=f"PPO final {key} (held out)",
             )  # fmt: skip
-    ax.set_xlabel("√KL(policy ‖ SFT)")
-    ax.set_ylabel("reward")
-    ax.set_title("Over-optimisation: proxy vs gold reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(
+        plt, fig, ax, "√KL(policy ‖ SFT)", "reward", "Over-optimisation: proxy vs gold reward",
+        path, 7,
+    )  # fmt: skip
