@@ -11,6 +11,7 @@ from gptjax import experiments
 from gptjax.cli import main as cli
 from gptjax.config import PRESETS, ModelConfig, get_preset
 from gptjax.data.config import DataConfig
+from gptjax.evals.code import CodeEvalConfig  # registers it, as the CLI's plugins do
 from gptjax.models import family
 from gptjax.parallel.mesh import MeshConfig
 from gptjax.training.optimizer import OptimizerConfig
@@ -53,6 +54,7 @@ def test_experiment_file_builds_every_config(path):
     )
     cli.parse_gin([path], macros)
     family.model_config(), TrainConfig(), OptimizerConfig(), DataConfig(), MeshConfig()
+    CodeEvalConfig()
 
 
 def test_quickstart_is_a_cpu_sized_run():
