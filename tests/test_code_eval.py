@@ -244,3 +244,58 @@ def test_pass_at_k_hook_is_off_by_default_and_reports_metrics(tmp_path):
             hooks.default_hooks(EncoderConfig(vocab_size=300), data_cfg, train_cfg, fx.TOK)
     finally:
         gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir holding the tiny random decoder (byte tokenizer, max_len 48)."""
+    import jax.numpy as jnp
+
+    from gptjax.rlhf import sft
+    from gptjax.training.optimizer import OptimizerConfig
+    from gptjax.training.step import TrainConfig, TrainState
+
+    path = str(tmp_path_factory.mktemp("code") / "W")
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=fx.params(),
+        opt_state={},
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
+    train_cfg = TrainConfig(steps=1, batch_size=2, seq_len=16)
+    sft.save_policy(path, state, fx.CFG, OptimizerConfig(), fx.TOK, train_cfg)
+    return path
+
+
+def test_eval_humaneval_cli_writes_samples_results_and_summary(workdir, capsys):
+    argv = ["eval", f"--workdir={workdir}", "--task=humaneval", "--num_samples=2", "--k=1,2"]
+    assert main([*argv, "--max_examples=3", "--max_new_tokens=12", "--batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "pass@1 = " in out and "pass@2 = " in out and "6 samples of 3 problems" in out
+    assert "prompts were longer than the context" in out  # HumanEval in 36 bytes: truncated
+    samples = list(he_data.stream_jsonl(f"{workdir}/humaneval_samples.jsonl"))
+    results = list(he_data.stream_jsonl(f"{workdir}/humaneval_results.jsonl"))
+    assert [s["task_id"] for s in samples] == [f"HumanEval/{i // 2}" for i in range(6)]
+    assert [r["completion"] for r in results] == [s["completion"] for s in samples]
+    with open(f"{workdir}/eval_humaneval.json") as f:
+        summary = json.load(f)
+    assert summary["step"] == 0 and summary["truncated_prompts"] == 6
+    assert summary["pass@1"] == pytest.approx(np.mean([r["passed"] for r in results]))
+
+
+def test_eval_word_problems_compares_direct_and_cot(workdir, capsys):
+    argv = ["eval", f"--workdir={workdir}", "--task=word_problems", "--shots=0,1"]
+    assert main([*argv, "--max_examples=4", "--max_new_tokens=8", "--batch_size=4"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("word_problems")]
+    assert len(lines) == 4  # (0, 1 shots) x (direct, cot)
+    assert [ln.split()[1] for ln in lines] == ["direct", "cot", "direct", "cot"]
+    with open(f"{workdir}/eval_word_problems.json") as f:
+        results = json.load(f)["results"]
+    assert [(r["shots"], r["mode"]) for r in results] == [
+        (0, "direct"),
+        (0, "cot"),
+        (1, "direct"),
+        (1, "cot"),
+    ]
+    assert main(["eval", f"--workdir={workdir}", "--task=word_problems", "--prompting=x"]) == 1
+    assert "mode must be one of" in capsys.readouterr().err
