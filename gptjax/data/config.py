@@ -13,18 +13,20 @@ import os
 
 import gin
 
-from gptjax.data import numbers
+from gptjax.data import numbers, span_corruption
 from gptjax.data.builders import splits
 from gptjax.data.pipeline import corpus_texts, make_datasets
 from gptjax.data.tokenizer import (
     ByteTokenizer,
     CharTokenizer,
+    Specials,
     Tokenizer,
     load_tokenizer,
     train_sentencepiece,
 )
 
 TOKENIZER_KINDS = ("bpe", "byte", "char", "gpt2")
+SEQ2SEQ_OBJECTIVES = ("prefix", "span_corruption")
 
 
 def default_data_dir() -> str:
@@ -56,6 +58,14 @@ class DataConfig:
         gptjax.data.builders.splits. Each split is prepared and cached on its own.
       validation_fraction: the validation share; None is the rule's default ('hash': 2% of
         documents, 3% of Shakespeare's paragraphs; 'tail': 10% of the characters).
+      seq2seq_objective: what the encoder–decoder learns from a text corpus's windows:
+        'prefix' (the first half is the source, the decoder writes the second;
+        `gptjax.models.family`) or 'span_corruption' (T5's: 15% of the tokens dropped in
+        spans of mean length 3, each replaced by a sentinel id above the tokenizer's ids
+        and specials; the decoder writes the spans; `gptjax.data.span_corruption`). The
+        model's vocab_size must then hold the sentinels (6 more ids at seq_len 128).
+        Other families always learn their own objective and accept only 'prefix'.
+      noise_density, mean_noise_span_length: span corruption's rates (T5: 0.15 and 3.0).
     """
 
     dataset: str = "stdlib"
@@ -67,6 +77,9 @@ class DataConfig:
     task_max_number: int = 10_000
     validation_split: str = "hash"
     validation_fraction: float | None = None
+    seq2seq_objective: str = "prefix"
+    noise_density: float = span_corruption.NOISE_DENSITY
+    mean_noise_span_length: float = span_corruption.MEAN_NOISE_SPAN_LENGTH
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZER_KINDS:
@@ -87,6 +100,21 @@ class DataConfig:
                 f"DataConfig.validation_split/validation_fraction apply to text corpora; the "
                 f"generated task {self.dataset!r} has its own train and validation numbers."
             )
+        if self.seq2seq_objective not in SEQ2SEQ_OBJECTIVES:
+            raise ValueError(
+                f"DataConfig.seq2seq_objective={self.seq2seq_objective!r} is not one of "
+                f"{SEQ2SEQ_OBJECTIVES}."
+            )
+        if self.uses_span_corruption and self.dataset in numbers.TASKS:
+            raise ValueError(
+                "DataConfig.seq2seq_objective='span_corruption' corrupts a text corpus's "
+                f"windows; the generated task {self.dataset!r} has its own pairs."
+            )
+        span_corruption.check_rates(self.noise_density, self.mean_noise_span_length)
+
+    @property
+    def uses_span_corruption(self) -> bool:
+        return self.seq2seq_objective == "span_corruption"
 
     @property
     def corpus_split(self) -> dict:
@@ -156,9 +184,14 @@ def run_datasets(
     seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    model_vocab_size: int | None = None,
 ):
     """(train iterator, eval factory) of a run: a corpus's windows, or a number task's batches
-    in `task_format` (the model family's `Family.task_format`), this process's share of each."""
+    in `task_format` (the model family's `Family.task_format`), this process's share of each.
+
+    With `data_cfg.seq2seq_objective = 'span_corruption'` (the 'pair' format only) the corpus
+    batches come span-corrupted; `model_vocab_size` is then checked to hold the sentinels.
+    """
     shard = dict(seed=seed, process_index=process_index, process_count=process_count)
     if data_cfg.dataset in numbers.TASKS:
         return numbers.make_task_datasets(
@@ -179,4 +212,30 @@ def run_datasets(
         path=data_cfg.path,
         **data_cfg.corpus_split,
         **shard,
+        objective=_corpus_objective(data_cfg, tokenizer, task_format, seq_len, model_vocab_size),
     )
+
+
+def _corpus_objective(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    task_format: str,
+    seq_len: int,
+    model_vocab_size: int | None,
+) -> span_corruption.WindowSpanCorruption | None:
+    """The batch transform of a corpus's windows: None (the family's own, on the host), or
+    span corruption for the encoder–decoder."""
+    if not data_cfg.uses_span_corruption:
+        return None
+    if task_format != "pair":
+        raise ValueError(
+            "DataConfig.seq2seq_objective='span_corruption' is the encoder–decoder's corpus "
+            f"objective; this model family trains on the {task_format!r} format "
+            "(set model_config.family = 'seq2seq', or leave the objective 'prefix')."
+        )
+    if model_vocab_size is None:
+        raise ValueError("span corruption needs model_vocab_size to check its sentinel ids.")
+    rates = (data_cfg.noise_density, data_cfg.mean_noise_span_length)
+    first = span_corruption.sentinel_start(tokenizer)
+    span_corruption.check_sentinel_vocab(first, model_vocab_size, seq_len, *rates)
+    return span_corruption.WindowSpanCorruption(Specials.of(tokenizer), first, *rates)

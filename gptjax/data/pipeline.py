@@ -9,6 +9,9 @@ Stages, each a small function:
      dropped. Documents are not aligned to windows; EOS separates them.
   3. ``TokenBatchIterator``: shuffles window order per (seed, epoch), cuts global batches,
      hands each process its own rows, and saves/restores its position as a small JSON dict.
+     An optional ``objective`` turns each batch of windows into another batch format on the
+     host, keyed by each window's (seed, epoch, index) (T5's span corruption,
+     ``gptjax.data.span_corruption``), so it resumes with the iterator's state.
 ``make_datasets`` wires them together for the train loop.
 """
 
@@ -113,6 +116,10 @@ class TokenBatchIterator:
     form the one-process batch. ``repeat=True`` runs over epochs forever (train); ``False``
     stops after one pass (eval). ``take(n)`` hands out a global batch of only ``n`` real rows
     (GPT-3's batch ramp): the cursor moves by ``n`` windows, so no data is skipped.
+
+    ``objective(tokens_BT1, keys_B3) -> batch``, when given, replaces ``{'tokens': ...}``:
+    ``keys_B3`` holds each row's (seed, epoch, window index), unique per example and epoch,
+    so its randomness depends on the data position alone (what ``get_state`` saves).
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class TokenBatchIterator:
         process_index: int = 0,
         process_count: int = 1,
         state: dict | None = None,
+        objective: Callable[[np.ndarray, np.ndarray], dict] | None = None,
     ):
         if global_batch_size <= 0 or global_batch_size % process_count:
             raise ValueError(
@@ -149,6 +157,7 @@ class TokenBatchIterator:
         self.process_index = process_index
         self.seed, self.epoch, self.window = seed, 0, 0
         self._order_epoch, self._order = -1, None
+        self.objective = objective
         if state is not None:
             self.set_state(state)
 
@@ -207,7 +216,11 @@ class TokenBatchIterator:
         return rows, real
 
     def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"tokens": np.asarray(self.windows[rows], dtype=np.int32)}
+        tokens = np.asarray(self.windows[rows], dtype=np.int32)
+        if self.objective is None:
+            return {"tokens": tokens}
+        keys_B3 = np.stack([np.full_like(rows, self.seed), np.full_like(rows, self.epoch), rows], 1)
+        return self.objective(tokens, keys_B3)
 
     def take(self, n_global: int) -> tuple[dict[str, np.ndarray], int]:
         """(this process's batch, its number of real rows) from the next ``n_global`` windows.
@@ -271,6 +284,7 @@ def make_datasets(
     validation_fraction: float | None = None,
     eval_batch_size: int | None = None,
     state: dict | None = None,
+    objective: Callable[[np.ndarray, np.ndarray], dict] | None = None,
 ) -> tuple[TokenBatchIterator, Callable[[], TokenBatchIterator]]:
     """Prepare, tokenize (cached) and pack a corpus; return the train iterator and an eval factory.
 
@@ -286,6 +300,8 @@ def make_datasets(
         (documents by key hash) or 'tail' (the last characters); see ``builders.splits``.
       eval_batch_size: global eval batch, default ``global_batch_size``.
       state: a train iterator state from ``get_state()`` to resume from (its seed wins).
+      objective: a batch transform for both iterators (``TokenBatchIterator``), e.g.
+        ``span_corruption.WindowSpanCorruption``; None yields the windows.
 
     Returns:
       ``(train_iter, eval_iter_factory)``: an infinite shuffled iterator over the train split, and
@@ -295,7 +311,7 @@ def make_datasets(
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     config = resolve_config(name_or_glob, validation_split, validation_fraction)
     builder = builders.prepare(config, data_dir, path=path)
-    shard = dict(process_index=process_index, process_count=process_count)
+    shard = dict(process_index=process_index, process_count=process_count, objective=objective)
     train_windows = pack_windows(token_stream(builder, "train", tokenizer), seq_len)
     train_iter = TokenBatchIterator(
         train_windows, global_batch_size, seed=seed, state=state, **shard

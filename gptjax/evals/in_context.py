@@ -498,6 +498,7 @@ def split_perplexity(
         seed=seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        model_vocab_size=cfg.vocab_size,
     )
     sums_fn = jax.jit(functools.partial(family.eval_sums, cfg))
     batches = eval_factory() if split == "validation" else train_iter

@@ -18,7 +18,10 @@ A corpus yields decoder windows; `from_windows` turns them into the family's
 objective on the host: BERT's 80/10/10 masking, or a prefix-to-suffix split
 for the encoder–decoder (the first half of a window is the source, the
 decoder continues it). Task datasets (`gptjax.data.numbers`) emit the format
-a family names (`Family.task_format`) directly.
+a family names (`Family.task_format`) directly, and so does the encoder–decoder's
+other corpus objective, T5's span corruption (`DataConfig.seq2seq_objective =
+'span_corruption'`, `gptjax.data.span_corruption`): a token transform, so data/
+owns it (models never import data) and its batches pass `from_windows` unchanged.
 
 Adding a fourth family (say, a mixture-of-experts decoder) is a model module,
 one `Family(...)` below and one row in each table keyed by Family
@@ -277,7 +280,8 @@ def from_windows(cfg: ModelConfig, batch: dict, tokenizer, key: jax.Array) -> di
 
     decoder: unchanged. encoder: `bert.mask_tokens` on the first T tokens. seq2seq:
     the first T // 2 tokens are the source and the decoder produces the rest. A
-    batch already in a task format passes through. `key` makes the masking
+    batch already in a task format (a task dataset's, or span-corrupted windows from
+    the data pipeline) passes through. `key` makes the masking
     reproducible (the loop folds in the step).
     """
     fam = family_of(cfg)

@@ -136,6 +136,7 @@ def prepare_data(
         seed=train_cfg.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        model_vocab_size=model_cfg.vocab_size,
     )
     if multi and primary:
         multihost_utils.sync_global_devices("gptjax_prepare_data")
