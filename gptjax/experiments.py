@@ -19,8 +19,10 @@ from gptjax.data import config as data_config  # noqa: F401
 from gptjax.parallel import mesh  # noqa: F401
 from gptjax.training import optimizer, step  # noqa: F401
 
-EXPERIMENTS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+_CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+_PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_experiments")  # a wheel's
+EXPERIMENTS_DIR = (
+    _CHECKOUT if os.path.exists(os.path.join(_CHECKOUT, "quickstart.gin")) else _PACKAGED
 )
 
 
@@ -41,11 +43,13 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
 
 
 def find_gin_file(path: str) -> str:
-    """A gin file as given, or relative to experiments/ or to the repository root."""
+    """A gin file as given, or relative to experiments/ (with or without the `experiments/`
+    prefix): a checkout's, or the copy an installed wheel carries."""
+    inside = path.removeprefix("experiments/")  # as written from a checkout's root
     for candidate in (
         path,
         os.path.join(EXPERIMENTS_DIR, path),
-        os.path.join(os.path.dirname(EXPERIMENTS_DIR), path),
+        os.path.join(EXPERIMENTS_DIR, inside),
     ):
         if os.path.exists(candidate):
             return candidate
