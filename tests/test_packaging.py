@@ -1,6 +1,7 @@
 """`python -m build` makes a wheel that a fresh venv installs and runs, experiments included.
 
-What Colab (and a pod) does: install gptjax from a wheel, then `gptjax train
+What Colab (and a pod) does: install gptjax from a wheel (the notebooks' install cell, given
+the wheel in GPTJAX_SOURCE), then `gptjax train
 --gin_file=experiments/quickstart.gin` with no checkout. The venv has no system site-packages, so
 its gptjax is the wheel's (this checkout's editable install cannot leak in); its dependencies
 come from the package registry (pip's cache after CI's own install). About a minute.
@@ -41,6 +42,22 @@ def wheel(tmp_path_factory):
     return path
 
 
+def _notebook_install_cell() -> str:
+    """The install cell every notebook opens with (they must all carry the same one)."""
+    import glob
+
+    import nbformat
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cells = set()
+    for path in sorted(glob.glob(os.path.join(root, "notebooks", "*.ipynb"))):
+        code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        assert "GPTJAX_SOURCE" in code[0].source, f"{path}: no GPTJAX_SOURCE install cell"
+        cells.add(code[0].source)
+    assert len(cells) == 1, "the notebooks' install cells differ"
+    return cells.pop()
+
+
 def test_the_wheel_carries_the_package_and_the_experiments(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in (
@@ -58,7 +75,9 @@ def test_a_fresh_venv_installs_the_wheel_and_trains(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv])
     python, gptjax = venv / "bin" / "python", venv / "bin" / "gptjax"
-    _run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel])
+    # installed the way the notebooks do: their first code cell, given the wheel's path
+    install_env = {**os.environ, "GPTJAX_SOURCE": str(wheel)}
+    _run([python, "-c", _notebook_install_cell()], cwd=tmp_path, env=install_env)
     where = _run([python, "-c", "import gptjax; print(gptjax.__file__)"], cwd=tmp_path)
     assert where.startswith(str(venv)), where
     corpus = tmp_path / "corpus"

@@ -3,10 +3,15 @@
 import nbformat as nbf
 
 COLAB = """# Colab: install gptjax (skipped when it is already importable, e.g. in a local checkout).
-import importlib.util, subprocess, sys
+# GPTJAX_SOURCE is anything pip installs: the wheel `python -m build` writes to dist/ (uploaded
+# to Colab or on Drive), a URL of it, a checkout directory, or git+https://<host>/<you>/gptjax.
+import importlib.util, os, subprocess, sys
+GPTJAX_SOURCE = os.environ.get("GPTJAX_SOURCE", "/content/gptjax-0.1.0-py3-none-any.whl")
 if importlib.util.find_spec("gptjax") is None:
-    REPO = "https://github.com/your-org/gptjax"  # where this repository lives
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}"], check=True)"""
+    if "://" not in GPTJAX_SOURCE and not os.path.exists(GPTJAX_SOURCE):
+        raise FileNotFoundError(f"GPTJAX_SOURCE={GPTJAX_SOURCE!r} does not exist: build the wheel "
+                                "(python -m build) and upload it, or set GPTJAX_SOURCE to its URL")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", GPTJAX_SOURCE], check=True)"""
 
 
 def nb(cells, path):
