@@ -1,0 +1,33 @@
+"""Execute notebooks at their full sizes and save them with their outputs (plots included).
+
+The committed notebooks carry outputs so they read on GitHub and Colab without running; the
+test suite still executes every one (at small sizes, outputs discarded). After changing a
+notebook or its generator (tools/make_notebooks.py, tools/make_rlhf_notebook.py):
+    python tools/execute_notebooks.py notebooks/*.ipynb
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+
+def execute(path: str) -> float:
+    """Run `path` top to bottom in a fresh kernel (cwd: a temp dir); write it back; seconds."""
+    nb = nbformat.read(path, as_version=4)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as cwd:
+        NotebookClient(
+            nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": cwd}}
+        ).execute()
+    nbformat.write(nb, path)
+    return time.time() - start
+
+
+if __name__ == "__main__":
+    os.environ.pop("GPTJAX_NOTEBOOK_STEPS", None)  # full sizes
+    for notebook in sys.argv[1:]:
+        print(f"{notebook}: {execute(notebook):.0f} s", flush=True)
