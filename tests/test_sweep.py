@@ -206,3 +206,20 @@ def test_cli_print_commands_and_errors(tmp_path, capsys):
     sweep_file.write_text("ModelConfig.d_model = 64\n")  # not a sweep file
     assert _main(["sweep", f"--gin_file={sweep_file}", "--workdir=/tmp/unused"]) == 1
     assert "must name its base experiment" in capsys.readouterr().err
+
+
+def test_an_in_process_sweep_after_parsing_gin_can_still_train():
+    """Regression: the hooks' module registers `CodeEvalConfig`; when it was first imported in
+    `run_one`, after the notebook had parsed (and so locked) gin, the import raised
+    'Attempted to add a new configurable after the config was locked'."""
+    import subprocess
+    import sys
+
+    program = (
+        "from gptjax.research import sweep\n"
+        "from gptjax.experiments import parse_gin\n"
+        "parse_gin(['sweeps/ln_placement.gin'], [])\n"
+        "from gptjax.evals import hooks\n"  # what run_one uses
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

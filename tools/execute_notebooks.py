@@ -4,6 +4,8 @@ The committed notebooks carry outputs so they read on GitHub and Colab without r
 test suite still executes every one (at small sizes, outputs discarded). After changing a
 notebook or its generator (tools/make_notebooks.py, tools/make_rlhf_notebook.py):
     python tools/execute_notebooks.py notebooks/*.ipynb
+Full sizes unless GPTJAX_NOTEBOOK_STEPS is set; offline, notebook 06 needs it (at full size
+it downloads GPT-2 from the Hugging Face hub; with it, a random small GPT-2 stands in).
 """
 
 import os
@@ -28,6 +30,5 @@ def execute(path: str) -> float:
 
 
 if __name__ == "__main__":
-    os.environ.pop("GPTJAX_NOTEBOOK_STEPS", None)  # full sizes
     for notebook in sys.argv[1:]:
         print(f"{notebook}: {execute(notebook):.0f} s", flush=True)

@@ -41,6 +41,7 @@ from typing import Any
 import gin
 import numpy as np
 
+from gptjax.evals.hooks import train_with_defaults  # registers CodeEvalConfig before parsing
 from gptjax.experiments import EXPERIMENTS_DIR, find_gin_file, parse_gin
 from gptjax.research.finetune import TASKS as FINETUNE_TASKS  # registers FinetuneConfig early
 from gptjax.research.stats import (
@@ -242,8 +243,6 @@ def run_one(base: str, bindings: Sequence[str], run_workdir: str, subprocess_mod
                 f"run in {run_workdir} failed (exit {done.returncode}): {shlex.join(argv)}"
             )
         return
-    from gptjax.evals.hooks import train_with_defaults
-
     try:
         parse_experiment(base, bindings)
         # A preemption signal was meant for the whole sweep.
