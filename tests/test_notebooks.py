@@ -26,3 +26,16 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
         if o.get("output_type") == "error"
     ]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_committed_with_its_outputs(path):
+    """They read on GitHub and Colab without running (tools/execute_notebooks.py saves them)."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    ran = [c for c in code if c.get("execution_count")]
+    assert len(ran) == len(code), f"{len(code) - len(ran)} code cells were not executed"
+    assert any(c.outputs for c in code), "no outputs saved"
+    if any("plt." in c.source for c in code):
+        images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+        assert images, "the notebook plots, but no plot is saved"

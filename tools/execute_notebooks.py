@@ -8,7 +8,6 @@ Full sizes unless GPTJAX_NOTEBOOK_STEPS is set; offline, notebook 06 needs it (a
 it downloads GPT-2 from the Hugging Face hub; with it, a random small GPT-2 stands in).
 """
 
-import os
 import sys
 import tempfile
 import time
@@ -25,8 +24,16 @@ def execute(path: str) -> float:
         NotebookClient(
             nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": cwd}}
         ).execute()
+    strip_stderr(nb)
     nbformat.write(nb, path)
     return time.time() - start
+
+
+def strip_stderr(nb) -> None:
+    """Drop stderr streams (progress bars, warnings): what a reader wants is stdout and plots."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
 
 
 if __name__ == "__main__":
