@@ -156,10 +156,15 @@ def test_bad_split_errors_from_the_builder(files, tmp_path):
 
 
 def test_cli_reports_a_bad_split_in_one_line(tmp_path, capsys):
+    import gin
+
     from gptjax.cli import main as cli
 
     argv = ["train", f"--workdir={tmp_path}", "--gin_bindings=DataConfig.validation_split = 'x'"]
-    assert cli.main(argv) == 1
+    try:
+        assert cli.main(argv) == 1
+    finally:
+        gin.clear_config()  # the bad binding must not reach the tests that run after this one
     err = capsys.readouterr().err
     first = err.splitlines()[0]  # gin's "In call to configurable" line may follow
     assert first.startswith("gptjax train: error: DataConfig.validation_split='x' is not one of")

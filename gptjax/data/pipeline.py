@@ -7,8 +7,10 @@ Stages, each a small function:
      overlap by one token (window i is ``stream[i*T : i*T + T + 1]``), so every token after the
      first is a prediction target exactly once per epoch; a tail shorter than ``T`` tokens is
      dropped. Documents are not aligned to windows; EOS separates them.
-  3. ``TokenBatchIterator``: shuffles window order per (seed, epoch), cuts global batches,
-     hands each process its own rows, and saves/restores its position as a small JSON dict.
+  3. ``TokenBatchIterator``: a grain pipeline over the windows (random access, grain's
+     global shuffle reseeded per epoch, background read-ahead in threads or worker
+     processes) that cuts global batches, hands each process its own rows, and
+     saves/restores its position as a small JSON dict.
      An optional ``objective`` turns each batch of windows into another batch format on the
      host, keyed by each window's (seed, epoch, index) (T5's span corruption,
      ``gptjax.data.span_corruption``), so it resumes with the iterator's state.
@@ -17,11 +19,15 @@ Stages, each a small function:
 
 from __future__ import annotations
 
+import functools
 import glob as glob_lib
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
+import grain
 import numpy as np
+from absl import flags
 from tqdm.auto import tqdm
 
 from gptjax.data import builders
@@ -104,22 +110,46 @@ def pack_windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
     return view[: num_windows * seq_len : seq_len]
 
 
+PREFETCH_BATCHES = 4  # batches a train iterator reads ahead, in background threads
+PREFETCH_THREADS = 2
+
+
+def epoch_order_dataset(num_windows: int, seed: int, shuffle: bool) -> grain.MapDataset:
+    """Window index at flat position ``epoch * num_windows + j``: grain's global shuffle.
+
+    ``MapDataset.shuffle`` is a random-access permutation (index_shuffle) reseeded each
+    epoch: position ``e * n + j`` reads position ``j`` of epoch ``e``'s own permutation. The
+    seed is hashed first, because grain seeds epoch ``e`` with ``seed + e``: seeds 0 and 1
+    would otherwise share all but one epoch.
+    """
+    order = grain.MapDataset.range(num_windows)  # index i reads i % n: repeats unshuffled
+    if not shuffle:
+        return order
+    return order.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
+
+
 class TokenBatchIterator:
     """Deterministic, resumable, per-process batches ``{'tokens': int32 (B_local, T + 1)}``.
 
-    ``windows`` is ``pack_windows``' (num_windows, T + 1) array (a memory-mapped view is fine).
+    A grain pipeline: ``windows`` (``pack_windows``' (num_windows, T + 1) array, memory-mapped
+    is fine) is read by random access in ``epoch_order_dataset`` order, cut into global batches
+    of ``global_batch_size`` (the partial batch at an epoch's end is dropped, so shapes stay
+    static for jit), and read ahead by ``prefetch`` batches in ``threads`` grain threads (or
+    ``workers`` processes, ``mp_prefetch``) so the host never stalls the step. Process ``p``
+    of ``P`` reads rows ``[p * B/P, (p+1) * B/P)`` of each global batch: processes never
+    overlap and together form the one-process batch. ``repeat=True`` runs over epochs forever
+    (train); ``False`` stops after one pass (eval). ``take(n)`` hands out a global batch of only
+    ``n`` real rows (GPT-3's batch ramp), read by index: the cursor moves by ``n`` windows, so
+    no data is skipped, and the read-ahead restarts at the new cursor.
 
-    Epoch ``e`` visits the windows in ``default_rng([seed, e]).permutation`` order (or in order
-    when ``shuffle=False``), cut into global batches of ``global_batch_size``; the last partial
-    batch is dropped so shapes stay static for jit. Process ``p`` of ``P`` yields rows
-    ``[p * B/P, (p+1) * B/P)`` of each global batch, so processes never overlap and together
-    form the one-process batch. ``repeat=True`` runs over epochs forever (train); ``False``
-    stops after one pass (eval). ``take(n)`` hands out a global batch of only ``n`` real rows
-    (GPT-3's batch ramp): the cursor moves by ``n`` windows, so no data is skipped.
+    The state is the cursor of batches handed out (not of batches read ahead): the epoch and
+    the window position in it, a small JSON dict that the checkpoint saves. Grain's own
+    iterator state (``{'next_index': k}``) counts batches from where the pipeline was started,
+    so the pipeline is rebuilt at the cursor instead of saving it.
 
-    ``objective(tokens_BT1, keys_B3) -> batch``, when given, replaces ``{'tokens': ...}``:
-    ``keys_B3`` holds each row's (seed, epoch, window index), unique per example and epoch,
-    so its randomness depends on the data position alone (what ``get_state`` saves).
+    ``objective(tokens_BT1, keys_B3) -> batch``, when given, replaces ``{'tokens': ...}`` (in
+    the prefetch threads): ``keys_B3`` holds each row's (seed, epoch, window index), unique per
+    example and epoch, so its randomness depends on the data position alone.
     """
 
     def __init__(
@@ -134,6 +164,9 @@ class TokenBatchIterator:
         process_count: int = 1,
         state: dict | None = None,
         objective: Callable[[np.ndarray, np.ndarray], dict] | None = None,
+        prefetch: int = PREFETCH_BATCHES,
+        threads: int = PREFETCH_THREADS,
+        workers: int = 0,
     ):
         if global_batch_size <= 0 or global_batch_size % process_count:
             raise ValueError(
@@ -142,6 +175,8 @@ class TokenBatchIterator:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        if min(prefetch, threads, workers) < 0:
+            raise ValueError(f"prefetch={prefetch}, threads={threads}, workers={workers} < 0")
         self.windows = windows
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
@@ -155,11 +190,18 @@ class TokenBatchIterator:
         self.epoch_windows = self.batches_per_epoch * global_batch_size  # the tail is dropped
         self.shuffle, self.repeat = shuffle, repeat
         self.process_index = process_index
-        self.seed, self.epoch, self.window = seed, 0, 0
-        self._order_epoch, self._order = -1, None
+        self.prefetch, self.threads, self.workers = prefetch, threads, workers
         self.objective = objective
+        self._stream = None  # the grain iterator of full batches from the cursor, lazily
+        self._set_cursor(seed, 0, 0)
         if state is not None:
             self.set_state(state)
+
+    def _set_cursor(self, seed: int, epoch: int, window: int) -> None:
+        self.close()
+        if seed != getattr(self, "seed", None):
+            self._order = epoch_order_dataset(len(self.windows), seed, self.shuffle)
+        self.seed, self.epoch, self.window = seed, epoch, window
 
     def get_state(self) -> dict:
         """JSON-serialisable position: save it with the checkpoint."""
@@ -178,49 +220,72 @@ class TokenBatchIterator:
         )
         if epoch < 0 or not 0 <= window <= self.epoch_windows:
             raise ValueError(f"bad iterator state {state}: {self.epoch_windows} windows/epoch")
-        self.seed, self.epoch, self.window = int(state["seed"]), epoch, window
+        self._set_cursor(int(state.get("seed", self.seed)), epoch, window)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Window indices for ``epoch``; cached, since every batch of an epoch needs them."""
-        if self._order_epoch != epoch:
-            n = len(self.windows)
-            self._order = (
-                np.random.default_rng([self.seed, epoch]).permutation(n)
-                if self.shuffle
-                else np.arange(n)
-            )
-            self._order_epoch = epoch
-        return self._order
+        """All window indices of ``epoch`` in visiting order (for inspection and tests)."""
+        return self._rows(epoch, 0, len(self.windows))
+
+    def _rows(self, epoch: int, start: int, count: int) -> np.ndarray:
+        """Window indices at positions ``[start, start + count)`` of ``epoch``'s order."""
+        base = epoch * len(self.windows) + start
+        return np.asarray([self._order[i] for i in range(base, base + count)], np.int64)
+
+    def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of window indices ``rows`` (a subclass formats other examples)."""
+        return {"tokens": np.asarray(self.windows[rows], dtype=np.int32)}
+
+    def _load(self, epoch: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if self.objective is None:
+            return self._batch(rows)
+        tokens = np.asarray(self.windows[rows], dtype=np.int32)
+        keys_B3 = np.stack([np.full_like(rows, self.seed), np.full_like(rows, epoch), rows], 1)
+        return self.objective(tokens, keys_B3)
+
+    def _full_batch(self, k: int, first: tuple[int, int]) -> tuple[int, int, dict]:
+        """(epoch, start window, this process's rows) of the k-th full batch from ``first``."""
+        epoch, window = first
+        b = self.global_batch_size
+        in_first = (self.epoch_windows - window) // b  # full batches left in the first epoch
+        if k < in_first:
+            start = window + k * b
+        else:
+            more, k = divmod(k - in_first, self.batches_per_epoch)
+            epoch, start = epoch + 1 + more, k * b
+        offset = start + self.process_index * self.local_batch_size
+        return epoch, start, self._load(epoch, self._rows(epoch, offset, self.local_batch_size))
+
+    def _open_stream(self):
+        """The grain pipeline of full batches from the cursor, reading ahead in the background."""
+        left = (self.epoch_windows - self.window) // self.global_batch_size
+        count = sys.maxsize if self.repeat else left
+        first = (self.epoch, self.window)
+        batches = grain.MapDataset.range(count).map(
+            functools.partial(self._full_batch, first=first)
+        )
+        read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
+        stream = batches.to_iter_dataset(read)
+        if self.workers:
+            if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags' defaults
+                flags.FLAGS.mark_as_parsed()
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        return iter(stream)
+
+    def close(self) -> None:
+        """Stop the read-ahead (threads or worker processes); the next batch restarts it."""
+        stream, self._stream = getattr(self, "_stream", None), None
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
+
+    def __getstate__(self) -> dict:
+        """Pickled (for ``workers`` processes) without the running stream."""
+        return {**self.__dict__, "_stream": None}
 
     def __iter__(self) -> TokenBatchIterator:
         return self
 
-    def _take_indices(self, n_global: int) -> tuple[np.ndarray, int]:
-        """(this process's B/P window indices, how many of them are real) of the next global
-        batch of ``n_global`` real rows; the cursor moves by ``n_global``."""
-        if not 1 <= n_global <= self.global_batch_size:
-            raise ValueError(f"take({n_global}): need 1 <= rows <= {self.global_batch_size}")
-        if self.window + n_global > self.epoch_windows:
-            if not self.repeat:
-                raise StopIteration
-            self.epoch, self.window = self.epoch + 1, 0
-        first = self.process_index * self.local_batch_size
-        real = int(np.clip(n_global - first, 0, self.local_batch_size))
-        order = self.epoch_order(self.epoch)
-        start = self.window + first
-        pad = order[start if real else self.window]  # any window: its rows are masked out
-        rows = np.concatenate(
-            [order[start : start + real], np.full(self.local_batch_size - real, pad, order.dtype)]
-        )
-        self.window += n_global
-        return rows, real
-
-    def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        tokens = np.asarray(self.windows[rows], dtype=np.int32)
-        if self.objective is None:
-            return {"tokens": tokens}
-        keys_B3 = np.stack([np.full_like(rows, self.seed), np.full_like(rows, self.epoch), rows], 1)
-        return self.objective(tokens, keys_B3)
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.take(self.global_batch_size)[0]
 
     def take(self, n_global: int) -> tuple[dict[str, np.ndarray], int]:
         """(this process's batch, its number of real rows) from the next ``n_global`` windows.
@@ -228,11 +293,27 @@ class TokenBatchIterator:
         The real rows come first; the rest of the B/P rows repeat one of them as padding, for
         static shapes, and the caller zeroes their loss mask. ``next(it)`` is ``take(B)``.
         """
-        rows, real = self._take_indices(n_global)
-        return self._batch(rows), real
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return self.take(self.global_batch_size)[0]
+        if not 1 <= n_global <= self.global_batch_size:
+            raise ValueError(f"take({n_global}): need 1 <= rows <= {self.global_batch_size}")
+        full = n_global == self.global_batch_size
+        if self.window + n_global > self.epoch_windows:
+            if not self.repeat:
+                raise StopIteration
+            if not full:
+                self._set_cursor(self.seed, self.epoch + 1, 0)
+        if full:
+            if self._stream is None:
+                self._stream = self._open_stream()
+            self.epoch, start, batch = next(self._stream)
+            self.window = start + n_global
+            return batch, self.local_batch_size
+        self.close()  # the read-ahead was cut for full batches from the old cursor
+        first = self.process_index * self.local_batch_size
+        real = int(np.clip(n_global - first, 0, self.local_batch_size))
+        rows = self._rows(self.epoch, self.window + (first if real else 0), max(real, 1))
+        rows = np.concatenate([rows[:real], np.full(self.local_batch_size - real, rows[0])])
+        self.window += n_global
+        return self._load(self.epoch, rows), real
 
 
 def resolve_config(
@@ -285,6 +366,7 @@ def make_datasets(
     eval_batch_size: int | None = None,
     state: dict | None = None,
     objective: Callable[[np.ndarray, np.ndarray], dict] | None = None,
+    workers: int = 0,
 ) -> tuple[TokenBatchIterator, Callable[[], TokenBatchIterator]]:
     """Prepare, tokenize (cached) and pack a corpus; return the train iterator and an eval factory.
 
@@ -302,6 +384,7 @@ def make_datasets(
       state: a train iterator state from ``get_state()`` to resume from (its seed wins).
       objective: a batch transform for both iterators (``TokenBatchIterator``), e.g.
         ``span_corruption.WindowSpanCorruption``; None yields the windows.
+      workers: grain worker processes reading ahead (0: ``PREFETCH_THREADS`` threads only).
 
     Returns:
       ``(train_iter, eval_iter_factory)``: an infinite shuffled iterator over the train split, and
@@ -311,7 +394,12 @@ def make_datasets(
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     config = resolve_config(name_or_glob, validation_split, validation_fraction)
     builder = builders.prepare(config, data_dir, path=path)
-    shard = dict(process_index=process_index, process_count=process_count, objective=objective)
+    shard = dict(
+        process_index=process_index,
+        process_count=process_count,
+        objective=objective,
+        workers=workers,
+    )
     train_windows = pack_windows(token_stream(builder, "train", tokenizer), seq_len)
     train_iter = TokenBatchIterator(
         train_windows, global_batch_size, seed=seed, state=state, **shard
