@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tiktoken>=0.7",  # runs GPT-2's byte-level BPE (gptjax/data/gpt2_tokenizer.py)
     "tensorflow-datasets>=4.9.10",  # used without TensorFlow: array_record + data_source
     "array-record>=0.8.1",
+    "grain>=0.2.12",  # the input pipeline's shuffle, sharding and read-ahead (data/pipeline.py)
     "importlib_resources",  # TFDS needs it for builders defined inside a package
     "gin-config>=0.5.0",
     "tqdm>=4.66",
