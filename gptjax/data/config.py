@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 import gin
+from etils import epath
 
 from gptjax.data import numbers, span_corruption
 from gptjax.data.builders import splits
@@ -29,8 +30,26 @@ TOKENIZER_KINDS = ("bpe", "byte", "char", "gpt2")
 SEQ2SEQ_OBJECTIVES = ("prefix", "span_corruption")
 
 
+def check_local_data_dir(data_dir: str, what: str) -> str:
+    """`data_dir`, if it is a local (or mounted) directory; a clear error for a gs:// one.
+
+    The TFDS shards are array_record files, which array_record's C++ reader and writer open
+    with POSIX calls only (no Cloud Storage client), so a bucket must be mounted (gcsfuse)
+    and given as its mount point. Workdirs, by contrast, may be gs:// URIs.
+    """
+    if "://" in data_dir:
+        raise ValueError(
+            f"{what}={data_dir!r}: the data dir must be a local path. Its array_record shards "
+            "are opened with POSIX file calls only (array_record has no Cloud Storage "
+            "client); mount the bucket with gcsfuse (e.g. `gcsfuse --implicit-dirs BUCKET "
+            "/mnt/BUCKET`) and give the mounted path. The workdir may be a gs:// URI."
+        )
+    return data_dir
+
+
 def default_data_dir() -> str:
-    return os.environ.get("GPTJAX_DATA_DIR", os.path.expanduser("~/.cache/gptjax/data"))
+    path = os.environ.get("GPTJAX_DATA_DIR", os.path.expanduser("~/.cache/gptjax/data"))
+    return check_local_data_dir(path, "$GPTJAX_DATA_DIR")
 
 
 @gin.configurable
@@ -93,6 +112,8 @@ class DataConfig:
                 "tokenizer.json, or encoder.json + vocab.bpe (e.g. a downloaded gpt2/)."
             )
         splits.check_split(self.validation_split, self.validation_fraction, "DataConfig.")
+        if self.data_dir:
+            check_local_data_dir(self.data_dir, "DataConfig.data_dir")
         if self.dataset in numbers.TASKS and (
             self.validation_split != "hash" or self.validation_fraction is not None
         ):
@@ -130,8 +151,9 @@ class DataConfig:
 
 def _workdir_tokenizer(workdir: str) -> str | None:
     for name in ("tokenizer.model", "tokenizer.json"):
-        if os.path.exists(os.path.join(workdir, name)):
-            return os.path.join(workdir, name)
+        path = epath.Path(workdir) / name  # a local path or a gs:// (any etils.epath) one
+        if path.exists():
+            return os.fspath(path)
     return None
 
 

@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<start>", "<delim>", "<extract>", "<mask>")
 SP_FILENAME = "tokenizer.model"
@@ -108,14 +109,18 @@ class Tokenizer(abc.ABC):
         return hashlib.sha256(self.serialize()).hexdigest()
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write the tokenizer into ``directory`` and return the file's path."""
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(os.fspath(directory), self.filename)
+        """Write the tokenizer into ``directory`` (local, or gs:// and any etils.epath URI) and
+        return the file's path."""
+        path = epath.Path(directory) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if "://" in os.fspath(path):  # an object appears whole when its upload completes
+            path.write_bytes(self.serialize())
+            return os.fspath(path)
         tmp_path = f"{path}.tmp-{os.getpid()}"
         with open(tmp_path, "wb") as f:
             f.write(self.serialize())
         os.replace(tmp_path, path)  # atomic: a reader never sees half a tokenizer
-        return path
+        return os.fspath(path)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -151,8 +156,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
-        with open(path, "rb") as f:
-            return cls(f.read())
+        return cls(epath.Path(path).read_bytes())
 
     @property
     def filename(self) -> str:
@@ -370,10 +374,9 @@ def load_tokenizer(path_or_directory: str | os.PathLike) -> Tokenizer:
     # Imported here: gpt2_tokenizer builds on this module's Tokenizer (and loads tiktoken).
     from gptjax.data.gpt2_tokenizer import KIND, GPT2Tokenizer, find_bpe_files
 
-    path = os.fspath(path_or_directory)
-    if os.path.isdir(path):
-        candidates = [os.path.join(path, n) for n in (SP_FILENAME, JSON_FILENAME)]
-        found = [c for c in candidates if os.path.isfile(c)]
+    path = epath.Path(path_or_directory)  # local, or gs:// and any etils.epath URI
+    if path.is_dir():
+        found = [path / n for n in (SP_FILENAME, JSON_FILENAME) if (path / n).is_file()]
         if not found:
             pair = find_bpe_files(path)
             if pair is not None:
@@ -384,10 +387,10 @@ def load_tokenizer(path_or_directory: str | os.PathLike) -> Tokenizer:
                 "Tokenizer.save(directory), or copy GPT-2's tokenizer files there"
             )
         path = found[0]
-    if not os.path.isfile(path):
+    if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = path.read_bytes()
+    path = os.fspath(path)
     if data.lstrip().startswith(b"{"):
         spec = json.loads(data)
         if spec.get("kind") == "byte":

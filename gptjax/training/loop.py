@@ -23,6 +23,7 @@ from typing import Any
 
 import gin
 import jax
+from etils import epath
 from tqdm.auto import tqdm
 
 from gptjax.config import ModelConfig
@@ -62,17 +63,13 @@ def setup_compilation_cache(path: str | None) -> None:
 
 def _save_run_files(workdir: str, configs: dict) -> None:
     """The resolved config (gin syntax and JSON, with the model family) next to the checkpoints."""
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(
-            {
-                "family": family.family_of(configs["model"]).name,
-                **{k: dataclasses.asdict(v) for k, v in configs.items()},
-            },
-            f,
-            indent=2,
-        )
+    workdir = epath.Path(workdir)  # a local path, or gs:// and any other etils.epath URI
+    (workdir / "config.gin").write_text(gin.config_str())
+    raw = {
+        "family": family.family_of(configs["model"]).name,
+        **{k: dataclasses.asdict(v) for k, v in configs.items()},
+    }
+    (workdir / "config.json").write_text(json.dumps(raw, indent=2))
 
 
 def evaluate(trainer: Trainer, params, batches: Iterable[dict], n_batches: int) -> dict[str, float]:
@@ -310,8 +307,7 @@ def _finish(run: _Run) -> dict:
     summary["tokens_trained"] = run.data.ramp.tokens(run.start, summary["end_step"])
     summary["skipped_updates"] = run.skipped
     if run.primary:
-        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        (epath.Path(run.workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -408,7 +404,7 @@ def train(
     model_cfg, train_cfg = model_cfg or family.model_config(), train_cfg or TrainConfig()
     opt_cfg, data_cfg = opt_cfg or OptimizerConfig(), data_cfg or DataConfig()
     mesh_cfg = mesh_cfg or sharding.MeshConfig()
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     setup_compilation_cache(train_cfg.compilation_cache_dir)
     mesh = sharding.make_mesh(mesh_cfg)
     rules = logical.logical_axis_rules(mesh_cfg.rules)

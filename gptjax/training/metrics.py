@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from gptjax.config import ModelConfig
 from gptjax.models import family as family_lib
@@ -174,23 +175,52 @@ def mfu(
 # --------------------------------------------------------------------- writers
 
 
+class ObjectLog:
+    """An append-only text file on an object store (gs://, any etils.epath URI), where an
+    object cannot be appended to (gcsfs turns mode 'a' into an overwrite): the whole text
+    is kept here and the object rewritten on `flush`, at most every `every_s` seconds, and
+    on `close`. A crash loses at most the last `every_s` seconds of rows."""
+
+    def __init__(self, path: epath.Path, every_s: float = 30.0):
+        self._path, self._every_s = path, every_s
+        self._chunks = [path.read_text()] if path.exists() else []
+        self._uploaded = -float("inf")  # the first flush uploads
+
+    def write(self, text: str) -> None:
+        self._chunks.append(text)
+
+    def flush(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._uploaded >= self._every_s:
+            self._path.write_text("".join(self._chunks))
+            self._uploaded = time.monotonic()
+
+    def close(self) -> None:
+        self.flush(force=True)
+
+
 class MetricWriter:
     """Writes each logged step to `metrics.jsonl` and TensorBoard (process 0 only).
 
     A metric whose value is None (an MFU without a known peak) is left out of the
-    row rather than written as a made-up number.
+    row rather than written as a made-up number. `workdir` may be a gs:// path (any
+    etils.epath URI): the JSONL log is then an `ObjectLog`, and tensorboardX writes its
+    event files there itself (gs:// through google-cloud-storage, s3:// through boto3).
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         self._tb = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115  (closed by close())
+            path = epath.Path(workdir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if "://" in os.fspath(path):
+                self._jsonl = ObjectLog(path)
+            else:
+                self._jsonl = open(path, "a")  # noqa: SIM115  (closed by close())
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
             except ImportError:  # TensorBoard is optional; the JSONL log is the record
                 self._tb = None
 
@@ -217,8 +247,7 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
     """The rows of `workdir/metrics.jsonl` (for tests, sweeps and notebooks)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

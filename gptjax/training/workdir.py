@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
@@ -52,14 +51,13 @@ RUNTIME_FIELDS = (
 def load_configs(workdir: str) -> dict:
     """The dataclass configs a run wrote to `workdir/config.json` (the model's in its
     family's class: ModelConfig, EncoderConfig or Seq2SeqConfig)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(
             f"no config.json in {workdir!r}; train first with "
             f"`gptjax train --workdir={workdir} ...`."
         )
-    with open(path) as f:
-        raw = json.load(f)
+    raw = json.loads(path.read_text())
     kinds = {
         "model": family.by_name(raw.get("family", "decoder")).config_class,
         "train": TrainConfig,
