@@ -179,8 +179,18 @@ def test_resume_equals_uninterrupted(steps_before_save):
     state = json.loads(json.dumps(it.get_state()))
     # The epoch advances lazily: after exactly 5 batches the state is (epoch 0, window 5 B).
     epoch = max(steps_before_save - 1, 0) // 5
-    assert state == {"epoch": epoch, "window": (steps_before_save - 5 * epoch) * BATCH, "seed": 7}
-    legacy = {"epoch": epoch, "position": steps_before_save - 5 * epoch, "seed": 7}
+    assert state == {
+        "epoch": epoch,
+        "window": (steps_before_save - 5 * epoch) * BATCH,
+        "seed": 7,
+        "order": "grain",
+    }
+    legacy = {
+        "epoch": epoch,
+        "position": steps_before_save - 5 * epoch,
+        "seed": 7,
+        "order": "grain",
+    }
     np.testing.assert_array_equal(  # a state saved before the row cursor still resumes
         next(TokenBatchIterator(windows(), BATCH, state=legacy))["tokens"],
         reference[steps_before_save]["tokens"],
@@ -213,7 +223,7 @@ def test_take_hands_out_only_real_rows_and_skips_no_data(process_count):
             assert real == int(np.clip(n - p * local, 0, local))
         got += sum((window_ids({"tokens": b["tokens"][:r]}) for b, r in parts), [])
     assert got == [int(i) for i in order[: sum(sizes)]]  # consecutive: nothing skipped
-    assert its[0].get_state() == {"epoch": 0, "window": sum(sizes), "seed": 3}
+    assert its[0].get_state() == {"epoch": 0, "window": sum(sizes), "seed": 3, "order": "grain"}
     with pytest.raises(ValueError, match="take"):
         its[0].take(BATCH + 1)
 
@@ -276,7 +286,7 @@ def test_read_ahead_in_threads_or_workers_hands_out_the_same_batches(objective):
     """Grain's read-ahead changes when a batch is read, never which: threads and worker
     processes give exactly the batches (and state) of reading in the caller."""
     inline, inline_state = ramp_and_epochs(prefetch=0, threads=0, objective=objective)
-    assert inline_state == {"epoch": 1, "window": 5 * BATCH, "seed": 4}
+    assert inline_state == {"epoch": 1, "window": 5 * BATCH, "seed": 4, "order": "grain"}
     for kw in (dict(threads=2, prefetch=3), dict(workers=2)):
         got, state = ramp_and_epochs(objective=objective, **kw)
         assert state == inline_state
@@ -316,7 +326,12 @@ def test_state_resumes_through_the_orbax_checkpoint(tmp_path):
     expected = [next(it)["tokens"] for _ in range(4)]
     resumed = TokenBatchIterator(windows(), BATCH)
     resumed.set_state(meta["data"])
-    assert step == 7 and meta["data"] == {"epoch": 1, "window": 2 * BATCH, "seed": 9}
+    assert step == 7 and meta["data"] == {
+        "epoch": 1,
+        "window": 2 * BATCH,
+        "seed": 9,
+        "order": "grain",
+    }
     for want in expected:
         np.testing.assert_array_equal(next(resumed)["tokens"], want)
 
@@ -406,3 +421,16 @@ def test_tokenizer_trained_on_corpus_texts_feeds_the_pipeline(corpus_glob, tmp_p
     train, _ = make_datasets(corpus_glob, tok, seq_len=8, global_batch_size=2, data_dir=tmp_path)
     batch = next(train)["tokens"]
     assert batch.shape == (2, 9) and batch.max() < tok.vocab_size
+
+
+def test_a_state_saved_before_grain_resumes_with_a_warning(caplog):
+    """The pre-Grain iterator's states carry no `order`: same position, another window order,
+    so resuming one mid-epoch says so (a fresh or epoch-start state is silent)."""
+    it = TokenBatchIterator(windows(), BATCH, seed=1)
+    with caplog.at_level("WARNING", logger="gptjax.data.pipeline"):
+        it.set_state({"epoch": 0, "window": 0, "seed": 1})
+        it.set_state(it.get_state())
+        assert caplog.records == []
+        it.set_state({"epoch": 1, "window": 2 * BATCH, "seed": 1})
+    assert "saved by the iterator before Grain" in caplog.text
+    assert it.get_state() == {"epoch": 1, "window": 2 * BATCH, "seed": 1, "order": "grain"}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import glob as glob_lib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,9 @@ from tqdm.auto import tqdm
 
 from gptjax.data import builders
 from gptjax.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+ORDER = "grain"  # the window order a saved state refers to (the pre-Grain iterator saved none)
 
 ENCODE_CHUNK_DOCS = 64  # documents per batched encode call: fewer Python round trips
 
@@ -205,7 +209,7 @@ class TokenBatchIterator:
 
     def get_state(self) -> dict:
         """JSON-serialisable position: save it with the checkpoint."""
-        return {"epoch": self.epoch, "window": self.window, "seed": self.seed}
+        return {"epoch": self.epoch, "window": self.window, "seed": self.seed, "order": ORDER}
 
     def set_state(self, state: dict) -> None:
         """Continue exactly where ``get_state`` was taken (the seed comes from the state).
@@ -220,6 +224,15 @@ class TokenBatchIterator:
         )
         if epoch < 0 or not 0 <= window <= self.epoch_windows:
             raise ValueError(f"bad iterator state {state}: {self.epoch_windows} windows/epoch")
+        if state.get("order") != ORDER and window > 0 and self.shuffle:
+            logger.warning(
+                "the data position (epoch %d, window %d) was saved by the iterator before Grain, "
+                "whose window order differs: the rest of epoch %d may repeat or skip some "
+                "windows (later epochs are unaffected)",
+                epoch,
+                window,
+                epoch,
+            )
         self._set_cursor(int(state.get("seed", self.seed)), epoch, window)
 
     def epoch_order(self, epoch: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from gptjax.training.step import TrainConfig, Trainer, abstract_state, make_trai
 
 # The data iterator's position before its first batch (`TokenBatchIterator.get_state()` of a
 # fresh iterator, for corpora and tasks alike), saved so `gptjax train` can resume step 0.
-FRESH_DATA_STATE = {"epoch": 0, "window": 0}
+FRESH_DATA_STATE = {"epoch": 0, "window": 0, "order": "grain"}
 
 
 @dataclasses.dataclass(frozen=True)
