@@ -76,10 +76,16 @@ def cmd_eval(args) -> None:
         )
         results.append(out)
         print(evaluate.format_result(out))
-    path = os.path.join(args.workdir, f"eval_{task.name}.json")
-    with open(path, "w") as f:
-        json.dump({"step": step, "results": results}, f, indent=2)
+    payload = {"step": step, "results": results}
+    path = _write_json(os.path.join(args.workdir, f"eval_{task.name}.json"), payload)
     print(f"written to {path}")
+
+
+def _write_json(path: str, payload: dict) -> str:
+    """An eval's results as indented JSON (a value JSON cannot hold is written as a string)."""
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    return path
 
 
 def _int_list(text: str, flag: str = "--shots", least: int = 0) -> list[int]:
@@ -112,9 +118,8 @@ def _eval_chain_of_thought(args, cfg, params, tokenizer, step) -> None:
         ):
             results.append(out)
             print(cot.format_result(out))
-    path = os.path.join(args.workdir, f"eval_{cot.TASK_NAME}.json")
-    with open(path, "w") as f:
-        json.dump({"step": step, "results": results}, f, indent=2)
+    payload = {"step": step, "results": results}
+    path = _write_json(os.path.join(args.workdir, f"eval_{cot.TASK_NAME}.json"), payload)
     print(f"written to {path}")
 
 
@@ -139,20 +144,18 @@ def _eval_code(args, cfg, params, tokenizer, step) -> None:
         batch_size=args.batch_size,
     )
     problems = list(code.load_problems(code_cfg.problems).values())[: args.max_examples]
-    samples, truncated = code.generate_samples(
-        cfg, params, tokenizer, problems, code_cfg, args.seed
+    results, summary = code.evaluate_model(
+        cfg, params, tokenizer, code_cfg, problems, args.seed, _code_limits(args), args.workers
     )
     name = "humaneval" if args.problems == "humaneval" else "code"
     samples_path = os.path.join(args.workdir, f"{name}_samples.jsonl")
+    samples = ({"task_id": r["task_id"], "completion": r["completion"]} for r in results)
     code.write_jsonl(samples_path, samples)
-    results, summary = code.score_samples(
-        {p.task_id: p for p in problems}, samples, code_cfg.k, _code_limits(args), args.workers
-    )
     results_path = os.path.join(args.workdir, f"{name}_results.jsonl")
     code.write_jsonl(results_path, results)
-    summary.update(step=step, truncated_prompts=truncated, config=vars(args) | {"k": code_cfg.k})
-    with open(os.path.join(args.workdir, f"eval_{name}.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    summary.update(step=step, config=vars(args) | {"k": code_cfg.k})
+    _write_json(os.path.join(args.workdir, f"eval_{name}.json"), summary)
+    truncated = summary["truncated_prompts"]
     print(f"step {step}: {code_cfg.num_samples} samples per problem, T={code_cfg.temperature}")
     print(code.format_summary(summary))
     if truncated:
@@ -169,8 +172,7 @@ def cmd_code_eval(args) -> None:
     ks = _int_list(args.k, "--k", least=1)
     results, summary = code.score_samples(problems, samples, ks, _code_limits(args), args.workers)
     code.write_jsonl(args.out, results)
-    with open(f"{args.out}.summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(f"{args.out}.summary.json", summary)
     print(code.format_summary(summary))
     print(f"results {args.out}, per-problem summary {args.out}.summary.json")
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from gptjax.data import pipeline
+from gptjax.data import pipeline, span_corruption
 from gptjax.data.tokenizer import Specials
 
 ONES = (
@@ -282,21 +282,8 @@ def format_encoder(examples, sp: Specials, seq_len: int, tgt_len: int) -> dict[s
 def format_seq2seq(examples, sp: Specials, seq_len: int) -> dict[str, np.ndarray]:
     """``src`` = s [eos], ``tgt`` = t [eos], ``tgt_in`` = [start] t (tgt shifted right), all
     right-padded with pad_id; ``src_mask`` / ``tgt_mask`` 1 on the real source / target."""
-    b = len(examples)
-    out = {
-        "src": np.full((b, seq_len), sp.pad_id, np.int32),
-        "src_mask": np.zeros((b, seq_len), np.int32),
-        "tgt_in": np.full((b, seq_len), sp.pad_id, np.int32),
-        "tgt": np.full((b, seq_len), sp.pad_id, np.int32),
-        "tgt_mask": np.zeros((b, seq_len), np.float32),
-    }
-    for i, (s, t) in enumerate(examples):
-        out["src"][i, : len(s) + 1] = [*s, sp.eos_id]
-        out["src_mask"][i, : len(s) + 1] = 1
-        out["tgt_in"][i, : len(t) + 1] = [sp.start_id, *t]
-        out["tgt"][i, : len(t) + 1] = [*t, sp.eos_id]
-        out["tgt_mask"][i, : len(t) + 1] = 1.0
-    return out
+    pairs = [([*s, sp.eos_id], [*t, sp.eos_id]) for s, t in examples]
+    return span_corruption.pair_batch(pairs, sp, seq_len, seq_len)
 
 
 _FORMATTERS = {

@@ -379,7 +379,6 @@ def make_datasets(
     eval_batch_size: int | None = None,
     state: dict | None = None,
     objective: Callable[[np.ndarray, np.ndarray], dict] | None = None,
-    workers: int = 0,
 ) -> tuple[TokenBatchIterator, Callable[[], TokenBatchIterator]]:
     """Prepare, tokenize (cached) and pack a corpus; return the train iterator and an eval factory.
 
@@ -397,7 +396,6 @@ def make_datasets(
       state: a train iterator state from ``get_state()`` to resume from (its seed wins).
       objective: a batch transform for both iterators (``TokenBatchIterator``), e.g.
         ``span_corruption.WindowSpanCorruption``; None yields the windows.
-      workers: grain worker processes reading ahead (0: ``PREFETCH_THREADS`` threads only).
 
     Returns:
       ``(train_iter, eval_iter_factory)``: an infinite shuffled iterator over the train split, and
@@ -407,12 +405,7 @@ def make_datasets(
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     config = resolve_config(name_or_glob, validation_split, validation_fraction)
     builder = builders.prepare(config, data_dir, path=path)
-    shard = dict(
-        process_index=process_index,
-        process_count=process_count,
-        objective=objective,
-        workers=workers,
-    )
+    shard = dict(process_index=process_index, process_count=process_count, objective=objective)
     train_windows = pack_windows(token_stream(builder, "train", tokenizer), seq_len)
     train_iter = TokenBatchIterator(
         train_windows, global_batch_size, seed=seed, state=state, **shard

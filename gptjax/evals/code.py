@@ -277,20 +277,23 @@ def evaluate_model(
     params,
     tokenizer,
     code_cfg: CodeEvalConfig,
-    n_problems: int | None = None,
+    problems: Sequence[Problem] | None = None,
     seed: int = 0,
+    limits: sandbox.Limits | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
-    """Generate for the first `n_problems` problems (all when None) and score: (results,
-    summary as `score_samples`, plus `truncated_prompts`)."""
+    """Generate for `problems` (default: all of `code_cfg.problems`) and score them in the
+    sandbox (default limits: `code_cfg.timeout` per program): (results, summary as
+    `score_samples`, plus `truncated_prompts`). The results hold the samples."""
     if code_cfg.num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {code_cfg.num_samples}")
-    problems = list(load_problems(code_cfg.problems).values())[:n_problems]
+    if problems is None:
+        problems = list(load_problems(code_cfg.problems).values())
     samples, truncated = generate_samples(
         cfg, params, tokenizer, problems, code_cfg, seed=seed, progress=progress
     )
-    limits = sandbox.Limits(timeout=code_cfg.timeout)
+    limits = limits or sandbox.Limits(timeout=code_cfg.timeout)
     problem_map = {p.task_id: p for p in problems}
     results, summary = score_samples(problem_map, samples, code_cfg.k, limits, workers, progress)
     summary["truncated_prompts"] = truncated

@@ -60,17 +60,12 @@ def pass_at_k_hook(
     (HumanEval by default), tested in the sandbox; the text is the pass@k summary."""
     if family.family_of(model_cfg) != family.DECODER:
         raise ValueError("CodeEvalConfig.num_problems > 0 needs a decoder (a GPT) to sample code.")
-    code.load_problems(code_cfg.problems)  # a missing package or file fails before training
+    # read once, before training: a missing package or file fails before the first step
+    problems = list(code.load_problems(code_cfg.problems).values())[: code_cfg.num_problems]
 
     def hook(step: int, params) -> tuple[dict, str]:
         _, summary = code.evaluate_model(
-            model_cfg,
-            params,
-            tokenizer,
-            code_cfg,
-            n_problems=code_cfg.num_problems,
-            seed=step,
-            progress=False,
+            model_cfg, params, tokenizer, code_cfg, problems, seed=step, progress=False
         )
         metrics = {f"eval/{name}": v for name, v in code.pass_metrics(summary).items()}
         return metrics, code.format_summary(summary)
